@@ -1,0 +1,782 @@
+"""``python -m bench``: the standard-workload benchmark, end to end (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+
+from bench import baselines, report, stored
+from bench.breakdown import breakdown
+from bench.infra import (
+    ROOT,
+    SERVICES,
+    BackendMeter,
+    Environment,
+    Meter,
+    Process,
+    ProcessDied,
+    broker_pid,
+    clean_stale,
+    disturbances,
+    free_port,
+    log_offsets,
+    peak_rss_mb,
+    rss_mb,
+    run_command,
+    wait_for_services,
+)
+from bench.profile import Recorder, render, summarize
+from bench.workload import (
+    Load,
+    Sample,
+    SteadyWindow,
+    TerminalWatcher,
+    analyse,
+    closed_loop,
+    database_counts,
+    open_loop,
+)
+from sagaplane import SagaClient
+
+PHASES = ("baselines", "throughput", "latency", "sweep", "scaling", "stored")
+
+DEFAULTS: dict[str, Any] = {
+    "sagas": 5000,
+    "concurrency": 200,
+    "warmup": 300,
+    "rate": 100.0,
+    "duration": 30.0,
+    "sweep": "0.25,0.5,0.75,0.9",
+    "sweep_duration": 10.0,
+    "stored": "10000,1000000",
+    "get_calls": 2000,
+    "list_calls": 400,
+    "pgbench_seconds": 10.0,
+    "broker_messages": 30000,
+    "drain_timeout": 60.0,
+}
+QUICK: dict[str, Any] = {
+    "sagas": 300,
+    "concurrency": 100,
+    "warmup": 50,
+    "rate": 100.0,
+    "duration": 3.0,
+    "sweep": "",
+    "sweep_duration": 5.0,
+    "stored": "10000,20000",
+    "get_calls": 150,
+    "list_calls": 60,
+    "pgbench_seconds": 2.0,
+    "broker_messages": 3000,
+    "drain_timeout": 20.0,
+}
+
+
+_T0 = time.monotonic()
+PROGRESS: list[tuple[float, str]] = []
+
+
+def _progress(message: str) -> None:
+    """A progress line on stdout, stamped with the seconds since the run started."""
+    at = round(time.monotonic() - _T0, 1)
+    PROGRESS.append((at, message))
+    print(f"[{at:6.1f}s] {message}", flush=True)
+
+
+def _d(key: str) -> str:
+    return f"[{DEFAULTS[key]}; quick {QUICK[key] if QUICK[key] != '' else 'none'}]"
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Run Sagaplane's standard saga workload against the local PostgreSQL and "
+        "RabbitMQ, with baselines, and report throughput, latency and resources.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    p.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
+    )
+    g = p.add_argument_group("workload")
+    g.add_argument("--sagas", type=int, help="throughput run: sagas " + _d("sagas"))
+    g.add_argument("--concurrency", type=int, help="throughput run: in flight " + _d("concurrency"))
+    g.add_argument("--warmup", type=int, help="sagas run before measuring " + _d("warmup"))
+    g.add_argument("--rate", type=float, help="latency run: sagas/s " + _d("rate"))
+    g.add_argument("--duration", type=float, help="latency run: seconds " + _d("duration"))
+    g.add_argument(
+        "--sweep",
+        help="open-loop rates as fractions of the measured throughput " + _d("sweep"),
+    )
+    g.add_argument(
+        "--sweep-duration", type=float, help="seconds per sweep rate " + _d("sweep_duration")
+    )
+    g.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help="fraction of sagas whose last step fails (compensation) [0]",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="open loop: seconds to wait for the last sagas to end " + _d("drain_timeout"),
+    )
+    g.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.02,
+        help="seconds between looks at the coordinator DB for ended sagas [0.02]",
+    )
+    g = p.add_argument_group("stored sagas")
+    g.add_argument("--stored", help="stored-saga counts to time reads at " + _d("stored"))
+    g.add_argument("--active", type=int, default=500, help="active sagas among them [500]")
+    g.add_argument("--get-calls", type=int, help="GetSaga calls per count " + _d("get_calls"))
+    g.add_argument("--list-calls", type=int, help="ListActive calls per count " + _d("list_calls"))
+    g = p.add_argument_group("baselines")
+    g.add_argument("--pgbench-clients", type=int, default=8)
+    g.add_argument("--pgbench-seconds", type=float, help=_d("pgbench_seconds"))
+    g.add_argument("--broker-messages", type=int, help=_d("broker_messages"))
+    g = p.add_argument_group("system under test")
+    g.add_argument("--coordinator-pool-size", type=int, help="SAGAPLANE_POOL_SIZE [its default]")
+    g.add_argument("--coordinator-prefetch", type=int, help="SAGAPLANE_PREFETCH [its default]")
+    g.add_argument("--participant-prefetch", type=int, default=32, help="[SDK default 32]")
+    g.add_argument("--participant-pool-size", type=int, default=10, help="[SDK default 10]")
+    g.add_argument(
+        "--db-socket",
+        metavar="DIR",
+        help="experiment: processes under test reach PostgreSQL through the Unix socket in "
+        "DIR (e.g. /var/run/postgresql) instead of TCP",
+    )
+    g.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="experiment: run the coordinator(s) and participants on uvloop (bench.with_uvloop)",
+    )
+    g = p.add_argument_group("profiling (py-spy, needs root or ptrace rights)")
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="record the coordinator and one participant during the throughput run",
+    )
+    g.add_argument("--profile-participant", choices=SERVICES, default="orders")
+    g.add_argument("--profile-rate", type=int, default=100)
+    g.add_argument("--profile-native", action="store_true", help="include native frames")
+    g = p.add_argument_group("where")
+    g.add_argument(
+        "--database-url",
+        default=os.environ.get(
+            "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="an admin connection; fresh databases are created beside it",
+    )
+    g.add_argument(
+        "--amqp-url",
+        default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        help="RabbitMQ; a fresh vhost is created (rabbitmqctl)",
+    )
+    g.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    g.add_argument("--keep", action="store_true", help="keep databases and vhost afterwards")
+    g.add_argument(
+        "--clean-stale",
+        action="store_true",
+        help="only remove the databases and vhosts that crashed runs left behind, then exit",
+    )
+    g.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.phase_set = {x.strip() for x in args.phases.split(",") if x.strip()}
+    unknown = args.phase_set - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    return args
+
+
+@dataclass
+class System:
+    """The processes of the standard workload."""
+
+    coordinator_url: str
+    coordinators: list[Process]
+    targets: list[str]
+    participants: dict[str, Process]
+
+
+async def _wait_ready(env: Environment, process: Process, check: Any, within: float = 90) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        env.check_alive([process])
+        with contextlib.suppress(Exception):
+            if await check():
+                return
+        if time.monotonic() > deadline:
+            raise ProcessDied(f"{process.name} not ready after {within}s:\n{process.log_tail()}")
+        await asyncio.sleep(0.2)
+
+
+def _coordinator(
+    env: Environment, args: argparse.Namespace, db_url: str, n: int
+) -> tuple[Process, str]:
+    target = f"127.0.0.1:{free_port()}"
+    cenv = {
+        "SAGAPLANE_DATABASE_URL": _sut_url(args, db_url),
+        "SAGAPLANE_AMQP_URL": env.amqp_url,
+        "SAGAPLANE_LISTEN": target,
+        "SAGAPLANE_GRACE": "2",
+    }
+    if args.coordinator_pool_size:
+        cenv["SAGAPLANE_POOL_SIZE"] = str(args.coordinator_pool_size)
+    if args.coordinator_prefetch:
+        cenv["SAGAPLANE_PREFETCH"] = str(args.coordinator_prefetch)
+    return _python(env, args, "coordinator", env=cenv, name=f"coordinator-{n}"), target
+
+
+def _sut_url(args: argparse.Namespace, url: str) -> str:
+    """The database URL the processes under test get: over TCP as given, or through the
+    Unix socket in ``--db-socket``."""
+    if not args.db_socket:
+        return url
+    parts = urlsplit(url)
+    user = f"{parts.username}@" if parts.username else ""
+    query = f"host={quote(args.db_socket, safe='/')}&port={parts.port or 5432}"
+    return urlunsplit((parts.scheme, user, parts.path, query, ""))
+
+
+def _python(
+    environment: Environment,
+    args: argparse.Namespace,
+    module: str,
+    *argv: str,
+    env: dict[str, str] | None = None,
+    name: str,
+) -> Process:
+    if args.uvloop:
+        return environment.python("bench.with_uvloop", module, *argv, env=env, name=name)
+    return environment.python(module, *argv, env=env, name=name)
+
+
+async def _start_coordinator(env: Environment, process: Process, target: str) -> None:
+    await process.start()
+
+    async def check() -> bool:
+        async with SagaClient(target, timeout=2) as client:
+            await client.list_active(page_size=1)
+        return True
+
+    await _wait_ready(env, process, check)
+
+
+async def start_system(env: Environment, args: argparse.Namespace) -> System:
+    coordinator_url = await env.create_database("coordinator")
+    participants: dict[str, Process] = {}
+    ready_files: dict[str, Path] = {}
+    for service in SERVICES:
+        url = await env.create_database(service)
+        ready_path = env.workdir / f"{service}.ready"
+        ready_path.unlink(missing_ok=True)
+        ready_files[service] = ready_path
+        participants[service] = _python(
+            env,
+            args,
+            "bench.participant",
+            service,
+            "--amqp-url",
+            env.amqp_url,
+            "--database-url",
+            _sut_url(args, url),
+            "--prefetch",
+            str(args.participant_prefetch),
+            "--pool-size",
+            str(args.participant_pool_size),
+            "--ready-file",
+            str(ready_path),
+            name=f"participant-{service}",
+        )
+    coordinator, target = _coordinator(env, args, coordinator_url, 1)
+    await asyncio.gather(*(p.start() for p in participants.values()))
+
+    async def ready(service: str) -> None:
+        async def check() -> bool:
+            return ready_files[service].exists()
+
+        await _wait_ready(env, participants[service], check)
+
+    await asyncio.gather(
+        _start_coordinator(env, coordinator, target), *(ready(s) for s in SERVICES)
+    )
+    return System(coordinator_url, [coordinator], [target], participants)
+
+
+async def measured_closed_loop(
+    env: Environment,
+    system: System,
+    args: argparse.Namespace,
+    watcher: TerminalWatcher,
+    *,
+    targets: list[str],
+    profile: bool,
+    label: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One closed-loop run with its resources; returns (figures, resources)."""
+    pids = {p.name: p.pid for p in system.coordinators}
+    pids |= {p.name: p.pid for p in system.participants.values()}
+    pids["harness (load + poll)"] = os.getpid()
+    broker = broker_pid()
+    if broker is not None:
+        pids["rabbitmq (whole broker)"] = broker
+    meter = Meter(pids)
+    watched = [*system.coordinators, *system.participants.values()]
+    offsets = log_offsets(watched)
+    backends = BackendMeter(args.database_url, list(env.databases))
+    recorders: list[Recorder] = []
+    if profile:
+        stem = env.workdir / "profile"
+        recorders.append(
+            Recorder(
+                system.coordinators[0].pid,
+                stem.with_name("profile-coordinator.txt"),
+                rate=args.profile_rate,
+                native=args.profile_native,
+            )
+        )
+        part = system.participants[args.profile_participant]
+        recorders.append(
+            Recorder(
+                part.pid,
+                stem.with_name(f"profile-{part.name}.txt"),
+                rate=args.profile_rate,
+                native=args.profile_native,
+            )
+        )
+        await asyncio.gather(*(r.start() for r in recorders))
+    await backends.start()
+    meter.start()
+    window = SteadyWindow(args.sagas, args.database_url, list(env.databases))
+    async with Load(targets, fail_rate=args.fail_rate) as load:
+        samples = await closed_loop(
+            load, watcher, sagas=args.sagas, concurrency=args.concurrency, on_end=window.ended
+        )
+    try:
+        steady = await window.result()
+    except psycopg.Error as exc:
+        steady = {"error": str(exc)}
+    used = await meter.stop()
+    try:
+        backend_cpu = await backends.stop()
+    except psycopg.Error:
+        backend_cpu = {}  # the database went away: the run is flagged as disturbed anyway
+    for database, cpu in backend_cpu.items():
+        name = f"postgres: {database.removeprefix(env.prefix + '_')}"
+        used["processes"][name] = {"cpu_s": cpu, "peak_rss_mb": None}
+    await asyncio.gather(*(r.stop() for r in recorders))
+    env.check_alive([*system.coordinators, *system.participants.values()])
+    figures = analyse(samples)
+    figures["steady"] = steady
+    figures["disturbed"] = disturbances(watched, offsets) + watcher.take_troubles()
+    figures["breakdown"] = await _breakdown(env, system, samples)
+    figures["coordinators"] = len(targets)
+    figures["concurrency"] = args.concurrency
+    ids = [s.saga_id for s in samples if s.saga_id]
+    figures["db"] = await database_counts(system.coordinator_url, ids)
+    figures["profiles"] = [str(r.output) for r in recorders]
+    for r in recorders:
+        if r.output.exists():
+            print(render(summarize(r.output), rate=r.rate, title=f"profile {r.output.name}"))
+    _progress(
+        f"  {label}: {figures['sagas_per_s']} sagas/s, p50 "
+        f"{figures['start_to_terminal_ms']['p50']} ms"
+    )
+    n = max(1, figures["terminal"])
+    total_cpu = 0.0
+    for name, p in used["processes"].items():
+        p["cpu_s_per_1000_sagas"] = round(1000 * p["cpu_s"] / n, 2)
+        p["cpu_pct"] = round(100 * p["cpu_s"] / max(1e-9, used["wall_s"]), 1)
+        if "harness" not in name:
+            total_cpu += p["cpu_s"]
+    used["sagas"] = n
+    ours = sum(p["cpu_s"] for p in used["processes"].values())
+    cpus = os.cpu_count() or 1
+    # What the rest of the machine used meanwhile (other users, kernel threads, PostgreSQL's
+    # own background processes): the noise in these figures.
+    used["others_cpu_pct"] = round(
+        100 * max(0.0, used["machine_busy_cpu_s"] - ours) / max(1e-9, cpus * used["wall_s"]), 1
+    )
+    # The system under test: coordinator(s), participants, their PostgreSQL backends and
+    # the broker; not the harness (load generator and its polling backend).
+    used["total_cpu_ms_per_saga"] = round(1000 * total_cpu / n, 3)
+    return figures, used
+
+
+async def _breakdown(env: Environment, system: System, samples: list[Sample]) -> dict[str, Any]:
+    due = {s.saga_id: s.due for s in samples if s.saga_id and s.terminal is not None}
+    try:
+        return await breakdown(system.coordinator_url, {s: env.db_url(s) for s in SERVICES}, due)
+    except psycopg.Error as exc:
+        return {"error": str(exc)}
+
+
+async def measured_open_loop(
+    env: Environment,
+    system: System,
+    args: argparse.Namespace,
+    watcher: TerminalWatcher,
+    *,
+    rate: float,
+    duration: float,
+) -> dict[str, Any]:
+    pids = {p.name: p.pid for p in system.coordinators}
+    meter = Meter(pids)
+    watched = [*system.coordinators, *system.participants.values()]
+    offsets = log_offsets(watched)
+    meter.start()
+    async with Load(system.targets[:1], fail_rate=args.fail_rate) as load:
+        samples = await open_loop(
+            load, watcher, rate=rate, duration=duration, drain_timeout=args.drain_timeout
+        )
+    used = await meter.stop()
+    figures = analyse(samples)
+    figures["disturbed"] = disturbances(watched, offsets) + watcher.take_troubles()
+    figures["breakdown"] = await _breakdown(env, system, samples)
+    figures["rate"] = rate
+    figures["duration_s"] = duration
+    n = max(1, figures["terminal"])
+    figures["coordinator_cpu_s_per_1000_sagas"] = round(
+        1000 * sum(p["cpu_s"] for p in used["processes"].values()) / n, 2
+    )
+    _progress(
+        f"  open loop {rate:g}/s: achieved {figures['sagas_per_s']}/s, p50 "
+        f"{figures['start_to_terminal_ms']['p50']} ms, p99 "
+        f"{figures['start_to_terminal_ms']['p99']} ms"
+    )
+    return figures
+
+
+async def system_phases(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    _progress("starting 3 participants and a coordinator ...")
+    system = await start_system(env, args)
+    try:
+        await _system_runs(env, args, results, system)
+    finally:
+        await env.stop_processes([*system.coordinators, *system.participants.values()])
+
+
+async def _system_runs(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any], system: System
+) -> None:
+    phases = args.phase_set
+    async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
+        if args.warmup:
+            _progress(f"warm-up: {args.warmup} sagas")
+            async with Load(system.targets, fail_rate=args.fail_rate) as load:
+                await closed_loop(
+                    load, watcher, sagas=args.warmup, concurrency=min(args.concurrency, args.warmup)
+                )
+            watcher.take_troubles()
+        if "throughput" in phases:
+            _progress(f"throughput: {args.sagas} sagas, {args.concurrency} in flight")
+            figures, used = await measured_closed_loop(
+                env,
+                system,
+                args,
+                watcher,
+                targets=system.targets,
+                profile=args.profile,
+                label="1 coordinator",
+            )
+            results["throughput"] = figures
+            results["resources"] = used
+        if "latency" in phases:
+            _progress(f"latency: {args.rate:g} sagas/s for {args.duration:g} s")
+            results["latency"] = await measured_open_loop(
+                env, system, args, watcher, rate=args.rate, duration=args.duration
+            )
+        fractions = [float(x) for x in str(args.sweep).split(",") if x.strip()]
+        if "sweep" in phases and fractions:
+            top = results.get("throughput", {}).get("sagas_per_s") or args.rate * 2
+            results["sweep"] = []
+            for fraction in fractions:
+                rate = max(1.0, round(top * fraction))
+                _progress(f"sweep: {rate:g} sagas/s for {args.sweep_duration:g} s")
+                results["sweep"].append(
+                    await measured_open_loop(
+                        env, system, args, watcher, rate=rate, duration=args.sweep_duration
+                    )
+                )
+        if "scaling" in phases:
+            second, target = _coordinator(env, args, system.coordinator_url, 2)
+            await _start_coordinator(env, second, target)
+            system.coordinators.append(second)
+            system.targets.append(target)
+            _progress(f"scaling: {args.sagas} sagas over 2 coordinators")
+            figures, used = await measured_closed_loop(
+                env,
+                system,
+                args,
+                watcher,
+                targets=system.targets,
+                profile=False,
+                label="2 coordinators",
+            )
+            figures["resources"] = used
+            results["scaling"] = figures
+
+
+async def stored_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    url = await env.create_database("stored")
+    coordinator, target = _coordinator(env, args, url, 9)
+    coordinator.name = "coordinator-stored"
+    try:
+        await _start_coordinator(env, coordinator, target)
+        await _stored_reads(env, args, results, url, coordinator, target)
+    finally:
+        await env.stop_processes([coordinator])
+    await env.drop_database("stored")
+
+
+async def _stored_reads(
+    env: Environment,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    url: str,
+    coordinator: Process,
+    target: str,
+) -> None:
+    have = 0
+    results["stored"] = []
+    for want in sorted(int(x) for x in str(args.stored).split(",") if x.strip()):
+        _progress(f"stored sagas: generating {want:,} ...")
+        offsets = log_offsets([coordinator])
+        grown = await stored.grow(url, have=have, want=want, active=args.active)
+        have = want
+        reads = await stored.time_reads(
+            target, stored=want, get_calls=args.get_calls, list_calls=args.list_calls
+        )
+        env.check_alive([coordinator])
+        entry = {
+            "stored": want,
+            "grow": grown,
+            **reads,
+            "coordinator_rss_mb": round(rss_mb(coordinator.pid), 1),
+            "coordinator_peak_rss_mb": peak_rss_mb(coordinator.pid),
+            "disturbed": disturbances([coordinator], offsets),
+        }
+        results["stored"].append(entry)
+        _progress(
+            f"  {want:,} stored: GetSaga p99 {reads['get_saga_ms']['p99']} ms, ListActive p99 "
+            f"{reads['list_active_first_page_ms']['p99']} ms"
+        )
+
+
+def ratios(results: dict[str, Any]) -> None:
+    t = results.get("throughput")
+    if not t:
+        return
+    wall = t["wall_s"]
+    db = t["db"]
+    transitions = (t["sagas"] - t["errors"]) + db["steps_executed"]
+    r: dict[str, Any] = {
+        "transitions_per_s": round(transitions / wall, 1),
+        "history_rows_per_s": round(db["history_rows"] / wall, 1),
+        "messages_per_s": round(2 * db["commands"] / wall, 1),
+    }
+    base = results.get("baselines", {})
+    if "pgbench" in base:
+        r["transitions_vs_pgbench"] = round(r["transitions_per_s"] / base["pgbench"]["tps"], 3)
+    if "broker" in base:
+        r["messages_vs_broker"] = round(r["messages_per_s"] / base["broker"]["messages_per_s"], 3)
+    t["ratios"] = r
+
+
+def targets(results: dict[str, Any]) -> None:
+    """Issue 6's targets, each met or not; "valid" is False when the run it comes from
+    was disturbed (the broker or the database went away under it)."""
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, measured: str, met: bool, run: dict[str, Any] | None) -> None:
+        valid = not (run or {}).get("disturbed")
+        out.append({"target": target, "measured": measured, "met": met, "valid": valid})
+
+    t = results.get("throughput")
+    if t:
+        add(">= 400 sagas/s sustained", f"{t['sagas_per_s']}/s", t["sagas_per_s"] >= 400, t)
+        add(">= 1,200 steps/s", f"{t['steps_per_s']}/s", t["steps_per_s"] >= 1200, t)
+        add("zero failed sagas", f"{t['not_completed']} not completed", t["not_completed"] == 0, t)
+    lat = results.get("latency")
+    if lat:
+        p50, p99 = lat["start_to_terminal_ms"]["p50"], lat["start_to_terminal_ms"]["p99"]
+        add(f"at {lat['rate']:g}/s: p50 <= 15 ms", f"{p50} ms", p50 is not None and p50 <= 15, lat)
+        add(f"at {lat['rate']:g}/s: p99 <= 50 ms", f"{p99} ms", p99 is not None and p99 <= 50, lat)
+    st = results.get("stored", [])
+    if len(st) >= 2:
+        lo, hi = st[0], st[-1]
+        both = {"disturbed": lo["disturbed"] + hi["disturbed"]}
+        for key, name in (
+            ("get_saga_ms", "GetSaga"),
+            ("get_saga_recent_ms", "GetSaga (newest 10k)"),
+            ("list_active_first_page_ms", "ListActive"),
+        ):
+            a, b = lo[key]["p99"], hi[key]["p99"]
+            add(
+                f"{name} p99 at {hi['stored']:,} vs {lo['stored']:,} (<= 1.5x)",
+                f"{a} -> {b} ms",
+                b <= 1.5 * a,
+                both,
+            )
+        a, b = lo["coordinator_rss_mb"], hi["coordinator_rss_mb"]
+        add(
+            "coordinator RSS does not grow with sagas stored (<= +10%)",
+            f"{a} -> {b} MiB",
+            b <= 1.1 * a,
+            both,
+        )
+    results["targets"] = out
+
+
+async def _versions(args: argparse.Namespace) -> dict[str, str]:
+    found: dict[str, str] = {}
+    with contextlib.suppress(Exception):
+        async with await psycopg.AsyncConnection.connect(args.database_url) as c:
+            row = await (await c.execute("SHOW server_version")).fetchone()
+            found["postgres"] = str(row[0]) if row else "?"
+            rows = await (
+                await c.execute(
+                    "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                    (["fsync", "synchronous_commit", "shared_buffers"],),
+                )
+            ).fetchall()
+            found["postgres_settings"] = ", ".join(f"{n}={v}" for n, v in rows)
+    with contextlib.suppress(Exception):
+        found["rabbitmq"] = (await run_command("rabbitmqctl", "-q", "version")).strip()
+    with contextlib.suppress(Exception):
+        head = (ROOT / ".git" / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            head = (ROOT / ".git" / head[5:]).read_text().strip()
+        found["commit"] = head[:12]
+    return found
+
+
+async def run(args: argparse.Namespace) -> int:
+    started = datetime.now(UTC)
+    mode = "quick" if args.quick else "default"
+    stem = f"{started:%Y%m%dT%H%M%SZ}-{mode}"
+    if args.phase_set != set(PHASES):
+        stem += "-" + "+".join(p for p in PHASES if p in args.phase_set)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workdir = args.out / stem
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = Environment(args.database_url, args.amqp_url, workdir, keep=args.keep)
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": mode,
+            "started_at": started.isoformat(timespec="seconds"),
+            "run_id": env.run_id,
+            "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "argv": sys.argv[1:],
+            "options": {
+                k: (str(v) if isinstance(v, Path | set) else v) for k, v in vars(args).items()
+            },
+            **await _versions(args),
+        }
+    }
+    if os.getloadavg()[0] > 0.5:
+        results["meta"]["note"] = (
+            f"the machine was not quiet (load average {os.getloadavg()[0]:.2f} at start): "
+            "figures are noisy"
+        )
+    t0 = time.monotonic()
+    global _T0
+    _T0 = t0
+    errors: list[str] = []
+
+    async def phase(name: str, work: Callable[[], Awaitable[object]]) -> bool:
+        """Run one phase; a failure is recorded and the run goes on with the next one."""
+        try:
+            await wait_for_services(args.database_url, args.amqp_url)
+            await work()
+            return True
+        except Exception as exc:  # any failure ends this phase, not the run
+            message = f"{name}: {type(exc).__name__}: {str(exc).strip()}"
+            errors.append(message)
+            print(f"error: {message}\n(logs: {workdir})", file=sys.stderr)
+            return False
+
+    async def run_baselines() -> None:
+        _progress("baselines: pgbench ...")
+        pg = await baselines.pgbench(
+            env, clients=args.pgbench_clients, seconds=args.pgbench_seconds
+        )
+        results["baselines"] = {"pgbench": pg}
+        _progress("baselines: broker ...")
+        results["baselines"]["broker"] = await baselines.broker(env, count=args.broker_messages)
+
+    try:
+        if await phase("setup", env.create_vhost):
+            if "baselines" in args.phase_set:
+                await phase("baselines", run_baselines)
+            if args.phase_set & {"throughput", "latency", "sweep", "scaling"}:
+                await phase("system", lambda: system_phases(env, args, results))
+            if "stored" in args.phase_set:
+                await phase("stored", lambda: stored_phase(env, args, results))
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(env.close())
+    results["errors"] = errors
+    results["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
+    results["meta"]["progress"] = PROGRESS
+    ratios(results)
+    targets(results)
+    print(report.render(results))
+    json_path = args.out / f"{stem}.json"
+    report.write_json(results, json_path)
+    print(f"JSON: {json_path}")
+    if not args.no_plot:
+        png = args.out / f"{stem}.png"
+        if report.plot(results, png):
+            print(f"plot: {png}")
+        else:
+            print("plot skipped: matplotlib is not installed (pip install -e '.[bench]')")
+    print(f"logs: {workdir}")
+    return 1 if errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point."""
+    args = parse(argv)
+
+    async def guarded() -> int:
+        if args.clean_stale:
+            for removed in await clean_stale(args.database_url):
+                print(f"removed {removed}")
+            return 0
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        # SIGTERM cancels the run like Ctrl-C does, so the cleanup still happens.
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run(args)
+
+    try:
+        code = asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; cleaned up", file=sys.stderr)
+        code = 130
+    sys.exit(code)

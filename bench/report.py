@@ -1,0 +1,375 @@
+"""The results as a table on stdout, as JSON, and as a PNG plot of latency against
+throughput."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> list[str]:
+    cells = [[str(h) for h in header]] + [[_f(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    out = []
+    for n, row in enumerate(cells):
+        out.append(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return out
+
+
+def _lat_row(label: str, s: dict[str, Any] | None) -> list[Any]:
+    s = s or {}
+    return [label, s.get("p50"), s.get("p95"), s.get("p99"), s.get("max"), s.get("n")]
+
+
+_LAT_HEADER = ["latency (ms)", "p50", "p95", "p99", "max", "n"]
+_DB_KEYS = ["commits", "rollbacks", "inserted", "updated", "deleted", "fetched"]
+
+
+def _main_pct(p: dict[str, Any], wall: float) -> float | None:
+    main = p.get("threads_cpu_s", {}).get("main")
+    return None if main is None or not wall else round(100 * main / wall, 1)
+
+
+def _disturbed(label: str, run: dict[str, Any]) -> list[str]:
+    lines = []
+    for d in run.get("disturbed") or []:
+        lines.append(f"  !! {label} DISTURBED (not valid): {d}")
+    return lines
+
+
+def _breakdown(label: str, run: dict[str, Any]) -> list[str]:
+    b = run.get("breakdown") or {}
+    if not b.get("legs"):
+        return []
+    rows = [
+        [f"{name}: {leg['meaning']}", leg["p50"], leg["p95"], leg["p99"]]
+        for name, leg in b["legs"].items()
+    ]
+    return [
+        f"  where the time goes, {label} ({b['steps']} steps; per step, except 'start'):",
+        *_table(rows, ["leg (transaction starts, one DB clock)", "p50 ms", "p95 ms", "p99 ms"]),
+    ]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The human-readable report."""
+    meta = results["meta"]
+    lines = [
+        "=" * 78,
+        f"Sagaplane benchmark ({meta['mode']}) {meta['started_at']}  run {meta['run_id']}",
+        f"  {meta['cpus']} CPUs, load average at start {meta['load_average']}; "
+        f"PostgreSQL {meta.get('postgres', '?')}, RabbitMQ {meta.get('rabbitmq', '?')}; "
+        f"commit {meta.get('commit', '?')}",
+        "  workload: 3-step sagas (orders.create, inventory.reserve, payment.charge, each with "
+        "a compensation), 1 KB context;",
+        "  3 participant processes (own database each, one INSERT per handler), "
+        "fsync and synchronous_commit on.",
+    ]
+    if meta.get("note"):
+        lines.append(f"  NOTE: {meta['note']}")
+    for error in results.get("errors") or []:
+        lines.append(f"  !! ERROR (phase not completed): {error[:300]}")
+
+    base = results.get("baselines", {})
+    if base:
+        lines += ["", "Baselines (this machine's own limits)"]
+        pg = base.get("pgbench")
+        if pg:
+            lines.append(
+                f"  pgbench, one coordinator transition per tx, {pg['clients']} clients, "
+                f"{pg['seconds']} s: {_f(pg['tps'])} tps (avg {_f(pg['latency_avg_ms'], 2)} ms; "
+                f"backends {_f(pg.get('backend_cpu_ms_per_tx'), 3)} ms CPU per tx)"
+            )
+        br = base.get("broker")
+        if br:
+            lines.append(
+                f"  aio-pika publish w/ confirms + consume w/ ack, {br['size_bytes']} B "
+                f"persistent, quorum queue: {_f(br['messages_per_s'])} msg/s end to end "
+                f"(publish {_f(br['publish_per_s'])}/s, consume {_f(br['consume_per_s'])}/s; "
+                f"broker {_f(br.get('broker_cpu_ms_per_message'), 3)} ms CPU per message)"
+            )
+
+    runs = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
+    if runs:
+        lines += ["", "Throughput (closed loop)"]
+        rows = []
+        for key, r in runs:
+            rows.append(
+                [
+                    f"{key}: {r['coordinators']} coordinator(s)",
+                    r["sagas"],
+                    r["concurrency"],
+                    r["sagas_per_s"],
+                    r["steps_per_s"],
+                    r["not_completed"],
+                    r["errors"],
+                ]
+            )
+        lines += _table(
+            rows, ["run", "sagas", "in flight", "sagas/s", "steps/s", "not completed", "errors"]
+        )
+        for key, r in runs:
+            lines += _disturbed(key, r)
+        for key, r in runs:
+            lines.append(f"  {key}:")
+            lines += _table(
+                [
+                    _lat_row("start->terminal", r["start_to_terminal_ms"]),
+                    _lat_row("  in coordinator (DB)", r["db_created_to_terminal_ms"]),
+                    _lat_row("StartSaga RPC", r["start_saga_rpc_ms"]),
+                ],
+                _LAT_HEADER,
+            )
+        for key, r in runs:
+            steady = r.get("steady", {})
+            if "per_saga" in steady:
+                lines.append(
+                    f"  {key}, steady state ({steady['sagas']} sagas between 20% and 80% done): "
+                    f"{_f(steady['sagas_per_s'])} sagas/s; per saga in each database:"
+                )
+                lines += _table(
+                    [
+                        [db.rsplit("_", 1)[-1], *(v[k] for k in _DB_KEYS)]
+                        for db, v in steady["per_saga"].items()
+                    ],
+                    ["database", *_DB_KEYS],
+                )
+        if "throughput" in results:
+            lines += _breakdown("throughput run", results["throughput"])
+        t = results.get("throughput", {})
+        if "ratios" in t:
+            ra = t["ratios"]
+            lines += [
+                "  vs baselines (throughput run):",
+                f"    transitions/s {_f(ra['transitions_per_s'])} (StartSaga + replies applied;"
+                f" {_f(ra['history_rows_per_s'])} history rows/s) / pgbench tps = "
+                f"{_f(ra.get('transitions_vs_pgbench'), 3)}",
+                f"    messages/s {_f(ra['messages_per_s'])} (commands + replies, each published "
+                f"with confirm and consumed with ack) / broker = "
+                f"{_f(ra.get('messages_vs_broker'), 3)}",
+            ]
+
+    lat = results.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"Latency (open loop, {lat['rate']} sagas/s for {lat['duration_s']} s, measured "
+            f"from the scheduled send time): achieved {_f(lat['sagas_per_s'])} sagas/s, "
+            f"{lat['not_completed']} not completed",
+        ]
+        lines += _table(
+            [
+                _lat_row("start->terminal", lat["start_to_terminal_ms"]),
+                _lat_row("  in coordinator (DB)", lat["db_created_to_terminal_ms"]),
+                _lat_row("StartSaga RPC", lat["start_saga_rpc_ms"]),
+                _lat_row("send lag (harness)", lat["send_lag_ms"]),
+            ],
+            _LAT_HEADER,
+        )
+        lines += _disturbed("latency run", lat)
+        lines += _breakdown("latency run", lat)
+
+    sweep = results.get("sweep")
+    if sweep:
+        lines += ["", "Latency against offered load (open loop)"]
+        lines += _table(
+            [
+                [
+                    r["rate"],
+                    r["sagas_per_s"],
+                    r["start_to_terminal_ms"]["p50"],
+                    r["start_to_terminal_ms"]["p95"],
+                    r["start_to_terminal_ms"]["p99"],
+                    r["not_completed"],
+                ]
+                for r in sweep
+            ],
+            ["offered/s", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "not completed"],
+        )
+        for r in sweep:
+            lines += _disturbed(f"sweep {r['rate']:g}/s", r)
+
+    res = results.get("resources")
+    if res:
+        lines += [
+            "",
+            f"Resources during the throughput run ({res['sagas']} sagas, "
+            f"{_f(res['wall_s'])} s; machine {_f(res['machine_busy_pct'])}% busy, of which "
+            f"{_f(res.get('others_cpu_pct'))}% not by the processes below)",
+        ]
+        rows = [
+            [
+                name,
+                p["cpu_s"],
+                p["cpu_s_per_1000_sagas"],
+                p["cpu_pct"],
+                _main_pct(p, res["wall_s"]),
+                p.get("peak_rss_mb"),
+            ]
+            for name, p in res["processes"].items()
+        ]
+        lines += _table(
+            rows,
+            ["process", "CPU s", "CPU s/1000 sagas", "CPU %", "main thread %", "peak RSS MiB"],
+        )
+        lines.append(
+            f"  system under test: {_f(res['total_cpu_ms_per_saga'], 2)} ms CPU per saga "
+            "(all of the above but the harness; the broker counted whole)"
+        )
+
+    stored = results.get("stored")
+    if stored:
+        lines += ["", "Reads against stored sagas (one call at a time)"]
+        rows = []
+        for s in stored:
+            rows.append(
+                [
+                    s["stored"],
+                    s["get_saga_ms"]["p50"],
+                    s["get_saga_ms"]["p99"],
+                    (s.get("get_saga_recent_ms") or {}).get("p99"),
+                    s["list_active_first_page_ms"]["p50"],
+                    s["list_active_first_page_ms"]["p99"],
+                    s["list_active_next_page_ms"]["p99"],
+                    s["coordinator_rss_mb"],
+                    s["grow"]["database_mb"],
+                    s["grow"]["generate_s"],
+                ]
+            )
+        lines += _table(
+            rows,
+            [
+                "stored sagas",
+                "GetSaga p50",
+                "GetSaga p99",
+                "recent p99",
+                "ListActive p50",
+                "ListActive p99",
+                "next page p99",
+                "coord RSS MiB",
+                "DB MiB",
+                "generate s",
+            ],
+        )
+        for st in stored:
+            lines += _disturbed(f"reads at {st['stored']:,}", st)
+
+    targets = results.get("targets")
+    if targets:
+        lines += ["", "Targets (issue 6)"]
+        lines += _table(
+            [
+                [
+                    t["target"],
+                    t["measured"],
+                    ("PASS" if t["met"] else "FAIL") + ("" if t["valid"] else " (disturbed run)"),
+                ]
+                for t in targets
+            ],
+            ["target", "measured", ""],
+        )
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Latency percentiles against achieved throughput; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    open_runs = list(results.get("sweep", []))
+    if "latency" in results:
+        open_runs.append(results["latency"])
+    # In offered-load order: past saturation the achieved rate stops growing (or drops)
+    # while latency explodes, which is what the curve is for.
+    open_runs.sort(key=lambda r: r["rate"])
+    closed = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    styles = {"p50": "o-", "p95": "s-", "p99": "^-"}
+    for pct, style in styles.items():
+        if open_runs:
+            ax.plot(
+                [r["sagas_per_s"] for r in open_runs],
+                [r["start_to_terminal_ms"][pct] for r in open_runs],
+                style,
+                label=f"open loop {pct}",
+            )
+    for r in open_runs:
+        note = f"offered {r['rate']:g}/s" + (" (disturbed)" if r.get("disturbed") else "")
+        ax.annotate(
+            note,
+            (r["sagas_per_s"], r["start_to_terminal_ms"]["p99"]),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=7,
+            color="dimgrey",
+        )
+    markers = {"throughput": "*", "scaling": "P"}
+    for key, r in closed:
+        for pct in ("p50", "p99"):
+            ax.plot(
+                [r["sagas_per_s"]],
+                [r["start_to_terminal_ms"][pct]],
+                markers[key],
+                markersize=12,
+                label=f"closed loop, {r['coordinators']} coord., C={r['concurrency']} {pct}",
+            )
+    ax.axhline(15, color="grey", linestyle=":", linewidth=1, label="target p50 at 100/s (15 ms)")
+    ax.axhline(50, color="grey", linestyle="--", linewidth=1, label="target p99 at 100/s (50 ms)")
+    ax.set_xlabel("throughput (sagas/s completed)")
+    ax.set_ylabel("start -> terminal latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    meta = results["meta"]
+    ax.set_title(f"Sagaplane standard workload ({meta['mode']}, {meta['started_at'][:16]})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    """``python -m bench.report RESULTS.json``: print a saved run's table, redraw its plot."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report")
+    parser.add_argument("json", type=Path)
+    args = parser.parse_args()
+    results = json.loads(args.json.read_text())
+    print(render(results))
+    png = args.json.with_suffix(".png")
+    if plot(results, png):
+        print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

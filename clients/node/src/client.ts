@@ -1,0 +1,113 @@
+// A promise-based wrapper over the generated @grpc/grpc-js client. It adds nothing to
+// the contract: every call is the RPC of the same name, and `raw` is the generated
+// client for the RPCs (and call styles) this file does not wrap.
+import * as grpc from "@grpc/grpc-js";
+
+import {
+  CompensateRequest,
+  GetSagaRequest,
+  ListActiveRequest,
+  ListActiveResponse,
+  SagaCoordinatorServiceClient,
+  StartSagaRequest,
+} from "./gen/sagaplane/v1/coordinator";
+import { Saga, SagaState } from "./gen/sagaplane/v1/saga";
+
+/** A message with every field optional, as `Message.fromPartial` takes it. */
+export type DeepPartial<T> = T extends Date | Uint8Array | string | number | boolean | undefined
+  ? T
+  : T extends Array<infer U>
+    ? Array<DeepPartial<U>>
+    : T extends object
+      ? { [K in keyof T]?: DeepPartial<T[K]> }
+      : T;
+
+/** Where clients find the coordinator unless told: $SAGAPLANE_COORDINATOR, else 127.0.0.1:50051. */
+export const DEFAULT_ADDRESS = process.env.SAGAPLANE_COORDINATOR || "127.0.0.1:50051";
+
+/** States a saga does not leave by itself. COMPENSATION_FAILED waits for a person. */
+export const END_STATES: ReadonlySet<SagaState> = new Set([
+  SagaState.SAGA_STATE_COMPLETED,
+  SagaState.SAGA_STATE_FAILED,
+  SagaState.SAGA_STATE_COMPENSATED,
+  SagaState.SAGA_STATE_COMPENSATION_FAILED,
+]);
+
+/** Options of every call: a deadline in milliseconds, and metadata (e.g. a bearer token). */
+export interface CallOptions {
+  timeoutMs?: number;
+  metadata?: grpc.Metadata;
+}
+
+type Unary<Req, Res> = (
+  request: Req,
+  metadata: grpc.Metadata,
+  options: Partial<grpc.CallOptions>,
+  callback: (error: grpc.ServiceError | null, response: Res) => void,
+) => grpc.ClientUnaryCall;
+
+export class SagaplaneClient {
+  /** The generated client (every RPC, callback style). */
+  readonly raw: SagaCoordinatorServiceClient;
+
+  constructor(
+    address: string = DEFAULT_ADDRESS,
+    credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+    options?: Partial<grpc.ClientOptions>,
+  ) {
+    this.raw = new SagaCoordinatorServiceClient(address, credentials, options);
+  }
+
+  /** StartSaga; resolves to the saga as recorded. Rejects with a grpc.ServiceError. */
+  async startSaga(request: DeepPartial<StartSagaRequest>, options?: CallOptions): Promise<Saga> {
+    const response = await this.call(this.raw.startSaga, StartSagaRequest.fromPartial(request), options);
+    return response.saga!;
+  }
+
+  /** GetSaga; NOT_FOUND rejects. */
+  async getSaga(id: string, options?: CallOptions & { includeHistory?: boolean }): Promise<Saga> {
+    const request = GetSagaRequest.fromPartial({ id, includeHistory: options?.includeHistory ?? false });
+    return (await this.call(this.raw.getSaga, request, options)).saga!;
+  }
+
+  /** Compensate; resolves to the saga after the request was recorded. */
+  async compensate(id: string, reason = "", options?: CallOptions): Promise<Saga> {
+    return (await this.call(this.raw.compensate, CompensateRequest.fromPartial({ id, reason }), options)).saga!;
+  }
+
+  /** ListActive: one page (pass `nextPageToken` back as `pageToken` for the next). */
+  listActive(request: DeepPartial<ListActiveRequest> = {}, options?: CallOptions): Promise<ListActiveResponse> {
+    return this.call(this.raw.listActive, ListActiveRequest.fromPartial(request), options);
+  }
+
+  /**
+   * Polls GetSaga until the saga is in one of END_STATES, and resolves to it. Rejects
+   * when `timeoutMs` (default 60 s) passes first.
+   */
+  async waitForEnd(id: string, options: { timeoutMs?: number; intervalMs?: number } = {}): Promise<Saga> {
+    const deadline = Date.now() + (options.timeoutMs ?? 60_000);
+    for (;;) {
+      const saga = await this.getSaga(id);
+      if (END_STATES.has(saga.state)) return saga;
+      if (Date.now() > deadline) {
+        throw new Error(`saga ${id} still ${SagaState[saga.state]} after ${options.timeoutMs ?? 60_000} ms`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, options.intervalMs ?? 100));
+    }
+  }
+
+  /** Closes the channel. Safe to call twice. */
+  close(): void {
+    this.raw.close();
+  }
+
+  private call<Req, Res>(method: Unary<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
+    const callOptions: Partial<grpc.CallOptions> = {};
+    if (options?.timeoutMs !== undefined) callOptions.deadline = Date.now() + options.timeoutMs;
+    return new Promise((resolve, reject) => {
+      method.call(this.raw, request, options?.metadata ?? new grpc.Metadata(), callOptions, (error, response) =>
+        error ? reject(error) : resolve(response),
+      );
+    });
+  }
+}

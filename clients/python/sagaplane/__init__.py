@@ -1,0 +1,45 @@
+"""Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
+
+from sagaplane.client import TERMINAL_STATES, SagaClient, StepSpec
+from sagaplane.errors import (
+    ConfigurationError,
+    CoordinatorError,
+    CoordinatorUnavailable,
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidArgument,
+    NonRetryableError,
+    RetryableError,
+    SagaNotFound,
+    SagaplaneError,
+    StepFailed,
+    WaitTimeout,
+)
+from sagaplane.outbox import OutboundMessage, enqueue
+from sagaplane.participant import Handler, Participant, StepContext, StepKind
+from sagaplane.relay import OutboxRelay
+
+__all__ = [
+    "TERMINAL_STATES",
+    "ConfigurationError",
+    "CoordinatorError",
+    "CoordinatorUnavailable",
+    "Handler",
+    "IdempotencyConflict",
+    "IllegalTransition",
+    "InvalidArgument",
+    "NonRetryableError",
+    "OutboundMessage",
+    "OutboxRelay",
+    "Participant",
+    "RetryableError",
+    "SagaClient",
+    "SagaNotFound",
+    "SagaplaneError",
+    "StepContext",
+    "StepFailed",
+    "StepKind",
+    "StepSpec",
+    "WaitTimeout",
+    "enqueue",
+]

@@ -1,0 +1,149 @@
+"""The SDK's errors, one tree::
+
+    SagaplaneError                   every error the SDK raises on purpose
+    ├── StepFailed                   raised by a handler: the step failed (retryable)
+    │   ├── RetryableError           ... and retrying may succeed
+    │   └── NonRetryableError        ... and retrying cannot help
+    ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
+    └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
+        ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field
+        ├── SagaNotFound             NOT_FOUND
+        ├── IdempotencyConflict      ALREADY_EXISTS: the key was used with a different request
+        ├── IllegalTransition        FAILED_PRECONDITION
+        ├── CoordinatorUnavailable   UNAVAILABLE or DEADLINE_EXCEEDED: try again later
+        └── WaitTimeout              SagaClient.wait() gave up (also a TimeoutError)
+
+What a handler raises becomes the reply's ``StepError``: ``type`` is the exception's
+class name (or ``error_type`` of a :class:`StepFailed`), ``message`` its text, and
+``retryable`` comes from the class. **Any exception that is not a StepFailed counts as
+retryable**: an unexpected error (a timeout, a lost connection, a bug fixed by the next
+deploy) may well go away, and the coordinator's retry policy bounds the attempts. Raise
+:class:`NonRetryableError` (or a subclass, e.g. ``class OutOfStock(NonRetryableError)``)
+for business refusals that will fail the same way every time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+__all__ = [
+    "ConfigurationError",
+    "CoordinatorError",
+    "CoordinatorUnavailable",
+    "IdempotencyConflict",
+    "IllegalTransition",
+    "InvalidArgument",
+    "NonRetryableError",
+    "RetryableError",
+    "SagaNotFound",
+    "SagaplaneError",
+    "StepFailed",
+    "WaitTimeout",
+]
+
+
+class SagaplaneError(Exception):
+    """A sagaplane error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        # The class docstring is the default message, so a bare `raise X()` still says something.
+        super().__init__(message if message is not None else (type(self).__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        """The error's text."""
+        return str(self.args[0]) if self.args else ""
+
+
+class StepFailed(SagaplaneError):
+    """The step failed."""
+
+    retryable: bool = True
+    """Whether the coordinator may retry the step (class default; see the subclasses)."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        error_type: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_type = error_type or type(self).__name__
+        """Sent as ``StepError.type``: the class name unless given."""
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class RetryableError(StepFailed):
+    """The step failed, and retrying it may succeed."""
+
+    retryable = True
+
+
+class NonRetryableError(StepFailed):
+    """The step failed, and retrying it cannot succeed."""
+
+    retryable = False
+
+
+class ConfigurationError(SagaplaneError):
+    """The SDK was set up wrongly."""
+
+
+class CoordinatorError(SagaplaneError):
+    """A call to the coordinator failed."""
+
+    def __init__(self, message: str | None = None, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The gRPC status code, when the error came from a call."""
+
+
+class InvalidArgument(CoordinatorError):
+    """The coordinator rejected the request as invalid."""
+
+
+class SagaNotFound(CoordinatorError):
+    """No saga has this id."""
+
+
+class IdempotencyConflict(CoordinatorError):
+    """The idempotency key was already used with a different request."""
+
+
+class IllegalTransition(CoordinatorError):
+    """The saga's state does not allow this operation."""
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """The coordinator could not be reached or did not answer in time."""
+
+
+class WaitTimeout(CoordinatorError, TimeoutError):
+    """The saga did not reach a terminal state in time."""
+
+    def __init__(self, message: str | None = None, *, saga: Any = None) -> None:
+        super().__init__(message)
+        self.saga = saga
+        """The saga as last seen (a ``sagaplane.v1.saga_pb2.Saga``), or None."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CoordinatorError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: SagaNotFound,
+    grpc.StatusCode.ALREADY_EXISTS: IdempotencyConflict,
+    grpc.StatusCode.FAILED_PRECONDITION: IllegalTransition,
+    grpc.StatusCode.UNAVAILABLE: CoordinatorUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: CoordinatorUnavailable,
+}
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> CoordinatorError:
+    """The :class:`CoordinatorError` for a failed call (raise it ``from exc``)."""
+    code = exc.code()
+    cls = _BY_CODE.get(code, CoordinatorError)
+    details = exc.details()
+    return cls(f"{code.name}: {details}" if details else code.name, code=code)

@@ -1,0 +1,62 @@
+"""Writing messages to the transactional outbox (``sagaplane_outbox``).
+
+The rows are published later by :mod:`sagaplane.relay`; writing them in the
+same transaction as the state change is what makes "state changed" and
+"message will be sent" one atomic fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import AsyncConnection
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboundMessage:
+    """A message to publish to RabbitMQ once its transaction has committed."""
+
+    message_id: str
+    """The AMQP ``message_id``; receivers deduplicate on it."""
+    exchange: str
+    """Exchange to publish to."""
+    routing_key: str
+    """Routing key (for commands: the action)."""
+    message_type: str
+    """Full protobuf message name, sent as the AMQP ``type`` property."""
+    body: bytes
+    """The serialized protobuf envelope."""
+    correlation_id: str | None = None
+    """Groups messages for people (the coordinator uses the saga id)."""
+
+
+_INSERT = """
+INSERT INTO sagaplane_outbox
+    (message_id, exchange, routing_key, message_type, body, correlation_id)
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+
+
+async def enqueue(conn: AsyncConnection[object], messages: Sequence[OutboundMessage]) -> None:
+    """Add ``messages`` to the outbox inside the caller's transaction.
+
+    The caller commits; nothing is published before that commit.
+    """
+    if not messages:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            _INSERT,
+            [
+                (
+                    m.message_id,
+                    m.exchange,
+                    m.routing_key,
+                    m.message_type,
+                    m.body,
+                    m.correlation_id,
+                )
+                for m in messages
+            ],
+        )

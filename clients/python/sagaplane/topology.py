@@ -1,0 +1,128 @@
+"""Names and declaration of the AMQP topology shared by the coordinator and every participant.
+
+Everything here is declared idempotently, so every process may (and should) declare
+what it uses at start-up, in any order. The publishers (:mod:`sagaplane.relay`) never
+declare anything: they only publish, and an unroutable message is a failed publish.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractQueue
+
+COMMANDS_EXCHANGE = "sagaplane.commands"
+"""Topic exchange; step commands are routed by their action name."""
+REPLIES_EXCHANGE = "sagaplane.replies"
+"""Direct exchange for step replies; routing key :data:`REPLIES_ROUTING_KEY`."""
+REPLIES_QUEUE = "sagaplane.replies"
+"""The one queue all coordinator replicas consume replies from."""
+REPLIES_ROUTING_KEY = "reply"
+"""Routing key of every reply."""
+DEAD_LETTER_EXCHANGE = "sagaplane.dead-letter"
+"""Fanout exchange that receives messages that can never be processed."""
+DEAD_LETTER_QUEUE = "sagaplane.dead-letter"
+"""Where dead messages wait for a person."""
+CONTENT_TYPE = "application/x-protobuf"
+"""The content type of every message body."""
+
+DELIVERY_LIMIT = 5
+"""Deliveries of one message before the broker dead-letters it (a poison message
+that crashes its consumer must not be redelivered forever)."""
+MIN_BROKER_VERSION = (3, 10)
+"""Quorum queues need 3.8; at-least-once dead-lettering needs 3.10."""
+
+
+class UnsupportedBrokerError(RuntimeError):
+    """The RabbitMQ broker is too old for sagaplane's topology (3.10 or newer is needed)."""
+
+
+def participant_queue(service: str) -> str:
+    """The durable queue of a participant service."""
+    return f"sagaplane.participant.{service}"
+
+
+def work_queue_arguments() -> dict[str, Any]:
+    """Arguments of every queue that a consumer works from (all but the dead-letter queue).
+
+    Changing them makes the broker refuse to re-declare existing queues
+    (``PRECONDITION_FAILED``), so treat them as part of the wire contract.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        # At-most-once (the default) drops a dead letter when the dead-letter queue
+        # cannot take it; a dropped command would leave its saga waiting forever.
+        "x-dead-letter-strategy": "at-least-once",
+        # Required by at-least-once dead-lettering; no length limit is set, so it never fires.
+        "x-overflow": "reject-publish",
+    }
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    """Arguments of :data:`DEAD_LETTER_QUEUE`: quorum, and nothing that could drop a message."""
+    return {"x-queue-type": "quorum"}
+
+
+async def declare_core(channel: AbstractChannel) -> None:
+    """Declare the exchanges, the replies queue and the dead-letter queue (idempotent).
+
+    Raises :class:`UnsupportedBrokerError` when the broker reports a version older than
+    :data:`MIN_BROKER_VERSION`.
+    """
+    await _check_broker(channel)
+    await channel.declare_exchange(COMMANDS_EXCHANGE, ExchangeType.TOPIC, durable=True)
+    replies = await channel.declare_exchange(REPLIES_EXCHANGE, ExchangeType.DIRECT, durable=True)
+    dead = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, ExchangeType.FANOUT, durable=True)
+    dead_queue = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments=dead_letter_queue_arguments()
+    )
+    await dead_queue.bind(dead, routing_key="")
+    replies_queue = await channel.declare_queue(
+        REPLIES_QUEUE, durable=True, arguments=work_queue_arguments()
+    )
+    await replies_queue.bind(replies, routing_key=REPLIES_ROUTING_KEY)
+
+
+async def declare_participant_queue(
+    channel: AbstractChannel, service: str, actions: Iterable[str]
+) -> AbstractQueue:
+    """Declare the queue of ``service``, bound to each of its ``actions`` (idempotent).
+
+    Declares the core topology first, so a participant that starts before the
+    coordinator can still bind its queue and publish its replies.
+    """
+    await declare_core(channel)
+    commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+    queue = await channel.declare_queue(
+        participant_queue(service), durable=True, arguments=work_queue_arguments()
+    )
+    for action in dict.fromkeys(actions):
+        await queue.bind(commands, routing_key=action)
+    return queue
+
+
+async def _check_broker(channel: AbstractChannel) -> None:
+    underlay = await channel.get_underlay_channel()
+    version = _parse_version(underlay.connection.server_properties.get("version"))
+    # An unknown version (a proxy, an unusual build) gets the benefit of the doubt.
+    if version is not None and version < MIN_BROKER_VERSION:
+        wanted = ".".join(map(str, MIN_BROKER_VERSION))
+        found = ".".join(map(str, version))
+        raise UnsupportedBrokerError(
+            f"RabbitMQ {wanted} or newer is needed (quorum queues with at-least-once "
+            f"dead-lettering); the broker reports {found}"
+        )
+
+
+def _parse_version(raw: object) -> tuple[int, int] | None:
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str):
+        return None
+    match = re.match(r"(\d+)\.(\d+)", raw)
+    return (int(match.group(1)), int(match.group(2))) if match else None

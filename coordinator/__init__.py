@@ -1,0 +1,1 @@
+"""Sagaplane's coordinator service."""

@@ -1,0 +1,139 @@
+"""The coordinator process: wires store, API server and messaging, and shuts down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from coordinator.api.server import ApiServer
+from coordinator.api.servicer import SagaCoordinatorServicer
+from coordinator.config import Settings
+from coordinator.messaging.codec import encode_command
+from coordinator.messaging.replies import ReplyConsumer
+from coordinator.store.migrate import migrate
+from coordinator.store.pool import open_pool
+from coordinator.store.repository import SagaStore
+from coordinator.timers import TimerLoop
+from sagaplane import topology
+from sagaplane.relay import OutboxRelay
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """One coordinator process. Holds no saga state of its own: run as many as you like."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._api: ApiServer | None = None
+        self._amqp: AbstractRobustConnection | None = None
+        self._replies: ReplyConsumer | None = None
+        self._relay: OutboxRelay | None = None
+        self._timers: TimerLoop | None = None
+        self.store: SagaStore | None = None
+        """The saga store, once started."""
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        """The gRPC port actually bound (useful with port 0)."""
+        assert self._api is not None, "start() first"
+        return self._api.port
+
+    async def start(self) -> None:
+        """Migrate (unless disabled), open the pool, start serving.
+
+        If any part fails to start, what did start is stopped again before the error
+        propagates: no pool or connection is left open behind a failed start.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        if self.settings.migrate:
+            applied = await migrate(self.settings.database_url)
+            for m in applied:
+                log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
+        self._pool = await open_pool(self.settings.database_url, size=self.settings.pool_size)
+        self.store = SagaStore(self._pool, encode_command)
+        self._amqp = await aio_pika.connect_robust(
+            self.settings.amqp_url, client_properties={"connection_name": "sagaplane-coordinator"}
+        )
+        channel = await self._amqp.channel()
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        await topology.declare_core(channel)
+        # The queue object declare_core() registered on this robust channel (a passive
+        # get returns it): only a registered queue gets its consumer back after a
+        # reconnection. get_queue(ensure=False) would build an unregistered one, and the
+        # coordinator would stop consuming replies for good after RabbitMQ restarts.
+        replies = await channel.get_queue(topology.REPLIES_QUEUE)
+        self._relay = OutboxRelay(self._pool, self._amqp)
+        await self._relay.start()
+        self._replies = ReplyConsumer(self.store, replies)
+        await self._replies.start()
+        self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
+        await self._timers.start()
+        self._api = ApiServer(SagaCoordinatorServicer(self.store), self.settings.listen)
+        await self._api.start()
+        log.info("coordinator listening on port %d", self._api.port)
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The background tasks whose end means the process must stop."""
+        found = [c.task for c in (self._relay, self._replies, self._timers) if c is not None]
+        return [t for t in found if t is not None]
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, the gRPC server (with grace), replies, timers, relay, pool, AMQP.
+
+        Safe to call twice, and before start() finished.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._api is not None:
+            await self._api.stop(self.settings.grace)
+        if self._replies is not None:
+            await self._replies.stop()
+        if self._timers is not None:
+            await self._timers.stop()
+        if self._relay is not None:
+            try:
+                await self._relay.stop()
+            except Exception:
+                log.exception("the outbox relay had crashed")
+        if self._pool is not None:
+            await self._pool.close()
+        if self._amqp is not None:
+            await self._amqp.close()
+        log.info("coordinator stopped")
+
+    async def __aenter__(self) -> Coordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> bool:
+    """Run a coordinator until ``stop`` is set; False if a background task died first."""
+    async with Coordinator(settings) as coordinator:
+        stopping = asyncio.create_task(stop.wait(), name="sagaplane-stop-signal")
+        done, _ = await asyncio.wait(
+            {stopping, *coordinator.tasks()}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if stopping in done:
+            return True
+        stopping.cancel()
+        log.critical("a background task ended unexpectedly; shutting down")
+        return False

@@ -1,0 +1,259 @@
+"""``sagaplane``: the command line.
+
+Server commands run the coordinator (``serve``), update its schema (``migrate``) and
+run the demo (``demo``); client commands talk to a running coordinator over gRPC
+(``start``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``, ``health``). Settings come
+from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
+
+Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
+mapping with the proto's field names, as ``grpcurl`` takes it). Errors go to stderr,
+and the exit status says what went wrong (:class:`ExitCode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+
+from coordinator.cli.errors import CliError, ExitCode
+
+__all__ = ["CliError", "ExitCode", "build_parser", "main"]
+
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 10.0
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise CliError(f"{name}={raw!r} is not a number", ExitCode.USAGE) from None
+
+
+def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The flags every client command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and output")
+    group.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=env.get("SAGAPLANE_COORDINATOR") or DEFAULT_COORDINATOR,
+        help="the coordinator's gRPC address [SAGAPLANE_COORDINATOR; default %(default)s]",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=_float_env(env, "SAGAPLANE_TIMEOUT", DEFAULT_TIMEOUT),
+        help="deadline of each call to the coordinator [SAGAPLANE_TIMEOUT; default %(default)s]",
+    )
+    group.add_argument(
+        "--json", action="store_true", help="print JSON (for scripts) instead of tables"
+    )
+    return common
+
+
+def _watch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-wait",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="give up waiting after this long, with exit status 7 (default: wait until it ends)",
+    )
+    parser.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=float,
+        default=0.2,
+        help="how often to ask the coordinator (default %(default)s)",
+    )
+
+
+_EPILOG = """\
+exit status:
+  0  success
+  1  an unexpected error, or the demo did not end as expected
+  2  usage error or invalid input (bad flags, unreadable saga file, INVALID_ARGUMENT)
+  3  the coordinator (serve/migrate/demo: PostgreSQL or RabbitMQ) cannot be reached
+  4  no saga has this id
+  5  refused: an illegal transition, or an idempotency key reused for another request
+  6  watched saga ended, but not as hoped (not completed; compensate: not compensated)
+  7  --max-wait passed before the saga ended
+
+Run `sagaplane COMMAND --help` for a command's flags and environment variables.
+"""
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; flag defaults come from ``env`` (the process's by default)."""
+    from coordinator.cli import client, demo, server
+
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="sagaplane",
+        description="Sagaplane: a saga coordinator for polyglot microservices.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _client_options(env)
+
+    def add(name: str, run: Command, summary: str, **kwargs: object) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            # The raw formatter keeps the epilogs' examples as written; wrap the rest here.
+            description=textwrap.fill(summary, 88),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    server.add_serve(
+        add("serve", server.serve, "Run the coordinator until SIGTERM or Ctrl-C."), env
+    )
+    server.add_migrate(
+        add("migrate", server.migrate, "Apply the coordinator's pending database migrations."),
+        env,
+    )
+    demo.add_arguments(
+        add(
+            "demo",
+            demo.run,
+            "Run the demo shop end to end: a coordinator and three participants as real "
+            "processes, one saga that completes and one that is compensated.",
+            epilog=demo.EPILOG,
+        ),
+        env,
+    )
+
+    start = add(
+        "start",
+        client.start,
+        "Start a saga from a JSON or YAML file (the StartSaga request, as grpcurl takes it).",
+        parents=[common],
+        epilog=client.START_EPILOG,
+    )
+    start.add_argument("file", metavar="FILE", help="the saga: a .json or .yaml file, - for stdin")
+    start.add_argument("--name", help="the saga's name (overrides the file's)")
+    start.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="starting again with the same key returns the same saga (overrides the file's)",
+    )
+    start.add_argument("--watch", action="store_true", help="then follow it until it ends")
+    _watch_options(start)
+
+    get = add("get", client.get, "Show one saga: its state and steps.", parents=[common])
+    get.add_argument("id", metavar="ID", help="the saga's id")
+    get.add_argument("--history", action="store_true", help="also show every transition")
+
+    listing = add(
+        "list",
+        client.list_active,
+        "List active sagas (started, compensating, compensation_failed), newest first.",
+        parents=[common],
+    )
+    listing.add_argument("--name", default="", help="only sagas of this name")
+    listing.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        help="at most this many (default %(default)s)",
+    )
+    listing.add_argument(
+        "--stale-for",
+        metavar="DURATION",
+        type=client.parse_duration,
+        help="only sagas not updated for at least this long, e.g. 90s, 15m, 2h, 1d",
+    )
+
+    compensate = add(
+        "compensate",
+        client.compensate,
+        "Undo a saga: stop it, then compensate its completed steps, newest first.",
+        parents=[common],
+    )
+    compensate.add_argument("id", metavar="ID", help="the saga's id")
+    compensate.add_argument("--reason", default="", help="why; recorded in the history")
+    compensate.add_argument("--watch", action="store_true", help="then follow it until it ends")
+    _watch_options(compensate)
+
+    watch = add(
+        "watch",
+        client.watch,
+        "Follow a saga, printing each transition as it happens, until it ends. "
+        "Exit status 0 if it completed, 6 if it ended otherwise. With --json, prints "
+        "only the final saga.",
+        parents=[common],
+    )
+    watch.add_argument("id", metavar="ID", help="the saga's id")
+    _watch_options(watch)
+
+    resolve = add(
+        "resolve",
+        client.resolve,
+        "Resolve a saga in compensation_failed: retry its failed compensation now, or "
+        "record that a person undid the step by hand. Either way it is in the history.",
+        parents=[common],
+    )
+    resolve.add_argument("id", metavar="ID", help="the saga's id")
+    decision = resolve.add_mutually_exclusive_group(required=True)
+    decision.add_argument(
+        "--retry", action="store_true", help="send the failed compensation once more, now"
+    )
+    decision.add_argument(
+        "--mark-compensated",
+        action="store_true",
+        help="the step was undone by hand: carry on with the older steps' compensations",
+    )
+    resolve.add_argument("--reason", required=True, help="who decided, and why (required)")
+
+    add(
+        "health",
+        client.health,
+        "Ask the coordinator's health service; exit status 0 if SERVING, 3 otherwise.",
+        parents=[common],
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``sagaplane`` console script; exits with an :class:`ExitCode`."""
+    try:
+        parser = build_parser()
+    except CliError as exc:
+        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.code)
+    except ValueError as exc:
+        # A SAGAPLANE_* variable that a flag's default is parsed from holds garbage.
+        print(
+            f"sagaplane: error: a SAGAPLANE_* environment variable is invalid: {exc}",
+            file=sys.stderr,
+        )
+        sys.exit(ExitCode.USAGE)
+    args = parser.parse_args(argv)
+    run: Command = args.run
+    try:
+        code = run(args)
+    except CliError as exc:
+        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        code = exc.code
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): not worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = ExitCode.ERROR
+    sys.exit(code)

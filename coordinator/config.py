@@ -1,0 +1,109 @@
+"""Settings: command-line flags win over SAGAPLANE_* environment variables, which win
+over the defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the coordinator process needs to know."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    """libpq URL of the coordinator's PostgreSQL (SAGAPLANE_DATABASE_URL)."""
+    amqp_url: str = DEFAULT_AMQP_URL
+    """RabbitMQ URL (SAGAPLANE_AMQP_URL)."""
+    listen: str = DEFAULT_LISTEN
+    """gRPC address host:port; port 0 picks a free one (SAGAPLANE_LISTEN)."""
+    pool_size: int = 10
+    """PostgreSQL connections (SAGAPLANE_POOL_SIZE)."""
+    prefetch: int = 256
+    """Replies taken from RabbitMQ before acking; bounds a batch (SAGAPLANE_PREFETCH)."""
+    timer_interval: float = 0.5
+    """Seconds between looks for due timeouts, retries and deadlines
+    (SAGAPLANE_TIMER_INTERVAL)."""
+    grace: float = 10.0
+    """Seconds in-flight calls get to finish on shutdown (SAGAPLANE_GRACE)."""
+    migrate: bool = True
+    """Apply pending migrations at start (SAGAPLANE_MIGRATE=0 to skip)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Add the coordinator's flags, with defaults taken from ``env``."""
+    d = Settings()
+    parser.add_argument(
+        "--database-url",
+        default=env.get("SAGAPLANE_DATABASE_URL", d.database_url),
+        help="PostgreSQL URL [SAGAPLANE_DATABASE_URL; default %(default)s]",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=env.get("SAGAPLANE_AMQP_URL", d.amqp_url),
+        help="RabbitMQ URL [SAGAPLANE_AMQP_URL; default %(default)s]",
+    )
+    parser.add_argument(
+        "--listen",
+        default=env.get("SAGAPLANE_LISTEN", d.listen),
+        help="gRPC listen address host:port [SAGAPLANE_LISTEN; default %(default)s]",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=int(env.get("SAGAPLANE_POOL_SIZE", d.pool_size)),
+        help="PostgreSQL connections [SAGAPLANE_POOL_SIZE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=int(env.get("SAGAPLANE_PREFETCH", d.prefetch)),
+        help="unacked replies in flight [SAGAPLANE_PREFETCH; default %(default)s]",
+    )
+    parser.add_argument(
+        "--timer-interval",
+        type=float,
+        default=float(env.get("SAGAPLANE_TIMER_INTERVAL", d.timer_interval)),
+        help="seconds between timer rounds [SAGAPLANE_TIMER_INTERVAL; default %(default)s]",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=float(env.get("SAGAPLANE_GRACE", d.grace)),
+        help="seconds to finish in-flight calls on shutdown [SAGAPLANE_GRACE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        default=env.get("SAGAPLANE_MIGRATE", "1") in ("0", "false", "no"),
+        help="do not apply pending migrations at start [SAGAPLANE_MIGRATE=0]",
+    )
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags."""
+    return Settings(
+        database_url=args.database_url,
+        amqp_url=args.amqp_url,
+        listen=args.listen,
+        pool_size=args.pool_size,
+        prefetch=args.prefetch,
+        timer_interval=args.timer_interval,
+        grace=args.grace,
+        migrate=not args.no_migrate,
+    )
+
+
+def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from a command line and an environment (the process's by default)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m coordinator", description="Run the Sagaplane coordinator."
+    )
+    add_arguments(parser, os.environ if env is None else env)
+    return from_args(parser.parse_args(argv))

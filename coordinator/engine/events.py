@@ -1,0 +1,67 @@
+"""Events the engine reacts to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from coordinator.engine.model import CommandKind, JsonObject
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepReplied:
+    """A participant answered a step command."""
+
+    step_id: str
+    kind: CommandKind
+    attempt: int
+    """Must be the attempt in flight, or the reply is stale."""
+    token: str
+    """Must echo the command in flight's token, or the reply is ignored."""
+    succeeded: bool
+    output: JsonObject | None = None
+    """The action's result, on success."""
+    error: str | None = None
+    """Why it failed, on failure."""
+    retryable: bool = True
+    """On failure: whether another attempt may succeed (the participant says)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompensateRequested:
+    """A client asked to undo the saga."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimerFired:
+    """A step's ``deadline_at`` passed: its attempt timed out, or its retry is due."""
+
+    step_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SagaDeadlinePassed:
+    """The saga's own deadline passed."""
+
+
+class Resolution(StrEnum):
+    """What an operator decided for a saga whose compensation failed."""
+
+    RETRY = "retry"
+    """Run the failed compensation once more, now."""
+    MARK_COMPENSATED = "mark_compensated"
+    """A person undid the step by hand; carry on with the older steps."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompensationResolved:
+    """An operator resolved a compensation_failed saga."""
+
+    resolution: Resolution
+    reason: str
+
+
+Event = StepReplied | CompensateRequested | TimerFired | SagaDeadlinePassed | CompensationResolved
+"""Everything that can happen to a saga after it started."""

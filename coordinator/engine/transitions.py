@@ -1,0 +1,438 @@
+"""The saga state machine: (saga, event, now) -> new saga + commands + history.
+
+Pure: no I/O, no clock (``now`` is passed in) and no randomness of its own
+(command tokens come from the ``new_token`` callable the caller passes; retry
+jitter is a hash of the step, kind and attempt).
+
+Steps run forward one at a time. A failed attempt is retried after a backoff
+while its retry policy allows and the participant called the error retryable;
+an attempt without a reply by its deadline is a failed, retryable attempt whose
+outcome is unknown. A step that finally fails, a Compensate request or the
+saga's deadline turns the saga to COMPENSATING: the compensation of every
+completed step (and of every step whose outcome is unknown) runs, newest
+first, one at a time, each with its own retries. A step whose command is in
+flight when compensation starts is waited for: if it then succeeds, it is
+compensated first. A compensation that exhausts its retries, or fails
+non-retryably, stops the saga in COMPENSATION_FAILED until a person resolves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from coordinator.engine.events import (
+    CompensateRequested,
+    CompensationResolved,
+    Event,
+    Resolution,
+    SagaDeadlinePassed,
+    StepReplied,
+    TimerFired,
+)
+from coordinator.engine.model import (
+    IN_FLIGHT,
+    Command,
+    CommandKind,
+    HistoryEntry,
+    JsonObject,
+    RetryPolicy,
+    Saga,
+    SagaState,
+    Step,
+    StepSpec,
+    StepStatus,
+    Transition,
+)
+from coordinator.errors import IllegalTransition
+
+TokenFactory = Callable[[], str]
+
+
+def start(
+    *,
+    saga_id: str,
+    name: str,
+    steps: Sequence[StepSpec],
+    step_ids: Sequence[str],
+    context: JsonObject,
+    idempotency_key: str | None,
+    now: datetime,
+    new_token: TokenFactory,
+    timeout: timedelta | None = None,
+) -> Transition:
+    """Create a saga and dispatch its first step; ``timeout`` sets its deadline."""
+    if not steps:
+        raise ValueError("a saga needs at least one step")
+    if len(step_ids) != len(steps) or len(set(step_ids)) != len(steps):
+        raise ValueError("one unique step id per step")
+    if len({spec.name for spec in steps}) != len(steps):
+        raise ValueError("step names must be unique")
+    saga = Saga(
+        id=saga_id,
+        name=name,
+        state=SagaState.STARTED,
+        context=context,
+        steps=tuple(
+            Step(
+                id=step_id,
+                position=i,
+                name=spec.name,
+                action=spec.action,
+                compensation=spec.compensation or None,
+                input=spec.input,
+                retry=spec.retry,
+                compensation_retry=spec.compensation_retry,
+                timeout=spec.timeout,
+            )
+            for i, (spec, step_id) in enumerate(zip(steps, step_ids, strict=True))
+        ),
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        deadline_at=now + timeout if timeout else None,
+    )
+    b = _Builder(saga, now, new_token)
+    b.record(None, SagaState.STARTED, None, "saga_started")
+    b.dispatch(0, CommandKind.EXECUTE)
+    return b.build()
+
+
+def apply(saga: Saga, event: Event, *, now: datetime, new_token: TokenFactory) -> Transition:
+    """Apply ``event`` to ``saga``.
+
+    Raises :class:`IllegalTransition` when the event may not happen in the saga's
+    state (Compensate on a compensation_failed saga, resolving a saga whose
+    compensation did not fail). An event that merely no longer applies (a
+    duplicate or stale reply, a timer already handled) returns a transition with
+    ``ignored`` set and nothing changed.
+    """
+    if isinstance(event, StepReplied):
+        return _on_reply(saga, event, now, new_token)
+    if isinstance(event, TimerFired):
+        return _on_timer(saga, event, now, new_token)
+    if isinstance(event, SagaDeadlinePassed):
+        return _on_saga_deadline(saga, now, new_token)
+    if isinstance(event, CompensationResolved):
+        return _on_resolved(saga, event, now, new_token)
+    return _on_compensate(saga, event, now, new_token)
+
+
+def backoff(policy: RetryPolicy, step_id: str, kind: CommandKind, attempt: int) -> timedelta:
+    """The wait after failed ``attempt`` (1-based): full jitter under an exponential cap."""
+    cap = policy.max_interval.total_seconds()
+    # Past a float's range the exponential is long above any maximum: keep the maximum.
+    with contextlib.suppress(OverflowError):
+        cap = min(
+            cap,
+            policy.initial_interval.total_seconds() * policy.backoff_coefficient ** (attempt - 1),
+        )
+
+    digest = hashlib.blake2b(f"{step_id}:{kind}:{attempt}".encode(), digest_size=8).digest()
+    return timedelta(seconds=cap * int.from_bytes(digest) / 2**64)
+
+
+def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactory) -> Transition:
+    step = saga.step_by_id(ev.step_id)
+    if step is None:
+        return Transition(saga=saga, ignored="unknown step")
+    expected_status, attempt = (
+        (StepStatus.STARTED, step.attempts)
+        if ev.kind is CommandKind.EXECUTE
+        else (StepStatus.COMPENSATING, step.compensation_attempts)
+    )
+    if step.status is not expected_status:
+        return Transition(saga=saga, ignored=f"step is {step.status}; no {ev.kind} reply awaited")
+    if ev.attempt != attempt:
+        return Transition(saga=saga, ignored=f"attempt {ev.attempt} is not {attempt}")
+    if ev.token != step.token:
+        return Transition(saga=saga, ignored="token does not match the command in flight")
+
+    b = _Builder(saga, now, new_token)
+    i = step.position
+    if ev.kind is CommandKind.EXECUTE:
+        if ev.succeeded:
+            b.set_step(
+                i,
+                status=StepStatus.COMPLETED,
+                output=ev.output or {},
+                executed_at=now,
+                outcome_unknown=False,
+            )
+            b.record_step(step, "step_completed")
+            if b.saga.state is SagaState.STARTED:
+                if i + 1 < len(saga.steps):
+                    b.dispatch(i + 1, CommandKind.EXECUTE)
+                else:
+                    b.finish(SagaState.COMPLETED, "saga_completed")
+            else:
+                b.continue_compensation()
+        else:
+            b.attempt_failed(i, CommandKind.EXECUTE, ev.error, ev.retryable, unknown=False)
+    elif ev.succeeded:
+        b.set_step(i, status=StepStatus.COMPENSATED, compensated_at=now)
+        b.record_step(step, "step_compensated")
+        b.continue_compensation()
+    else:
+        b.attempt_failed(i, CommandKind.COMPENSATE, ev.error, ev.retryable, unknown=False)
+    return b.build()
+
+
+def _on_timer(saga: Saga, ev: TimerFired, now: datetime, new_token: TokenFactory) -> Transition:
+    step = saga.step_by_id(ev.step_id)
+    if step is None or step.deadline_at is None or step.deadline_at > now:
+        return Transition(saga=saga, ignored="no deadline of this step has passed")
+    b = _Builder(saga, now, new_token)
+    i = step.position
+    seconds = f"{step.timeout.total_seconds():g}"
+    if step.status is StepStatus.STARTED:
+        error = f"attempt {step.attempts} timed out after {seconds}s"
+        b.attempt_failed(i, CommandKind.EXECUTE, error, retryable=True, unknown=True)
+    elif step.status is StepStatus.COMPENSATING:
+        error = f"compensation attempt {step.compensation_attempts} timed out after {seconds}s"
+        # The action's outcome is known (it completed); only the undo's is in doubt, and
+        # compensations are retried until they are known to have succeeded.
+        b.attempt_failed(i, CommandKind.COMPENSATE, error, retryable=True, unknown=False)
+    elif step.status is StepStatus.RETRYING:
+        b.dispatch(i, CommandKind.EXECUTE)
+    elif step.status is StepStatus.COMPENSATION_RETRYING:
+        b.dispatch(i, CommandKind.COMPENSATE)
+    else:
+        return Transition(saga=saga, ignored=f"step is {step.status}; no timer is due")
+    return b.build()
+
+
+def _on_saga_deadline(saga: Saga, now: datetime, new_token: TokenFactory) -> Transition:
+    if saga.state is not SagaState.STARTED or saga.deadline_at is None or saga.deadline_at > now:
+        return Transition(saga=saga, ignored="the saga's deadline does not apply")
+    return _begin_compensation(saga, now, new_token, "saga_deadline_passed", "deadline passed")
+
+
+def _on_compensate(
+    saga: Saga, ev: CompensateRequested, now: datetime, new_token: TokenFactory
+) -> Transition:
+    if saga.state in (SagaState.COMPENSATING, SagaState.COMPENSATED, SagaState.FAILED):
+        # Already undone, or being undone: asking again is a no-op, so clients may retry.
+        return Transition(saga=saga, ignored=f"saga is already {saga.state}")
+    if saga.state is SagaState.COMPENSATION_FAILED:
+        raise IllegalTransition(
+            "saga is compensation_failed: a compensation failed and needs a person; "
+            "use ResolveCompensation"
+        )
+    return _begin_compensation(saga, now, new_token, "compensation_requested", ev.reason or None)
+
+
+def _begin_compensation(
+    saga: Saga, now: datetime, new_token: TokenFactory, event: str, reason: str | None
+) -> Transition:
+    b = _Builder(saga, now, new_token)
+    b.stop_forward()
+    b.move(SagaState.COMPENSATING, None, event, reason)
+    b.saga = replace(b.saga, completed_at=None, deadline_at=None)
+    b.continue_compensation()
+    return b.build()
+
+
+def _on_resolved(
+    saga: Saga, ev: CompensationResolved, now: datetime, new_token: TokenFactory
+) -> Transition:
+    if saga.state is not SagaState.COMPENSATION_FAILED:
+        raise IllegalTransition(
+            f"saga is {saga.state}: only a compensation_failed saga can be resolved"
+        )
+    step = next(s for s in saga.steps if s.status is StepStatus.COMPENSATION_FAILED)
+    b = _Builder(saga, now, new_token)
+    b.move(SagaState.COMPENSATING, step.name, f"compensation_resolved_{ev.resolution}", ev.reason)
+    if ev.resolution is Resolution.RETRY:
+        b.dispatch(step.position, CommandKind.COMPENSATE)
+    else:
+        b.set_step(step.position, status=StepStatus.COMPENSATED, compensated_at=now)
+        b.continue_compensation()
+    return b.build()
+
+
+class _Builder:
+    """Accumulates the changes of one transition."""
+
+    def __init__(self, saga: Saga, now: datetime, new_token: TokenFactory) -> None:
+        self.saga = saga
+        self.now = now
+        self.new_token = new_token
+        self.steps = list(saga.steps)
+        self.commands: list[Command] = []
+        self.history: list[HistoryEntry] = []
+
+    def build(self) -> Transition:
+        saga = replace(self.saga, steps=tuple(self.steps), updated_at=self.now)
+        return Transition(saga=saga, commands=tuple(self.commands), history=tuple(self.history))
+
+    def set_step(self, i: int, **changes: object) -> None:
+        # Every outcome ends the command in flight: its token and deadline no longer apply.
+        self.steps[i] = replace(
+            self.steps[i],
+            token=None,
+            deadline_at=None,
+            **changes,  # type: ignore[arg-type]
+        )
+
+    def record(
+        self,
+        from_state: SagaState | None,
+        to_state: SagaState,
+        step_name: str | None,
+        event: str,
+        reason: str | None = None,
+    ) -> None:
+        self.history.append(
+            HistoryEntry(
+                from_state=from_state,
+                to_state=to_state,
+                step_name=step_name,
+                event=event,
+                reason=reason,
+            )
+        )
+
+    def record_step(self, step: Step, event: str, reason: str | None = None) -> None:
+        self.record(self.saga.state, self.saga.state, step.name, event, reason)
+
+    def move(self, to: SagaState, step_name: str | None, event: str, reason: str | None) -> None:
+        self.record(self.saga.state, to, step_name, event, reason)
+        # The deadline only ever applies to forward progress.
+        deadline = self.saga.deadline_at if to is SagaState.STARTED else None
+        self.saga = replace(self.saga, state=to, deadline_at=deadline)
+
+    def finish(self, to: SagaState, event: str, reason: str | None = None) -> None:
+        self.move(to, None, event, reason)
+        self.saga = replace(self.saga, completed_at=self.now, deadline_at=None)
+
+    def stop_forward(self) -> None:
+        """No step runs forward any more: pending ones are skipped, retries cancelled."""
+        for i, s in enumerate(self.steps):
+            if s.status is StepStatus.PENDING:
+                self.steps[i] = replace(s, status=StepStatus.SKIPPED)
+            elif s.status is StepStatus.RETRYING:
+                self.set_step(i, status=StepStatus.FAILED, executed_at=self.now)
+                self.record_step(s, "step_failed", "retry cancelled: the saga compensates")
+
+    def has_something_to_compensate(self) -> bool:
+        return any(_needs_compensation(s) for s in self.steps)
+
+    def attempt_failed(
+        self, i: int, kind: CommandKind, error: str | None, retryable: bool, *, unknown: bool
+    ) -> None:
+        """An attempt failed or timed out: retry it, or give up on the step."""
+        step = self.steps[i]
+        if kind is CommandKind.EXECUTE:
+            policy, attempts = step.retry, step.attempts
+            can_retry = self.saga.state is SagaState.STARTED
+        else:
+            policy, attempts = step.compensation_retry, step.compensation_attempts
+            can_retry = True
+        if retryable and can_retry and attempts < policy.max_attempts:
+            wait = backoff(policy, step.id, kind, attempts)
+            self.set_step(
+                i,
+                status=StepStatus.RETRYING
+                if kind is CommandKind.EXECUTE
+                else StepStatus.COMPENSATION_RETRYING,
+                error=error,
+                outcome_unknown=unknown or step.outcome_unknown,
+            )
+            self.steps[i] = replace(self.steps[i], deadline_at=self.now + wait)
+            event = (
+                "step_attempt_failed"
+                if kind is CommandKind.EXECUTE
+                else "compensation_attempt_failed"
+            )
+            self.record_step(
+                step, event, f"{error} (attempt {attempts}; retry in {wait.total_seconds():.3f}s)"
+            )
+            return
+        if kind is CommandKind.COMPENSATE:
+            self.set_step(i, status=StepStatus.COMPENSATION_FAILED, error=error)
+            self.record_step(step, "compensation_failed", error)
+            self.move(SagaState.COMPENSATION_FAILED, step.name, "saga_compensation_failed", error)
+            return
+        self.set_step(
+            i,
+            status=StepStatus.FAILED,
+            error=error,
+            executed_at=self.now,
+            outcome_unknown=unknown or step.outcome_unknown,
+        )
+        self.record_step(step, "step_failed", error)
+        if self.saga.state is SagaState.STARTED:
+            self.stop_forward()
+            if self.has_something_to_compensate():
+                self.move(SagaState.COMPENSATING, step.name, "compensation_started", error)
+                self.continue_compensation()
+            else:
+                self.finish(SagaState.FAILED, "saga_failed", error)
+        else:
+            self.continue_compensation()
+
+    def dispatch(self, i: int, kind: CommandKind) -> None:
+        """Send attempt n+1 of the step's action or compensation."""
+        step = self.steps[i]
+        token = self.new_token()
+        deadline = self.now + step.timeout
+        if kind is CommandKind.EXECUTE:
+            attempt, action = step.attempts + 1, step.action
+            self.steps[i] = replace(
+                step, status=StepStatus.STARTED, attempts=attempt, token=token, deadline_at=deadline
+            )
+            event = "step_dispatched"
+        else:
+            assert step.compensation is not None
+            attempt, action = step.compensation_attempts + 1, step.compensation
+            self.steps[i] = replace(
+                step,
+                status=StepStatus.COMPENSATING,
+                compensation_attempts=attempt,
+                token=token,
+                deadline_at=deadline,
+            )
+            event = "compensation_dispatched"
+        self.commands.append(self._command(self.steps[i], kind, action, attempt, token))
+        self.record_step(step, event, f"attempt {attempt}" if attempt > 1 else None)
+
+    def continue_compensation(self) -> None:
+        """Dispatch the next compensation, or finish when none is left."""
+        waiting = (*IN_FLIGHT, StepStatus.COMPENSATION_RETRYING)
+        if any(s.status in waiting for s in self.steps):
+            return  # a reply or a retry is awaited; it will call us again
+        for i in reversed(range(len(self.steps))):
+            if _needs_compensation(self.steps[i]):
+                self.dispatch(i, CommandKind.COMPENSATE)
+                return
+        self.finish(SagaState.COMPENSATED, "saga_compensated")
+
+    def _command(
+        self, step: Step, kind: CommandKind, action: str, attempt: int, token: str
+    ) -> Command:
+        return Command(
+            saga_id=self.saga.id,
+            saga_name=self.saga.name,
+            step_id=step.id,
+            step_name=step.name,
+            kind=kind,
+            action=action,
+            attempt=attempt,
+            input=step.input,
+            output=step.output if kind is CommandKind.COMPENSATE else None,
+            context=self.saga.context,
+            token=token,
+        )
+
+
+def _needs_compensation(step: Step) -> bool:
+    """Completed, or failed after a timeout (it may have taken effect), and undoable."""
+    if not step.compensation:
+        return False
+    return step.status is StepStatus.COMPLETED or (
+        step.status is StepStatus.FAILED and step.outcome_unknown
+    )

@@ -1,0 +1,1 @@
+"""PostgreSQL persistence: pool, migrations, named queries, the saga repository."""

@@ -1,0 +1,446 @@
+"""Every database call of the coordinator: sagas, steps, history and the outbox.
+
+Each transition is one transaction: lock the saga rows (in id order), apply the
+engine, write sagas, changed steps, history rows and outbox rows, commit. The
+database clock (``now()``) is the only clock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from ulid import ULID
+
+from coordinator import engine
+from coordinator.engine import (
+    DEFAULT_COMPENSATION_RETRY,
+    DEFAULT_RETRY,
+    Command,
+    Event,
+    HistoryEntry,
+    RetryPolicy,
+    Saga,
+    SagaDeadlinePassed,
+    SagaState,
+    Step,
+    StepStatus,
+    TimerFired,
+)
+from coordinator.errors import (
+    IdempotencyConflict,
+    SagaNotFound,
+    SagaplaneError,
+    StorageUnavailable,
+)
+from coordinator.store.queries import q
+from sagaplane.outbox import OutboundMessage, enqueue
+
+CommandEncoder = Callable[[Command], OutboundMessage]
+"""Turns an engine command into the outbox row that carries it (see messaging.codec)."""
+
+
+def new_id() -> str:
+    """A fresh ULID, as the 26-character string used for saga and step ids."""
+    return str(ULID())
+
+
+def new_token() -> str:
+    """A fresh unguessable command token."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewSaga:
+    """A validated StartSaga request."""
+
+    name: str
+    steps: tuple[engine.StepSpec, ...]
+    context: engine.JsonObject
+    idempotency_key: str | None
+    request_hash: bytes
+    """Fingerprint of the request, to tell a replay from a conflicting key reuse."""
+    timeout: timedelta | None = None
+    """The saga's deadline, counted from its start; None for no deadline."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Started:
+    """The outcome of :meth:`SagaStore.start`."""
+
+    saga: Saga
+    created: bool
+    """False when an idempotent replay returned the saga started earlier."""
+    commands: tuple[Command, ...]
+    """The commands written to the outbox (empty for a replay)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Applied:
+    """The outcome of one event of :meth:`SagaStore.apply_many`."""
+
+    saga_id: str
+    transition: engine.Transition | None
+    """None when the event failed; see ``error``."""
+    error: SagaplaneError | None = None
+    """SagaNotFound or IllegalTransition; the other events of the batch still apply."""
+
+
+@asynccontextmanager
+async def _storage_errors() -> AsyncIterator[None]:
+    """Translate psycopg's connection troubles into StorageUnavailable, in one place."""
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise StorageUnavailable() from exc
+
+
+class SagaStore:
+    """Reads and writes sagas; every write is one transaction."""
+
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], encode: CommandEncoder):
+        self._pool = pool
+        self._encode = encode
+
+    async def start(self, new: NewSaga) -> Started:
+        """Record a new saga and the command of its first step.
+
+        With an idempotency key already used, returns the saga started then when
+        the request is the same, and raises IdempotencyConflict when it differs.
+        """
+        async with _storage_errors(), self._connection() as conn, conn.transaction():
+            now = (await (await conn.execute(q("now"))).fetchone() or {})["now"]
+            transition = engine.start(
+                saga_id=new_id(),
+                name=new.name,
+                steps=new.steps,
+                step_ids=[new_id() for _ in new.steps],
+                context=new.context,
+                idempotency_key=new.idempotency_key,
+                now=now,
+                new_token=new_token,
+                timeout=new.timeout,
+            )
+            saga = transition.saga
+            cur = await conn.execute(
+                q("insert_saga"), _saga_row(saga) | {"request_hash": new.request_hash}
+            )
+            if await cur.fetchone() is None:
+                return await self._replay(conn, new)
+            await self._write(conn, [transition], inserted=True)
+            return Started(saga=saga, created=True, commands=transition.commands)
+
+    async def _replay(self, conn: AsyncConnection[DictRow], new: NewSaga) -> Started:
+        found = await (
+            await conn.execute(q("find_by_idempotency_key"), {"key": new.idempotency_key})
+        ).fetchone()
+        assert found is not None, "the conflicting insert has committed"
+        if bytes(found["request_hash"]) != new.request_hash:
+            raise IdempotencyConflict(
+                f"idempotency_key {new.idempotency_key!r} was already used for a different "
+                f"request (saga {found['id']})"
+            )
+        sagas = await self._load(conn, [found["id"]], lock=False)
+        return Started(saga=sagas[found["id"]], created=False, commands=())
+
+    async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
+        """The saga with this id, and its history when asked; raises SagaNotFound."""
+        async with _storage_errors(), self._connection() as conn:
+            sagas = await self._load(conn, [saga_id], lock=False)
+            if saga_id not in sagas:
+                raise SagaNotFound(saga_id)
+            entries: list[HistoryEntry] = []
+            if history:
+                cur = await conn.execute(q("select_history"), {"saga_id": saga_id})
+                entries = [_history_from_row(row) async for row in cur]
+            return sagas[saga_id], entries
+
+    async def list_active(
+        self,
+        *,
+        limit: int,
+        after: str | None,
+        name: str | None,
+        stale_for: timedelta = timedelta(0),
+    ) -> list[Saga]:
+        """Active sagas, newest first, with ids below ``after`` (keyset pagination),
+        not updated for at least ``stale_for``."""
+        params = {"limit": limit, "after": after or "~", "name": name, "stale_for": stale_for}
+        async with _storage_errors(), self._connection() as conn:
+            cur = await conn.execute(q("list_active_by_name" if name else "list_active"), params)
+            rows = await cur.fetchall()
+            steps = await self._steps(conn, [row["id"] for row in rows])
+            return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
+
+    async def apply(self, saga_id: str, event: Event) -> engine.Transition:
+        """Apply one event in its own transaction; raises SagaNotFound or IllegalTransition."""
+        (result,) = await self.apply_many([(saga_id, event)])
+        if result.error is not None:
+            raise result.error
+        assert result.transition is not None
+        return result.transition
+
+    async def apply_many(self, events: Sequence[tuple[str, Event]]) -> list[Applied]:
+        """Apply many events in one transaction, in order; one result per event.
+
+        Sagas are locked in id order, so concurrent batches cannot deadlock.
+        """
+        async with _storage_errors(), self._connection() as conn, conn.transaction():
+            return await self._apply_in(conn, events)
+
+    async def fire_due_timers(self, limit: int) -> list[Applied]:
+        """Apply every step timer and saga deadline that is due (up to ``limit`` each).
+
+        One transaction; sagas locked by someone else are skipped (``SKIP LOCKED``), so
+        replicas share the work and a busy saga is simply taken next round.
+        """
+        async with _storage_errors(), self._connection() as conn, conn.transaction():
+            steps = await (await conn.execute(q("due_step_timers"), {"limit": limit})).fetchall()
+            sagas = await (await conn.execute(q("due_saga_deadlines"), {"limit": limit})).fetchall()
+            events: list[tuple[str, Event]] = [
+                (row["saga_id"], TimerFired(step_id=row["step_id"])) for row in steps
+            ]
+            events += [(row["saga_id"], SagaDeadlinePassed()) for row in sagas]
+            if not events:
+                return []
+            return await self._apply_in(conn, events)
+
+    async def _apply_in(
+        self, conn: AsyncConnection[DictRow], events: Sequence[tuple[str, Event]]
+    ) -> list[Applied]:
+        """Apply ``events`` inside the caller's transaction; the caller commits."""
+        ids = sorted({saga_id for saga_id, _ in events})
+        sagas, now = await self._lock(conn, ids)
+        original = dict(sagas)
+        results: list[Applied] = []
+        transitions: list[engine.Transition] = []
+        for saga_id, event in events:
+            saga = sagas.get(saga_id)
+            if saga is None:
+                results.append(
+                    Applied(saga_id=saga_id, transition=None, error=SagaNotFound(saga_id))
+                )
+                continue
+            try:
+                t = engine.apply(saga, event, now=now, new_token=new_token)
+            except SagaplaneError as exc:
+                results.append(Applied(saga_id=saga_id, transition=None, error=exc))
+                continue
+            sagas[saga_id] = t.saga
+            transitions.append(t)
+            results.append(Applied(saga_id=saga_id, transition=t))
+        await self._write(conn, transitions, original=original)
+        return results
+
+    async def _lock(
+        self, conn: AsyncConnection[DictRow], ids: list[str]
+    ) -> tuple[dict[str, Saga], Any]:
+        cur = await conn.execute(q("lock_sagas"), {"ids": ids})
+        rows = await cur.fetchall()
+        if rows:
+            now = rows[0]["db_now"]
+        else:
+            now = (await (await conn.execute(q("now"))).fetchone() or {})["now"]
+        steps = await self._steps(conn, [row["id"] for row in rows])
+        return {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in rows}, now
+
+    async def _load(
+        self, conn: AsyncConnection[DictRow], ids: list[str], *, lock: bool
+    ) -> dict[str, Saga]:
+        if lock:
+            return (await self._lock(conn, ids))[0]
+        rows = await (await conn.execute(q("select_sagas"), {"ids": ids})).fetchall()
+        steps = await self._steps(conn, ids)
+        return {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in rows}
+
+    async def _steps(
+        self, conn: AsyncConnection[DictRow], ids: list[str]
+    ) -> dict[str, tuple[Step, ...]]:
+        if not ids:
+            return {}
+        grouped: dict[str, list[Step]] = {}
+        cur = await conn.execute(q("select_steps"), {"ids": ids})
+        async for row in cur:
+            grouped.setdefault(row["saga_id"], []).append(_step_from_row(row))
+        return {k: tuple(v) for k, v in grouped.items()}
+
+    async def _write(
+        self,
+        conn: AsyncConnection[DictRow],
+        transitions: Sequence[engine.Transition],
+        *,
+        inserted: bool = False,
+        original: dict[str, Saga] | None = None,
+    ) -> None:
+        """Write sagas, changed steps, history and outbox rows, pipelined."""
+        changed = [t for t in transitions if t.ignored is None]
+        if not changed:
+            return
+        latest = {t.saga.id: t.saga for t in changed}  # a saga may appear several times
+        new_steps: list[dict[str, Any]] = []
+        updated_steps: list[dict[str, Any]] = []
+        for saga in latest.values():
+            prior = (original or {}).get(saga.id)
+            before = {s.position: s for s in prior.steps} if prior else {}
+            for step in saga.steps:
+                if inserted:
+                    new_steps.append(_step_row(saga.id, step))
+                elif before.get(step.position) != step:
+                    updated_steps.append(_step_row(saga.id, step))
+        history = [_history_row(t.saga.id, entry) for t in changed for entry in t.history]
+        messages = [self._encode(command) for t in changed for command in t.commands]
+        async with conn.pipeline(), conn.cursor() as cur:
+            if not inserted:
+                await cur.executemany(q("update_saga"), [_saga_row(s) for s in latest.values()])
+            if new_steps:
+                await cur.executemany(q("insert_step"), new_steps)
+            if updated_steps:
+                await cur.executemany(q("update_step"), updated_steps)
+            if history:
+                await cur.executemany(q("insert_history"), history)
+            await enqueue(conn, messages)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[DictRow]]:
+        async with self._pool.connection() as conn:
+            factory = conn.row_factory
+            conn.row_factory = dict_row
+            try:
+                yield conn
+            finally:
+                conn.row_factory = factory
+
+
+def _saga_row(saga: Saga) -> dict[str, Any]:
+    return {
+        "id": saga.id,
+        "name": saga.name,
+        "state": saga.state.value,
+        "context": Jsonb(saga.context),
+        "idempotency_key": saga.idempotency_key,
+        "created_at": saga.created_at,
+        "updated_at": saga.updated_at,
+        "completed_at": saga.completed_at,
+        "deadline_at": saga.deadline_at,
+    }
+
+
+def _policy_json(policy: RetryPolicy, default: RetryPolicy) -> Jsonb | None:
+    if policy == default:
+        return None
+    return Jsonb(
+        {
+            "max_attempts": policy.max_attempts,
+            "initial_interval_ms": policy.initial_interval // timedelta(milliseconds=1),
+            "backoff_coefficient": policy.backoff_coefficient,
+            "max_interval_ms": policy.max_interval // timedelta(milliseconds=1),
+        }
+    )
+
+
+def _policy(data: dict[str, Any] | None, default: RetryPolicy) -> RetryPolicy:
+    if data is None:
+        return default
+    return RetryPolicy(
+        max_attempts=data["max_attempts"],
+        initial_interval=timedelta(milliseconds=data["initial_interval_ms"]),
+        backoff_coefficient=data["backoff_coefficient"],
+        max_interval=timedelta(milliseconds=data["max_interval_ms"]),
+    )
+
+
+def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "position": step.position,
+        "id": step.id,
+        "name": step.name,
+        "action": step.action,
+        "compensation": step.compensation,
+        "input": Jsonb(step.input),
+        "output": None if step.output is None else Jsonb(step.output),
+        "status": step.status.value,
+        "error": step.error,
+        "attempts": step.attempts,
+        "compensation_attempts": step.compensation_attempts,
+        "token": step.token,
+        "executed_at": step.executed_at,
+        "compensated_at": step.compensated_at,
+        "retry_policy": _policy_json(step.retry, DEFAULT_RETRY),
+        "compensation_retry_policy": _policy_json(
+            step.compensation_retry, DEFAULT_COMPENSATION_RETRY
+        ),
+        "timeout_ms": step.timeout // timedelta(milliseconds=1),
+        "deadline_at": step.deadline_at,
+        "outcome_unknown": step.outcome_unknown,
+    }
+
+
+def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "from_state": entry.from_state.value if entry.from_state else None,
+        "to_state": entry.to_state.value,
+        "step_name": entry.step_name,
+        "event": entry.event,
+        "reason": entry.reason,
+    }
+
+
+def _saga_from_row(row: DictRow, steps: Sequence[Step]) -> Saga:
+    return Saga(
+        id=row["id"],
+        name=row["name"],
+        state=SagaState(row["state"]),
+        context=row["context"],
+        steps=tuple(steps),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        idempotency_key=row["idempotency_key"],
+        deadline_at=row["deadline_at"],
+    )
+
+
+def _step_from_row(row: DictRow) -> Step:
+    return Step(
+        id=row["id"],
+        position=row["position"],
+        name=row["name"],
+        action=row["action"],
+        compensation=row["compensation"],
+        input=row["input"],
+        output=row["output"],
+        status=StepStatus(row["status"]),
+        error=row["error"],
+        attempts=row["attempts"],
+        compensation_attempts=row["compensation_attempts"],
+        token=row["token"],
+        executed_at=row["executed_at"],
+        compensated_at=row["compensated_at"],
+        retry=_policy(row["retry_policy"], DEFAULT_RETRY),
+        compensation_retry=_policy(row["compensation_retry_policy"], DEFAULT_COMPENSATION_RETRY),
+        timeout=timedelta(milliseconds=row["timeout_ms"]),
+        deadline_at=row["deadline_at"],
+        outcome_unknown=row["outcome_unknown"],
+    )
+
+
+def _history_from_row(row: DictRow) -> HistoryEntry:
+    return HistoryEntry(
+        from_state=SagaState(row["from_state"]) if row["from_state"] else None,
+        to_state=SagaState(row["to_state"]),
+        step_name=row["step_name"],
+        event=row["event"],
+        reason=row["reason"],
+        at=row["at"],
+    )

@@ -1,0 +1,89 @@
+-- Every statement the coordinator's store runs, by name (see queries.py).
+
+-- name: now
+SELECT now() AS now;
+
+-- name: insert_saga
+INSERT INTO sagaplane_sagas
+    (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
+     completed_at, deadline_at)
+VALUES (%(id)s, %(name)s, %(state)s, %(context)s, %(idempotency_key)s, %(request_hash)s,
+        %(created_at)s, %(updated_at)s, %(completed_at)s, %(deadline_at)s)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: find_by_idempotency_key
+SELECT id, request_hash FROM sagaplane_sagas WHERE idempotency_key = %(key)s;
+
+-- name: insert_step
+INSERT INTO sagaplane_steps
+    (saga_id, position, id, name, action, compensation, input, output, status, error,
+     attempts, compensation_attempts, token, executed_at, compensated_at, retry_policy,
+     compensation_retry_policy, timeout_ms, deadline_at, outcome_unknown)
+VALUES (%(saga_id)s, %(position)s, %(id)s, %(name)s, %(action)s, %(compensation)s, %(input)s,
+        %(output)s, %(status)s, %(error)s, %(attempts)s, %(compensation_attempts)s, %(token)s,
+        %(executed_at)s, %(compensated_at)s, %(retry_policy)s, %(compensation_retry_policy)s,
+        %(timeout_ms)s, %(deadline_at)s, %(outcome_unknown)s);
+
+-- name: update_step
+UPDATE sagaplane_steps
+SET output = %(output)s, status = %(status)s, error = %(error)s, attempts = %(attempts)s,
+    compensation_attempts = %(compensation_attempts)s, token = %(token)s,
+    executed_at = %(executed_at)s, compensated_at = %(compensated_at)s,
+    deadline_at = %(deadline_at)s, outcome_unknown = %(outcome_unknown)s
+WHERE saga_id = %(saga_id)s AND position = %(position)s;
+
+-- name: update_saga
+UPDATE sagaplane_sagas
+SET state = %(state)s, updated_at = %(updated_at)s, completed_at = %(completed_at)s,
+    deadline_at = %(deadline_at)s
+WHERE id = %(id)s;
+
+-- name: insert_history
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
+VALUES (%(saga_id)s, %(from_state)s, %(to_state)s, %(step_name)s, %(event)s, %(reason)s);
+
+-- name: lock_sagas
+-- Locks in id order, so that two transactions locking overlapping sets cannot deadlock.
+SELECT *, now() AS db_now FROM sagaplane_sagas WHERE id = ANY(%(ids)s) ORDER BY id FOR UPDATE;
+
+-- name: select_sagas
+SELECT * FROM sagaplane_sagas WHERE id = ANY(%(ids)s);
+
+-- name: select_steps
+SELECT * FROM sagaplane_steps WHERE saga_id = ANY(%(ids)s) ORDER BY saga_id, position;
+
+-- name: select_history
+SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s ORDER BY id;
+
+-- name: list_active
+-- "after" is the last id of the previous page, or '~' (sorts after every ULID) for the first.
+SELECT * FROM sagaplane_sagas
+WHERE state IN ('started', 'compensating', 'compensation_failed') AND id < %(after)s
+  AND updated_at <= now() - %(stale_for)s::interval
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: list_active_by_name
+SELECT * FROM sagaplane_sagas
+WHERE state IN ('started', 'compensating', 'compensation_failed') AND name = %(name)s
+  AND id < %(after)s AND updated_at <= now() - %(stale_for)s::interval
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: due_step_timers
+-- SKIP LOCKED spreads the timers across coordinator replicas; a saga busy elsewhere
+-- is picked up by the next round.
+SELECT st.saga_id, st.id AS step_id
+FROM sagaplane_steps st JOIN sagaplane_sagas s ON s.id = st.saga_id
+WHERE st.deadline_at <= now()
+ORDER BY st.deadline_at
+LIMIT %(limit)s
+FOR UPDATE OF s SKIP LOCKED;
+
+-- name: due_saga_deadlines
+SELECT id AS saga_id FROM sagaplane_sagas
+WHERE deadline_at <= now() AND state = 'started'
+ORDER BY deadline_at
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;

@@ -1,0 +1,66 @@
+"""The timer loop: step timeouts, due retries and saga deadlines.
+
+Deadlines live in PostgreSQL and are compared with the database's clock, so they
+survive a restart and no process clock matters. Every replica runs this loop;
+``SKIP LOCKED`` hands each due saga to one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from coordinator.errors import StorageUnavailable
+from coordinator.store.repository import SagaStore
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "sagaplane-timers"
+
+
+class TimerLoop:
+    """Fires due timers every ``interval`` seconds (sooner while there is a backlog)."""
+
+    def __init__(
+        self, store: SagaStore, *, interval: float = 0.5, batch: int = 200, max_backoff: float = 5.0
+    ) -> None:
+        self._store = store
+        self._interval = interval
+        self._batch = batch
+        self._max_backoff = max_backoff
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The loop's task, once started."""
+        return self._task
+
+    async def start(self) -> None:
+        """Run the loop in a named background task."""
+        self._task = asyncio.create_task(self._run(), name=TASK_NAME)
+
+    async def stop(self) -> None:
+        """Let the round in progress commit, then stop. Safe to call twice."""
+        self._stopping.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            delay = self._interval
+            try:
+                fired = await self._store.fire_due_timers(self._batch)
+                failures = 0
+                if len(fired) >= self._batch:
+                    delay = 0  # a backlog: keep going
+            except StorageUnavailable as exc:
+                failures += 1
+                delay = min(self._max_backoff, 0.1 * 2**failures)
+                log.warning("timers: database unavailable (%s); retrying in %.1fs", exc, delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()

@@ -1,0 +1,309 @@
+"""The README tells the truth: its commands run as written and do what it says."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shlex
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from coordinator.app import Coordinator
+from coordinator.cli import build_parser
+from sagaplane import NonRetryableError, StepContext, StepKind
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+VENV_BIN = str(Path(sys.executable).parent)
+ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+
+
+# -- reading the README -------------------------------------------------------------------
+
+
+def section(title: str) -> str:
+    """The text under ``## title``, up to the next ``## `` heading."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def fenced(text: str, lang: str) -> list[str]:
+    """The contents of every ```lang block in ``text``."""
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.M | re.S)
+
+
+def marked(title: str, marker: str, lang: str) -> str:
+    """The ```lang block right after the HTML comment containing ``marker``."""
+    match = re.search(
+        rf"<!--[^>]*{re.escape(marker)}[^>]*-->\n```{lang}\n(.*?)^```", section(title), re.M | re.S
+    )
+    assert match, f"README section {title!r} has no ```{lang} block marked {marker!r}"
+    return match.group(1)
+
+
+def commands(block: str) -> list[str]:
+    """The shell commands of a block, as written: a command goes on while a quote is
+    open or a line ends with a backslash; comment lines and blank lines separate."""
+    found: list[str] = []
+    pending: list[str] = []
+    for line in block.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending.append(line)
+        text = "\n".join(pending)
+        if text.endswith("\\"):
+            continue
+        try:
+            shlex.split(text, comments=True)
+        except ValueError:  # an open quote: the command goes on
+            continue
+        found.append(text)
+        pending = []
+    assert not pending, f"unterminated command: {pending}"
+    return found
+
+
+def quick_start_commands() -> list[str]:
+    """Every command of the Quick start, in order."""
+    return [c for block in fenced(section("Quick start"), "sh") for c in commands(block)]
+
+
+def test_the_quick_start_is_two_commands_demo_then_tests() -> None:
+    assert quick_start_commands() == ["scripts/demo", "scripts/test"]
+    for script in ("scripts/demo", "scripts/test"):
+        assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
+    # The test command is the one CI runs.
+    assert "\nscripts/test\n" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+# -- the grpcurl walkthrough -----------------------------------------------------------------
+
+
+@dataclass
+class Ran:
+    """One README command after it ran: what it printed and the shell's $ID after."""
+
+    command: str
+    status: int
+    out: str
+    err: str
+    saga_id: str
+
+    def json(self) -> Any:
+        assert self.status == 0, f"{self.command!r} failed: {self.err}"
+        return json.loads(self.out)
+
+
+async def run_as_written(
+    cmds: list[str], env: dict[str, str], workdir: Path, scratch: Path
+) -> list[Ran]:
+    """Run the commands one after the other in ONE bash (variables carry over), each
+    exactly as written, keeping each one's output and status apart."""
+    script = []
+    for i, cmd in enumerate(cmds):
+        out, err, rc, saga = (scratch / f"{i}.{x}" for x in ("out", "err", "rc", "id"))
+        # A brace group runs in the same shell, so `ID=$(...)` and `export` persist.
+        script.append(f'{{\n{cmd}\n}} >{out} 2>{err}\necho $? >{rc}\nprintf %s "${{ID-}}" >{saga}')
+    (scratch / "walkthrough.sh").write_text("\n".join(script) + "\n", encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        "bash", str(scratch / "walkthrough.sh"), cwd=workdir, env=env
+    )
+    assert await proc.wait() == 0
+    return [
+        Ran(
+            command=cmd,
+            status=int((scratch / f"{i}.rc").read_text()),
+            out=(scratch / f"{i}.out").read_text(),
+            err=(scratch / f"{i}.err").read_text(),
+            saga_id=(scratch / f"{i}.id").read_text(),
+        )
+        for i, cmd in enumerate(cmds)
+    ]
+
+
+def fresh_shell_env(**extra: str) -> dict[str, str]:
+    """The environment of a new terminal: no SAGAPLANE_* settings, no .venv on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p and p != VENV_BIN
+    )
+    env.pop("VIRTUAL_ENV", None)
+    return env | extra
+
+
+async def test_every_grpcurl_command_of_the_walkthrough_works_as_written(
+    coordinator: Coordinator, database_url: str, tmp_path: Path
+) -> None:
+    cmds = commands(marked("Walk through the API with grpcurl", "runs every command", "sh"))
+    env = fresh_shell_env(SAGAPLANE_COORDINATOR=f"127.0.0.1:{coordinator.port}")
+    results = await run_as_written(cmds, env, ROOT, tmp_path)
+    saga_id = next((r.saga_id for r in results if r.saga_id), "")
+
+    def path(r: Ran) -> None:
+        assert r.status == 0, r.err
+
+    def address(r: Ran) -> None:
+        assert r.status == 0, r.err
+
+    def listed_services(r: Ran) -> None:
+        assert r.status == 0, r.err
+        assert set(r.out.split()) >= {
+            "sagaplane.v1.SagaCoordinatorService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+
+    def described(r: Ran) -> None:
+        assert r.status == 0, r.err
+        for rpc in ("StartSaga", "GetSaga", "Compensate", "ListActive"):
+            assert f"rpc {rpc} (" in r.out
+
+    def healthy(r: Ran) -> None:
+        assert r.json() == {"status": "SERVING"}
+
+    def started(r: Ran) -> None:
+        assert r.status == 0, r.err
+        assert ULID.match(r.saga_id), f"ID is {r.saga_id!r}"
+
+    def echoed(r: Ran) -> None:
+        assert r.out.strip() == saga_id
+
+    def got(r: Ran) -> None:
+        saga = r.json()["saga"]
+        assert saga["id"] == saga_id
+        assert saga["name"] == "order.place"
+        assert saga["state"] == "SAGA_STATE_STARTED"
+        assert saga["context"] == {"customer": "c-1"}
+        assert [(s["name"], s["status"]) for s in saga["steps"]] == [
+            ("create", "STEP_STATUS_STARTED"),
+            ("charge", "STEP_STATUS_PENDING"),
+        ]
+        assert saga["steps"][0]["input"] == {"sku": "book", "qty": 2}
+        assert [h["event"] for h in saga["history"]] == ["saga_started", "step_dispatched"]
+
+    def listed_active(r: Ran) -> None:
+        assert saga_id in [s["id"] for s in r.json()["sagas"]]
+
+    def compensating(r: Ran) -> None:
+        saga = r.json()["saga"]
+        assert (saga["id"], saga["state"]) == (saga_id, "SAGA_STATE_COMPENSATING")
+
+    def not_found(r: Ran) -> None:
+        assert r.status != 0
+        assert "Code: NotFound" in r.out + r.err
+
+    checks: list[tuple[Callable[[str], bool], Callable[[Ran], None]]] = [
+        (lambda c: c.startswith("export PATH="), path),
+        (lambda c: c.startswith("ADDR="), address),
+        (lambda c: c.endswith(" list"), listed_services),
+        (lambda c: " describe " in c, described),
+        (lambda c: c.endswith("grpc.health.v1.Health/Check"), healthy),
+        (lambda c: c.startswith("ID=$(") and "/StartSaga" in c, started),
+        (lambda c: c.startswith("echo "), echoed),
+        (lambda c: "/GetSaga" in c and "$ID" in c, got),
+        (lambda c: c.endswith("/ListActive"), listed_active),
+        (lambda c: c.endswith("/Compensate"), compensating),
+        (lambda c: "/GetSaga" in c and "no-such-saga" in c, not_found),
+    ]
+    used = set()
+    for r in results:
+        matching = [(i, check) for i, (applies, check) in enumerate(checks) if applies(r.command)]
+        assert len(matching) == 1, f"README command with no (or no single) check: {r.command!r}"
+        i, check = matching[0]
+        used.add(i)
+        check(r)
+    assert used == set(range(len(checks))), "the walkthrough lost a command the test expects"
+
+    # What the walkthrough says happened, happened in the coordinator's database.
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT state FROM sagaplane_sagas WHERE id = %s", (saga_id,))
+        assert await cur.fetchall() == [("compensating",)]
+
+
+# -- the CLI section ---------------------------------------------------------------------
+
+
+async def test_the_readme_saga_file_starts_that_saga(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    order = tmp_path / "order.yaml"
+    order.write_text(marked("The command line", "starts a saga", "yaml"), encoding="utf-8")
+    sagaplane = str(Path(VENV_BIN) / "sagaplane")
+    address = f"127.0.0.1:{coordinator.port}"
+    ids = []
+    for _ in range(2):  # the file's idempotency key makes the second start a replay
+        proc = await asyncio.create_subprocess_exec(
+            sagaplane, "start", str(order), "--json", "--coordinator", address,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        saga = json.loads(out)
+        ids.append(saga["id"])
+    assert ids[0] == ids[1]
+    assert saga["name"] == "order.place"
+    assert saga["idempotency_key"] == "order-1001"
+    assert [s["name"] for s in saga["steps"]] == ["create", "charge"]
+    assert saga["steps"][1]["timeout"] == "10s"
+    assert saga["steps"][1]["input"] == {"amount": 42}
+
+
+# -- the Python section -------------------------------------------------------------------
+
+
+async def test_the_readme_participant_registers_and_refuses_big_amounts() -> None:
+    participant_code, client_code = fenced(section("Writing a participant in Python"), "python")
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(participant_code, "README.md", "exec"), namespace)
+
+    payment = namespace["payment"]
+    assert payment.service == "payment"
+    assert payment.actions == ["payment.charge", "payment.refund"]
+    ctx = StepContext(
+        saga_id="s", saga_name="order.place", step_id="st", step_name="charge", attempt=1,
+        kind=StepKind.EXECUTE, action="payment.charge", input={"amount": 5000}, context={},
+        output=None, message_id="m", tx=None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    with pytest.raises(NonRetryableError, match="over the limit"):
+        await namespace["charge"](ctx)
+
+    # The client snippet is the body of a coroutine: it must at least compile as one.
+    compile("async def snippet():\n" + textwrap.indent(client_code, "    "), "README.md", "exec")
+
+
+# -- the configuration reference ---------------------------------------------------------
+
+
+def _parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = {"sagaplane": parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[f"sagaplane {name}"] = sub
+    return found
+
+
+def test_the_readme_documents_every_flag_and_environment_variable() -> None:
+    readme = README.read_text(encoding="utf-8")
+    missing = []
+    for command, parser in _parsers(build_parser(env={})).items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help" and f"`{flag}" not in readme:
+                    missing.append(f"{command} {flag}")
+            for variable in re.findall(r"SAGAPLANE_[A-Z_]+", action.help or ""):
+                if f"`{variable}" not in readme:
+                    missing.append(f"{command}: {variable}")
+    assert not missing, f"README's configuration lacks: {missing}"

@@ -1,0 +1,865 @@
+"""The fault suite's machinery: real processes, load, a chaos reply forwarder, draining, counting.
+
+Every fault test builds a :class:`Rig` (a coordinator process, participant processes
+from :mod:`fault.runner`, one database per service, a fresh vhost), starts sagas under
+load while it injects its fault, then :meth:`Rig.drain` waits until every saga is
+terminal and :meth:`Rig.tally` counts, from the coordinator's answers and from the
+participants' own tables:
+
+- started     sagas the client started (StartSaga answered with an id);
+- terminal    of those, completed / failed / compensated;
+- lost        started per the client, unknown to the coordinator (NOT_FOUND);
+- stuck       not terminal after the drain's timeout (compensation_failed included);
+- dup         duplicated effects: the same (saga, action) recorded more than once;
+- disorder    compensations out of order: a compensation recorded before an effect of
+              a later step (its compensation or its action), or before its own step's
+              action;
+- unexpected  terminal in another state than the saga's inputs call for.
+
+All but the first two must be 0. The row also shows deliveries (every command a
+participant received), redeliveries (copies of a message id received again) and
+replies re-sent from the inbox, so that each row proves its fault did bite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import aio_pika
+import grpc
+import psycopg
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fault.schema import PAYMENT_LIMIT
+from sagaplane import structs, topology
+from sagaplane.v1 import coordinator_pb2 as api
+from sagaplane.v1 import coordinator_pb2_grpc, messages_pb2
+from sagaplane.v1 import saga_pb2 as model
+
+log = logging.getLogger("fault")
+
+_T = TypeVar("_T")
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository."""
+
+TERMINAL = frozenset(
+    {model.SAGA_STATE_COMPLETED, model.SAGA_STATE_FAILED, model.SAGA_STATE_COMPENSATED}
+)
+"""Finished for good. COMPENSATION_FAILED waits for a person: not terminal here."""
+
+_RETRIED_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        # A call cut off by a coordinator SIGKILL can end either way.
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+_CHANNEL_OPTIONS = [
+    # Reconnect quickly to a restarted coordinator instead of backing off for minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+def retry_policy(
+    max_attempts: int, initial: float, coefficient: float = 1.5, maximum: float = 0.5
+) -> model.RetryPolicy:
+    return model.RetryPolicy(
+        max_attempts=max_attempts,
+        initial_interval=duration(initial),
+        backoff_coefficient=coefficient,
+        max_interval=duration(maximum),
+    )
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+class Child:
+    """A child process whose output goes to a log file; SIGKILL or SIGTERM it."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = env
+        self.log_path = logs / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.kills = 0
+
+    def _open_log(self) -> IO[bytes]:
+        return self.log_path.open("ab")
+
+    async def spawn(self, extra_env: dict[str, str] | None = None) -> None:
+        assert not self.alive, f"{self.name} is running already"
+        env = os.environ | {"PYTHONPATH": _pythonpath()} | self.env | (extra_env or {})
+        out = self._open_log()
+        try:
+            out.write(f"==== start {self.starts + 1}: {' '.join(self.argv)}\n".encode())
+            out.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=out,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            out.close()
+        self.starts += 1
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.kills += 1
+        if self.proc is not None:
+            await self.proc.wait()
+
+    async def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                log.warning("%s did not stop in %ss; SIGKILL", self.name, timeout)
+                await self.kill()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _pythonpath() -> str:
+    parts = [str(ROOT), str(ROOT / "tests")]
+    if os.environ.get("PYTHONPATH"):
+        parts.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(parts)
+
+
+class CoordinatorChild(Child):
+    """``python -m coordinator`` on a fixed port (so clients find it after a restart)."""
+
+    def __init__(
+        self, *, database_url: str, amqp_url: str, logs: Path, timer_interval: float
+    ) -> None:
+        self.port = free_port()
+        super().__init__(
+            "coordinator",
+            [sys.executable, "-m", "coordinator"],
+            {
+                "SAGAPLANE_DATABASE_URL": database_url,
+                "SAGAPLANE_AMQP_URL": amqp_url,
+                "SAGAPLANE_LISTEN": self.address,
+                "SAGAPLANE_GRACE": "1",
+                "SAGAPLANE_POOL_SIZE": "5",
+                "SAGAPLANE_TIMER_INTERVAL": str(timer_interval),
+            },
+            logs,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 60.0) -> None:
+        await self.spawn()
+        await self.wait_healthy(timeout)
+
+    async def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.alive:
+                    raise AssertionError(f"coordinator died while starting:\n{self.tail()}")
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"coordinator not healthy in {timeout}s:\n{self.tail()}")
+                await asyncio.sleep(0.05)
+
+
+class ParticipantChild(Child):
+    """``python -m fault.runner`` hosting some of the services."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        amqp_url: str,
+        databases: dict[str, str],
+        logs: Path,
+        reply_exchange: str | None = None,
+    ) -> None:
+        self.ready_file = logs / f"{name}.ready"
+        argv = [sys.executable, "-m", "fault.runner", "--amqp-url", amqp_url]
+        for service, url in databases.items():
+            argv += ["--service", f"{service}={url}"]
+        argv += ["--ready-file", str(self.ready_file)]
+        if reply_exchange:
+            argv += ["--reply-exchange", reply_exchange]
+        super().__init__(name, argv, {}, logs)
+
+    async def start(self, *, kill_after: int | None = None, timeout: float = 60.0) -> bool:
+        """Start and wait until it consumes; False if it died first (the kill hook)."""
+        self.ready_file.unlink(missing_ok=True)
+        await self.spawn({"FAULT_KILL_AFTER_COMMITS": str(kill_after)} if kill_after else None)
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if not self.alive:
+                return False
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} not ready in {timeout}s:\n{self.tail()}")
+            await asyncio.sleep(0.05)
+        return True
+
+
+# -- sagas ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepDef:
+    name: str
+    action: str
+    compensation: str
+    input: dict[str, Any]
+
+
+def order_steps(amount: float) -> list[StepDef]:
+    """The demo order: create, reserve, charge (the charge fails above the limit)."""
+    return [
+        StepDef("create", "orders.create", "orders.delete", {"sku": "book", "qty": 1}),
+        StepDef("reserve", "inventory.reserve", "inventory.release", {"sku": "book", "qty": 1}),
+        StepDef("charge", "payment.charge", "payment.refund", {"amount": amount}),
+    ]
+
+
+def order_amount(i: int) -> float:
+    """Every fourth order is over the payment limit, so it compensates."""
+    return 5000.0 if i % 4 == 0 else 10.0 + i
+
+
+def expected_order_state(amount: float) -> model.SagaState.ValueType:
+    return model.SAGA_STATE_COMPENSATED if amount > PAYMENT_LIMIT else model.SAGA_STATE_COMPLETED
+
+
+def saga_request(
+    key: str,
+    steps: Sequence[StepDef],
+    *,
+    name: str = "fault.order",
+    step_timeout: float | None = None,
+    retry: model.RetryPolicy | None = None,
+    compensation_retry: model.RetryPolicy | None = None,
+) -> api.StartSagaRequest:
+    request = api.StartSagaRequest(
+        name=name,
+        idempotency_key=key,
+        context=structs.to_struct({"key": key}),
+        steps=[
+            api.StepSpec(
+                name=s.name,
+                action=s.action,
+                compensation=s.compensation,
+                # The position goes with the input, so effects say which step they undo.
+                input=structs.to_struct(s.input | {"position": i}),
+            )
+            for i, s in enumerate(steps)
+        ],
+    )
+    if step_timeout is not None:
+        request.step_timeout.CopyFrom(duration(step_timeout))
+    if retry is not None:
+        request.retry_policy.CopyFrom(retry)
+    if compensation_retry is not None:
+        request.compensation_retry_policy.CopyFrom(compensation_retry)
+    return request
+
+
+@dataclass
+class Started:
+    key: str
+    saga_id: str
+    expected: model.SagaState.ValueType
+
+
+@dataclass
+class Totals:
+    fault: str
+    started: int
+    terminal: int
+    lost: int
+    stuck: int
+    duplicated: int
+    out_of_order: int
+    unexpected: int
+    deliveries: int
+    redeliveries: int
+    resent: int
+    seconds: float
+    note: str = ""
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.lost or self.stuck or self.duplicated or self.out_of_order or self.unexpected
+        )
+
+
+TOTALS: list[Totals] = []
+"""One row per fault test run in this session (printed by ``fault/conftest.py``)."""
+
+COLUMNS = (
+    ("fault", "fault"),
+    ("started", "started"),
+    ("terminal", "terminal"),
+    ("lost", "lost"),
+    ("stuck", "stuck"),
+    ("dup effects", "duplicated"),
+    ("comp out of order", "out_of_order"),
+    ("unexpected state", "unexpected"),
+    ("deliveries", "deliveries"),
+    ("redelivered", "redeliveries"),
+    ("replies re-sent", "resent"),
+    ("secs", "seconds"),
+    ("what the fault did", "note"),
+)
+
+
+def totals_table(rows: Iterable[Totals]) -> list[str]:
+    """A plain-text table of the rows (plus a total line)."""
+    rows = list(rows)
+    cells = [[h for h, _ in COLUMNS]]
+    for r in rows:
+        cells.append([_cell(getattr(r, a)) for _, a in COLUMNS])
+    sums = [_cell(sum(getattr(r, a) for r in rows)) for _, a in COLUMNS[1:-1]]
+    total = ["TOTAL", *sums, ""]
+    cells.append(total)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+
+    def line(row: list[str]) -> str:
+        first, last = row[0].ljust(widths[0]), row[-1].ljust(widths[-1])
+        rest = [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        return "| " + " | ".join([first, *rest, last]) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return [line(cells[0]), sep, *(line(r) for r in cells[1:-1]), sep, line(cells[-1])]
+
+
+def _cell(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+# -- the rig ----------------------------------------------------------------------------
+
+
+class Rig:
+    """A coordinator process, participant processes, their databases; the client side."""
+
+    def __init__(
+        self,
+        *,
+        fault: str,
+        database_url: str,
+        amqp_url: str,
+        service_urls: dict[str, str],
+        logs: Path,
+        timer_interval: float = 0.1,
+    ) -> None:
+        self.fault = fault
+        self.database_url = database_url
+        self.amqp_url = amqp_url
+        self.service_urls = service_urls
+        self.logs = logs
+        self.coordinator = CoordinatorChild(
+            database_url=database_url, amqp_url=amqp_url, logs=logs, timer_interval=timer_interval
+        )
+        self.participants: list[ParticipantChild] = []
+        self.started: dict[str, Started] = {}
+        self.retried_calls = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.notes: list[str] = []
+        """What the fault did, for the totals table."""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceStub | None = None
+        self._t0 = time.monotonic()
+
+    # processes
+
+    async def start_coordinator(self) -> None:
+        await self.coordinator.start()
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.coordinator.address, options=_CHANNEL_OPTIONS
+            )
+            self._stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub(self._channel)
+
+    def participant(
+        self, name: str, services: Sequence[str], *, reply_exchange: str | None = None
+    ) -> ParticipantChild:
+        child = ParticipantChild(
+            name,
+            amqp_url=self.amqp_url,
+            databases={s: self.service_urls[s] for s in services},
+            logs=self.logs,
+            reply_exchange=reply_exchange,
+        )
+        self.participants.append(child)
+        return child
+
+    async def start_participants(
+        self, services: Sequence[str] = ("orders", "inventory", "payment", "flaky"), **kw: Any
+    ) -> ParticipantChild:
+        child = self.participant("participants", services, **kw)
+        assert await child.start(), child.tail()
+        return child
+
+    def spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A background task of the test (load, chaos), cancelled by :meth:`close` if a
+        failure left it running."""
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for child in [*self.participants, self.coordinator]:
+            with contextlib.suppress(Exception):
+                await child.stop()
+        if self._channel is not None:
+            await self._channel.close()
+
+    def assert_alive(self) -> None:
+        """The processes the fault did not kill on purpose must have survived it."""
+        for child in [self.coordinator, *self.participants]:
+            assert child.alive, f"{child.name} died (see {child.log_path}):\n{child.tail()}"
+
+    # the client
+
+    @property
+    def stub(self) -> coordinator_pb2_grpc.SagaCoordinatorServiceStub:
+        assert self._stub is not None, "start_coordinator() first"
+        return self._stub
+
+    async def rpc(
+        self,
+        call: Any,
+        request: Any,
+        *,
+        deadline: float = 90.0,
+        per_call: float = 5.0,
+    ) -> Any:
+        """Call, retrying while the coordinator is away (killed, restarting, no database)."""
+        give_up = time.monotonic() + deadline
+        delay = 0.05
+        while True:
+            try:
+                return await call(request, timeout=per_call, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRIED_CODES or time.monotonic() > give_up:
+                    raise
+                self.retried_calls += 1
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+    async def start_saga(
+        self, request: api.StartSagaRequest, expected: model.SagaState.ValueType
+    ) -> Started:
+        """StartSaga with an idempotency key, repeated until it answers (a crash may
+        hide whether the first try committed; the key makes the repeat safe)."""
+        key = request.idempotency_key
+        assert key and key not in self.started
+        response = await self.rpc(self.stub.StartSaga, request)
+        started = Started(key=key, saga_id=response.saga.id, expected=expected)
+        self.started[key] = started
+        return started
+
+    async def start_order(self, i: int, **request_kw: Any) -> Started:
+        amount = order_amount(i)
+        key = f"{self.fault}-{i:04d}"
+        return await self.start_saga(
+            saga_request(key, order_steps(amount), **request_kw), expected_order_state(amount)
+        )
+
+    async def load(
+        self,
+        *,
+        minimum: int,
+        maximum: int,
+        until: asyncio.Event | None = None,
+        workers: int = 4,
+        pause: tuple[float, float] = (0.05, 0.3),
+        first: int = 0,
+        **request_kw: Any,
+    ) -> int:
+        """Start orders from ``workers`` tasks, pausing between starts, until ``until`` is
+        set and at least ``minimum`` started (never more than ``maximum``); returns how many."""
+        counter = iter(range(first, first + maximum))
+        started = 0
+
+        async def worker() -> None:
+            nonlocal started
+            for i in counter:
+                await self.start_order(i, **request_kw)
+                started += 1
+                if started >= minimum and (until is None or until.is_set()):
+                    return
+                await asyncio.sleep(random.uniform(*pause))
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return started
+
+    async def get(self, saga_id: str, *, history: bool = False) -> model.Saga:
+        response = await self.rpc(
+            self.stub.GetSaga, api.GetSagaRequest(id=saga_id, include_history=history)
+        )
+        saga: model.Saga = response.saga
+        return saga
+
+    async def active_ids(self, **filters: Any) -> set[str]:
+        """Ids of every active saga (ListActive, all pages)."""
+        found: set[str] = set()
+        token = ""
+        while True:
+            response = await self.rpc(
+                self.stub.ListActive,
+                api.ListActiveRequest(page_size=1000, page_token=token, **filters),
+            )
+            found |= {s.id for s in response.sagas}
+            token = response.next_page_token
+            if not token:
+                return found
+
+    async def wait_states(
+        self,
+        saga_ids: Iterable[str],
+        states: Iterable[model.SagaState.ValueType],
+        timeout: float = 60.0,
+    ) -> dict[str, model.Saga]:
+        """Poll until every saga is in one of ``states``; fail with the laggards."""
+        wanted = set(states)
+        pending = set(saga_ids)
+        done: dict[str, model.Saga] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for saga_id in list(pending):
+                saga = await self.get(saga_id)
+                if saga.state in wanted:
+                    done[saga_id] = saga
+                    pending.discard(saga_id)
+            if pending and time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{len(pending)} sagas not in {sorted(wanted)} after {timeout}s: "
+                    f"{sorted(pending)[:5]} (logs: {self.logs})"
+                )
+            await asyncio.sleep(0.1)
+        return done
+
+    async def drain(self, timeout: float = 90.0) -> float:
+        """Wait until no saga of this run is active, or ``timeout``; the seconds waited."""
+        t0 = time.monotonic()
+        ids = {s.saga_id for s in self.started.values()}
+        while time.monotonic() - t0 < timeout:
+            if not ids & await self.active_ids():
+                break
+            await asyncio.sleep(0.25)
+        return time.monotonic() - t0
+
+    # counting
+
+    async def effects(self, ids: Sequence[str]) -> list[tuple[str, str, str, int, Any]]:
+        """Every effect of these sagas in every service: (saga, action, kind, position, at)."""
+        found: list[tuple[str, str, str, int, Any]] = []
+        for url in self.service_urls.values():
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                cur = await conn.execute(
+                    "SELECT saga_id, action, kind, position, at FROM fault_effects"
+                    " WHERE saga_id = ANY(%s)",
+                    (list(ids),),
+                )
+                found += await cur.fetchall()
+        return found
+
+    async def deliveries(self, ids: Sequence[str]) -> tuple[int, int, int]:
+        """(deliveries, redeliveries, replies re-sent from the inbox) of these sagas.
+
+        Redeliveries: deliveries of a message id received before. Re-sent: commands
+        answered with the inbox's stored outcome, without running the handler."""
+        total = copies = resent = 0
+        for url in self.service_urls.values():
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                cur = await conn.execute(
+                    "SELECT count(*), count(*) - count(DISTINCT message_id) FROM fault_deliveries"
+                    " WHERE saga_id = ANY(%s)",
+                    (list(ids),),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                total += row[0]
+                copies += row[1]
+                cur = await conn.execute(
+                    "SELECT count(*) FROM fault_replays WHERE saga_id = ANY(%s)", (list(ids),)
+                )
+                row = await cur.fetchone()
+                resent += int(row[0]) if row else 0
+        return total, copies, resent
+
+    async def coordinator_saga_count(self) -> int:
+        async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+            cur = await conn.execute("SELECT count(*) FROM sagaplane_sagas")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+    async def tally(self, *, drain_timeout: float = 90.0) -> Totals:
+        """Drain, count, and record the row in :data:`TOTALS` (before any assertion)."""
+        await self.drain(drain_timeout)
+        details: list[str] = []
+        states: dict[str, model.SagaState.ValueType | None] = {}
+        for s in self.started.values():
+            try:
+                states[s.saga_id] = (await self.get(s.saga_id)).state
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                states[s.saga_id] = None
+        lost = [k for k, s in self.started.items() if states[s.saga_id] is None]
+        stuck = [
+            k
+            for k, s in self.started.items()
+            if states[s.saga_id] is not None and states[s.saga_id] not in TERMINAL
+        ]
+        unexpected = [
+            k
+            for k, s in self.started.items()
+            if states[s.saga_id] in TERMINAL and states[s.saga_id] != s.expected
+        ]
+        for label, keys in (("lost", lost), ("stuck", stuck), ("unexpected", unexpected)):
+            if keys:
+                details.append(
+                    f"{label}: "
+                    + ", ".join(
+                        f"{k}={self.started[k].saga_id}"
+                        f"({_state_name(states[self.started[k].saga_id])})"
+                        for k in keys[:10]
+                    )
+                )
+        ids = [s.saga_id for s in self.started.values()]
+        effects = await self.effects(ids)
+        counts = Counter((saga, action) for saga, action, *_ in effects)
+        duplicated = sum(n - 1 for n in counts.values() if n > 1)
+        if duplicated:
+            details.append(
+                "duplicated: " + ", ".join(f"{k}x{n}" for k, n in counts.items() if n > 1)
+            )
+        disorder = _compensations_out_of_order(effects)
+        if disorder:
+            details.append("out of order: " + "; ".join(disorder[:10]))
+        phantoms = await self.coordinator_saga_count() - len(self.started)
+        if phantoms:
+            details.append(f"{phantoms} sagas in the coordinator that no client started")
+        deliveries, copies, resent = await self.deliveries(ids)
+        totals = Totals(
+            fault=self.fault,
+            started=len(self.started),
+            terminal=sum(1 for s in states.values() if s in TERMINAL),
+            lost=len(lost),
+            stuck=len(stuck),
+            duplicated=duplicated,
+            out_of_order=len(disorder),
+            unexpected=len(unexpected) + abs(phantoms),
+            deliveries=deliveries,
+            redeliveries=copies,
+            resent=resent,
+            seconds=time.monotonic() - self._t0,
+            note="; ".join(self.notes),
+            details=details,
+        )
+        TOTALS.append(totals)
+        return totals
+
+    def report(self, totals: Totals) -> str:
+        """What an assertion shows when a count is not 0."""
+        return "\n".join([*totals_table([totals]), *totals.details, f"logs: {self.logs}"])
+
+
+def _state_name(state: model.SagaState.ValueType | None) -> str:
+    return "NOT_FOUND" if state is None else model.SagaState.Name(state)
+
+
+def _compensations_out_of_order(effects: Sequence[tuple[str, str, str, int, Any]]) -> list[str]:
+    """Compensations recorded before an effect of a later step, or before their own action.
+
+    Compensations run newest step first, one at a time, each only after the previous
+    one's reply: so a compensation's row must be later than every row of every later
+    step, and later than its own step's action.
+    """
+    by_saga: dict[str, list[tuple[str, str, int, Any]]] = defaultdict(list)
+    for saga, action, kind, position, at in effects:
+        by_saga[saga].append((action, kind, position, at))
+    bad: list[str] = []
+    for saga, rows in by_saga.items():
+        for action, kind, position, at in rows:
+            if kind != "compensate":
+                continue
+            for other, other_kind, other_position, other_at in rows:
+                later_step = other_position > position
+                own_action = other_position == position and other_kind == "execute"
+                if (later_step or own_action) and other_at > at:
+                    bad.append(f"{saga}: {action} at {at} before {other} at {other_at}")
+                    break
+    return bad
+
+
+# -- a chaos forwarder for replies ------------------------------------------------------
+
+CHAOS_EXCHANGE = "fault.chaos.replies"
+"""Where the participants of a reply-fault test publish their replies."""
+CHAOS_QUEUE = "fault.chaos.replies"
+
+
+@dataclass(frozen=True)
+class HeldReply:
+    """A reply as consumed from the chaos queue, to forward (or not) later."""
+
+    body: bytes
+    message_id: str | None
+    message_type: str | None
+    correlation_id: str | None
+    step_id: str
+    kind: int
+    attempt: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.step_id, self.kind)
+
+
+class ReplyForwarder:
+    """Sits between the participants and the coordinator.
+
+    Participants publish their replies to :data:`CHAOS_EXCHANGE`; this consumes them
+    and calls ``policy(forwarder, reply)``, which decides what reaches the real
+    ``sagaplane.replies`` exchange (via :meth:`forward`), when, and how often.
+    """
+
+    def __init__(
+        self,
+        amqp_url: str,
+        policy: Callable[[ReplyForwarder, HeldReply], Awaitable[None]],
+    ) -> None:
+        self._amqp_url = amqp_url
+        self._policy = policy
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._target: AbstractExchange | None = None
+        self._lock = asyncio.Lock()
+        self.received = 0
+        self.forwarded = 0
+
+    async def start(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._amqp_url)
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        await self._channel.set_qos(prefetch_count=1000)
+        await topology.declare_core(self._channel)
+        chaos = await self._channel.declare_exchange(
+            CHAOS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        queue = await self._channel.declare_queue(CHAOS_QUEUE, durable=True)
+        await queue.bind(chaos, routing_key=topology.REPLIES_ROUTING_KEY)
+        self._target = await self._channel.get_exchange(topology.REPLIES_EXCHANGE)
+        await queue.consume(self._on_message)
+
+    async def stop(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def forward(self, reply: HeldReply) -> None:
+        assert self._target is not None
+        message = aio_pika.Message(
+            reply.body,
+            message_id=reply.message_id,
+            type=reply.message_type,
+            correlation_id=reply.correlation_id,
+            content_type=topology.CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        async with self._lock:  # keeps the order of forward() calls on the wire
+            await self._target.publish(message, routing_key=topology.REPLIES_ROUTING_KEY)
+        self.forwarded += 1
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        reply = messages_pb2.StepReply()
+        reply.ParseFromString(message.body)
+        held = HeldReply(
+            body=message.body,
+            message_id=message.message_id,
+            message_type=message.type,
+            correlation_id=message.correlation_id,
+            step_id=reply.step_id,
+            kind=reply.kind,
+            attempt=reply.attempt,
+        )
+        self.received += 1
+        await self._policy(self, held)
+        await message.ack()

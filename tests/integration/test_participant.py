@@ -1,0 +1,817 @@
+"""The participant SDK against real PostgreSQL and RabbitMQ, without a coordinator.
+
+Each module gets a fresh database and a fresh RabbitMQ vhost. Tests publish StepCommand
+envelopes to ``sagaplane.commands`` the way the coordinator does, and read the replies
+from a per-test queue bound to ``sagaplane.replies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import psycopg
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from sagaplane import (
+    NonRetryableError,
+    Participant,
+    RetryableError,
+    StepContext,
+    StepKind,
+    structs,
+    topology,
+)
+from sagaplane import participant as participant_module
+from sagaplane.v1 import messages_pb2
+
+PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
+PG_PORT = os.environ.get("PGPORT", "5432")
+PG_USER = os.environ.get("PGUSER", "postgres")
+AMQP_HOST = os.environ.get("SAGAPLANE_TEST_AMQP_HOST", "127.0.0.1:5672")
+WAIT = 15.0
+"""Seconds to wait for something that should happen within milliseconds."""
+
+EXECUTE = messages_pb2.COMMAND_KIND_EXECUTE
+COMPENSATE = messages_pb2.COMMAND_KIND_COMPENSATE
+SUCCEEDED = messages_pb2.REPLY_OUTCOME_SUCCEEDED
+FAILED = messages_pb2.REPLY_OUTCOME_FAILED
+
+
+def _pg_url(dbname: str) -> str:
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {out.decode()} {err.decode()}")
+
+
+# -- module fixtures: a fresh database and a fresh vhost ---------------------------------
+
+
+@pytest.fixture(scope="module")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh database for this module, with a table for the handlers to write to."""
+    name = f"sagaplane_participant_{_uid()}"
+    async with await psycopg.AsyncConnection.connect(_pg_url("postgres"), autocommit=True) as c:
+        await c.execute(f'CREATE DATABASE "{name}"'.encode())
+    async with await psycopg.AsyncConnection.connect(_pg_url(name), autocommit=True) as c:
+        await c.execute("CREATE TABLE orders (id text PRIMARY KEY, step_id text NOT NULL)")
+    yield _pg_url(name)
+    async with await psycopg.AsyncConnection.connect(_pg_url("postgres"), autocommit=True) as c:
+        await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+@pytest.fixture(scope="module")
+async def amqp_url() -> AsyncIterator[str]:
+    """A fresh RabbitMQ vhost for this module (guest has every permission on it)."""
+    vhost = f"sagaplane-participant-{_uid()}"
+    await _rabbitmqctl("add_vhost", vhost)
+    try:
+        await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+    finally:
+        await _rabbitmqctl("delete_vhost", vhost)
+
+
+# -- per-test helpers ------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    """The test's own AMQP connection: publishes commands, collects replies."""
+
+    connection: AbstractConnection
+    channel: AbstractChannel
+    replies: asyncio.Queue[tuple[messages_pb2.StepReply, AbstractIncomingMessage]] = field(
+        default_factory=asyncio.Queue
+    )
+
+    async def send(
+        self,
+        *,
+        action: str,
+        saga_id: str,
+        step_id: str,
+        attempt: int = 1,
+        kind: messages_pb2.CommandKind.ValueType = EXECUTE,
+        token: str = "",
+        input: dict[str, Any] | None = None,
+        output: dict[str, Any] | None = None,
+    ) -> str:
+        """Publish a StepCommand as the coordinator's codec does; returns its message_id."""
+        command = messages_pb2.StepCommand(
+            saga_id=saga_id,
+            step_id=step_id,
+            step_name=f"step-{step_id}",
+            saga_name="test.saga",
+            attempt=attempt,
+            kind=kind,
+            action=action,
+            input=structs.to_struct(input),
+            context=structs.to_struct({"customer": "c-1"}),
+            token=token or _uid(),
+        )
+        if output is not None:
+            command.output.CopyFrom(structs.to_struct(output))
+        kind_name = "execute" if kind == EXECUTE else "compensate"
+        message_id = f"{step_id}:{kind_name}:{attempt}"
+        await self.publish_raw(
+            action, command.SerializeToString(), message_id=message_id, token=command.token
+        )
+        return message_id
+
+    async def publish_raw(
+        self, routing_key: str, body: bytes, *, message_id: str, **_: Any
+    ) -> None:
+        """Publish any body to the commands exchange (persistent, confirmed)."""
+        exchange = await self.channel.get_exchange(topology.COMMANDS_EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                message_id=message_id,
+                type=messages_pb2.StepCommand.DESCRIPTOR.full_name,
+                content_type=topology.CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=routing_key,
+            mandatory=True,
+        )
+
+    async def reply(self) -> messages_pb2.StepReply:
+        """The next reply (fails the test after WAIT seconds)."""
+        async with asyncio.timeout(WAIT):
+            reply, _ = await self.replies.get()
+        return reply
+
+    async def reply_message(self) -> tuple[messages_pb2.StepReply, AbstractIncomingMessage]:
+        """The next reply with its AMQP message."""
+        async with asyncio.timeout(WAIT):
+            return await self.replies.get()
+
+    async def no_more_replies(self, wait: float = 0.5) -> None:
+        """Assert that nothing else arrives within ``wait`` seconds."""
+        await asyncio.sleep(wait)
+        assert self.replies.empty(), "unexpected extra reply"
+
+    async def dead_letter(self, message_id: str) -> bytes:
+        """The body of ``message_id`` once it is in the dead-letter queue."""
+        queue = await self.channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
+        async with asyncio.timeout(WAIT):
+            while True:
+                message = await queue.get(no_ack=True, fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                elif message.message_id == message_id:
+                    return message.body
+
+    async def queue_depth(self, service: str) -> int:
+        """Ready messages in the participant's queue."""
+        queue = await self.channel.declare_queue(topology.participant_queue(service), passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+@pytest.fixture
+async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """The test's AMQP connection (named after the test), with a private replies queue."""
+    connection = await aio_pika.connect(
+        amqp_url, client_properties={"connection_name": f"test:{request.node.name}"}
+    )
+    channel = await connection.channel(publisher_confirms=True)
+    await topology.declare_core(channel)
+    broker = Broker(connection=connection, channel=channel)
+    replies_exchange = await channel.get_exchange(topology.REPLIES_EXCHANGE, ensure=False)
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(replies_exchange, routing_key=topology.REPLIES_ROUTING_KEY)
+
+    async def collect(message: AbstractIncomingMessage) -> None:
+        reply = messages_pb2.StepReply()
+        reply.ParseFromString(message.body)
+        await broker.replies.put((reply, message))
+        await message.ack()
+
+    await queue.consume(collect)
+    yield broker
+    await connection.close()
+
+
+ParticipantFactory = Callable[..., Participant]
+
+
+@pytest.fixture
+async def make_participant(
+    amqp_url: str, database_url: str
+) -> AsyncIterator[Callable[..., Participant]]:
+    """Unstarted participants with a unique service name; each is stopped at teardown."""
+    made: list[Participant] = []
+
+    def make(**kwargs: Any) -> Participant:
+        kwargs.setdefault("relay_poll_interval", 0.2)
+        participant = Participant(
+            f"svc-{_uid()}", amqp_url=amqp_url, database_url=database_url, **kwargs
+        )
+        made.append(participant)
+        return participant
+
+    yield make
+    for participant in made:
+        await participant.stop()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection to the participants' database, for assertions."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+async def _scalar(db: psycopg.AsyncConnection[Any], query: str, *params: Any) -> Any:
+    cur = await db.execute(query.encode(), params)
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _action(name: str) -> str:
+    # Unique per test: queues of earlier tests stay bound to their actions in this vhost.
+    return f"{name}.{_uid()}"
+
+
+# -- tests ------------------------------------------------------------------------------
+
+
+async def test_handler_writes_and_reply_commit_together(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+    seen: list[StepContext] = []
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        seen.append(ctx)
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (ctx.input["order"], ctx.step_id)
+        )
+        return {"order_id": ctx.input["order"], "qty": ctx.input["qty"]}
+
+    await participant.start()
+    saga_id, step_id, order = _uid(), _uid(), f"o-{_uid()}"
+    message_id = await broker.send(
+        action=action,
+        saga_id=saga_id,
+        step_id=step_id,
+        token="tok-1",
+        input={"order": order, "qty": 2},
+    )
+
+    reply, message = await broker.reply_message()
+    assert reply.saga_id == saga_id and reply.step_id == step_id
+    assert (reply.attempt, reply.kind, reply.token) == (1, EXECUTE, "tok-1")
+    assert reply.outcome == SUCCEEDED
+    assert structs.to_dict(reply.output) == {"order_id": order, "qty": 2}
+    assert message.message_id == f"{message_id}:reply"
+    assert message.correlation_id == saga_id
+    assert message.type == "sagaplane.v1.StepReply"
+    assert message.content_type == topology.CONTENT_TYPE
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+    [ctx] = seen
+    assert (ctx.saga_id, ctx.step_id, ctx.saga_name, ctx.attempt) == (
+        saga_id,
+        step_id,
+        "test.saga",
+        1,
+    )
+    assert ctx.kind is StepKind.EXECUTE and ctx.action == action
+    assert ctx.context == {"customer": "c-1"} and ctx.output is None
+    assert ctx.message_id == message_id
+    # The handler's row, the inbox row and the (now sent) reply are one committed fact.
+    assert await _scalar(db, "SELECT step_id FROM orders WHERE id = %s", order) == step_id
+    assert (
+        await _scalar(
+            db,
+            "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s AND kind = 'execute'",
+            step_id,
+        )
+        == "succeeded"
+    )
+    # The reply arrived, so the relay marks its row sent right after the confirm.
+    for _ in range(100):
+        sent = await _scalar(
+            db,
+            "SELECT sent_at IS NOT NULL FROM sagaplane_outbox WHERE message_id = %s",
+            f"{message_id}:reply",
+        )
+        if sent:
+            break
+        await asyncio.sleep(0.05)
+    assert sent
+    await broker.no_more_replies()
+
+
+async def test_redelivered_command_runs_once_and_every_copy_is_answered(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+    calls = 0
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        await asyncio.sleep(0.05)  # keep the copies' transactions overlapping
+        return {"n": calls}
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    # The same message twice, back to back: handled concurrently (prefetch > 1), the
+    # second copy waits on the first one's inbox row.
+    for _ in range(2):
+        await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="tok-1")
+
+    replies = [await broker.reply(), await broker.reply()]
+    for reply in replies:
+        assert reply.outcome == SUCCEEDED
+        assert (reply.attempt, reply.token) == (1, "tok-1")
+        assert structs.to_dict(reply.output) == {"n": 1}
+    assert calls == 1
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await _scalar(db, "SELECT replies FROM sagaplane_inbox WHERE step_id = %s", step_id) == 2
+    await broker.no_more_replies()
+
+
+async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_from_the_inbox(
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    action = _action("orders.create")
+    first = make_participant()
+    calls = 0
+
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        return {"order_id": f"o-{ctx.step_id}"}
+
+    first.step(action)(create)
+    # The process "dies" between COMMIT and ack: the ack is never sent.
+    acks_lost = asyncio.Event()
+
+    async def lose_ack(action: Any, message: Any) -> None:
+        action.close()
+        acks_lost.set()
+
+    monkeypatch.setattr(participant_module, "_settle", lose_ack)
+    await first.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id, token="t1")
+    first_reply = await broker.reply()
+    async with asyncio.timeout(WAIT):
+        await acks_lost.wait()
+    await first.stop()  # its channel closes: the broker requeues the unacked command
+    monkeypatch.undo()
+
+    second = Participant(first.service, amqp_url=first._amqp_url, database_url=first._database_url)
+    second.step(action)(create)
+    async with second:
+        second_reply = await broker.reply()
+    assert first_reply.outcome == second_reply.outcome == SUCCEEDED
+    assert structs.to_dict(second_reply.output) == structs.to_dict(first_reply.output)
+    assert (second_reply.attempt, second_reply.token) == (1, "t1")
+    assert calls == 1
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await broker.queue_depth(first.service) == 0
+
+
+async def test_retried_command_gets_the_stored_outcome_with_its_own_attempt_and_token(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("payments.charge")
+    participant = make_participant()
+    calls = 0
+
+    @participant.step(action)
+    async def charge(ctx: StepContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"charge_id": f"ch-{calls}"}
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="tok-1")
+    first = await broker.reply()
+    # The coordinator timed out waiting and retried: attempt 2, a new token.
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, attempt=2, token="tok-2")
+    second = await broker.reply()
+
+    assert (first.attempt, first.token) == (1, "tok-1")
+    assert (second.attempt, second.token) == (2, "tok-2")
+    assert first.outcome == second.outcome == SUCCEEDED
+    assert structs.to_dict(first.output) == structs.to_dict(second.output) == {"charge_id": "ch-1"}
+    assert calls == 1
+
+
+class OutOfStock(NonRetryableError):
+    """No stock left."""
+
+
+@pytest.mark.parametrize(
+    ("error", "error_type", "message", "retryable"),
+    [
+        (RetryableError("gateway busy"), "RetryableError", "gateway busy", True),
+        (NonRetryableError("card declined"), "NonRetryableError", "card declined", False),
+        (OutOfStock(), "OutOfStock", "No stock left.", False),
+        (NonRetryableError("nope", error_type="Declined"), "Declined", "nope", False),
+        (ValueError("bad qty"), "ValueError", "bad qty", True),
+    ],
+)
+async def test_a_raising_handler_rolls_back_its_writes_and_replies_failed(
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    error: Exception,
+    error_type: str,
+    message: str,
+    retryable: bool,
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        raise error
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id, token="tok-1")
+
+    reply = await broker.reply()
+    assert reply.outcome == FAILED
+    assert (reply.error.type, reply.error.message, reply.error.retryable) == (
+        error_type,
+        message,
+        retryable,
+    )
+    assert reply.token == "tok-1"
+    assert not reply.HasField("output")
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+    assert (
+        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
+        == "failed"
+    )
+
+
+@pytest.mark.parametrize(
+    "returned", [["not", "a", "dict"], {"when": object()}, {"x": float("nan")}]
+)
+async def test_an_output_that_is_not_a_json_object_fails_the_step_and_rolls_back(
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    returned: Any,
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> Any:
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        return returned
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    assert (reply.outcome, reply.error.type, reply.error.retryable) == (
+        FAILED,
+        "InvalidOutput",
+        False,
+    )
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+
+
+async def test_a_retryable_failure_runs_again_on_the_next_attempt_only(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("payments.charge")
+    participant = make_participant()
+    calls = 0
+
+    @participant.step(action)
+    async def charge(ctx: StepContext) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TimeoutError("gateway timed out")
+        return {"charge": calls}
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="t1")
+    assert (await broker.reply()).error.type == "TimeoutError"
+    # A redelivered copy of attempt 1 gets the stored failure: attempt 1 did fail.
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="t1")
+    again = await broker.reply()
+    assert (again.outcome, again.error.retryable, calls) == (FAILED, True, 1)
+    # Attempt 2 runs the handler again; attempt 3 gets attempt 2's success.
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, attempt=2, token="t2")
+    second = await broker.reply()
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, attempt=3, token="t3")
+    third = await broker.reply()
+    assert (second.outcome, second.attempt, structs.to_dict(second.output)) == (
+        SUCCEEDED,
+        2,
+        {"charge": 2},
+    )
+    assert (third.outcome, third.attempt, third.token) == (SUCCEEDED, 3, "t3")
+    assert structs.to_dict(third.output) == {"charge": 2}
+    assert calls == 2
+
+
+async def test_a_non_retryable_failure_is_final_for_its_attempt_only(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("payments.charge")
+    participant = make_participant()
+    calls = 0
+
+    @participant.step(action)
+    async def charge(ctx: StepContext) -> None:
+        nonlocal calls
+        calls += 1
+        raise NonRetryableError("card declined")
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="t1")
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, token="t1")
+    replies = [await broker.reply(), await broker.reply()]
+    assert [(r.attempt, r.token, r.error.message) for r in replies] == [
+        (1, "t1", "card declined"),
+        (1, "t1", "card declined"),
+    ]
+    assert calls == 1  # the redelivered copy was answered from the inbox
+    # A later attempt only comes when the coordinator (or an operator's RETRY) decided
+    # to try again: the handler runs again.
+    await broker.send(action=action, saga_id=saga_id, step_id=step_id, attempt=2, token="t2")
+    reply = await broker.reply()
+    assert (reply.attempt, reply.token, reply.error.message) == (2, "t2", "card declined")
+    assert calls == 2
+
+
+async def test_compensation_gets_the_output_and_runs_once(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    create_action, delete_action = _action("orders.create"), _action("orders.delete")
+    participant = make_participant()
+    undone: list[StepContext] = []
+
+    @participant.step(create_action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        return {"order_id": f"o-{ctx.step_id}"}
+
+    @participant.compensation(delete_action)
+    async def delete(ctx: StepContext) -> None:
+        undone.append(ctx)
+        assert ctx.output is not None
+        await ctx.tx.execute("DELETE FROM orders WHERE id = %s", (ctx.output["order_id"],))
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    await broker.send(action=create_action, saga_id=saga_id, step_id=step_id)
+    output = structs.to_dict((await broker.reply()).output)
+    for attempt in (1, 2):
+        await broker.send(
+            action=delete_action,
+            saga_id=saga_id,
+            step_id=step_id,
+            kind=COMPENSATE,
+            attempt=attempt,
+            output=output,
+        )
+        reply = await broker.reply()
+        assert (reply.kind, reply.outcome, reply.attempt) == (COMPENSATE, SUCCEEDED, attempt)
+    assert len(undone) == 1
+    assert undone[0].kind is StepKind.COMPENSATE and undone[0].output == output
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+
+
+async def test_an_execute_arriving_after_its_compensation_is_not_run(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    create_action, delete_action = _action("orders.create"), _action("orders.delete")
+    participant = make_participant()
+    executed = 0
+
+    @participant.step(create_action)
+    async def create(ctx: StepContext) -> None:
+        nonlocal executed
+        executed += 1
+
+    @participant.compensation(delete_action)
+    async def delete(ctx: StepContext) -> None:
+        return None  # nothing to undo: the action never ran here
+
+    await participant.start()
+    saga_id, step_id = _uid(), _uid()
+    await broker.send(action=delete_action, saga_id=saga_id, step_id=step_id, kind=COMPENSATE)
+    assert (await broker.reply()).outcome == SUCCEEDED
+    await broker.send(action=create_action, saga_id=saga_id, step_id=step_id)
+    late = await broker.reply()
+    assert (late.outcome, late.error.type, late.error.retryable) == (
+        FAILED,
+        "StepAlreadyCompensated",
+        False,
+    )
+    assert executed == 0
+
+
+async def test_undecodable_and_unknown_commands_are_dead_lettered_and_work_goes_on(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action, other = _action("orders.create"), _action("orders.other")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    # Registered only so that the queue is bound to `other`; its kind is compensate.
+    @participant.compensation(other)
+    async def undo(ctx: StepContext) -> None:
+        return None
+
+    await participant.start()
+    garbage_id = f"garbage-{_uid()}"
+    await broker.publish_raw(action, b"\xff\xfe not a protobuf \x00", message_id=garbage_id)
+    assert await broker.dead_letter(garbage_id) == b"\xff\xfe not a protobuf \x00"
+
+    # A valid envelope for an action/kind this service has no handler for.
+    unknown_id = await broker.send(action=other, saga_id=_uid(), step_id=_uid(), kind=EXECUTE)
+    await broker.dead_letter(unknown_id)
+
+    # An envelope missing required fields.
+    empty_id = f"empty-{_uid()}"
+    await broker.publish_raw(action, b"", message_id=empty_id)
+    await broker.dead_letter(empty_id)
+
+    await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    assert (await broker.reply()).outcome == SUCCEEDED
+    await broker.no_more_replies()
+
+
+async def test_stop_lets_in_flight_handlers_finish_and_publishes_their_replies(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @participant.step(action)
+    async def slow(ctx: StepContext) -> dict[str, Any]:
+        started.set()
+        await release.wait()
+        return {"done": True}
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    async with asyncio.timeout(WAIT):
+        await started.wait()
+
+    stopping = asyncio.create_task(participant.stop(), name="test-stop")
+    await asyncio.sleep(0.2)
+    assert not stopping.done(), "stop() must wait for the in-flight handler"
+    release.set()
+    async with asyncio.timeout(WAIT):
+        await stopping
+    await participant.stop()  # idempotent
+
+    reply = await broker.reply()
+    assert reply.step_id == step_id and reply.outcome == SUCCEEDED
+    # Acked after commit: nothing is left in (or returns to) the queue.
+    await asyncio.sleep(0.2)
+    assert await broker.queue_depth(participant.service) == 0
+
+
+async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    first = make_participant(shutdown_timeout=0.3)
+    started = asyncio.Event()
+
+    @first.step(action)
+    async def stuck(ctx: StepContext) -> None:
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        started.set()
+        await asyncio.Event().wait()
+
+    await first.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id, token="t1")
+    async with asyncio.timeout(WAIT):
+        await started.wait()
+    async with asyncio.timeout(WAIT):
+        await first.stop()
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+
+    # A new process of the same service picks the command up again.
+    second = Participant(
+        first.service,
+        amqp_url=first._amqp_url,
+        database_url=first._database_url,
+        relay_poll_interval=0.2,
+    )
+
+    @second.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        await ctx.tx.execute(
+            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+        )
+        return {"attempt": ctx.attempt}
+
+    async with second:
+        reply = await broker.reply()
+    assert (reply.step_id, reply.outcome, reply.token) == (step_id, SUCCEEDED, "t1")
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+
+
+async def test_run_serves_until_cancelled(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    await participant.start()  # so that the queue exists before we publish; run() reuses it
+    running = asyncio.create_task(participant.run(handle_sigterm=False), name="test-run")
+    await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    assert (await broker.reply()).outcome == SUCCEEDED
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert running.done()
+    with pytest.raises(RuntimeError):
+        await participant.start()
+
+
+async def test_handlers_must_be_registered_once_and_before_start(
+    make_participant: ParticipantFactory,
+) -> None:
+    from sagaplane import ConfigurationError
+
+    participant = make_participant()
+    with pytest.raises(ConfigurationError):
+        await participant.start()  # nothing registered
+
+    async def handler(ctx: StepContext) -> None:
+        return None
+
+    participant.step("a.b")(handler)
+    with pytest.raises(ConfigurationError):
+        participant.step("a.b")(handler)
+    participant.compensation("a.b")(handler)  # the same name as a compensation is fine
+    assert participant.actions == ["a.b"]

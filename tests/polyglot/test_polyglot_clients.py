@@ -1,0 +1,105 @@
+"""The generated Node.js and Go clients against a real coordinator.
+
+Each runs its quickstart example (clients/node/examples, clients/go/examples) as a child
+process: StartSaga, GetSaga, ListActive, Compensate. No participant is running, so the
+first step's command stays in flight and Compensate finds the saga ``started``. The
+answers the client printed are checked, and so is what the coordinator recorded (read
+back through the Python stub), which proves the requests were encoded right.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from polyglot_tools import by_name, go_quickstart, json_lines, node_quickstart, run
+
+from coordinator.app import Coordinator
+from sagaplane import structs
+from sagaplane.v1 import coordinator_pb2 as api
+from sagaplane.v1 import coordinator_pb2_grpc
+from sagaplane.v1 import saga_pb2 as model
+
+__all__ = ["go_quickstart", "node_quickstart"]  # fixtures, imported for pytest
+
+Stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub
+
+
+async def check_tour(ops: dict[str, dict[str, Any]], stub: Stub, *, source: str) -> None:
+    """The quickstart's start → get → list → compensate answers, and the recorded saga."""
+    started = ops["start"]["saga"]
+    saga_id = started["id"]
+    assert len(saga_id) == 26
+    assert started["name"] == "order.ship"
+    assert started["state"] == "SAGA_STATE_STARTED"
+    assert started["context"] == {"customer": "c-1", "source": source}
+    steps = by_name(started["steps"])
+    assert list(steps) == ["create", "ship"]
+    assert steps["create"]["action"] == "orders.create"
+    assert steps["create"]["compensation"] == "orders.delete"
+    assert steps["create"]["input"] == {"sku": "book", "qty": 1}
+    assert steps["create"]["status"] == "STEP_STATUS_STARTED"
+    assert steps["ship"]["status"] == "STEP_STATUS_PENDING"
+    assert started["idempotencyKey"].startswith("quickstart-")
+
+    got = ops["get"]["saga"]
+    assert got["id"] == saga_id
+    assert got["state"] == "SAGA_STATE_STARTED"
+    assert got["history"][0]["event"] == "saga_started"
+
+    assert ops["list"]["sagaIds"] == [saga_id]
+
+    compensated = ops["compensate"]["saga"]
+    assert compensated["id"] == saga_id
+    assert compensated["state"] == "SAGA_STATE_COMPENSATING"
+    # The pending step never runs; the one in flight is waited for.
+    assert by_name(compensated["steps"])["ship"]["status"] == "STEP_STATUS_SKIPPED"
+
+    recorded = (await stub.GetSaga(api.GetSagaRequest(id=saga_id, include_history=True))).saga
+    assert recorded.state == model.SAGA_STATE_COMPENSATING
+    assert structs.to_dict(recorded.context) == {"customer": "c-1", "source": source}
+    assert structs.to_dict(recorded.steps[1].input) == {"address": "1 Main St", "sku": "book"}
+    assert any(
+        h.event == "compensation_requested" and h.reason.startswith("quickstart")
+        for h in recorded.history
+    )
+
+
+async def test_node_client_starts_gets_lists_and_compensates(
+    coordinator: Coordinator, stub: Stub, node_quickstart: Path
+) -> None:
+    _, out, _ = await run(
+        "node",
+        node_quickstart,
+        "--address",
+        f"127.0.0.1:{coordinator.port}",
+        "--compensate",
+        cwd=node_quickstart.parent,
+    )
+    await check_tour(json_lines(out), stub, source="node")
+
+
+async def test_go_client_starts_gets_lists_and_compensates(
+    coordinator: Coordinator, stub: Stub, go_quickstart: Path
+) -> None:
+    _, out, _ = await run(
+        go_quickstart,
+        "-address",
+        f"127.0.0.1:{coordinator.port}",
+        "-compensate",
+        cwd=go_quickstart.parent,
+    )
+    await check_tour(json_lines(out), stub, source="go")
+
+
+async def test_node_and_go_clients_report_grpc_errors(
+    node_quickstart: Path, go_quickstart: Path
+) -> None:
+    """Nothing listens on the address: each client fails with UNAVAILABLE, exit status 1."""
+    dead = "127.0.0.1:1"
+    code, _, err = await run(
+        "node", node_quickstart, "--address", dead, cwd=node_quickstart.parent, check=False
+    )
+    assert code == 1 and "code 14" in err, err  # 14: UNAVAILABLE
+    code, _, err = await run(go_quickstart, "-address", dead, cwd=go_quickstart.parent, check=False)
+    assert code == 1 and "Unavailable" in err, err
