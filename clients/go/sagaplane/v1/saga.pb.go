@@ -325,8 +325,9 @@ type Step struct {
 	// When the coordinator acts on its own: the attempt in flight times out, or
 	// the next attempt is sent. Unset when nothing is awaited.
 	DeadlineAt *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=deadline_at,json=deadlineAt,proto3" json:"deadline_at,omitempty"`
-	// The last attempt timed out, so the action may have taken effect without a
-	// reply; such a step is compensated like a completed one.
+	// An attempt of the action timed out and no later attempt succeeded, so the
+	// action may have taken effect without a reply; such a step is compensated
+	// like a completed one.
 	OutcomeUnknown bool `protobuf:"varint,17,opt,name=outcome_unknown,json=outcomeUnknown,proto3" json:"outcome_unknown,omitempty"`
 }
 

@@ -291,8 +291,9 @@ export interface Step {
     | Date
     | undefined;
   /**
-   * The last attempt timed out, so the action may have taken effect without a
-   * reply; such a step is compensated like a completed one.
+   * An attempt of the action timed out and no later attempt succeeded, so the
+   * action may have taken effect without a reply; such a step is compensated
+   * like a completed one.
    */
   outcomeUnknown: boolean;
 }
