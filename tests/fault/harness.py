@@ -789,6 +789,7 @@ class HeldReply:
     step_id: str
     kind: int
     attempt: int
+    succeeded: bool
 
     @property
     def key(self) -> tuple[str, int]:
@@ -859,6 +860,7 @@ class ReplyForwarder:
             step_id=reply.step_id,
             kind=reply.kind,
             attempt=reply.attempt,
+            succeeded=reply.outcome == messages_pb2.REPLY_OUTCOME_SUCCEEDED,
         )
         self.received += 1
         await self._policy(self, held)

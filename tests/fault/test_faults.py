@@ -147,12 +147,16 @@ async def test_participant_sigkill_between_commit_and_ack(rig: Rig) -> None:
 
 async def test_every_reply_dropped_once(rig: Rig) -> None:
     """The first reply to every command is dropped: the attempt times out, the retry finds
-    the outcome in the participant's inbox, and its re-sent reply carries the saga on."""
+    the outcome in the participant's inbox, and its re-sent reply carries the saga on.
+    (A dropped failure is not stored as an outcome: the SDK runs a failed command again.)"""
     dropped: set[tuple[str, int]] = set()
+    dropped_successes = 0
 
     async def drop_first(forwarder: ReplyForwarder, reply: HeldReply) -> None:
+        nonlocal dropped_successes
         if reply.key not in dropped:
             dropped.add(reply.key)
+            dropped_successes += reply.succeeded
             return
         await forwarder.forward(reply)
 
@@ -175,9 +179,9 @@ async def test_every_reply_dropped_once(rig: Rig) -> None:
         for step in saga.steps:
             assert step.attempts == 0 or step.attempts >= 2, (started.key, step)
             assert step.compensation_attempts == 0 or step.compensation_attempts >= 2
-    # ...and the participants answered the retries from their inboxes.
+    # ...and the participants answered the retries of the successes from their inboxes.
     assert len(dropped) >= 30 * 3
-    assert totals.resent >= len(dropped), rig.report(totals)
+    assert totals.resent >= dropped_successes > 0, rig.report(totals)
 
 
 class Reorder:
