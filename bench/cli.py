@@ -51,6 +51,7 @@ from bench.workload import (
     open_loop,
 )
 from sagaplane import SagaClient
+from sagaplane.runtime import EVENT_LOOPS
 
 PHASES = ("baselines", "throughput", "latency", "sweep", "scaling", "stored")
 
@@ -162,9 +163,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "DIR (e.g. /var/run/postgresql) instead of TCP",
     )
     g.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="experiment: run the coordinator(s) and participants on uvloop (bench.with_uvloop)",
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="uvloop",
+        help="event loop of the coordinator(s) and participants (their default: uvloop)",
     )
     g = p.add_argument_group("profiling (py-spy, needs root or ptrace rights)")
     g.add_argument(
@@ -265,8 +267,7 @@ def _python(
     env: dict[str, str] | None = None,
     name: str,
 ) -> Process:
-    if args.uvloop:
-        return environment.python("bench.with_uvloop", module, *argv, env=env, name=name)
+    argv = (*argv, "--event-loop", args.event_loop)
     return environment.python(module, *argv, env=env, name=name)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from sagaplane import NonRetryableError, Participant, StepContext
+from sagaplane.runtime import EVENT_LOOPS, run
 
 ACTIONS: dict[str, tuple[str, str]] = {
     "orders": ("orders.create", "orders.cancel"),
@@ -95,9 +96,10 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=32, help="SDK default: 32")
     parser.add_argument("--pool-size", type=int, default=10, help="SDK default: 10")
     parser.add_argument("--ready-file", help="written once the participant consumes")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_main(args))
+    run(_main(args), event_loop=args.event_loop)
 
 
 if __name__ == "__main__":

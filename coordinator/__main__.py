@@ -8,11 +8,11 @@ import signal
 import sys
 
 from coordinator.app import serve
-from coordinator.config import parse
+from coordinator.config import Settings, parse
+from sagaplane.runtime import run
 
 
-async def _main() -> bool:
-    settings = parse()
+async def _main(settings: Settings) -> bool:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -23,7 +23,8 @@ async def _main() -> bool:
 def main() -> None:
     """Entry point."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if not asyncio.run(_main()):
+    settings = parse()
+    if not run(_main(settings), event_loop=settings.event_loop):
         sys.exit(1)
 
 

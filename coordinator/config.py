@@ -8,6 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sagaplane.runtime import EVENT_LOOPS
+
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -34,6 +36,8 @@ class Settings:
     """Seconds in-flight calls get to finish on shutdown (SAGAPLANE_GRACE)."""
     migrate: bool = True
     """Apply pending migrations at start (SAGAPLANE_MIGRATE=0 to skip)."""
+    event_loop: str = "uvloop"
+    """``uvloop`` or ``asyncio`` (SAGAPLANE_EVENT_LOOP); see sagaplane.runtime."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -84,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         default=env.get("SAGAPLANE_MIGRATE", "1") in ("0", "false", "no"),
         help="do not apply pending migrations at start [SAGAPLANE_MIGRATE=0]",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default=env.get("SAGAPLANE_EVENT_LOOP", d.event_loop),
+        help="event loop to run on [SAGAPLANE_EVENT_LOOP; default %(default)s]",
+    )
 
 
 def from_args(args: argparse.Namespace) -> Settings:
@@ -97,6 +107,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         timer_interval=args.timer_interval,
         grace=args.grace,
         migrate=not args.no_migrate,
+        event_loop=args.event_loop,
     )
 
 

@@ -14,6 +14,7 @@ from aiormq.exceptions import AMQPConnectionError
 from coordinator import config
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.urls import redact
+from sagaplane.runtime import run
 
 
 def add_serve(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -46,7 +47,7 @@ def serve(args: argparse.Namespace) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     settings = config.from_args(args)
-    return asyncio.run(_serve(settings))
+    return run(_serve(settings), event_loop=settings.event_loop)
 
 
 async def _serve(settings: config.Settings) -> int:

@@ -9,6 +9,7 @@ import os
 import signal
 
 from examples.shop.services import BUILDERS, create_tables
+from sagaplane.runtime import run
 
 
 async def _run(service: str, amqp_url: str, database_url: str) -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--database-url", required=True, help="the service's own database")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_run(args.service, args.amqp_url, args.database_url))
+    run(_run(args.service, args.amqp_url, args.database_url))
 
 
 if __name__ == "__main__":
