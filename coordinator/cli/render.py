@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 
+from sagaplane.structs import integral
 from sagaplane.v1 import saga_pb2
 
 
@@ -33,17 +34,7 @@ def _enum_word(enum: Any, value: int, prefix: str) -> str:
 def to_json(message: Any) -> Any:
     """A protobuf message as a JSON value: proto field names, enums by name, and integral
     numbers inside Structs as integers (``{"qty": 2}``, not ``2.0``)."""
-    return _ints(json_format.MessageToDict(message, preserving_proto_field_name=True))
-
-
-def _ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
+    return integral(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
 def dumps(value: Any) -> str:

@@ -13,19 +13,23 @@ from google.protobuf import json_format, struct_pb2
 _MAX_EXACT = 2**53
 
 
-def _ints(value: Any) -> Any:
+def integral(value: Any) -> Any:
+    """``value`` (decoded JSON) with whole floats made ints, as far as a double is exact.
+
+    A Struct holds every number as a double; ``{"qty": 2}`` comes back as ``2.0``.
+    """
     if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
         return int(value)
     if isinstance(value, dict):
-        return {k: _ints(v) for k, v in value.items()}
+        return {k: integral(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_ints(v) for v in value]
+        return [integral(v) for v in value]
     return value
 
 
 def to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """The JSON object a Struct holds."""
-    result: dict[str, Any] = _ints(json_format.MessageToDict(struct))
+    result: dict[str, Any] = integral(json_format.MessageToDict(struct))
     return result
 
 
