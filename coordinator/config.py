@@ -91,9 +91,17 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
     parser.add_argument(
         "--event-loop",
         choices=EVENT_LOOPS,
-        default=env.get("SAGAPLANE_EVENT_LOOP", d.event_loop),
+        default=_choice(env, "SAGAPLANE_EVENT_LOOP", EVENT_LOOPS, d.event_loop),
         help="event loop to run on [SAGAPLANE_EVENT_LOOP; default %(default)s]",
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    # argparse checks a flag's value against its choices, never a default taken from env.
+    value = env.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
 
 
 def from_args(args: argparse.Namespace) -> Settings:
@@ -116,5 +124,9 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
     parser = argparse.ArgumentParser(
         prog="python -m coordinator", description="Run the Sagaplane coordinator."
     )
-    add_arguments(parser, os.environ if env is None else env)
+    try:
+        add_arguments(parser, os.environ if env is None else env)
+    except ValueError as exc:
+        # A SAGAPLANE_* variable holds garbage: say which, exit 2 like a bad flag.
+        parser.error(f"a SAGAPLANE_* environment variable is invalid: {exc}")
     return from_args(parser.parse_args(argv))

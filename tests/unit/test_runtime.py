@@ -31,3 +31,12 @@ def test_coordinator_setting_from_flag_and_environment() -> None:
     assert parse([]).event_loop == "uvloop"
     assert parse(["--event-loop", "asyncio"]).event_loop == "asyncio"
     assert parse([], env={"SAGAPLANE_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+
+
+def test_a_bad_event_loop_variable_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse([], env={"SAGAPLANE_EVENT_LOOP": "trio"})
+    assert exit_.value.code == 2
+    assert (
+        "SAGAPLANE_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'" in capsys.readouterr().err
+    )
