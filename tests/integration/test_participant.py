@@ -493,6 +493,91 @@ async def test_a_raising_handler_rolls_back_its_writes_and_replies_failed(
     )
 
 
+async def test_a_handler_that_swallows_a_failed_statement_fails_the_step_and_rolls_back(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        insert = "INSERT INTO orders (id, step_id) VALUES (%s, %s)"
+        await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        with contextlib.suppress(psycopg.errors.UniqueViolation):
+            await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        return {"ok": True}  # but its transaction is aborted
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    assert (reply.outcome, reply.error.type, reply.error.retryable) == (
+        FAILED,
+        "InFailedSqlTransaction",
+        True,
+    )
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+    assert (
+        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
+        == "failed"
+    )
+
+
+async def test_a_handler_may_nest_a_savepoint_to_recover_from_a_failed_statement(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        insert = "INSERT INTO orders (id, step_id) VALUES (%s, %s)"
+        await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        try:
+            async with ctx.tx.transaction():
+                await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        except psycopg.errors.UniqueViolation:
+            return {"duplicate": True}
+        return {"duplicate": False}
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    assert reply.outcome == SUCCEEDED and structs.to_dict(reply.output) == {"duplicate": True}
+    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+
+
+async def test_a_handler_that_commits_the_sdk_transaction_is_not_answered_but_requeued(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """Committing ctx.tx is a bug: the SDK does not report that run as the outcome."""
+    action = _action("orders.create")
+    participant = make_participant()
+    runs: list[int] = []
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        runs.append(ctx.attempt)
+        if len(runs) == 1:
+            await ctx.tx.commit()
+        return {"run": len(runs)}
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    # The first run's commit left a claim without an outcome: the redelivered command
+    # counts as not handled and runs again; only that run is answered.
+    assert reply.outcome == SUCCEEDED and structs.to_dict(reply.output) == {"run": 2}
+    assert runs == [1, 1]
+    assert (
+        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
+        == "succeeded"
+    )
+    await broker.no_more_replies()
+
+
 @pytest.mark.parametrize(
     "returned", [["not", "a", "dict"], {"when": object()}, {"x": float("nan")}]
 )

@@ -31,11 +31,26 @@ class OutboundMessage:
     """Groups messages for people (the coordinator uses the saga id)."""
 
 
-_INSERT = """
+INSERT_ONE = """
 INSERT INTO sagaplane_outbox
     (message_id, exchange, routing_key, message_type, body, correlation_id)
-VALUES (%s, %s, %s, %s, %s, %s)
+VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
+        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s)
 """
+"""One outbox row; its parameters are :func:`insert_params` (prefixed, so that they can
+share a batch of statements with other named parameters)."""
+
+
+def insert_params(message: OutboundMessage) -> dict[str, object]:
+    """The parameters of :data:`INSERT_ONE` for ``message``."""
+    return {
+        "outbox_message_id": message.message_id,
+        "outbox_exchange": message.exchange,
+        "outbox_routing_key": message.routing_key,
+        "outbox_message_type": message.message_type,
+        "outbox_body": message.body,
+        "outbox_correlation_id": message.correlation_id,
+    }
 
 
 async def enqueue(conn: AsyncConnection[object], messages: Sequence[OutboundMessage]) -> None:
@@ -46,17 +61,4 @@ async def enqueue(conn: AsyncConnection[object], messages: Sequence[OutboundMess
     if not messages:
         return
     async with conn.cursor() as cur:
-        await cur.executemany(
-            _INSERT,
-            [
-                (
-                    m.message_id,
-                    m.exchange,
-                    m.routing_key,
-                    m.message_type,
-                    m.body,
-                    m.correlation_id,
-                )
-                for m in messages
-            ],
-        )
+        await cur.executemany(INSERT_ONE, [insert_params(m) for m in messages])

@@ -50,12 +50,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from google.protobuf.message import DecodeError
-from psycopg import AsyncConnection
+from psycopg import AsyncClientCursor, AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from sagaplane import migrations, structs, topology
+from sagaplane import batch, migrations, structs, topology
 from sagaplane.errors import ConfigurationError, NonRetryableError, StepFailed
-from sagaplane.outbox import OutboundMessage, enqueue
+from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
 from sagaplane.relay import OutboxRelay
 from sagaplane.v1 import messages_pb2
 
@@ -112,7 +113,8 @@ class StepContext:
     """The AMQP message id of the command (for logs)."""
     tx: AsyncConnection[Any]
     """The connection, inside the command's transaction (a savepoint). Write with it and
-    do not commit: the SDK commits your writes with the inbox row and the reply. To
+    do not commit or roll back: the SDK commits your writes with the inbox row and the
+    reply (a handler that ends the transaction is a bug: its command is requeued). To
     publish domain events atomically, :func:`sagaplane.outbox.enqueue` them on it."""
 
 
@@ -270,6 +272,8 @@ class Participant:
                 timeout=self._connect_timeout,
                 open=False,
                 name=self._name,
+                # The SDK sends BEGIN itself, batched with the inbox claim (see _process).
+                kwargs={"autocommit": True},
             )
             await self._pool.open(wait=True, timeout=self._connect_timeout)
             self._connection = await aio_pika.connect_robust(
@@ -479,65 +483,97 @@ class Participant:
         kind: StepKind,
         handler: Handler,
     ) -> None:
-        """Handle one command in one transaction: claim, run or replay, store, reply."""
+        """Handle one command in one transaction: claim, run or replay, store, reply.
+
+        Three round trips when the command is new: ``BEGIN; claim; SAVEPOINT``, the
+        handler's own statements, ``store; reply; COMMIT``. The statements around the
+        handler go as one batch each (client-side bound, simple query protocol): every
+        round trip here costs more CPU than the statement it carries.
+        """
         assert self._pool is not None
         key = {"step_id": command.step_id, "kind": kind.value}
         message_id = message.message_id or ""
-        async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                _CLAIM,
-                {
+        async with self._pool.connection() as conn:
+            cur = AsyncClientCursor(conn)
+            try:
+                claim = {
                     **key,
                     "saga_id": command.saga_id,
                     "action": command.action,
                     "message_id": message_id,
                     "attempt": command.attempt,
-                },
-            )
-            claimed, compensated = await cur.fetchone() or (False, False)
-            previous: _Outcome | None = None
-            if not claimed:
-                cur = await conn.execute(_LOCK_STORED, key)
-                row = await cur.fetchone()
-                assert row is not None, "the claim said the inbox row exists"
-                previous, compensated = _Outcome.from_row(row[:-1]), bool(row[-1])
-
-            if previous is not None and previous.final_for(command.attempt):
-                log.info(
-                    "participant %s: %s %s of step %s (attempt %d) was handled already; "
-                    "re-sending its outcome",
-                    self.service,
-                    kind,
-                    command.action,
-                    command.step_id,
-                    command.attempt,
+                }
+                [[(claimed, compensated)]] = await batch.run(
+                    cur, [("BEGIN", None), (_CLAIM, claim), (_SAVEPOINT, None)]
                 )
-                outcome, store, params = previous, _REPLAYED, key
-            else:
-                if kind is StepKind.EXECUTE and compensated:
-                    outcome = _Outcome.failure(
-                        "StepAlreadyCompensated",
-                        "the step's compensation already ran here; not executing it after",
-                        retryable=False,
+                previous: _Outcome | None = None
+                if not claimed:
+                    [[row]] = await batch.run(
+                        cur, [(_RELEASE, None), (_LOCK_STORED, key), (_SAVEPOINT, None)]
                     )
+                    compensated = bool(row[-1])
+                    previous = None if row[1] is None else _Outcome.from_row(row[:-1])
+
+                finish: list[batch.Statement] = []
+                if previous is not None and previous.final_for(command.attempt):
+                    log.info(
+                        "participant %s: %s %s of step %s (attempt %d) was handled already; "
+                        "re-sending its outcome",
+                        self.service,
+                        kind,
+                        command.action,
+                        command.step_id,
+                        command.attempt,
+                    )
+                    outcome = previous
+                    finish.append((_REPLAYED, key))
                 else:
-                    ctx = _context(message, command, kind, conn)
-                    outcome = await self._run(conn, handler, ctx)
-                store = _STORE
-                params = {**key, "message_id": message_id, **outcome.params(command.attempt)}
-            # One round trip for both writes.
-            async with conn.pipeline():
-                await conn.execute(store, params)
-                await enqueue(conn, [_reply(command, kind, outcome, self._reply_exchange)])
+                    if kind is StepKind.EXECUTE and compensated:
+                        outcome = _Outcome.failure(
+                            "StepAlreadyCompensated",
+                            "the step's compensation already ran here; not executing it after",
+                            retryable=False,
+                        )
+                    else:
+                        ctx = _context(message, command, kind, conn)
+                        outcome = await self._run(conn, handler, ctx)
+                        if not outcome.succeeded:
+                            # The handler's writes go; the claim, outcome and reply stay.
+                            finish.append((_ROLLBACK_TO_SAVEPOINT, None))
+                    params = {**key, "message_id": message_id, **outcome.params(command.attempt)}
+                    finish.append((_STORE, params))
+                reply = _reply(command, kind, outcome, self._reply_exchange)
+                # COMMIT releases the handler's savepoint with everything else.
+                finish += [(INSERT_ONE, insert_params(reply)), ("COMMIT", None)]
+                await batch.run(cur, finish)
+            except BaseException:
+                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                raise
 
     async def _run(
         self, conn: AsyncConnection[Any], handler: Handler, ctx: StepContext
     ) -> _Outcome:
         try:
-            # A savepoint: a raising handler's writes roll back, ours (inbox, reply) stay.
-            async with conn.transaction():
-                returned = await handler(ctx)
-                output, output_json = _checked_output(returned)
+            returned = await handler(ctx)
+            output, output_json = _checked_output(returned)
+            status = conn.info.transaction_status
+            if status is TransactionStatus.INERROR:
+                raise _HandlerSwallowedError(
+                    "a statement of the handler failed and the handler returned anyway; "
+                    "its transaction cannot be used"
+                )
+            if status is not TransactionStatus.INTRANS:
+                # The handler committed or rolled back the SDK's transaction: what it
+                # wrote is no longer atomic with the inbox row and the reply. Not the
+                # step's failure to report; a bug to fix (the command is requeued).
+                raise _HandlerEndedTransaction(
+                    f"the {ctx.kind} handler of {ctx.action!r} ended the SDK's transaction "
+                    "(commit or rollback on ctx.tx); write on ctx.tx and let the SDK commit"
+                )
+        except _HandlerEndedTransaction:
+            raise
         except Exception as exc:
             if conn.broken:
                 # Not the step's fault: the transaction is lost. Retried as a whole.
@@ -561,6 +597,11 @@ class Participant:
 
 # -- the inbox's statements --------------------------------------------------------------
 
+_SAVEPOINT = "SAVEPOINT sagaplane_handler"
+"""Where a failing handler's writes roll back to; taken right after the claim."""
+_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT sagaplane_handler"
+_RELEASE = "RELEASE SAVEPOINT sagaplane_handler"
+
 # Inserts the claim row, or (a copy of the command is being or was handled) waits for the
 # other transaction and does nothing. Also says whether the step's compensation already
 # ran (for the "no action after its undo" rule), in the same round trip.
@@ -575,6 +616,10 @@ SELECT EXISTS (SELECT FROM claimed),
        EXISTS (SELECT FROM sagaplane_inbox WHERE step_id = %(step_id)s AND kind = 'compensate')
 """
 
+# A copy, or a later attempt. Sent between _RELEASE and _SAVEPOINT, so the row lock is
+# the transaction's own and not the savepoint's, which a failing handler rolls back. A
+# NULL outcome (only a handler that committed the SDK's transaction leaves one, see
+# _run) counts as not handled.
 _LOCK_STORED = """
 SELECT i.attempt, i.outcome, i.output, i.error_type, i.error_message, i.error_retryable,
        EXISTS (SELECT FROM sagaplane_inbox c WHERE c.step_id = i.step_id AND c.kind = 'compensate')
@@ -605,6 +650,17 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 class _ConnectionLost(psycopg.OperationalError):
     """The connection broke while a handler ran."""
+
+
+class _HandlerSwallowedError(StepFailed):
+    """A handler went on after one of its statements failed (retryable, like any bug)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_type="InFailedSqlTransaction", retryable=True)
+
+
+class _HandlerEndedTransaction(RuntimeError):
+    """A handler committed or rolled back the transaction the SDK gave it."""
 
 
 class _Undecodable(ValueError):

@@ -4,7 +4,11 @@ One relay serves the coordinator and every participant. A cycle claims a batch o
 unsent rows (``FOR UPDATE SKIP LOCKED``, so any number of relays can share a table),
 publishes them with publisher confirms, awaiting the confirms as one window, marks the
 confirmed rows sent in one statement, and commits. A row is marked sent only after the
-broker confirmed it, so a crash anywhere repeats a publish but never loses one.
+broker confirmed it, so a crash anywhere repeats a publish but never loses one. For the
+same reason the relay's commit does not wait for its WAL flush
+(``synchronous_commit = off`` for that transaction only): a "sent" lost in a crash is
+one more publish, which receivers deduplicate. A cycle is two round trips to
+PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`).
 
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
 ``attempts`` reaches ``max_attempts``) only when it is that row's fault:
@@ -41,10 +45,12 @@ import aio_pika
 import aiormq
 import psycopg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
-from psycopg import sql
-from psycopg.rows import TupleRow, tuple_row
+from psycopg import AsyncClientCursor, sql
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from sagaplane import batch
 from sagaplane.topology import CONTENT_TYPE
 
 __all__ = ["NOTIFY_CHANNEL", "OutboxRelay"]
@@ -66,6 +72,11 @@ ORDER BY id
 LIMIT %s
 FOR UPDATE SKIP LOCKED
 """
+
+# The relay's own transaction need not wait for its WAL to reach disk: if a crash loses
+# "sent" (or a failed attempt's count), the row is published again, which receivers
+# deduplicate anyway. Only the message itself must never be lost, and it is not touched.
+_NO_SYNC = "SET LOCAL synchronous_commit TO off"
 
 _MARK_SENT = "UPDATE sagaplane_outbox SET sent_at = now() WHERE id = ANY(%s)"
 
@@ -320,17 +331,32 @@ class OutboxRelay:
             except _RECOVERABLE:
                 await self._discard_channel()
                 raise
-            async with (
-                self._pool.connection() as conn,
-                conn.transaction(),
-                conn.cursor(row_factory=tuple_row) as cur,
-            ):
-                await cur.execute(_CLAIM, (self._batch_size,))
-                rows = [_to_row(r) for r in await cur.fetchall()]
-                if not rows:
-                    return 0, 0
-                outcome = await self._publish(channel, rows)
-                await self._record(cur, outcome)
+            async with self._pool.connection() as conn:
+                # Batches need an autocommit connection (see sagaplane.batch); a pool of
+                # the caller's may hand out others, which get their setting back.
+                restore = not conn.autocommit
+                if restore:
+                    await conn.set_autocommit(True)
+                try:
+                    cur = AsyncClientCursor(conn, row_factory=tuple_row)
+                    [claimed] = await batch.run(
+                        cur, [("BEGIN", None), (_NO_SYNC, None), (_CLAIM, (self._batch_size,))]
+                    )
+                    rows = [_to_row(r) for r in claimed]
+                    if not rows:
+                        await cur.execute("COMMIT")
+                        return 0, 0
+                    outcome = await self._publish(channel, rows)
+                    await batch.run(cur, [*self._record(outcome), ("COMMIT", None)])
+                except BaseException:
+                    if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.rollback()
+                    raise
+                finally:
+                    if restore and not conn.broken:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.set_autocommit(False)
             if outcome.transport_error is not None:
                 self._one_by_one = True
                 # A channel that timed out may be stuck; the next cycle opens a fresh one.
@@ -444,19 +470,23 @@ class OutboxRelay:
         async with asyncio.timeout(self._confirm_timeout):
             return await exchange.publish(message, row.routing_key, mandatory=True)
 
-    async def _record(self, cur: psycopg.AsyncCursor[TupleRow], outcome: _Outcome) -> None:
+    def _record(self, outcome: _Outcome) -> list[batch.Statement]:
+        """The statements that record ``outcome`` (logging what failed)."""
+        statements: list[batch.Statement] = []
         if outcome.sent:
-            await cur.execute(_MARK_SENT, (outcome.sent,))
+            statements.append((_MARK_SENT, (outcome.sent,)))
         if outcome.failed:
-            await cur.execute(
-                _MARK_FAILED,
-                {
-                    "max_attempts": self._max_attempts,
-                    "retry_initial": self._retry_initial,
-                    "retry_max": self._retry_max,
-                    "ids": [row.id for row, _ in outcome.failed],
-                    "errors": [error for _, error in outcome.failed],
-                },
+            statements.append(
+                (
+                    _MARK_FAILED,
+                    {
+                        "max_attempts": self._max_attempts,
+                        "retry_initial": self._retry_initial,
+                        "retry_max": self._retry_max,
+                        "ids": [row.id for row, _ in outcome.failed],
+                        "errors": [error for _, error in outcome.failed],
+                    },
+                )
             )
             parked = [row for row, _ in outcome.failed if row.attempts + 1 >= self._max_attempts]
             for row, error in outcome.failed:
@@ -473,6 +503,7 @@ class OutboxRelay:
                     self._max_attempts,
                     ", ".join(f"{row.id} (message {row.message_id})" for row in parked),
                 )
+        return statements
 
     async def _ready_channel(self) -> AbstractChannel:
         try:

@@ -1,0 +1,47 @@
+"""Several SQL statements in one round trip to PostgreSQL.
+
+The statements are bound client-side (:meth:`psycopg.AsyncClientCursor.mogrify`, which
+quotes every value with the connection's own escaping) and sent as ONE simple-protocol
+query. On a 2-core machine a round trip costs more CPU, in the driver and the event
+loop, than a small statement costs PostgreSQL to parse, so the SDK and the coordinator
+send ``BEGIN`` with their first statements and ``COMMIT`` with their last ones.
+
+The connection must be in autocommit mode: psycopg would otherwise send a ``BEGIN`` of
+its own, in a round trip of its own, before the batch. A statement that fails stops
+the batch there and aborts the transaction; the caller rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias, TypeVar
+
+from psycopg import AsyncClientCursor
+from psycopg.abc import Query
+
+__all__ = ["Statement", "render", "run"]
+
+Row = TypeVar("Row")
+
+Statement: TypeAlias = tuple[Query, Mapping[str, Any] | Sequence[Any] | None]
+"""A statement and its parameters (None: none)."""
+
+
+def render(cur: AsyncClientCursor[Any], statements: Iterable[Statement]) -> str:
+    """The statements, bound and joined into one query text."""
+    return ";\n".join(cur.mogrify(query, params) for query, params in statements)
+
+
+async def run(cur: AsyncClientCursor[Row], statements: Iterable[Statement]) -> list[list[Row]]:
+    """Execute ``statements`` in one round trip; the rows of each that returns rows.
+
+    Statements that return no rows (``BEGIN``, ``UPDATE`` without ``RETURNING``, ...)
+    have no entry, so ``[BEGIN, SELECT a, UPDATE, SELECT b]`` gives ``[rows a, rows b]``.
+    """
+    await cur.execute(render(cur, statements))
+    results: list[list[Row]] = []
+    while True:
+        if cur.description is not None:
+            results.append(await cur.fetchall())
+        if not cur.nextset():
+            return results
