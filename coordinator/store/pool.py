@@ -23,6 +23,9 @@ async def open_pool(
         timeout=connect_timeout,
         open=False,
         name="sagaplane-coordinator",
+        # The store sends BEGIN itself, batched with its first statements (see
+        # sagaplane.batch); reads then need no transaction at all.
+        kwargs={"autocommit": True},
     )
     await pool.open(wait=True, timeout=connect_timeout)
     return pool

@@ -7,6 +7,7 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -15,7 +16,8 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncClientCursor, AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -43,7 +45,8 @@ from coordinator.errors import (
     StorageUnavailable,
 )
 from coordinator.store.queries import q
-from sagaplane.outbox import OutboundMessage, enqueue
+from sagaplane import batch
+from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
 
 CommandEncoder = Callable[[Command], OutboundMessage]
 """Turns an engine command into the outbox row that carries it (see messaging.codec)."""
@@ -117,8 +120,8 @@ class SagaStore:
         With an idempotency key already used, returns the saga started then when
         the request is the same, and raises IdempotencyConflict when it differs.
         """
-        async with _storage_errors(), self._connection() as conn, conn.transaction():
-            now = (await (await conn.execute(q("now"))).fetchone() or {})["now"]
+        async with self._transaction() as cur:
+            [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
             transition = engine.start(
                 saga_id=new_id(),
                 name=new.name,
@@ -126,42 +129,44 @@ class SagaStore:
                 step_ids=[new_id() for _ in new.steps],
                 context=new.context,
                 idempotency_key=new.idempotency_key,
-                now=now,
+                now=row["now"],
                 new_token=new_token,
                 timeout=new.timeout,
             )
             saga = transition.saga
-            cur = await conn.execute(
-                q("insert_saga"), _saga_row(saga) | {"request_hash": new.request_hash}
-            )
-            if await cur.fetchone() is None:
-                return await self._replay(conn, new)
-            await self._write(conn, [transition], inserted=True)
+            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": new.request_hash})
+            if new.idempotency_key is None:
+                # A fresh id cannot conflict: the saga goes in the one batch with the rest.
+                await self._write_and_commit(cur, [transition], new=True, first=[insert])
+            else:
+                # The key may be taken (a replay): see before writing anything else.
+                if not (await batch.run(cur, [insert]))[0]:
+                    return await self._replay(cur, new)
+                await self._write_and_commit(cur, [transition], new=True)
             return Started(saga=saga, created=True, commands=transition.commands)
 
-    async def _replay(self, conn: AsyncConnection[DictRow], new: NewSaga) -> Started:
-        found = await (
-            await conn.execute(q("find_by_idempotency_key"), {"key": new.idempotency_key})
-        ).fetchone()
+    async def _replay(self, cur: AsyncClientCursor[DictRow], new: NewSaga) -> Started:
+        await cur.execute(q("find_by_idempotency_key"), {"key": new.idempotency_key})
+        found = await cur.fetchone()
         assert found is not None, "the conflicting insert has committed"
         if bytes(found["request_hash"]) != new.request_hash:
             raise IdempotencyConflict(
                 f"idempotency_key {new.idempotency_key!r} was already used for a different "
                 f"request (saga {found['id']})"
             )
-        sagas = await self._load(conn, [found["id"]], lock=False)
+        sagas = await self._load(cur, [found["id"]])
         return Started(saga=sagas[found["id"]], created=False, commands=())
 
     async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
         """The saga with this id, and its history when asked; raises SagaNotFound."""
-        async with _storage_errors(), self._connection() as conn:
-            sagas = await self._load(conn, [saga_id], lock=False)
+        async with self._reading() as cur:
+            sagas = await self._load(cur, [saga_id])
             if saga_id not in sagas:
                 raise SagaNotFound(saga_id)
             entries: list[HistoryEntry] = []
             if history:
-                cur = await conn.execute(q("select_history"), {"saga_id": saga_id})
-                entries = [_history_from_row(row) async for row in cur]
+                await cur.execute(q("select_history"), {"saga_id": saga_id})
+                entries = [_history_from_row(row) for row in await cur.fetchall()]
             return sagas[saga_id], entries
 
     async def list_active(
@@ -175,10 +180,10 @@ class SagaStore:
         """Active sagas, newest first, with ids below ``after`` (keyset pagination),
         not updated for at least ``stale_for``."""
         params = {"limit": limit, "after": after or "~", "name": name, "stale_for": stale_for}
-        async with _storage_errors(), self._connection() as conn:
-            cur = await conn.execute(q("list_active_by_name" if name else "list_active"), params)
+        async with self._reading() as cur:
+            await cur.execute(q("list_active_by_name" if name else "list_active"), params)
             rows = await cur.fetchall()
-            steps = await self._steps(conn, [row["id"] for row in rows])
+            steps = await self._steps(cur, [row["id"] for row in rows])
             return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
 
     async def apply(self, saga_id: str, event: Event) -> engine.Transition:
@@ -194,8 +199,8 @@ class SagaStore:
 
         Sagas are locked in id order, so concurrent batches cannot deadlock.
         """
-        async with _storage_errors(), self._connection() as conn, conn.transaction():
-            return await self._apply_in(conn, events)
+        async with self._transaction() as cur:
+            return await self._apply_in(cur, events, begin=True)
 
     async def fire_due_timers(self, limit: int) -> list[Applied]:
         """Apply every step timer and saga deadline that is due (up to ``limit`` each).
@@ -203,23 +208,42 @@ class SagaStore:
         One transaction; sagas locked by someone else are skipped (``SKIP LOCKED``), so
         replicas share the work and a busy saga is simply taken next round.
         """
-        async with _storage_errors(), self._connection() as conn, conn.transaction():
-            steps = await (await conn.execute(q("due_step_timers"), {"limit": limit})).fetchall()
-            sagas = await (await conn.execute(q("due_saga_deadlines"), {"limit": limit})).fetchall()
+        async with self._transaction() as cur:
+            steps, sagas = await batch.run(
+                cur,
+                [
+                    ("BEGIN", None),
+                    (q("due_step_timers"), {"limit": limit}),
+                    (q("due_saga_deadlines"), {"limit": limit}),
+                ],
+            )
             events: list[tuple[str, Event]] = [
                 (row["saga_id"], TimerFired(step_id=row["step_id"])) for row in steps
             ]
             events += [(row["saga_id"], SagaDeadlinePassed()) for row in sagas]
             if not events:
                 return []
-            return await self._apply_in(conn, events)
+            return await self._apply_in(cur, events, begin=False)
 
     async def _apply_in(
-        self, conn: AsyncConnection[DictRow], events: Sequence[tuple[str, Event]]
+        self,
+        cur: AsyncClientCursor[DictRow],
+        events: Sequence[tuple[str, Event]],
+        *,
+        begin: bool,
     ) -> list[Applied]:
-        """Apply ``events`` inside the caller's transaction; the caller commits."""
+        """Apply ``events`` and commit; with ``begin``, open the transaction too."""
         ids = sorted({saga_id for saga_id, _ in events})
-        sagas, now = await self._lock(conn, ids)
+        saga_rows, step_rows = await batch.run(
+            cur,
+            [
+                *([("BEGIN", None)] if begin else []),
+                (q("lock_sagas"), {"ids": ids}),
+                (q("select_steps"), {"ids": ids}),
+            ],
+        )
+        steps = _group_steps(step_rows)
+        sagas = {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in saga_rows}
         original = dict(sagas)
         results: list[Applied] = []
         transitions: list[engine.Transition] = []
@@ -231,93 +255,104 @@ class SagaStore:
                 )
                 continue
             try:
-                t = engine.apply(saga, event, now=now, new_token=new_token)
+                # lock_sagas reads now() with the rows: the transaction's one clock.
+                t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
             except SagaplaneError as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
             sagas[saga_id] = t.saga
             transitions.append(t)
             results.append(Applied(saga_id=saga_id, transition=t))
-        await self._write(conn, transitions, original=original)
+        await self._write_and_commit(cur, transitions, original=original)
         return results
 
-    async def _lock(
-        self, conn: AsyncConnection[DictRow], ids: list[str]
-    ) -> tuple[dict[str, Saga], Any]:
-        cur = await conn.execute(q("lock_sagas"), {"ids": ids})
-        rows = await cur.fetchall()
-        if rows:
-            now = rows[0]["db_now"]
-        else:
-            now = (await (await conn.execute(q("now"))).fetchone() or {})["now"]
-        steps = await self._steps(conn, [row["id"] for row in rows])
-        return {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in rows}, now
-
-    async def _load(
-        self, conn: AsyncConnection[DictRow], ids: list[str], *, lock: bool
-    ) -> dict[str, Saga]:
-        if lock:
-            return (await self._lock(conn, ids))[0]
-        rows = await (await conn.execute(q("select_sagas"), {"ids": ids})).fetchall()
-        steps = await self._steps(conn, ids)
-        return {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in rows}
+    async def _load(self, cur: AsyncClientCursor[DictRow], ids: list[str]) -> dict[str, Saga]:
+        saga_rows, step_rows = await batch.run(
+            cur, [(q("select_sagas"), {"ids": ids}), (q("select_steps"), {"ids": ids})]
+        )
+        steps = _group_steps(step_rows)
+        return {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in saga_rows}
 
     async def _steps(
-        self, conn: AsyncConnection[DictRow], ids: list[str]
+        self, cur: AsyncClientCursor[DictRow], ids: list[str]
     ) -> dict[str, tuple[Step, ...]]:
         if not ids:
             return {}
-        grouped: dict[str, list[Step]] = {}
-        cur = await conn.execute(q("select_steps"), {"ids": ids})
-        async for row in cur:
-            grouped.setdefault(row["saga_id"], []).append(_step_from_row(row))
-        return {k: tuple(v) for k, v in grouped.items()}
+        await cur.execute(q("select_steps"), {"ids": ids})
+        return _group_steps(await cur.fetchall())
 
-    async def _write(
+    async def _write_and_commit(
         self,
-        conn: AsyncConnection[DictRow],
+        cur: AsyncClientCursor[DictRow],
         transitions: Sequence[engine.Transition],
         *,
-        inserted: bool = False,
+        new: bool = False,
+        first: Sequence[batch.Statement] = (),
         original: dict[str, Saga] | None = None,
     ) -> None:
-        """Write sagas, changed steps, history and outbox rows, pipelined."""
+        """Write sagas, changed steps, history and outbox rows, and COMMIT: one batch.
+
+        ``new``: the saga rows are inserted (by ``first``, or already), so their steps
+        are inserted too, not updated. ``first`` goes at the head of the batch.
+        """
+        statements = list(first)
         changed = [t for t in transitions if t.ignored is None]
-        if not changed:
-            return
         latest = {t.saga.id: t.saga for t in changed}  # a saga may appear several times
-        new_steps: list[dict[str, Any]] = []
-        updated_steps: list[dict[str, Any]] = []
+        if not new:
+            statements += [(q("update_saga"), _saga_row(s)) for s in latest.values()]
         for saga in latest.values():
             prior = (original or {}).get(saga.id)
             before = {s.position: s for s in prior.steps} if prior else {}
             for step in saga.steps:
-                if inserted:
-                    new_steps.append(_step_row(saga.id, step))
+                if new:
+                    statements.append((q("insert_step"), _step_row(saga.id, step)))
                 elif before.get(step.position) != step:
-                    updated_steps.append(_step_row(saga.id, step))
-        history = [_history_row(t.saga.id, entry) for t in changed for entry in t.history]
-        messages = [self._encode(command) for t in changed for command in t.commands]
-        async with conn.pipeline(), conn.cursor() as cur:
-            if not inserted:
-                await cur.executemany(q("update_saga"), [_saga_row(s) for s in latest.values()])
-            if new_steps:
-                await cur.executemany(q("insert_step"), new_steps)
-            if updated_steps:
-                await cur.executemany(q("update_step"), updated_steps)
-            if history:
-                await cur.executemany(q("insert_history"), history)
-            await enqueue(conn, messages)
+                    statements.append((q("update_step"), _step_row(saga.id, step)))
+        statements += [
+            (q("insert_history"), _history_row(t.saga.id, entry))
+            for t in changed
+            for entry in t.history
+        ]
+        statements += [
+            (INSERT_ONE, insert_params(self._encode(command)))
+            for t in changed
+            for command in t.commands
+        ]
+        statements.append(("COMMIT", None))
+        await batch.run(cur, statements)
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[AsyncConnection[DictRow]]:
-        async with self._pool.connection() as conn:
-            factory = conn.row_factory
-            conn.row_factory = dict_row
+    async def _transaction(self) -> AsyncIterator[AsyncClientCursor[DictRow]]:
+        """A cursor for one write transaction, sent as batches (see sagaplane.batch).
+
+        The caller's first batch starts with BEGIN and its last ends with COMMIT; a
+        transaction still open at the end (nothing to write) is committed here, and one
+        that raised is rolled back.
+        """
+        async with _storage_errors(), self._pool.connection() as conn:
+            cur = AsyncClientCursor(conn, row_factory=dict_row)
             try:
-                yield conn
-            finally:
-                conn.row_factory = factory
+                yield cur
+            except BaseException:
+                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.rollback()
+                raise
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                await conn.commit()
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncClientCursor[DictRow]]:
+        """A cursor for reads; autocommit, so no BEGIN or COMMIT round trips."""
+        async with _storage_errors(), self._pool.connection() as conn:
+            yield AsyncClientCursor(conn, row_factory=dict_row)
+
+
+def _group_steps(rows: Sequence[DictRow]) -> dict[str, tuple[Step, ...]]:
+    grouped: dict[str, list[Step]] = {}
+    for row in rows:  # ordered by saga, then position
+        grouped.setdefault(row["saga_id"], []).append(_step_from_row(row))
+    return {k: tuple(v) for k, v in grouped.items()}
 
 
 def _saga_row(saga: Saga) -> dict[str, Any]:
