@@ -11,6 +11,13 @@
   confirms (a window of unconfirmed publishes) to a quorum queue while another consumes
   them with manual acks, one ack per message. messages/s = count / (last consumed - first
   published).
+
+And what one saga cannot go below, for the latency target: pgbench again with ONE
+client (the latency of one transition-shaped transaction, commit included), and ONE
+message at a time through a quorum queue (publish -> delivered to a consumer, and
+publish -> confirmed). A 3-step saga has 6 such hops (3 commands, 3 replies) and 7
+such transactions (the start, then per step the participant's and the reply's) one
+after the other, so :func:`latency_floor` is a floor with no Python in it at all.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ import json
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import psycopg
+from aio_pika.abc import AbstractIncomingMessage
 
 from bench.infra import ROOT, Environment, broker_pid, cpu_seconds, run_command
+from bench.stats import summary_ms
 from bench.stored import grow
 from coordinator.store.migrate import migrate
 
@@ -94,8 +105,18 @@ async def _backend_cpu(admin_url: str, database: str, out: dict[str, float]) -> 
             await asyncio.sleep(0.2)
 
 
-async def pgbench(env: Environment, *, clients: int, seconds: float) -> dict[str, Any]:
-    """Transition-shaped transactions per second on a fresh copy of the coordinator schema."""
+SAGA_HOPS = 6
+"""Broker hops on a 3-step saga's path: 3 commands and 3 replies."""
+SAGA_TRANSACTIONS = 7
+"""Committed transactions on a 3-step saga's path: the start, and per step the
+participant's and the coordinator's applying its reply."""
+
+
+async def pgbench(
+    env: Environment, *, clients: int, seconds: float, single_client_seconds: float = 0.0
+) -> dict[str, Any]:
+    """Transition-shaped transactions per second on a fresh copy of the coordinator schema;
+    with ``single_client_seconds``, then the latency of one client alone."""
     url = await env.create_database("pgbench")
     await migrate(url)
     await grow(url, have=0, want=PGBENCH_SCALE, active=0, history=False)
@@ -103,24 +124,14 @@ async def pgbench(env: Environment, *, clients: int, seconds: float) -> dict[str
     script.write_text(_one_line_statements(PGBENCH_SCRIPT))
     used: dict[str, float] = {"cpu_s": 0.0}
     sampler = asyncio.create_task(_backend_cpu(env.admin_url, env.db_name("pgbench"), used))
-    out = await run_command(
-        _pgbench_binary(),
-        "-n",
-        "-M",
-        "prepared",
-        "-c",
-        str(clients),
-        "-j",
-        str(min(clients, 2)),
-        "-T",
-        str(max(1, round(seconds))),
-        "-f",
-        str(script),
-        url,
-        within=seconds + 120,
-    )
+    out = await _run_pgbench(script, url, clients=clients, seconds=seconds)
     sampler.cancel()
     await asyncio.gather(sampler, return_exceptions=True)
+    single = None
+    if single_client_seconds > 0:
+        alone = await _run_pgbench(script, url, clients=1, seconds=single_client_seconds)
+        found = re.search(r"latency average = ([\d.]+) ms", alone)
+        single = float(found.group(1)) if found else None
     await env.drop_database("pgbench")
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
     latency = re.search(r"latency average = ([\d.]+) ms", out)
@@ -139,7 +150,83 @@ async def pgbench(env: Environment, *, clients: int, seconds: float) -> dict[str
         "tps": round(float(tps.group(1)), 1),
         "latency_avg_ms": float(latency.group(1)) if latency else None,
         "failed_transactions": int(failed.group(1)) if failed else 0,
+        "single_client_latency_ms": single,
         "script": str(script),
+    }
+
+
+async def _run_pgbench(script: Path, url: str, *, clients: int, seconds: float) -> str:
+    return await run_command(
+        _pgbench_binary(),
+        "-n",
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, 2)),
+        "-T",
+        str(max(1, round(seconds))),
+        "-f",
+        str(script),
+        url,
+        within=seconds + 120,
+    )
+
+
+async def broker_hop(
+    env: Environment, *, count: int, size: int = 1300, gap: float = 0.005
+) -> dict[str, Any]:
+    """One persistent message at a time through a quorum queue, on an idle broker:
+    publish -> delivered, and publish -> confirmed (ms)."""
+    connection = await aio_pika.connect(env.amqp_url)
+    async with connection:
+        publishing = await connection.channel(publisher_confirms=True)
+        consuming = await connection.channel()
+        queue = await consuming.declare_queue(
+            "bench.hop", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        arrived: asyncio.Queue[float] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await arrived.put(time.perf_counter())
+            await message.ack()
+
+        await queue.consume(on_message)
+        delivered: list[float] = []
+        confirmed: list[float] = []
+        body = b"x" * size
+        for _ in range(count):
+            sent = time.perf_counter()
+            await publishing.default_exchange.publish(
+                aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue.name,
+            )
+            confirmed.append(time.perf_counter() - sent)
+            async with asyncio.timeout(30):
+                delivered.append(await arrived.get() - sent)
+            await asyncio.sleep(gap)
+        await queue.delete(if_unused=False, if_empty=False)
+    return {
+        "messages": count,
+        "size_bytes": size,
+        "delivered_ms": summary_ms(delivered),
+        "confirmed_ms": summary_ms(confirmed),
+    }
+
+
+def latency_floor(base: dict[str, Any]) -> dict[str, Any] | None:
+    """A 3-step saga's start->completed floor from the latency baselines (None without)."""
+    tx = (base.get("pgbench") or {}).get("single_client_latency_ms")
+    hop = ((base.get("broker_hop") or {}).get("delivered_ms") or {}).get("p50")
+    if tx is None or hop is None:
+        return None
+    return {
+        "transactions": SAGA_TRANSACTIONS,
+        "transaction_ms": tx,
+        "hops": SAGA_HOPS,
+        "hop_p50_ms": hop,
+        "floor_ms": round(SAGA_TRANSACTIONS * tx + SAGA_HOPS * hop, 2),
     }
 
 

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "list_calls": 400,
     "pgbench_seconds": 10.0,
     "broker_messages": 30000,
+    "hop_messages": 300,
     "drain_timeout": 60.0,
 }
 QUICK: dict[str, Any] = {
@@ -83,6 +84,7 @@ QUICK: dict[str, Any] = {
     "list_calls": 60,
     "pgbench_seconds": 2.0,
     "broker_messages": 3000,
+    "hop_messages": 50,
     "drain_timeout": 20.0,
 }
 
@@ -149,8 +151,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--list-calls", type=int, help="ListActive calls per count " + _d("list_calls"))
     g = p.add_argument_group("baselines")
     g.add_argument("--pgbench-clients", type=int, default=8)
-    g.add_argument("--pgbench-seconds", type=float, help=_d("pgbench_seconds"))
+    g.add_argument(
+        "--pgbench-seconds",
+        type=float,
+        help="pgbench run at --pgbench-clients; half as long with 1 client "
+        + _d("pgbench_seconds"),
+    )
     g.add_argument("--broker-messages", type=int, help=_d("broker_messages"))
+    g.add_argument(
+        "--hop-messages",
+        type=int,
+        help="messages sent one at a time for the broker's latency " + _d("hop_messages"),
+    )
     g = p.add_argument_group("system under test")
     g.add_argument("--coordinator-pool-size", type=int, help="SAGAPLANE_POOL_SIZE [its default]")
     g.add_argument("--coordinator-prefetch", type=int, help="SAGAPLANE_PREFETCH [its default]")
@@ -723,11 +735,19 @@ async def run(args: argparse.Namespace) -> int:
     async def run_baselines() -> None:
         _progress("baselines: pgbench ...")
         pg = await baselines.pgbench(
-            env, clients=args.pgbench_clients, seconds=args.pgbench_seconds
+            env,
+            clients=args.pgbench_clients,
+            seconds=args.pgbench_seconds,
+            single_client_seconds=args.pgbench_seconds / 2,
         )
         results["baselines"] = {"pgbench": pg}
         _progress("baselines: broker ...")
         results["baselines"]["broker"] = await baselines.broker(env, count=args.broker_messages)
+        _progress("baselines: one message at a time through the broker ...")
+        results["baselines"]["broker_hop"] = await baselines.broker_hop(
+            env, count=args.hop_messages
+        )
+        results["baselines"]["latency_floor"] = baselines.latency_floor(results["baselines"])
 
     try:
         if await phase("setup", env.create_vhost):

@@ -108,6 +108,27 @@ def render(results: dict[str, Any]) -> str:
                 f"(publish {_f(br['publish_per_s'])}/s, consume {_f(br['consume_per_s'])}/s; "
                 f"broker {_f(br.get('broker_cpu_ms_per_message'), 3)} ms CPU per message)"
             )
+        if pg and pg.get("single_client_latency_ms") is not None:
+            lines.append(
+                "  pgbench, the same transaction, 1 client: "
+                f"{_f(pg['single_client_latency_ms'], 2)} ms each (commit included)"
+            )
+        hop = base.get("broker_hop")
+        if hop:
+            d, c = hop["delivered_ms"], hop["confirmed_ms"]
+            lines.append(
+                f"  one message at a time, {hop['size_bytes']} B persistent, quorum queue: "
+                f"publish->delivered p50 {_f(d['p50'], 2)} ms (p99 {_f(d['p99'], 2)}), "
+                f"publish->confirmed p50 {_f(c['p50'], 2)} ms (p99 {_f(c['p99'], 2)})"
+            )
+        floor = base.get("latency_floor")
+        if floor:
+            lines.append(
+                f"  a 3-step saga's latency floor from these, with no Python at all: "
+                f"{floor['transactions']} transactions x {_f(floor['transaction_ms'], 2)} ms + "
+                f"{floor['hops']} broker hops x {_f(floor['hop_p50_ms'], 2)} ms = "
+                f"{_f(floor['floor_ms'], 1)} ms"
+            )
 
     runs = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
     if runs:
@@ -186,6 +207,13 @@ def render(results: dict[str, Any]) -> str:
             ],
             _LAT_HEADER,
         )
+        floor = base.get("latency_floor")
+        p50 = lat["start_to_terminal_ms"].get("p50")
+        if floor and p50 is not None:
+            lines.append(
+                f"  start->terminal p50 / the baselines' floor ({_f(floor['floor_ms'], 1)} ms) = "
+                f"{_f(p50 / floor['floor_ms'], 2)}"
+            )
         lines += _disturbed("latency run", lat)
         lines += _breakdown("latency run", lat)
 
