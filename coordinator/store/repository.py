@@ -7,7 +7,6 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -334,11 +333,9 @@ class SagaStore:
             try:
                 yield cur
             except BaseException:
-                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.rollback()
+                await batch.rollback_after_error(conn)
                 raise
-            if conn.info.transaction_status != TransactionStatus.IDLE:
+            if conn.info.transaction_status == TransactionStatus.INTRANS:
                 await conn.commit()
 
     @asynccontextmanager

@@ -13,13 +13,16 @@ the batch there and aborts the transaction; the caller rolls back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
-from psycopg import AsyncClientCursor
+import psycopg
+from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.abc import Query
+from psycopg.pq import TransactionStatus
 
-__all__ = ["Statement", "render", "run"]
+__all__ = ["Statement", "render", "rollback_after_error", "run"]
 
 Row = TypeVar("Row")
 
@@ -45,3 +48,16 @@ async def run(cur: AsyncClientCursor[Row], statements: Iterable[Statement]) -> l
             results.append(await cur.fetchall())
         if not cur.nextset():
             return results
+
+
+async def rollback_after_error(conn: AsyncConnection[Any]) -> None:
+    """Roll back the transaction a failed batch left open, if it can be done here.
+
+    A broken connection, or one still in the middle of a query (a cancelled batch), is
+    left as it is: the pool discards it when it comes back.
+    """
+    if conn.broken:
+        return
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with contextlib.suppress(psycopg.Error):
+            await conn.rollback()

@@ -547,9 +547,7 @@ class Participant:
                 finish += [(INSERT_ONE, insert_params(reply)), ("COMMIT", None)]
                 await batch.run(cur, finish)
             except BaseException:
-                if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                    with contextlib.suppress(Exception):
-                        await conn.rollback()
+                await batch.rollback_after_error(conn)
                 raise
 
     async def _run(

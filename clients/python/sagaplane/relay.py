@@ -46,7 +46,6 @@ import aiormq
 import psycopg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from psycopg import AsyncClientCursor, sql
-from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -349,9 +348,7 @@ class OutboxRelay:
                     outcome = await self._publish(channel, rows)
                     await batch.run(cur, [*self._record(outcome), ("COMMIT", None)])
                 except BaseException:
-                    if not conn.broken and conn.info.transaction_status != TransactionStatus.IDLE:
-                        with contextlib.suppress(psycopg.Error):
-                            await conn.rollback()
+                    await batch.rollback_after_error(conn)
                     raise
                 finally:
                     if restore and not conn.broken:
