@@ -32,7 +32,10 @@ Statement: TypeAlias = tuple[Query, Mapping[str, Any] | Sequence[Any] | None]
 
 def render(cur: AsyncClientCursor[Any], statements: Iterable[Statement]) -> str:
     """The statements, bound and joined into one query text."""
-    return ";\n".join(cur.mogrify(query, params) for query, params in statements)
+    # A statement's own trailing ";" would leave an empty statement behind it.
+    return ";\n".join(
+        cur.mogrify(query, params).rstrip().rstrip(";") for query, params in statements
+    )
 
 
 async def run(cur: AsyncClientCursor[Row], statements: Iterable[Statement]) -> list[list[Row]]:
