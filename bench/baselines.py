@@ -192,7 +192,7 @@ async def broker_hop(
             await arrived.put(time.perf_counter())
             await message.ack()
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         delivered: list[float] = []
         confirmed: list[float] = []
         body = b"x" * size
@@ -206,6 +206,7 @@ async def broker_hop(
             async with asyncio.timeout(30):
                 delivered.append(await arrived.get() - sent)
             await asyncio.sleep(gap)
+        await queue.cancel(tag)  # before the delete, or the broker cancels it noisily
         await queue.delete(if_unused=False, if_empty=False)
     return {
         "messages": count,
