@@ -251,6 +251,23 @@ async def _scalar(db: psycopg.AsyncConnection[Any], query: str, *params: Any) ->
     return row[0]
 
 
+async def _insert_order(ctx: StepContext) -> None:
+    """A handler's write: the order row of its step."""
+    await ctx.tx.execute(
+        "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
+    )
+
+
+async def _orders(db: psycopg.AsyncConnection[Any], step_id: str) -> int:
+    """How many order rows the step's handler runs left committed."""
+    return int(await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id))
+
+
+async def _inbox_outcome(db: psycopg.AsyncConnection[Any], step_id: str) -> Any:
+    """The outcome the inbox stored for the step."""
+    return await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
+
+
 def _action(name: str) -> str:
     # Unique per test: queues of earlier tests stay bound to their actions in this vhost.
     return f"{name}.{_uid()}"
@@ -340,9 +357,7 @@ async def test_redelivered_command_runs_once_and_every_copy_is_answered(
     async def create(ctx: StepContext) -> dict[str, Any]:
         nonlocal calls
         calls += 1
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         await asyncio.sleep(0.05)  # keep the copies' transactions overlapping
         return {"n": calls}
 
@@ -359,7 +374,7 @@ async def test_redelivered_command_runs_once_and_every_copy_is_answered(
         assert (reply.attempt, reply.token) == (1, "tok-1")
         assert structs.to_dict(reply.output) == {"n": 1}
     assert calls == 1
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await _orders(db, step_id) == 1
     assert await _scalar(db, "SELECT replies FROM sagaplane_inbox WHERE step_id = %s", step_id) == 2
     await broker.no_more_replies()
 
@@ -377,9 +392,7 @@ async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_fro
     async def create(ctx: StepContext) -> dict[str, Any]:
         nonlocal calls
         calls += 1
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         return {"order_id": f"o-{ctx.step_id}"}
 
     first.step(action)(create)
@@ -408,7 +421,7 @@ async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_fro
     assert structs.to_dict(second_reply.output) == structs.to_dict(first_reply.output)
     assert (second_reply.attempt, second_reply.token) == (1, "t1")
     assert calls == 1
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await _orders(db, step_id) == 1
     assert await broker.queue_depth(first.service) == 0
 
 
@@ -468,9 +481,7 @@ async def test_a_raising_handler_rolls_back_its_writes_and_replies_failed(
 
     @participant.step(action)
     async def create(ctx: StepContext) -> dict[str, Any]:
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         raise error
 
     await participant.start()
@@ -486,11 +497,8 @@ async def test_a_raising_handler_rolls_back_its_writes_and_replies_failed(
     )
     assert reply.token == "tok-1"
     assert not reply.HasField("output")
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
-    assert (
-        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
-        == "failed"
-    )
+    assert await _orders(db, step_id) == 0
+    assert await _inbox_outcome(db, step_id) == "failed"
 
 
 async def test_a_handler_that_swallows_a_failed_statement_fails_the_step_and_rolls_back(
@@ -501,10 +509,9 @@ async def test_a_handler_that_swallows_a_failed_statement_fails_the_step_and_rol
 
     @participant.step(action)
     async def create(ctx: StepContext) -> dict[str, Any]:
-        insert = "INSERT INTO orders (id, step_id) VALUES (%s, %s)"
-        await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        await _insert_order(ctx)
         with contextlib.suppress(psycopg.errors.UniqueViolation):
-            await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+            await _insert_order(ctx)
         return {"ok": True}  # but its transaction is aborted
 
     await participant.start()
@@ -516,11 +523,8 @@ async def test_a_handler_that_swallows_a_failed_statement_fails_the_step_and_rol
         "InFailedSqlTransaction",
         True,
     )
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
-    assert (
-        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
-        == "failed"
-    )
+    assert await _orders(db, step_id) == 0
+    assert await _inbox_outcome(db, step_id) == "failed"
 
 
 async def test_a_handler_may_nest_a_savepoint_to_recover_from_a_failed_statement(
@@ -531,11 +535,10 @@ async def test_a_handler_may_nest_a_savepoint_to_recover_from_a_failed_statement
 
     @participant.step(action)
     async def create(ctx: StepContext) -> dict[str, Any]:
-        insert = "INSERT INTO orders (id, step_id) VALUES (%s, %s)"
-        await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+        await _insert_order(ctx)
         try:
             async with ctx.tx.transaction():
-                await ctx.tx.execute(insert, (f"o-{ctx.step_id}", ctx.step_id))
+                await _insert_order(ctx)
         except psycopg.errors.UniqueViolation:
             return {"duplicate": True}
         return {"duplicate": False}
@@ -545,7 +548,7 @@ async def test_a_handler_may_nest_a_savepoint_to_recover_from_a_failed_statement
     await broker.send(action=action, saga_id=_uid(), step_id=step_id)
     reply = await broker.reply()
     assert reply.outcome == SUCCEEDED and structs.to_dict(reply.output) == {"duplicate": True}
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await _orders(db, step_id) == 1
 
 
 async def test_a_handler_that_commits_the_sdk_transaction_is_not_answered_but_requeued(
@@ -571,10 +574,7 @@ async def test_a_handler_that_commits_the_sdk_transaction_is_not_answered_but_re
     # counts as not handled and runs again; only that run is answered.
     assert reply.outcome == SUCCEEDED and structs.to_dict(reply.output) == {"run": 2}
     assert runs == [1, 1]
-    assert (
-        await _scalar(db, "SELECT outcome FROM sagaplane_inbox WHERE step_id = %s", step_id)
-        == "succeeded"
-    )
+    assert await _inbox_outcome(db, step_id) == "succeeded"
     await broker.no_more_replies()
 
 
@@ -592,9 +592,7 @@ async def test_an_output_that_is_not_a_json_object_fails_the_step_and_rolls_back
 
     @participant.step(action)
     async def create(ctx: StepContext) -> Any:
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         return returned
 
     await participant.start()
@@ -606,7 +604,7 @@ async def test_an_output_that_is_not_a_json_object_fails_the_step_and_rolls_back
         "InvalidOutput",
         False,
     )
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+    assert await _orders(db, step_id) == 0
 
 
 async def test_a_retryable_failure_runs_again_on_the_next_attempt_only(
@@ -687,9 +685,7 @@ async def test_compensation_gets_the_output_and_runs_once(
 
     @participant.step(create_action)
     async def create(ctx: StepContext) -> dict[str, Any]:
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         return {"order_id": f"o-{ctx.step_id}"}
 
     @participant.compensation(delete_action)
@@ -715,7 +711,7 @@ async def test_compensation_gets_the_output_and_runs_once(
         assert (reply.kind, reply.outcome, reply.attempt) == (COMPENSATE, SUCCEEDED, attempt)
     assert len(undone) == 1
     assert undone[0].kind is StepKind.COMPENSATE and undone[0].output == output
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+    assert await _orders(db, step_id) == 0
 
 
 async def test_an_execute_arriving_after_its_compensation_is_not_run(
@@ -825,9 +821,7 @@ async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
 
     @first.step(action)
     async def stuck(ctx: StepContext) -> None:
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         started.set()
         await asyncio.Event().wait()
 
@@ -838,7 +832,7 @@ async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
         await started.wait()
     async with asyncio.timeout(WAIT):
         await first.stop()
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 0
+    assert await _orders(db, step_id) == 0
 
     # A new process of the same service picks the command up again.
     second = Participant(
@@ -850,15 +844,13 @@ async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
 
     @second.step(action)
     async def create(ctx: StepContext) -> dict[str, Any]:
-        await ctx.tx.execute(
-            "INSERT INTO orders (id, step_id) VALUES (%s, %s)", (f"o-{ctx.step_id}", ctx.step_id)
-        )
+        await _insert_order(ctx)
         return {"attempt": ctx.attempt}
 
     async with second:
         reply = await broker.reply()
     assert (reply.step_id, reply.outcome, reply.token) == (step_id, SUCCEEDED, "t1")
-    assert await _scalar(db, "SELECT count(*) FROM orders WHERE step_id = %s", step_id) == 1
+    assert await _orders(db, step_id) == 1
 
 
 async def test_run_serves_until_cancelled(
