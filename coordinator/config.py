@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sagaplane.runtime import EVENT_LOOPS
+from sagaplane.urls import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -43,15 +44,12 @@ class Settings:
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """Add the coordinator's flags, with defaults taken from ``env``."""
     d = Settings()
-    parser.add_argument(
-        "--database-url",
-        default=env.get("SAGAPLANE_DATABASE_URL", d.database_url),
-        help="PostgreSQL URL [SAGAPLANE_DATABASE_URL; default %(default)s]",
-    )
+    add_database_url(parser, env)
+    amqp_url = env.get("SAGAPLANE_AMQP_URL", d.amqp_url)
     parser.add_argument(
         "--amqp-url",
-        default=env.get("SAGAPLANE_AMQP_URL", d.amqp_url),
-        help="RabbitMQ URL [SAGAPLANE_AMQP_URL; default %(default)s]",
+        default=amqp_url,
+        help=f"RabbitMQ URL [SAGAPLANE_AMQP_URL; default {shown(amqp_url)}]",
     )
     parser.add_argument(
         "--listen",
@@ -94,6 +92,21 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         default=_choice(env, "SAGAPLANE_EVENT_LOOP", EVENT_LOOPS, d.event_loop),
         help="event loop to run on [SAGAPLANE_EVENT_LOOP; default %(default)s]",
     )
+
+
+def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """The ``--database-url`` flag (``serve`` and ``migrate`` share it)."""
+    database_url = env.get("SAGAPLANE_DATABASE_URL", DEFAULT_DATABASE_URL)
+    parser.add_argument(
+        "--database-url",
+        default=database_url,
+        help=f"PostgreSQL URL [SAGAPLANE_DATABASE_URL; default {shown(database_url)}]",
+    )
+
+
+def shown(url: str) -> str:
+    """``url`` as ``--help`` may print it: password masked, ``%`` kept from argparse."""
+    return redact(url).replace("%", "%%")
 
 
 def _choice(env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:

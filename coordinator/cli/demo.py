@@ -47,8 +47,8 @@ from coordinator import config
 from coordinator.cli import render
 from coordinator.cli.client import Remote, connect, follow
 from coordinator.cli.errors import CliError, ExitCode
-from coordinator.cli.urls import redact
 from sagaplane import structs, topology
+from sagaplane.urls import redact
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane_demo"
@@ -69,16 +69,18 @@ participants as services, then `sagaplane demo --attach` against them.
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """The demo's flags."""
+    database_url = env.get("SAGAPLANE_DEMO_DATABASE_URL", DEFAULT_DATABASE_URL)
     parser.add_argument(
         "--database-url",
-        default=env.get("SAGAPLANE_DEMO_DATABASE_URL", DEFAULT_DATABASE_URL),
+        default=database_url,
         help="the demo coordinator's database; the participants' are named after it "
-        "[SAGAPLANE_DEMO_DATABASE_URL; default %(default)s]",
+        f"[SAGAPLANE_DEMO_DATABASE_URL; default {config.shown(database_url)}]",
     )
+    amqp_url = env.get("SAGAPLANE_AMQP_URL", config.DEFAULT_AMQP_URL)
     parser.add_argument(
         "--amqp-url",
-        default=env.get("SAGAPLANE_AMQP_URL", config.DEFAULT_AMQP_URL),
-        help="RabbitMQ [SAGAPLANE_AMQP_URL; default %(default)s]",
+        default=amqp_url,
+        help=f"RabbitMQ [SAGAPLANE_AMQP_URL; default {config.shown(amqp_url)}]",
     )
     parser.add_argument(
         "--keep",

@@ -13,8 +13,8 @@ from aiormq.exceptions import AMQPConnectionError
 
 from coordinator import config
 from coordinator.cli.errors import CliError, ExitCode
-from coordinator.cli.urls import redact
 from sagaplane.runtime import run
+from sagaplane.urls import redact
 
 
 def add_serve(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -25,11 +25,7 @@ def add_serve(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
 
 def add_migrate(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """``migrate`` needs only the database."""
-    parser.add_argument(
-        "--database-url",
-        default=env.get("SAGAPLANE_DATABASE_URL", config.DEFAULT_DATABASE_URL),
-        help="PostgreSQL URL [SAGAPLANE_DATABASE_URL; default %(default)s]",
-    )
+    config.add_database_url(parser, env)
 
 
 def _log_level(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
