@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
@@ -11,6 +12,7 @@ from aio_pika.abc import AbstractRobustConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from coordinator.api.page_tokens import PageTokens
 from coordinator.api.server import ApiServer
 from coordinator.api.servicer import SagaCoordinatorServicer
 from coordinator.config import Settings
@@ -21,6 +23,7 @@ from coordinator.store.pool import open_pool
 from coordinator.store.repository import SagaStore
 from coordinator.timers import TimerLoop
 from sagaplane import topology
+from sagaplane.consuming import DeadLetters
 from sagaplane.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class Coordinator:
         self._api: ApiServer | None = None
         self._amqp: AbstractRobustConnection | None = None
         self._replies: ReplyConsumer | None = None
+        self._dead_letters: DeadLetters | None = None
         self._relay: OutboxRelay | None = None
         self._timers: TimerLoop | None = None
         self.store: SagaStore | None = None
@@ -46,6 +50,11 @@ class Coordinator:
         """The gRPC port actually bound (useful with port 0)."""
         assert self._api is not None, "start() first"
         return self._api.port
+
+    @property
+    def dead_lettered(self) -> Mapping[str, int]:
+        """Replies dead-lettered by this process, by cause (see messaging.replies)."""
+        return self._dead_letters.counts if self._dead_letters is not None else {}
 
     async def start(self) -> None:
         """Migrate (unless disabled), open the pool, start serving.
@@ -79,11 +88,13 @@ class Coordinator:
         replies = await channel.get_queue(topology.REPLIES_QUEUE)
         self._relay = OutboxRelay(self._pool, self._amqp)
         await self._relay.start()
-        self._replies = ReplyConsumer(self.store, replies)
+        self._dead_letters = DeadLetters(self._amqp, queue=topology.REPLIES_QUEUE)
+        self._replies = ReplyConsumer(self.store, replies, self._dead_letters)
         await self._replies.start()
         self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
         await self._timers.start()
-        self._api = ApiServer(SagaCoordinatorServicer(self.store), self.settings.listen)
+        tokens = PageTokens(await self.store.secret("page_tokens"))
+        self._api = ApiServer(SagaCoordinatorServicer(self.store, tokens), self.settings.listen)
         await self._api.start()
         log.info("coordinator listening on port %d", self._api.port)
 
@@ -106,6 +117,8 @@ class Coordinator:
             await self._replies.stop()
         if self._timers is not None:
             await self._timers.stop()
+        if self._dead_letters is not None:
+            await self._dead_letters.close()
         if self._relay is not None:
             try:
                 await self._relay.stop()

@@ -9,19 +9,25 @@ import grpc
 
 from coordinator import engine
 from coordinator.api import convert, validation
+from coordinator.api.page_tokens import PageTokens
 from coordinator.store.repository import SagaStore
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
+from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+"""A ListActive page ends before the saga that would take it past this size (it always
+holds at least one saga), so that it stays under a gRPC client's default 4 MiB."""
+
 
 class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceServicer):
     """Serves the gRPC API from the saga store. Errors are mapped by the interceptor."""
 
-    def __init__(self, store: SagaStore) -> None:
+    def __init__(self, store: SagaStore, page_tokens: PageTokens) -> None:
         self._store = store
+        self._page_tokens = page_tokens
 
     async def StartSaga(
         self, request: coordinator_pb2.StartSagaRequest, context: Context
@@ -57,21 +63,27 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
     ) -> coordinator_pb2.ListActiveResponse:
         """Active sagas, newest first, one page at a time."""
         limit = validation.page_size(request.page_size)
-        after = validation.decode_page_token(request.page_token, request.name)
+        name = validation.name_filter(request.name)
+        after = self._page_tokens.decode(request.page_token, name)
         # One extra row tells whether another page exists without a second query.
         sagas = await self._store.list_active(
             limit=limit + 1,
             after=after,
-            name=request.name or None,
+            name=name or None,
             stale_for=validation.stale_for(request),
         )
+        page: list[saga_pb2.Saga] = []
+        size = 0
+        for saga in sagas[:limit]:
+            message = convert.saga_to_proto(saga)
+            size += message.ByteSize()
+            if page and size > MAX_PAGE_BYTES:
+                break
+            page.append(message)
         token = ""
-        if len(sagas) > limit:
-            sagas = sagas[:limit]
-            token = validation.encode_page_token(sagas[-1].id, request.name)
-        return coordinator_pb2.ListActiveResponse(
-            sagas=[convert.saga_to_proto(s) for s in sagas], next_page_token=token
-        )
+        if len(page) < len(sagas):
+            token = self._page_tokens.encode(page[-1].id, name)
+        return coordinator_pb2.ListActiveResponse(sagas=page, next_page_token=token)
 
     async def ResolveCompensation(
         self, request: coordinator_pb2.ResolveCompensationRequest, context: Context

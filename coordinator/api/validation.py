@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import re
 from datetime import timedelta
-from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2
 
@@ -15,6 +12,7 @@ from coordinator import engine
 from coordinator.errors import InvalidArgument, SagaNotFound
 from coordinator.store.repository import NewSaga
 from sagaplane import structs
+from sagaplane.limits import MAX_JSON_DEPTH
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 MAX_STEPS = 100
@@ -23,8 +21,6 @@ MAX_REASON = 1000
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Per context and per step input, serialized."""
 MAX_REQUEST_BYTES = 1024 * 1024
-# Protobuf's decoder stops near 30 levels of Struct nesting; ours must bite first.
-MAX_JSON_DEPTH = 20
 MAX_ATTEMPTS = 100
 MAX_STEP_TIMEOUT = timedelta(days=1)
 MAX_SAGA_TIMEOUT = timedelta(days=366)
@@ -33,8 +29,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 # A routing key of plain words joined by dots: no AMQP topic wildcards (* and #).
-_ACTION = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+_ACTION = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 def _text(value: str, field: str, *, required: bool, limit: int = MAX_NAME) -> str:
@@ -42,46 +38,54 @@ def _text(value: str, field: str, *, required: bool, limit: int = MAX_NAME) -> s
         raise InvalidArgument(field, "is required")
     if len(value) > limit:
         raise InvalidArgument(field, f"is longer than {limit} characters")
+    if "\x00" in value:
+        # PostgreSQL's text cannot hold it.
+        raise InvalidArgument(field, "must not contain a NUL character")
     return value
 
 
 def _action(value: str, field: str, *, required: bool) -> str:
     _text(value, field, required=required)
-    if value and not _ACTION.match(value):
+    if value and not _ACTION.fullmatch(value):
         raise InvalidArgument(
             field, "must be words of letters, digits, '_' or '-' joined by dots, e.g. orders.create"
         )
     return value
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
-
-
 def _payload(struct: struct_pb2.Struct, field: str) -> engine.JsonObject:
     if struct.ByteSize() > MAX_PAYLOAD_BYTES:
         raise InvalidArgument(field, f"is larger than {MAX_PAYLOAD_BYTES} bytes")
-    obj = structs.to_dict(struct)
-    if _depth(obj) > MAX_JSON_DEPTH:
-        raise InvalidArgument(field, f"is nested deeper than {MAX_JSON_DEPTH} levels")
-    return obj
+    try:
+        return structs.decode(struct, field, max_depth=MAX_JSON_DEPTH)
+    except structs.InvalidJson as exc:
+        raise InvalidArgument(exc.path, exc.problem) from exc
+
+
+_NANOS = 1_000_000_000
+_NANOS_PER_MS = 1_000_000
 
 
 def _duration(
     value: duration_pb2.Duration, field: str, *, limit: timedelta, positive: bool = True
 ) -> timedelta:
+    """A Duration checked on its protobuf fields, before any conversion can overflow.
+
+    Durations have millisecond resolution (they are stored as such): a positive one
+    below a millisecond counts as one millisecond, and others are rounded up to one.
+    """
     if value.seconds < 0 or value.nanos < 0:
         raise InvalidArgument(field, "must not be negative")
-    result = value.ToTimedelta()
-    if positive and result <= timedelta(0):
+    if value.nanos >= _NANOS:
+        raise InvalidArgument(f"{field}.nanos", "must be less than 1000000000")
+    # Python's integers do not overflow, unlike Duration.ToTimedelta().
+    total = value.seconds * _NANOS + value.nanos
+    if positive and total == 0:
         raise InvalidArgument(field, "must be positive")
-    if result > limit:
+    ms = -(-total // _NANOS_PER_MS)
+    if ms > limit // timedelta(milliseconds=1):
         raise InvalidArgument(field, f"must be at most {limit}")
-    return result
+    return timedelta(milliseconds=ms)
 
 
 def _retry_policy(
@@ -106,7 +110,15 @@ def _retry_policy(
             policy.max_interval, f"{field}.max_interval", limit=MAX_INTERVAL, positive=False
         )
     if maximum < initial:
-        raise InvalidArgument(f"{field}.max_interval", "must not be less than initial_interval")
+        # Name the field the caller set: the other one is a default they may not know.
+        if policy.HasField("max_interval"):
+            raise InvalidArgument(
+                f"{field}.max_interval", f"must not be less than initial_interval ({initial})"
+            )
+        raise InvalidArgument(
+            f"{field}.initial_interval",
+            f"must not be more than max_interval ({maximum} unless given)",
+        )
     return engine.RetryPolicy(
         max_attempts=policy.max_attempts or default.max_attempts,
         initial_interval=initial,
@@ -184,7 +196,7 @@ def saga_id(value: str) -> str:
     """A well-formed saga id; a malformed one cannot exist, so it is NOT_FOUND."""
     if not value:
         raise InvalidArgument("id", "is required")
-    if not _ULID.match(value):
+    if not _ULID.fullmatch(value):
         raise SagaNotFound(value[:64])
     return value
 
@@ -226,25 +238,6 @@ def page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def encode_page_token(after: str, name: str) -> str:
-    """An opaque token to continue a listing after the saga ``after``."""
-    raw = json.dumps({"after": after, "name": name}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, name: str) -> str | None:
-    """The id to continue after; None for the first page."""
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        after = data["after"]
-        same_filter = data["name"] == name
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument("page_token", "is not a token returned by ListActive") from exc
-    if not isinstance(after, str) or not _ULID.match(after):
-        raise InvalidArgument("page_token", "is not a token returned by ListActive")
-    if not same_filter:
-        raise InvalidArgument("page_token", "was issued for a different name filter")
-    return after
+def name_filter(value: str) -> str:
+    """ListActive's optional name filter."""
+    return _text(value, "name", required=False)

@@ -25,6 +25,10 @@ class StepReplied:
     """Why it failed, on failure."""
     retryable: bool = True
     """On failure: whether another attempt may succeed (the participant says)."""
+    output_size: int = 0
+    """On success: the output's size on the wire, in bytes. Past
+    :data:`~sagaplane.limits.MAX_OUTPUT_BYTES` the output is not decoded (``output`` is
+    None) and the engine refuses it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -225,3 +225,7 @@ class Transition:
     """Entries to append to the history."""
     ignored: str | None = None
     """Why the event changed nothing (a duplicate or stale reply, a repeated request)."""
+    refused: bool = False
+    """With ``ignored``: the event cannot have come from a command this saga sent (an
+    unknown step, a token that does not match the attempt in flight), so it is forged or
+    broken rather than late. The reply consumer dead-letters such a reply."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -48,6 +49,7 @@ from coordinator.engine.model import (
     Transition,
 )
 from coordinator.errors import IllegalTransition
+from sagaplane.limits import MAX_OUTPUT_BYTES, MAX_SAGA_OUTPUT_BYTES
 
 TokenFactory = Callable[[], str]
 
@@ -138,7 +140,7 @@ def backoff(policy: RetryPolicy, step_id: str, kind: CommandKind, attempt: int) 
 def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactory) -> Transition:
     step = saga.step_by_id(ev.step_id)
     if step is None:
-        return Transition(saga=saga, ignored="unknown step")
+        return Transition(saga=saga, ignored="unknown step", refused=True)
     expected_status, attempt = (
         (StepStatus.STARTED, step.attempts)
         if ev.kind is CommandKind.EXECUTE
@@ -149,12 +151,19 @@ def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactor
     if ev.attempt != attempt:
         return Transition(saga=saga, ignored=f"attempt {ev.attempt} is not {attempt}")
     if ev.token != step.token:
-        return Transition(saga=saga, ignored="token does not match the command in flight")
+        return Transition(
+            saga=saga, ignored="token does not match the command in flight", refused=True
+        )
 
     b = _Builder(saga, now, new_token)
     i = step.position
     if ev.kind is CommandKind.EXECUTE:
-        if ev.succeeded:
+        refused = _refused_output(saga, step, ev) if ev.succeeded else None
+        if refused is not None:
+            # The action took effect, but its output would make the saga unreadable: the
+            # step fails, and its effect is undone like that of a step that timed out.
+            b.attempt_failed(i, CommandKind.EXECUTE, refused, retryable=False, unknown=True)
+        elif ev.succeeded:
             b.set_step(
                 i,
                 status=StepStatus.COMPLETED,
@@ -179,6 +188,32 @@ def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactor
     else:
         b.attempt_failed(i, CommandKind.COMPENSATE, ev.error, ev.retryable, unknown=False)
     return b.build()
+
+
+def _refused_output(saga: Saga, step: Step, ev: StepReplied) -> str | None:
+    """Why a successful reply's output cannot be kept, or None (see sagaplane.limits)."""
+    if ev.output_size > MAX_OUTPUT_BYTES:
+        return (
+            f"OutputTooLarge: the step's output is {ev.output_size} bytes; "
+            f"at most {MAX_OUTPUT_BYTES} are kept"
+        )
+    # Only a saga of many steps can reach the saga's total; the others pay nothing.
+    if len(saga.steps) * MAX_OUTPUT_BYTES <= MAX_SAGA_OUTPUT_BYTES:
+        return None
+    total = json_size(ev.output or {}) + sum(
+        json_size(s.output) for s in saga.steps if s.output is not None and s.id != step.id
+    )
+    if total > MAX_SAGA_OUTPUT_BYTES:
+        return (
+            f"OutputTooLarge: with this output the saga's outputs would take {total} bytes; "
+            f"at most {MAX_SAGA_OUTPUT_BYTES} are kept"
+        )
+    return None
+
+
+def json_size(value: JsonObject) -> int:
+    """The size of ``value`` as compact UTF-8 JSON, how the saga's output budget counts."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def _on_timer(saga: Saga, ev: TimerFired, now: datetime, new_token: TokenFactory) -> Transition:

@@ -1,9 +1,24 @@
-"""Engine commands and replies <-> the protobuf envelopes of proto/messages.proto."""
+"""Engine commands and replies <-> the protobuf envelopes of proto/messages.proto.
+
+A reply comes from outside: :func:`decode_reply` checks everything in it that the store
+or the engine relies on (ids, sizes, JSON that PostgreSQL can hold, bounded error text)
+and raises :class:`UndecodableReply`, with the reason, for a reply that can never apply.
+"""
 
 from __future__ import annotations
 
+import re
+
 from coordinator.engine import Command, CommandKind, StepReplied
 from sagaplane import structs, topology
+from sagaplane.limits import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    MAX_ID_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_OUTPUT_BYTES,
+    clean_text,
+)
 from sagaplane.outbox import OutboundMessage
 from sagaplane.v1 import messages_pb2
 
@@ -12,6 +27,7 @@ _KIND_TO_PROTO = {
     CommandKind.COMPENSATE: messages_pb2.COMMAND_KIND_COMPENSATE,
 }
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 class UndecodableReply(ValueError):
@@ -47,6 +63,8 @@ def encode_command(command: Command) -> OutboundMessage:
 
 def decode_reply(body: bytes) -> tuple[str, StepReplied]:
     """The saga id and engine event of a StepReply body; raises UndecodableReply."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise UndecodableReply(f"the body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES}")
     reply = messages_pb2.StepReply()
     try:
         reply.ParseFromString(body)
@@ -55,6 +73,13 @@ def decode_reply(body: bytes) -> tuple[str, StepReplied]:
     kind = _KIND_FROM_PROTO.get(reply.kind)
     if not reply.saga_id or not reply.step_id or kind is None:
         raise UndecodableReply("StepReply lacks saga_id, step_id or kind")
+    # Ids the coordinator issued are ULIDs: anything else can name no saga or step.
+    if not _ULID.fullmatch(reply.saga_id):
+        raise UndecodableReply("saga_id is not a saga id (a ULID)")
+    if not _ULID.fullmatch(reply.step_id):
+        raise UndecodableReply("step_id is not a step id (a ULID)")
+    if len(reply.token) > MAX_ID_CHARS:
+        raise UndecodableReply(f"token is longer than {MAX_ID_CHARS} characters")
     if reply.outcome not in (
         messages_pb2.REPLY_OUTCOME_SUCCEEDED,
         messages_pb2.REPLY_OUTCOME_FAILED,
@@ -62,17 +87,29 @@ def decode_reply(body: bytes) -> tuple[str, StepReplied]:
         raise UndecodableReply("StepReply has no outcome")
     succeeded = reply.outcome == messages_pb2.REPLY_OUTCOME_SUCCEEDED
     error = None
+    output = None
+    output_size = 0
     if not succeeded:
-        error = reply.error.message or "failed"
-        if reply.error.type:
-            error = f"{reply.error.type}: {error}"
+        # A failure is always reported, never refused for its text: cleaned and cut.
+        message = clean_text(reply.error.message, MAX_ERROR_MESSAGE_CHARS) or "failed"
+        kind_name = clean_text(reply.error.type, MAX_ERROR_TYPE_CHARS)
+        error = f"{kind_name}: {message}" if kind_name else message
+    elif kind is CommandKind.EXECUTE:
+        # A compensation's output is the participant's own business (never stored).
+        output_size = reply.output.ByteSize()
+        if output_size <= MAX_OUTPUT_BYTES:  # a larger one is refused by the engine
+            try:
+                output = structs.decode(reply.output, "output")
+            except structs.InvalidJson as exc:
+                raise UndecodableReply(str(exc)) from exc
     return reply.saga_id, StepReplied(
         step_id=reply.step_id,
         kind=kind,
         attempt=reply.attempt,
         token=reply.token,
         succeeded=succeeded,
-        output=structs.to_dict(reply.output) if succeeded else None,
+        output=output,
         error=error,
         retryable=reply.error.retryable,
+        output_size=output_size,
     )

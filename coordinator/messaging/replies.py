@@ -9,6 +9,13 @@ already applied (its step is no longer awaiting that attempt) and ignores it.
 While the database is unreachable the batch is held and retried, not requeued:
 requeueing would count towards the queue's delivery limit and dead-letter
 healthy replies during a database restart.
+
+A reply that can never apply is dead-lettered alone, with its reason
+(:class:`~sagaplane.consuming.DeadLetters`): one that cannot be decoded (garbage,
+non-finite numbers, NUL characters, ids that are no ULIDs), one for an unknown saga,
+and one the engine refuses as forged (an unknown step, a wrong token). A batch whose
+transaction fails is split and applied reply by reply, so a poison reply costs the
+others nothing.
 """
 
 from __future__ import annotations
@@ -16,17 +23,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from coordinator.engine import Event
 from coordinator.errors import SagaNotFound, StorageUnavailable
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
+from sagaplane.consuming import DeadLetters, deliveries, settle
+from sagaplane.topology import DELIVERY_LIMIT
+from sagaplane.v1 import messages_pb2
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "sagaplane-reply-consumer"
+
+_REPLY_TYPE = messages_pb2.StepReply.DESCRIPTOR.full_name
+
+_Decoded = tuple[AbstractIncomingMessage, tuple[str, Event]]
 
 _CANCEL_TIMEOUT = 5.0
 """Seconds stop() waits to cancel the consumer (RabbitMQ may be unreachable)."""
@@ -39,12 +53,14 @@ class ReplyConsumer:
         self,
         store: SagaStore,
         queue: AbstractQueue,
+        dead_letters: DeadLetters,
         *,
         max_batch: int = 256,
         max_backoff: float = 5.0,
     ) -> None:
         self._store = store
         self._queue = queue
+        self._dead = dead_letters
         self._max_batch = max_batch
         self._max_backoff = max_backoff
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -88,18 +104,38 @@ class ReplyConsumer:
             while len(batch) < self._max_batch and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             # Shielded: once a batch is being applied, stop() lets it commit and ack.
-            await asyncio.shield(self._handle(batch))
+            try:
+                await asyncio.shield(self._handle(batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # _handle settles every message itself; this is a bug. The consumer
+                # stays up, and the broker redelivers whatever was not settled.
+                log.exception("handling %d replies failed unexpectedly", len(batch))
+                for message in batch:
+                    if not message.processed:
+                        await settle(message.nack(requeue=True), message)
 
     async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
-        decoded = []
+        decoded: list[_Decoded] = []
         for message in batch:
             try:
+                if message.type and message.type != _REPLY_TYPE:
+                    raise UndecodableReply(f"type is {message.type!r}, not {_REPLY_TYPE!r}")
                 decoded.append((message, decode_reply(message.body)))
             except UndecodableReply as exc:
-                log.error("dead-lettering reply %s: %s", message.message_id, exc)
-                await _settle(message.reject(requeue=False), message)
-        if not decoded:
-            return
+                await self._dead.send(message, str(exc), cause="undecodable")
+            except Exception as exc:  # a decoder bug must not take the healthy replies along
+                log.exception("decoding reply %s failed", message.message_id)
+                await self._dead.send(
+                    message, f"cannot be decoded: {type(exc).__name__}", cause="undecodable"
+                )
+        if decoded:
+            await self._apply(decoded)
+
+    async def _apply(
+        self, decoded: list[tuple[AbstractIncomingMessage, tuple[str, Event]]]
+    ) -> None:
         events = [event for _, event in decoded]
         failures = 0
         while True:
@@ -108,42 +144,44 @@ class ReplyConsumer:
                 break
             except StorageUnavailable as exc:
                 failures += 1
-                delay = min(self._max_backoff, 0.1 * 2**failures)
+                delay = min(self._max_backoff, 0.1 * 2 ** min(failures, 16))
                 log.warning("database unavailable (%s); retrying %d replies", exc, len(events))
                 await asyncio.sleep(delay)
-            except Exception:
+            except Exception as exc:
                 if len(decoded) > 1:
                     # One poison reply must not cost the healthy ones a delivery each
                     # (the queue's delivery limit): find it by applying them one by one.
                     log.exception("applying %d replies failed; retrying singly", len(events))
-                    for message, _ in decoded:
-                        await self._handle([message])
+                    for one in decoded:
+                        await self._apply([one])
                     return
-                log.exception("reply %s failed; requeueing it", decoded[0][0].message_id)
-                await _settle(decoded[0][0].nack(requeue=True), decoded[0][0])
+                message = decoded[0][0]
+                if deliveries(message) + 1 >= DELIVERY_LIMIT:
+                    # The broker would dead-letter it on this nack, without saying why.
+                    await self._dead.send(
+                        message,
+                        f"applying it failed {DELIVERY_LIMIT} times: {type(exc).__name__}",
+                        cause="failed",
+                    )
+                    return
+                log.exception("reply %s failed; requeueing it", message.message_id)
+                await settle(message.nack(requeue=True), message)
                 return
         for (message, _), result in zip(decoded, results, strict=True):
             if isinstance(result.error, SagaNotFound):
                 # Can never apply: no such saga here. The dead-letter queue keeps it for a person.
-                log.error("dead-lettering reply %s: %s", message.message_id, result.error)
-                await _settle(message.reject(requeue=False), message)
+                await self._dead.send(message, str(result.error), cause="unknown_saga")
+                continue
+            if result.transition is not None and result.transition.refused:
+                await self._dead.send(
+                    message, f"refused: {result.transition.ignored}", cause="refused"
+                )
                 continue
             if result.error is not None:
                 log.warning("reply %s not applied: %s", message.message_id, result.error)
             elif result.transition is not None and result.transition.ignored:
                 log.info("reply %s ignored: %s", message.message_id, result.transition.ignored)
-            await _settle(message.ack(), message)
-
-
-async def _settle(action: Awaitable[None], message: AbstractIncomingMessage) -> None:
-    """Ack, nack or reject; a channel that closed under us (RabbitMQ restarting) is no crash.
-
-    The broker then redelivers the message, and the engine ignores a reply it applied.
-    """
-    try:
-        await action
-    except Exception as exc:
-        log.warning("could not settle reply %s: %s", message.message_id, exc)
+            await settle(message.ack(), message)
 
 
 def _crash_loudly(task: asyncio.Task[None]) -> None:

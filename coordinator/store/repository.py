@@ -168,6 +168,15 @@ class SagaStore:
                 entries = [_history_from_row(row) for row in await cur.fetchall()]
             return sagas[saga_id], entries
 
+    async def secret(self, name: str) -> bytes:
+        """The shared secret called ``name`` (see ``sql/0003_keys.sql``); KeyError if none."""
+        async with self._reading() as cur:
+            await cur.execute(q("select_key"), {"name": name})
+            row = await cur.fetchone()
+        if row is None:
+            raise KeyError(f"no secret {name!r} in sagaplane_keys")
+        return bytes(row["secret"])
+
     async def list_active(
         self,
         *,

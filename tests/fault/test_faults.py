@@ -31,6 +31,7 @@ from fault.harness import (
     saga_request,
 )
 from sagaplane import structs, topology
+from sagaplane.consuming import REASON_HEADER
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import messages_pb2
 from sagaplane.v1 import saga_pb2 as model
@@ -413,7 +414,8 @@ async def test_poison_messages_dead_lettered(rig: Rig) -> None:
             reply_type,
             _reply(unknown_saga, "01J0000000000000000000STEP", **succeeded),
         ),
-        # Crashes the reply consumer (PostgreSQL text cannot hold NUL) on every delivery.
+        # Used to crash the reply consumer (PostgreSQL text cannot hold NUL) on every
+        # delivery; now refused at once, with the reason.
         (
             "poison-reply-nul",
             replies_queue,
@@ -428,7 +430,7 @@ async def test_poison_messages_dead_lettered(rig: Rig) -> None:
             command_type,
             _command(unknown_saga, "01J0000000000000000000STP2", "orders.explode"),
         ),
-        # Crashes the participant's handling (NUL again) on every delivery.
+        # Used to crash the participant's handling (NUL again); refused at once too.
         (
             "poison-cmd-nul",
             orders_queue,
@@ -473,9 +475,13 @@ async def test_poison_messages_dead_lettered(rig: Rig) -> None:
             if message is None:
                 await asyncio.sleep(0.2)
                 continue
-            deaths = message.headers.get("x-death") or [{}]
-            dead[message.message_id or ""] = str(deaths[0].get("reason", "?"))  # type: ignore[union-attr,index]
-        reasons = Counter(dead.values())
+            headers = message.headers or {}
+            if REASON_HEADER in headers:
+                dead[message.message_id or ""] = f"sagaplane: {headers[REASON_HEADER]}"
+            else:  # dead-lettered by the broker (x-death says why)
+                deaths = headers.get("x-death") or [{}]
+                dead[message.message_id or ""] = str(deaths[0].get("reason", "?"))  # type: ignore[union-attr,index]
+        reasons = Counter(r.split(":")[0] for r in dead.values())
         rig.notes.append(
             f"{len(poison)} poison messages -> {len(dead)} dead letters ("
             + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
@@ -487,8 +493,12 @@ async def test_poison_messages_dead_lettered(rig: Rig) -> None:
 
     assert totals.ok, rig.report(totals)
     assert expected_dead <= set(dead), f"not dead-lettered: {expected_dead - set(dead)}"
-    # The crashing ones went after the queue's delivery limit, the others at once.
-    assert dead["poison-reply-nul"] == "delivery_limit", dead
-    assert dead["poison-cmd-nul"] == "delivery_limit", dead
-    assert dead["poison-reply-garbage"] == "rejected", dead
+    # Every one went at once, dead-lettered by its consumer with the reason, none after
+    # burning the queue's delivery limit.
+    assert all(dead[mid].startswith("sagaplane: ") for mid in expected_dead), dead
+    assert "saga_id is not a saga id" in dead["poison-reply-nul"], dead
+    assert "step_id contains a NUL character" in dead["poison-cmd-nul"], dead
+    assert "not a StepReply" in dead["poison-reply-garbage"], dead
+    assert "no execute handler for action 'orders.explode'" in dead["poison-cmd-unknown-action"]
+    assert "not found" in dead["01J0000000000000000000STP4:execute:1:reply"], dead
     rig.assert_alive()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from sagaplane import (
     topology,
 )
 from sagaplane import participant as participant_module
+from sagaplane.consuming import REASON_HEADER
 from sagaplane.v1 import messages_pb2
 
 PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
@@ -183,6 +185,17 @@ class Broker:
                     await asyncio.sleep(0.05)
                 elif message.message_id == message_id:
                     return message.body
+
+    async def dead_letter_reason(self, message_id: str) -> str:
+        """Why ``message_id`` was dead-lettered, once it is in the dead-letter queue."""
+        queue = await self.channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
+        async with asyncio.timeout(WAIT):
+            while True:
+                message = await queue.get(no_ack=True, fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                elif message.message_id == message_id:
+                    return str((message.headers or {}).get(REASON_HEADER))
 
     async def queue_depth(self, service: str) -> int:
         """Ready messages in the participant's queue."""
@@ -605,6 +618,124 @@ async def test_an_output_that_is_not_a_json_object_fails_the_step_and_rolls_back
         False,
     )
     assert await _orders(db, step_id) == 0
+
+
+async def test_a_handler_raising_with_a_nul_in_its_message_fails_at_once(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> None:
+        await _insert_order(ctx)
+        raise NonRetryableError("card\x00number", error_type="Bad\x00Card")
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    # Answered on the first delivery, NUL replaced (PostgreSQL text cannot hold it).
+    assert (reply.outcome, reply.error.retryable) == (FAILED, False)
+    assert reply.error.message == "card\N{REPLACEMENT CHARACTER}number"
+    assert reply.error.type == "Bad\N{REPLACEMENT CHARACTER}Card"
+    assert await _orders(db, step_id) == 0
+    assert await _inbox_outcome(db, step_id) == "failed"
+    await broker.no_more_replies()
+    assert await broker.queue_depth(participant.service) == 0
+
+
+async def test_a_handler_returning_20_mb_fails_at_once_without_a_requeue_loop(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+    runs = 0
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        nonlocal runs
+        runs += 1
+        await _insert_order(ctx)
+        return {"blob": "x" * (20 * 1024 * 1024)}
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    assert (reply.outcome, reply.error.type, reply.error.retryable) == (
+        FAILED,
+        "OutputTooLarge",
+        False,
+    )
+    assert "at most 65536" in reply.error.message
+    assert await _orders(db, step_id) == 0
+    await broker.no_more_replies()
+    assert runs == 1
+
+
+def _nested(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("returned", "problem"),
+    [
+        ({"note": "a\x00b"}, "output.note: contains a NUL character"),
+        ({"k\x00": 1}, "the key contains a NUL character"),
+        ({"deep": _nested(21)}, "nested deeper than 20"),
+    ],
+)
+async def test_an_output_the_coordinator_would_refuse_fails_the_step(
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    returned: dict[str, Any],
+    problem: str,
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        await _insert_order(ctx)
+        return returned
+
+    await participant.start()
+    step_id = _uid()
+    await broker.send(action=action, saga_id=_uid(), step_id=step_id)
+    reply = await broker.reply()
+    assert (reply.outcome, reply.error.type, reply.error.retryable) == (
+        FAILED,
+        "InvalidOutput",
+        False,
+    )
+    assert problem in reply.error.message
+    assert await _orders(db, step_id) == 0
+
+
+async def test_a_command_the_inbox_could_not_store_is_dead_lettered_with_its_reason(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        return {"ok": True}
+
+    await participant.start()
+    nul_id = await broker.send(action=action, saga_id="s\x00x", step_id=_uid())
+    reason = await broker.dead_letter_reason(nul_id)
+    assert reason == "saga_id contains a NUL character"
+    nan_id = await broker.send(action=action, saga_id=_uid(), step_id=_uid(), input={"q": math.nan})
+    assert await broker.dead_letter_reason(nan_id) == "input.q: is not a finite number"
+    assert participant.dead_lettered == {"undecodable": 2}
+    await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    assert (await broker.reply()).outcome == SUCCEEDED
 
 
 async def test_a_retryable_failure_runs_again_on_the_next_attempt_only(

@@ -22,9 +22,14 @@ An execute command for a step whose compensation already ran here is not run: it
 answered with a non-retryable ``StepAlreadyCompensated`` failure, so that an action
 never lands after its undo (a late redelivery, or a retry racing a timeout).
 
-A message that is not a valid StepCommand, or names an action this service did not
-register, is rejected without requeue: the broker dead-letters it to
-``sagaplane.dead-letter``.
+A message that is not a valid StepCommand (garbage, ids or names past the wire's limits,
+JSON that PostgreSQL cannot hold), or names an action this service did not register, is
+dead-lettered to ``sagaplane.dead-letter`` with its reason
+(:class:`~sagaplane.consuming.DeadLetters`), alone. What a handler produces is checked
+too: an output past :data:`~sagaplane.limits.MAX_OUTPUT_BYTES` or holding what the
+coordinator refuses fails the step (non-retryably) and rolls the handler's writes back,
+and an error message is cleaned and cut (:func:`~sagaplane.limits.clean_text`) so that
+it can always be stored and sent.
 """
 
 from __future__ import annotations
@@ -55,7 +60,18 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sagaplane import batch, migrations, structs, topology
+from sagaplane.consuming import DeadLetters, deliveries
+from sagaplane.consuming import settle as _settle
 from sagaplane.errors import ConfigurationError, NonRetryableError, StepFailed
+from sagaplane.limits import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    MAX_ID_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_OUTPUT_BYTES,
+    MAX_TEXT_CHARS,
+    clean_text,
+)
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
 from sagaplane.relay import OutboxRelay
 from sagaplane.v1 import messages_pb2
@@ -64,7 +80,6 @@ __all__ = ["Handler", "Participant", "StepContext", "StepKind", "participant_mig
 
 log = logging.getLogger(__name__)
 
-_MAX_ERROR_MESSAGE = 4000
 # Backoff while PostgreSQL is unreachable: the command is held (unacked) and retried in
 # process, so an outage does not burn the queue's delivery limit and dead-letter it.
 _MIN_BACKOFF = 0.1
@@ -197,6 +212,7 @@ class Participant:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._relay: OutboxRelay | None = None
+        self._dead_letters: DeadLetters | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop_requested = asyncio.Event()
         self._started = False
@@ -215,6 +231,12 @@ class Participant:
         tolerate "nothing to undo" (``ctx.output`` may be empty).
         """
         return self._register(StepKind.COMPENSATE, action)
+
+    @property
+    def dead_lettered(self) -> Mapping[str, int]:
+        """Commands this participant dead-lettered, by cause (``undecodable``,
+        ``unknown_action``, ``failed``); see :mod:`sagaplane.consuming`."""
+        return self._dead_letters.counts if self._dead_letters is not None else {}
 
     @property
     def actions(self) -> list[str]:
@@ -289,6 +311,9 @@ class Participant:
                 connection_name=self._name,
             )
             await self._relay.start()
+            self._dead_letters = DeadLetters(
+                self._connection, queue=topology.participant_queue(self.service)
+            )
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=self._prefetch)
             # Declares the core topology (exchanges, replies and dead-letter queues) too.
@@ -378,6 +403,8 @@ class Participant:
                 await self._relay.stop()
             except Exception:
                 log.exception("participant %s: the outbox relay had crashed", self.service)
+        if self._dead_letters is not None:
+            await self._dead_letters.close()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
@@ -416,28 +443,26 @@ class Participant:
             )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        assert self._dead_letters is not None
         try:
             command = _decode(message)
         except _Undecodable as exc:
-            log.error(
-                "participant %s: dead-lettering message %s: %s",
-                self.service,
-                message.message_id,
-                exc,
+            await self._dead_letters.send(message, str(exc), cause="undecodable")
+            return
+        except Exception as exc:  # a decoder bug must not loop the message
+            log.exception("participant %s: decoding %s failed", self.service, message.message_id)
+            await self._dead_letters.send(
+                message, f"cannot be decoded: {type(exc).__name__}", cause="undecodable"
             )
-            await _settle(message.reject(requeue=False), message)
             return
         kind = _KIND_FROM_PROTO[command.kind]
         handler = self._handlers.get((kind, command.action))
         if handler is None:
-            log.error(
-                "participant %s: dead-lettering message %s: no %s handler for action %r",
-                self.service,
-                message.message_id,
-                kind,
-                command.action,
+            await self._dead_letters.send(
+                message,
+                f"participant {self.service} has no {kind} handler for action {command.action!r}",
+                cause="unknown_action",
             )
-            await _settle(message.reject(requeue=False), message)
             return
         failures = 0
         while True:
@@ -461,10 +486,17 @@ class Participant:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._stop_requested.wait()
-            except Exception:
+            except Exception as exc:
                 # Not the handler's failure (that is caught and replied): a bug or a bad
-                # row. Requeue; the queue's delivery limit dead-letters a command that
-                # keeps failing.
+                # row. Requeue; on its last delivery it is dead-lettered with the reason.
+                if deliveries(message) + 1 >= topology.DELIVERY_LIMIT:
+                    await self._dead_letters.send(
+                        message,
+                        f"processing it failed {topology.DELIVERY_LIMIT} times: "
+                        f"{type(exc).__name__}: {exc}",
+                        cause="failed",
+                    )
+                    return
                 log.exception(
                     "participant %s: message %s could not be processed; requeueing",
                     self.service,
@@ -492,7 +524,7 @@ class Participant:
         """
         assert self._pool is not None
         key = {"step_id": command.step_id, "kind": kind.value}
-        message_id = message.message_id or ""
+        message_id = _message_id(message)
         async with self._pool.connection() as conn:
             cur = AsyncClientCursor(conn)
             try:
@@ -680,10 +712,12 @@ class _Outcome:
 
     @classmethod
     def failure(cls, error_type: str, message: str, *, retryable: bool) -> _Outcome:
+        # Whatever a handler raised is reported: NUL replaced (the inbox could not store
+        # it, and the command would loop), and cut to the wire's limits.
         return cls(
             succeeded=False,
-            error_type=error_type,
-            error_message=message[:_MAX_ERROR_MESSAGE],
+            error_type=clean_text(error_type, MAX_ERROR_TYPE_CHARS),
+            error_message=clean_text(message, MAX_ERROR_MESSAGE_CHARS),
             error_retryable=retryable,
         )
 
@@ -729,9 +763,12 @@ class _Outcome:
 
 
 def _decode(message: AbstractIncomingMessage) -> messages_pb2.StepCommand:
+    """Check everything the inbox or a handler relies on; raises _Undecodable with why."""
     expected = messages_pb2.StepCommand.DESCRIPTOR.full_name
     if message.type and message.type != expected:
         raise _Undecodable(f"type is {message.type!r}, not {expected!r}")
+    if len(message.body) > MAX_MESSAGE_BYTES:
+        raise _Undecodable(f"the body is {len(message.body)} bytes; at most {MAX_MESSAGE_BYTES}")
     command = messages_pb2.StepCommand()
     try:
         command.ParseFromString(message.body)
@@ -743,7 +780,42 @@ def _decode(message: AbstractIncomingMessage) -> messages_pb2.StepCommand:
         raise _Undecodable(f"StepCommand has no valid kind ({command.kind})")
     if command.attempt < 1:
         raise _Undecodable("StepCommand has no attempt")
+    for field, limit in _TEXT_LIMITS.items():
+        value = getattr(command, field)
+        if len(value) > limit:
+            raise _Undecodable(f"{field} is longer than {limit} characters")
+        if "\x00" in value:
+            raise _Undecodable(f"{field} contains a NUL character")
+    try:
+        _payloads(command)
+    except structs.InvalidJson as exc:
+        raise _Undecodable(str(exc)) from exc
     return command
+
+
+def _payloads(
+    command: messages_pb2.StepCommand,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The command's input, context and (compensations only) output; raises InvalidJson."""
+    output = None
+    if command.kind == messages_pb2.COMMAND_KIND_COMPENSATE and command.HasField("output"):
+        output = structs.decode(command.output, "output")
+    return (
+        structs.decode(command.input, "input"),
+        structs.decode(command.context, "context"),
+        output,
+    )
+
+
+# What the inbox stores or the handler is given, with the coordinator's own limits.
+_TEXT_LIMITS = {
+    "saga_id": MAX_ID_CHARS,
+    "step_id": MAX_ID_CHARS,
+    "token": MAX_ID_CHARS,
+    "action": MAX_TEXT_CHARS,
+    "step_name": MAX_TEXT_CHARS,
+    "saga_name": MAX_TEXT_CHARS,
+}
 
 
 def _context(
@@ -752,6 +824,7 @@ def _context(
     kind: StepKind,
     conn: AsyncConnection[Any],
 ) -> StepContext:
+    input, context, output = _payloads(command)  # checked by _decode already
     return StepContext(
         saga_id=command.saga_id,
         saga_name=command.saga_name,
@@ -760,16 +833,17 @@ def _context(
         attempt=command.attempt,
         kind=kind,
         action=command.action,
-        input=structs.to_dict(command.input),
-        context=structs.to_dict(command.context),
-        output=(
-            structs.to_dict(command.output)
-            if kind is StepKind.COMPENSATE and command.HasField("output")
-            else None
-        ),
-        message_id=message.message_id or "",
+        input=input,
+        context=context,
+        output=output,
+        message_id=_message_id(message),
         tx=conn,
     )
+
+
+def _message_id(message: AbstractIncomingMessage) -> str:
+    # Anyone may publish to the commands exchange: the inbox must be able to store it.
+    return clean_text(message.message_id or "", MAX_TEXT_CHARS)
 
 
 def _checked_output(returned: object) -> tuple[dict[str, Any], str]:
@@ -782,13 +856,22 @@ def _checked_output(returned: object) -> tuple[dict[str, Any], str]:
         )
     output = dict(returned)
     try:
-        # Both encodings the output travels in: the inbox (JSON) and the reply (Struct).
+        # Both encodings the output travels in: the inbox (JSON) and the reply (Struct),
+        # and what the coordinator accepts (no NUL, finite numbers, bounded depth).
         text = json.dumps(output, allow_nan=False)
-        structs.to_struct(output)
-    except (TypeError, ValueError) as exc:
+        struct = structs.to_struct(output)
+        structs.decode(struct, "output")
+    except (TypeError, ValueError, AttributeError) as exc:
         raise NonRetryableError(
-            f"the handler's output is not a JSON object: {exc}", error_type="InvalidOutput"
+            f"the handler's output is not a JSON object Sagaplane can store: {exc}",
+            error_type="InvalidOutput",
         ) from exc
+    size = struct.ByteSize()
+    if size > MAX_OUTPUT_BYTES:
+        raise NonRetryableError(
+            f"the handler's output is {size} bytes; at most {MAX_OUTPUT_BYTES} are accepted",
+            error_type="OutputTooLarge",
+        )
     return output, text
 
 
@@ -826,12 +909,3 @@ def _reply(
         body=reply.SerializeToString(),
         correlation_id=command.saga_id,
     )
-
-
-async def _settle(action: Awaitable[None], message: AbstractIncomingMessage) -> None:
-    try:
-        await action
-    except Exception as exc:
-        # The channel closed under us; the broker redelivers the message, and the inbox
-        # answers it if our transaction had committed.
-        log.warning("could not ack/reject message %s: %s", message.message_id, exc)

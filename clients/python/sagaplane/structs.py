@@ -2,15 +2,40 @@
 
 Struct carries every number as a double; integral values come back as ``int``
 so that ``{"qty": 2}`` round-trips as ``2``, not ``2.0``.
+
+:func:`decode` is the checked direction, for a Struct that came from outside (a gRPC
+request, an AMQP message): it refuses what PostgreSQL or protobuf's JSON mapping cannot
+hold (NaN and infinities, NUL characters, unset values, nesting past
+:data:`~sagaplane.limits.MAX_JSON_DEPTH`) with an :class:`InvalidJson` that names the
+offending place, e.g. ``steps[0].input.items[2].price: is not a finite number``.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from sagaplane.limits import MAX_JSON_DEPTH
+
+__all__ = ["InvalidJson", "decode", "integral", "to_dict", "to_struct"]
+
 _MAX_EXACT = 2**53
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class InvalidJson(ValueError):
+    """A Struct that is not a JSON object Sagaplane can store."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        """Where: the field name, then keys and indexes (``context.items[2]``)."""
+        self.problem = problem
+        """What is wrong there."""
 
 
 def integral(value: Any) -> Any:
@@ -28,7 +53,7 @@ def integral(value: Any) -> Any:
 
 
 def to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The JSON object a Struct holds."""
+    """The JSON object a Struct holds (unchecked: for Structs this process built)."""
     result: dict[str, Any] = integral(json_format.MessageToDict(struct))
     return result
 
@@ -39,3 +64,70 @@ def to_struct(obj: dict[str, Any] | None) -> struct_pb2.Struct:
     if obj:
         struct.update(obj)
     return struct
+
+
+def decode(
+    struct: struct_pb2.Struct, field: str, *, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """The JSON object a Struct from outside holds; raises :class:`InvalidJson`.
+
+    ``field`` names the Struct in error messages.
+    """
+    try:
+        return _object(struct, field, 1, max_depth)
+    except _TooDeep as exc:
+        # Said of the whole field: the path down to the limit helps nobody.
+        raise InvalidJson(field, f"is nested deeper than {max_depth} levels") from exc
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _object(struct: struct_pb2.Struct, path: str, depth: int, max_depth: int) -> dict[str, Any]:
+    if depth > max_depth:
+        raise _TooDeep
+    result: dict[str, Any] = {}
+    for key, value in struct.fields.items():
+        where = _key_path(path, key)
+        if "\x00" in key:
+            raise InvalidJson(where, "the key contains a NUL character")
+        result[key] = _value(value, where, depth, max_depth)
+    return result
+
+
+def _value(value: struct_pb2.Value, path: str, depth: int, max_depth: int) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        text = value.string_value
+        if "\x00" in text:
+            raise InvalidJson(path, "contains a NUL character")
+        return text
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidJson(path, "is not a finite number")
+        if number.is_integer() and abs(number) <= _MAX_EXACT:
+            return int(number)
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "null_value":
+        return None
+    if kind == "struct_value":
+        return _object(value.struct_value, path, depth + 1, max_depth)
+    if kind == "list_value":
+        if depth + 1 > max_depth:
+            raise _TooDeep
+        return [
+            _value(item, f"{path}[{i}]", depth + 1, max_depth)
+            for i, item in enumerate(value.list_value.values)
+        ]
+    raise InvalidJson(path, "has no value (a google.protobuf.Value with no kind set)")
+
+
+def _key_path(path: str, key: str) -> str:
+    if _IDENTIFIER.match(key):
+        return f"{path}.{key}"
+    # JSON's quoting keeps a NUL or a quote in the key readable.
+    return f"{path}[{json.dumps(key)}]"

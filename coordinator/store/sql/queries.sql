@@ -87,3 +87,6 @@ WHERE deadline_at <= now() AND state = 'started'
 ORDER BY deadline_at
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;
+
+-- name: select_key
+SELECT secret FROM sagaplane_keys WHERE name = %(name)s;

@@ -1,0 +1,60 @@
+"""The wire's limits, shared by the coordinator and every participant (see the README).
+
+Everything a saga holds must fit in what PostgreSQL, protobuf's JSON mapping and a
+gRPC client's default 4 MiB message can carry, so each payload has a limit that the
+sender checks before sending and the receiver checks again on receipt:
+
+- JSON objects (context, inputs, outputs) hold finite numbers only, no NUL character
+  in any string or key (PostgreSQL's text and jsonb cannot store it), and are nested at
+  most :data:`MAX_JSON_DEPTH` levels.
+- A step's output is at most :data:`MAX_OUTPUT_BYTES`; all outputs of one saga together
+  at most :data:`MAX_SAGA_OUTPUT_BYTES`. With the request limit (1 MiB for the context
+  and every input) that keeps GetSaga of any saga under a client's default 4 MiB.
+- An error's type is at most :data:`MAX_ERROR_TYPE_CHARS` characters and its message at
+  most :data:`MAX_ERROR_MESSAGE_CHARS`; longer ones are cut, and NUL characters are
+  replaced (:func:`clean_text`): an error is reported, never refused.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MAX_ERROR_MESSAGE_CHARS",
+    "MAX_ERROR_TYPE_CHARS",
+    "MAX_ID_CHARS",
+    "MAX_JSON_DEPTH",
+    "MAX_MESSAGE_BYTES",
+    "MAX_OUTPUT_BYTES",
+    "MAX_SAGA_OUTPUT_BYTES",
+    "MAX_TEXT_CHARS",
+    "clean_text",
+]
+
+MAX_JSON_DEPTH = 20
+"""Nesting levels of a JSON object ({"a": {}} is 2). Protobuf's own decoder stops near 30
+levels of Struct nesting: ours must bite first, with a message that names the field."""
+MAX_OUTPUT_BYTES = 64 * 1024
+"""A step output's size, as a serialized ``google.protobuf.Struct``."""
+MAX_SAGA_OUTPUT_BYTES = 2 * 1024 * 1024
+"""The outputs of one saga's steps together, as compact JSON."""
+MAX_ERROR_TYPE_CHARS = 200
+"""``StepError.type``."""
+MAX_ERROR_MESSAGE_CHARS = 2000
+"""``StepError.message``."""
+MAX_ID_CHARS = 64
+"""Saga and step ids, and command tokens, on the wire."""
+MAX_TEXT_CHARS = 200
+"""Names and actions on the wire (the gRPC API's own limit)."""
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+"""An AMQP command or reply body: the largest valid one is far below."""
+
+_REPLACEMENT = "\N{REPLACEMENT CHARACTER}"
+
+
+def clean_text(text: str, limit: int) -> str:
+    """``text`` fit for PostgreSQL and a bounded message: NUL characters replaced by U+FFFD,
+    cut to ``limit`` characters (the cut marked with an ellipsis)."""
+    if "\x00" in text:
+        text = text.replace("\x00", _REPLACEMENT)
+    if len(text) > limit:
+        text = text[: max(0, limit - 1)] + "\N{HORIZONTAL ELLIPSIS}"
+    return text
