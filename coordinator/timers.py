@@ -13,6 +13,8 @@ import logging
 
 from coordinator.errors import StorageUnavailable
 from coordinator.store.repository import SagaStore
+from sagaplane import backoff
+from sagaplane.runtime import log_crash
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class TimerLoop:
     async def start(self) -> None:
         """Run the loop in a named background task."""
         self._task = asyncio.create_task(self._run(), name=TASK_NAME)
+        self._task.add_done_callback(log_crash(log, "timer loop"))
 
     async def stop(self) -> None:
         """Let the round in progress commit, then stop. Safe to call twice."""
@@ -59,7 +62,7 @@ class TimerLoop:
                     delay = 0  # a backlog: keep going
             except StorageUnavailable as exc:
                 failures += 1
-                delay = min(self._max_backoff, 0.1 * 2**failures)
+                delay = backoff.delay(failures, maximum=self._max_backoff)
                 log.warning("timers: database unavailable (%s); retrying in %.1fs", exc, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):

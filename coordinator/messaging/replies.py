@@ -30,7 +30,9 @@ from coordinator.engine import Event
 from coordinator.errors import SagaNotFound, StorageUnavailable
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
+from sagaplane import backoff
 from sagaplane.consuming import DeadLetters, deliveries, settle
+from sagaplane.runtime import log_crash
 from sagaplane.topology import DELIVERY_LIMIT
 from sagaplane.v1 import messages_pb2
 
@@ -77,7 +79,7 @@ class ReplyConsumer:
         """Start consuming (the queue's channel prefetch bounds what is in flight)."""
         self._consumer_tag = await self._queue.consume(self._inbox.put, no_ack=False)
         self._task = asyncio.create_task(self._run(), name=TASK_NAME)
-        self._task.add_done_callback(_crash_loudly)
+        self._task.add_done_callback(log_crash(log, "reply consumer"))
 
     async def stop(self) -> None:
         """Stop taking replies and let the batch in progress commit. Safe to call twice.
@@ -144,7 +146,7 @@ class ReplyConsumer:
                 break
             except StorageUnavailable as exc:
                 failures += 1
-                delay = min(self._max_backoff, 0.1 * 2 ** min(failures, 16))
+                delay = backoff.delay(failures, maximum=self._max_backoff)
                 log.warning("database unavailable (%s); retrying %d replies", exc, len(events))
                 await asyncio.sleep(delay)
             except Exception as exc:
@@ -182,8 +184,3 @@ class ReplyConsumer:
             elif result.transition is not None and result.transition.ignored:
                 log.info("reply %s ignored: %s", message.message_id, result.transition.ignored)
             await settle(message.ack(), message)
-
-
-def _crash_loudly(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.critical("reply consumer died", exc_info=task.exception())

@@ -59,7 +59,7 @@ from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from sagaplane import batch, migrations, structs, topology
+from sagaplane import backoff, batch, migrations, structs, topology
 from sagaplane.consuming import DeadLetters, deliveries
 from sagaplane.consuming import settle as _settle
 from sagaplane.errors import ConfigurationError, NonRetryableError, StepFailed
@@ -474,7 +474,7 @@ class Participant:
                 if self._stop_requested.is_set():
                     await _settle(message.nack(requeue=True), message)
                     return
-                delay = min(_MAX_BACKOFF, _MIN_BACKOFF * 2 ** min(failures, 16))
+                delay = backoff.delay(failures, initial=_MIN_BACKOFF, maximum=_MAX_BACKOFF)
                 log.warning(
                     "participant %s: message %s: database unavailable (%s: %s); retrying in %.1fs",
                     self.service,

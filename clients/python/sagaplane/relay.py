@@ -34,7 +34,6 @@ import contextlib
 import enum
 import inspect
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -49,7 +48,8 @@ from psycopg import AsyncClientCursor, sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import batch
+from sagaplane import backoff, batch
+from sagaplane.runtime import log_crash
 from sagaplane.topology import CONTENT_TYPE
 
 __all__ = ["NOTIFY_CHANNEL", "OutboxRelay"]
@@ -239,7 +239,7 @@ class OutboxRelay:
             raise RuntimeError("a stopped OutboxRelay cannot be restarted")
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name=TASK_NAME)
-            self._task.add_done_callback(_report_crash)
+            self._task.add_done_callback(log_crash(logger, "outbox relay"))
 
     async def stop(self) -> None:
         """Stop the relay and release its connections. Safe to call twice, or unstarted.
@@ -591,8 +591,7 @@ class OutboxRelay:
                 await self._stopping.wait()
 
     def _backoff(self, failures: int) -> float:
-        # Jitter keeps several relays from reconnecting in lockstep after an outage.
-        return float(min(self._max_backoff, 0.1 * 2 ** min(failures, 16)) * random.uniform(0.5, 1))
+        return backoff.delay(failures, maximum=self._max_backoff)
 
 
 def _to_row(record: Sequence[Any]) -> _Row:
@@ -665,8 +664,3 @@ async def _resolve(value: object) -> Any:
         if inspect.isawaitable(value):
             value = await value
     return value
-
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.critical("outbox relay crashed", exc_info=task.exception())

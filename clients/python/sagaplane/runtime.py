@@ -8,10 +8,11 @@ add_reader/remove_reader per round trip), which uvloop does in C.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar, get_args
 
-__all__ = ["EVENT_LOOPS", "EventLoop", "run"]
+__all__ = ["EVENT_LOOPS", "EventLoop", "log_crash", "run"]
 
 T = TypeVar("T")
 
@@ -38,3 +39,18 @@ def run(main: Coroutine[Any, Any, T], *, event_loop: str = "uvloop") -> T:
             factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def log_crash(logger: logging.Logger, what: str) -> Callable[[asyncio.Task[Any]], None]:
+    """A done-callback for a background task: log it CRITICAL, with its traceback, if it
+    ended with an exception (``"<what> died"``). Cancellation and a normal end are quiet.
+
+    A task that dies must be loud: whoever supervises it (``coordinator.app.serve``, a
+    caller's own loop) then stops the process rather than leave it half alive.
+    """
+
+    def report(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.critical("%s died", what, exc_info=exc)
+
+    return report
