@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+MAX_RESPONSE_BYTES = 3 * 1024 * 1024
+"""GetSaga's answer stays below this, so that it fits a gRPC client's default 4 MiB (a
+saga's own limits keep it far below; only a long history can reach it)."""
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 """A ListActive page ends before the saga that would take it past this size (it always
 holds at least one saga), so that it stays under a gRPC client's default 4 MiB."""
@@ -46,7 +49,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         saga, history = await self._store.get(
             validation.saga_id(request.id), history=request.include_history
         )
-        return coordinator_pb2.GetSagaResponse(saga=convert.saga_to_proto(saga, history))
+        message = convert.saga_to_proto(saga, history)
+        fit_history(message, MAX_RESPONSE_BYTES)
+        return coordinator_pb2.GetSagaResponse(saga=message)
 
     async def Compensate(
         self, request: coordinator_pb2.CompensateRequest, context: Context
@@ -100,3 +105,39 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         return coordinator_pb2.ResolveCompensationResponse(
             saga=convert.saga_to_proto(transition.saga)
         )
+
+
+def fit_history(saga: saga_pb2.Saga, budget: int) -> None:
+    """Cut ``saga.history`` so that the saga fits in ``budget`` bytes.
+
+    A history can grow without end (every retry, every ResolveCompensation adds to it):
+    the first entry (``saga_started``) and the newest that fit are kept, and between them
+    an entry ``history_truncated`` says how many were left out.
+    """
+    if saga.ByteSize() <= budget or len(saga.history) < 3:
+        return
+    entries = list(saga.history)
+    first, rest = entries[0], entries[1:]
+    del saga.history[:]
+    # An entry costs its size, its tag and its length; 256 bytes stay for the marker.
+    room = budget - saga.ByteSize() - _field_size(first) - 256
+    kept: list[saga_pb2.HistoryEntry] = []
+    for entry in reversed(rest):
+        room -= _field_size(entry)
+        if room < 0:
+            break
+        kept.append(entry)
+    kept.reverse()
+    marker = saga_pb2.HistoryEntry(
+        from_state=first.to_state,
+        to_state=kept[0].from_state if kept else saga.state,
+        event="history_truncated",
+        reason=f"{len(rest) - len(kept)} older entries left out of this answer to fit its size",
+        at=kept[0].at if kept else first.at,
+    )
+    saga.history.extend([first, marker, *kept])
+
+
+def _field_size(entry: saga_pb2.HistoryEntry) -> int:
+    size = entry.ByteSize()
+    return 1 + (size.bit_length() + 6) // 7 + size

@@ -177,17 +177,14 @@ class Broker:
 
     async def dead_letter(self, message_id: str) -> bytes:
         """The body of ``message_id`` once it is in the dead-letter queue."""
-        queue = await self.channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
-        async with asyncio.timeout(WAIT):
-            while True:
-                message = await queue.get(no_ack=True, fail=False)
-                if message is None:
-                    await asyncio.sleep(0.05)
-                elif message.message_id == message_id:
-                    return message.body
+        return (await self._dead_message(message_id)).body
 
     async def dead_letter_reason(self, message_id: str) -> str:
         """Why ``message_id`` was dead-lettered, once it is in the dead-letter queue."""
+        message = await self._dead_message(message_id)
+        return str((message.headers or {}).get(REASON_HEADER))
+
+    async def _dead_message(self, message_id: str) -> AbstractIncomingMessage:
         queue = await self.channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
         async with asyncio.timeout(WAIT):
             while True:
@@ -195,7 +192,7 @@ class Broker:
                 if message is None:
                     await asyncio.sleep(0.05)
                 elif message.message_id == message_id:
-                    return str((message.headers or {}).get(REASON_HEADER))
+                    return message
 
     async def queue_depth(self, service: str) -> int:
         """Ready messages in the participant's queue."""

@@ -270,3 +270,28 @@ def test_field_names_in_messages_look_like_fields() -> None:
     # The convention the API fuzz test relies on: "<field path>: <problem>".
     exc = InvalidArgument("steps[3].input.a", "is not a finite number")
     assert re.match(r"^[a-z_]+(\[\d+\])?\.", str(exc))
+
+
+# -- response sizes ----------------------------------------------------------------------
+
+
+def test_a_long_history_is_cut_to_fit_keeping_the_first_and_newest_entries() -> None:
+    from coordinator.api.servicer import fit_history
+
+    saga = model.Saga(id=ULID, name="order", state=model.SAGA_STATE_COMPENSATING)
+    saga.history.append(model.HistoryEntry(event="saga_started"))
+    for i in range(5000):
+        saga.history.append(model.HistoryEntry(event="step_attempt_failed", reason=f"{i} " * 300))
+    budget = 1024 * 1024
+    assert saga.ByteSize() > budget
+    fit_history(saga, budget)
+    assert saga.ByteSize() <= budget
+    events = [h.event for h in saga.history]
+    assert events[:2] == ["saga_started", "history_truncated"]
+    assert saga.history[-1].reason.startswith("4999 ")
+    left_out = int(saga.history[1].reason.split()[0])
+    assert left_out + len(saga.history) - 2 == 5000
+
+    small = model.Saga(id=ULID, history=[model.HistoryEntry(event="saga_started")])
+    fit_history(small, budget)
+    assert [h.event for h in small.history] == ["saga_started"]
