@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
 from coordinator.errors import InvalidArgument, SagaNotFound
-from coordinator.store.repository import NewSaga
+from coordinator.store.repository import NewSaga, is_id
 from sagaplane import structs
 from sagaplane.limits import MAX_JSON_DEPTH
 from sagaplane.v1 import coordinator_pb2, saga_pb2
@@ -30,7 +30,6 @@ MAX_PAGE_SIZE = 1000
 
 # A routing key of plain words joined by dots: no AMQP topic wildcards (* and #).
 _ACTION = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 def _text(value: str, field: str, *, required: bool, limit: int = MAX_NAME) -> str:
@@ -196,7 +195,7 @@ def saga_id(value: str) -> str:
     """A well-formed saga id; a malformed one cannot exist, so it is NOT_FOUND."""
     if not value:
         raise InvalidArgument("id", "is required")
-    if not _ULID.fullmatch(value):
+    if not is_id(value):
         raise SagaNotFound(value[:64])
     return value
 

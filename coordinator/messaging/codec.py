@@ -7,9 +7,8 @@ and raises :class:`UndecodableReply`, with the reason, for a reply that can neve
 
 from __future__ import annotations
 
-import re
-
 from coordinator.engine import Command, CommandKind, StepReplied
+from coordinator.store.repository import is_id
 from sagaplane import structs, topology
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
@@ -27,7 +26,6 @@ _KIND_TO_PROTO = {
     CommandKind.COMPENSATE: messages_pb2.COMMAND_KIND_COMPENSATE,
 }
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
-_ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 class UndecodableReply(ValueError):
@@ -74,9 +72,9 @@ def decode_reply(body: bytes) -> tuple[str, StepReplied]:
     if not reply.saga_id or not reply.step_id or kind is None:
         raise UndecodableReply("StepReply lacks saga_id, step_id or kind")
     # Ids the coordinator issued are ULIDs: anything else can name no saga or step.
-    if not _ULID.fullmatch(reply.saga_id):
+    if not is_id(reply.saga_id):
         raise UndecodableReply("saga_id is not a saga id (a ULID)")
-    if not _ULID.fullmatch(reply.step_id):
+    if not is_id(reply.step_id):
         raise UndecodableReply("step_id is not a step id (a ULID)")
     if len(reply.token) > MAX_ID_CHARS:
         raise UndecodableReply(f"token is longer than {MAX_ID_CHARS} characters")

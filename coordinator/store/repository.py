@@ -7,6 +7,7 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -54,6 +55,14 @@ CommandEncoder = Callable[[Command], OutboundMessage]
 def new_id() -> str:
     """A fresh ULID, as the 26-character string used for saga and step ids."""
     return str(ULID())
+
+
+_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` has the form of the ids :func:`new_id` makes (a ULID)."""
+    return _ID.fullmatch(value) is not None
 
 
 def new_token() -> str:

@@ -24,7 +24,7 @@ from sagaplane.limits import MAX_JSON_DEPTH
 __all__ = ["InvalidJson", "decode", "integral", "to_dict", "to_struct"]
 
 _MAX_EXACT = 2**53
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class InvalidJson(ValueError):
@@ -43,8 +43,8 @@ def integral(value: Any) -> Any:
 
     A Struct holds every number as a double; ``{"qty": 2}`` comes back as ``2.0``.
     """
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT:
-        return int(value)
+    if isinstance(value, float):
+        return _number(value)
     if isinstance(value, dict):
         return {k: integral(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -107,9 +107,7 @@ def _value(value: struct_pb2.Value, path: str, depth: int, max_depth: int) -> An
         number = value.number_value
         if not math.isfinite(number):
             raise InvalidJson(path, "is not a finite number")
-        if number.is_integer() and abs(number) <= _MAX_EXACT:
-            return int(number)
-        return number
+        return _number(number)
     if kind == "bool_value":
         return value.bool_value
     if kind == "null_value":
@@ -126,8 +124,15 @@ def _value(value: struct_pb2.Value, path: str, depth: int, max_depth: int) -> An
     raise InvalidJson(path, "has no value (a google.protobuf.Value with no kind set)")
 
 
+def _number(value: float) -> float | int:
+    # A whole double is an int, as far as a double is exact.
+    if value.is_integer() and abs(value) <= _MAX_EXACT:
+        return int(value)
+    return value
+
+
 def _key_path(path: str, key: str) -> str:
-    if _IDENTIFIER.match(key):
+    if _IDENTIFIER.fullmatch(key):
         return f"{path}.{key}"
     # JSON's quoting keeps a NUL or a quote in the key readable.
     return f"{path}[{json.dumps(key)}]"
