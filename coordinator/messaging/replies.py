@@ -31,9 +31,8 @@ from coordinator.errors import SagaNotFound, StorageUnavailable
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
 from sagaplane import backoff
-from sagaplane.consuming import DeadLetters, deliveries, settle
+from sagaplane.consuming import DeadLetters, settle
 from sagaplane.runtime import log_crash
-from sagaplane.topology import DELIVERY_LIMIT
 from sagaplane.v1 import messages_pb2
 
 log = logging.getLogger(__name__)
@@ -135,9 +134,7 @@ class ReplyConsumer:
         if decoded:
             await self._apply(decoded)
 
-    async def _apply(
-        self, decoded: list[tuple[AbstractIncomingMessage, tuple[str, Event]]]
-    ) -> None:
+    async def _apply(self, decoded: list[_Decoded]) -> None:
         events = [event for _, event in decoded]
         failures = 0
         while True:
@@ -158,16 +155,8 @@ class ReplyConsumer:
                         await self._apply([one])
                     return
                 message = decoded[0][0]
-                if deliveries(message) + 1 >= DELIVERY_LIMIT:
-                    # The broker would dead-letter it on this nack, without saying why.
-                    await self._dead.send(
-                        message,
-                        f"applying it failed {DELIVERY_LIMIT} times: {type(exc).__name__}",
-                        cause="failed",
-                    )
-                    return
                 log.exception("reply %s failed; requeueing it", message.message_id)
-                await settle(message.nack(requeue=True), message)
+                await self._dead.requeue(message, f"{type(exc).__name__}: {exc}")
                 return
         for (message, _), result in zip(decoded, results, strict=True):
             if isinstance(result.error, SagaNotFound):

@@ -588,6 +588,29 @@ async def test_a_handler_that_commits_the_sdk_transaction_is_not_answered_but_re
     await broker.no_more_replies()
 
 
+async def test_a_command_that_fails_on_every_delivery_is_dead_lettered_with_the_reason(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("orders.create")
+    participant = make_participant()
+    runs = 0
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> None:
+        nonlocal runs
+        runs += 1
+        await ctx.tx.commit()  # a bug on every run: the command is requeued each time
+
+    await participant.start()
+    message_id = await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    reason = await broker.dead_letter_reason(message_id)
+    assert reason.startswith(f"failed on all {topology.DELIVERY_LIMIT} deliveries: ")
+    assert "ended the SDK's transaction" in reason
+    assert runs == topology.DELIVERY_LIMIT
+    assert participant.dead_lettered == {"failed": 1}
+    await broker.no_more_replies()
+
+
 @pytest.mark.parametrize(
     "returned", [["not", "a", "dict"], {"when": object()}, {"x": float("nan")}]
 )

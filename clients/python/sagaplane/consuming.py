@@ -25,7 +25,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from sagaplane.limits import clean_text
-from sagaplane.topology import DEAD_LETTER_EXCHANGE
+from sagaplane.topology import DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT
 
 __all__ = [
     "DELIVERY_COUNT_HEADER",
@@ -96,6 +96,16 @@ class DeadLetters:
             await settle(message.reject(requeue=False), message)
             return
         await settle(message.ack(), message)
+
+    async def requeue(self, message: AbstractIncomingMessage, failure: str) -> None:
+        """Requeue ``message`` after a failure that may pass (a bug, a bad row); on its
+        last delivery (:data:`~sagaplane.topology.DELIVERY_LIMIT`) dead-letter it with
+        ``failure`` instead, where the broker would drop it without saying why."""
+        if deliveries(message) + 1 >= DELIVERY_LIMIT:
+            reason = f"failed on all {DELIVERY_LIMIT} deliveries: {failure}"
+            await self.send(message, reason, cause="failed")
+        else:
+            await settle(message.nack(requeue=True), message)
 
     async def close(self) -> None:
         """Close the channel; safe to call twice."""

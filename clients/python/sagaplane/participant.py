@@ -60,7 +60,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sagaplane import backoff, batch, migrations, structs, topology
-from sagaplane.consuming import DeadLetters, deliveries
+from sagaplane.consuming import DeadLetters
 from sagaplane.consuming import settle as _settle
 from sagaplane.errors import ConfigurationError, NonRetryableError, StepFailed
 from sagaplane.limits import (
@@ -488,21 +488,13 @@ class Participant:
                         await self._stop_requested.wait()
             except Exception as exc:
                 # Not the handler's failure (that is caught and replied): a bug or a bad
-                # row. Requeue; on its last delivery it is dead-lettered with the reason.
-                if deliveries(message) + 1 >= topology.DELIVERY_LIMIT:
-                    await self._dead_letters.send(
-                        message,
-                        f"processing it failed {topology.DELIVERY_LIMIT} times: "
-                        f"{type(exc).__name__}: {exc}",
-                        cause="failed",
-                    )
-                    return
+                # row. Requeued; on its last delivery it is dead-lettered with the reason.
                 log.exception(
                     "participant %s: message %s could not be processed; requeueing",
                     self.service,
                     message.message_id,
                 )
-                await _settle(message.nack(requeue=True), message)
+                await self._dead_letters.requeue(message, f"{type(exc).__name__}: {exc}")
                 return
         # Only now, after COMMIT: a crash before this line redelivers the command, and
         # the inbox answers it without running the handler again.
