@@ -16,7 +16,7 @@ COPY coordinator ./coordinator
 RUN pip install .
 
 # The demo shop is an example, not part of the installed package: it runs from here
-# (`python -m examples.shop ...`), and `sagaplane demo` imports it from PYTHONPATH.
+# (`python -m examples.shop SERVICE`, `python -m examples.shop demo`).
 COPY examples ./examples
 ENV PYTHONPATH=/app
 

@@ -1,7 +1,7 @@
 """``sagaplane``: the command line.
 
-Server commands run the coordinator (``serve``), update its schema (``migrate``) and
-run the demo (``demo``); client commands talk to a running coordinator over gRPC
+Server commands run the coordinator (``serve``) and update its schema (``migrate``);
+client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``, ``health``). Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
@@ -81,9 +81,9 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
 _EPILOG = """\
 exit status:
   0  success
-  1  an unexpected error, or the demo did not end as expected
+  1  an unexpected error
   2  usage error or invalid input (bad flags, unreadable saga file, INVALID_ARGUMENT)
-  3  the coordinator (serve/migrate/demo: PostgreSQL or RabbitMQ) cannot be reached
+  3  the coordinator (serve/migrate: PostgreSQL or RabbitMQ) cannot be reached
   4  no saga has this id
   5  refused: an illegal transition, or an idempotency key reused for another request
   6  watched saga ended, but not as hoped (not completed; compensate: not compensated)
@@ -95,7 +95,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, demo, server
+    from coordinator.cli import client, server
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -126,17 +126,6 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         add("migrate", server.migrate, "Apply the coordinator's pending database migrations."),
         env,
     )
-    demo.add_arguments(
-        add(
-            "demo",
-            demo.run,
-            "Run the demo shop end to end: a coordinator and three participants as real "
-            "processes, one saga that completes and one that is compensated.",
-            epilog=demo.EPILOG,
-        ),
-        env,
-    )
-
     start = add(
         "start",
         client.start,

@@ -1,9 +1,9 @@
 """The client commands: start, get, list, compensate, watch, resolve, health.
 
-They call the coordinator's gRPC API with the generated stubs (so that every field of a
-request, e.g. a retry policy in a saga file, gets through) and translate its errors,
-through the SDK's error tree, into messages and exit statuses in one place
-(:func:`_translate`).
+They call the coordinator through :class:`sagaplane.SagaClient` (``start`` hands it the
+saga file as the whole StartSaga request, so that every field, e.g. a retry policy,
+gets through) and translate its errors, through the SDK's error tree, into messages and
+exit statuses in one place (:func:`_translate`).
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 import yaml
-from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
-from sagaplane.client import TERMINAL_STATES
+from sagaplane.client import Resolution, SagaClient, parse_start_request
 from sagaplane.errors import (
     CoordinatorError,
     CoordinatorUnavailable,
@@ -33,9 +30,9 @@ from sagaplane.errors import (
     IllegalTransition,
     InvalidArgument,
     SagaNotFound,
-    from_rpc_error,
 )
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
+from sagaplane.sagas import Saga, SagaState
+from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 START_EPILOG = """\
 The file holds the StartSaga request, in JSON or YAML (by its extension; - reads stdin
@@ -53,51 +50,21 @@ as YAML, which also reads JSON). Its fields are the request's, as grpcurl -d tak
 A file holding only a list of steps works too, with --name.
 """
 
-_R = TypeVar("_R")
-
-
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
 
-class Remote:
-    """A channel to the coordinator and the calls the commands make."""
-
-    def __init__(self, target: str, timeout: float) -> None:
-        self.target = target
-        self._timeout = timeout if timeout > 0 else None
-        self._channel = grpc.aio.insecure_channel(target)
-        self.sagas = coordinator_pb2_grpc.SagaCoordinatorServiceStub(self._channel)
-        self.health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def call(self, method: Callable[..., Awaitable[_R]], request: object) -> _R:
-        """One call with the deadline; errors become the SDK's CoordinatorError tree."""
-        try:
-            return await method(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
-
-    async def get(self, saga_id: str, *, history: bool = False) -> saga_pb2.Saga:
-        """GetSaga."""
-        request = coordinator_pb2.GetSagaRequest(id=saga_id, include_history=history)
-        return (await self.call(self.sagas.GetSaga, request)).saga
-
-    async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
-
-
 @asynccontextmanager
-async def connect(target: str, deadline: float, saga_id: str = "") -> AsyncIterator[Remote]:
-    """A :class:`Remote` whose calls each get ``deadline`` seconds, with the coordinator's
-    errors turned into :class:`CliError`."""
-    remote = Remote(target, deadline)
+async def connect(target: str, deadline: float, saga_id: str = "") -> AsyncIterator[SagaClient]:
+    """A :class:`SagaClient` whose calls each get ``deadline`` seconds (0: none), with the
+    coordinator's errors turned into :class:`CliError`."""
+    client = SagaClient(target, timeout=deadline if deadline > 0 else None)
     try:
-        yield remote
+        yield client
     except CoordinatorError as exc:
         raise _translate(exc, target, saga_id) from exc
     finally:
-        await remote.close()
+        await client.close()
 
 
 def _translate(exc: CoordinatorError, target: str, saga_id: str) -> CliError:
@@ -160,9 +127,9 @@ def start_request(
     if args.idempotency_key is not None:
         data["idempotency_key"] = args.idempotency_key
     try:
-        return json_format.ParseDict(data, coordinator_pb2.StartSagaRequest())
-    except json_format.ParseError as exc:
-        raise CliError(f"{args.file}: {exc}", ExitCode.USAGE) from exc
+        return parse_start_request(data)
+    except InvalidArgument as exc:
+        raise CliError(f"{args.file}: {exc.message}", ExitCode.USAGE) from exc
 
 
 def start(args: argparse.Namespace) -> int:
@@ -172,14 +139,21 @@ def start(args: argparse.Namespace) -> int:
 
 
 async def _start(args: argparse.Namespace, request: coordinator_pb2.StartSagaRequest) -> int:
-    async with connect(args.coordinator, args.timeout) as remote:
-        saga = (await remote.call(remote.sagas.StartSaga, request)).saga
+    async with connect(args.coordinator, args.timeout) as client:
+        saga = await client.start_saga_request(request)
         if not args.watch:
-            _print(render.dumps(render.to_json(saga)) if args.json else render.saga_text(saga))
+            _show(saga, args)
             return ExitCode.OK
         if not args.json:
             _print(f"started saga {saga.id} ({saga.name})")
-        return await _follow(remote, saga.id, args, hoped=saga_pb2.SAGA_STATE_COMPLETED)
+        return await _follow(client, saga.id, args, hoped=SagaState.COMPLETED)
+
+
+def _show(saga: Saga, args: argparse.Namespace, *, history: bool = False) -> None:
+    if args.json:
+        _print(render.dumps(render.to_json(saga.proto)))
+    else:
+        _print(render.saga_text(saga.proto, history=history))
 
 
 # -- get, list --------------------------------------------------------------------------
@@ -191,13 +165,9 @@ def get(args: argparse.Namespace) -> int:
 
 
 async def _get(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as remote:
-        saga = await remote.get(args.id, history=args.history)
-    _print(
-        render.dumps(render.to_json(saga))
-        if args.json
-        else render.saga_text(saga, history=args.history)
-    )
+    async with connect(args.coordinator, args.timeout, args.id) as client:
+        saga = await client.get_saga(args.id, include_history=args.history)
+    _show(saga, args, history=args.history)
     return ExitCode.OK
 
 
@@ -211,16 +181,13 @@ def list_active(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     sagas: list[saga_pb2.Saga] = []
     more = False
-    async with connect(args.coordinator, args.timeout) as remote:
+    async with connect(args.coordinator, args.timeout) as client:
         token = ""
         while len(sagas) < args.limit:
-            request = coordinator_pb2.ListActiveRequest(
-                page_size=min(args.limit - len(sagas), 1000), page_token=token, name=args.name
+            page = await client.list_active(
+                min(args.limit - len(sagas), 1000), token, args.name, stale_for=args.stale_for
             )
-            if args.stale_for is not None:
-                request.stale_for.FromTimedelta(args.stale_for)
-            page = await remote.call(remote.sagas.ListActive, request)
-            sagas += page.sagas
+            sagas += [s.proto for s in page.sagas]
             token = page.next_page_token
             if not token:
                 break
@@ -245,13 +212,12 @@ def compensate(args: argparse.Namespace) -> int:
 
 
 async def _compensate(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as remote:
-        request = coordinator_pb2.CompensateRequest(id=args.id, reason=args.reason)
-        saga = (await remote.call(remote.sagas.Compensate, request)).saga
+    async with connect(args.coordinator, args.timeout, args.id) as client:
+        saga = await client.compensate(args.id, args.reason)
         if not args.watch:
-            _print(render.dumps(render.to_json(saga)) if args.json else render.saga_text(saga))
+            _show(saga, args)
             return ExitCode.OK
-        return await _follow(remote, saga.id, args, hoped=saga_pb2.SAGA_STATE_COMPENSATED)
+        return await _follow(client, saga.id, args, hoped=SagaState.COMPENSATED)
 
 
 def watch(args: argparse.Namespace) -> int:
@@ -260,61 +226,63 @@ def watch(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as remote:
-        return await _follow(remote, args.id, args, hoped=saga_pb2.SAGA_STATE_COMPLETED)
+    async with connect(args.coordinator, args.timeout, args.id) as client:
+        return await _follow(client, args.id, args, hoped=SagaState.COMPLETED)
 
 
-async def _follow(remote: Remote, saga_id: str, args: argparse.Namespace, *, hoped: int) -> int:
+async def _follow(
+    client: SagaClient, saga_id: str, args: argparse.Namespace, *, hoped: SagaState
+) -> int:
     """Follow until the saga ends; 0 if it ended ``hoped``, else NOT_AS_HOPED."""
     show = None if args.json else _print
     try:
         saga = await follow(
-            remote, saga_id, interval=args.interval, max_wait=args.max_wait, show=show
+            client, saga_id, interval=args.interval, max_wait=args.max_wait, show=show
         )
     except TimeoutError:
         raise CliError(
             f"saga {saga_id} has not ended after {args.max_wait:g}s", ExitCode.TIMEOUT
         ) from None
     if args.json:
-        _print(render.dumps(render.to_json(saga)))
+        _print(render.dumps(render.to_json(saga.proto)))
     else:
         _print("")
-        _print(render.step_table(saga))
+        _print(render.step_table(saga.proto))
     return ExitCode.OK if saga.state == hoped else ExitCode.NOT_AS_HOPED
 
 
 async def follow(
-    remote: Remote,
+    client: SagaClient,
     saga_id: str,
     *,
     interval: float = 0.2,
     max_wait: float = 0.0,
     show: Callable[[str], None] | None = None,
     indent: str = "",
-) -> saga_pb2.Saga:
-    """Poll the saga (with history) until it ends, showing each new transition once.
+) -> Saga:
+    """Follow the saga (:meth:`SagaClient.watch`) until it ends, showing each new
+    transition once.
 
     Returns the final saga; raises TimeoutError after ``max_wait`` seconds (0: never).
     """
     seen = 0
     start: datetime | None = None
+    saga: Saga | None = None
     async with asyncio.timeout(max_wait if max_wait > 0 else None):
-        while True:
-            saga = await remote.get(saga_id, history=True)
+        async for saga in client.watch(saga_id, poll=interval):
+            history = saga.proto.history
             if show is not None:
                 if seen == 0:
                     show(f"{indent}saga {saga.id} ({saga.name})")
-                if saga.history and start is None:
-                    start = render.timestamp(saga.history[0].at)
-                for entry in saga.history[seen:]:
+                if history and start is None:
+                    start = render.timestamp(history[0].at)
+                for entry in history[seen:]:
                     show(indent + history_line(entry, start))
-            seen = len(saga.history)
-            if saga.state in TERMINAL_STATES:
-                if show is not None:
-                    took = _took(saga, start)
-                    show(f"{indent}-> {render.saga_state(saga.state)}{took}")
-                return saga
-            await asyncio.sleep(interval)
+            seen = len(history)
+    assert saga is not None and saga.ended  # watch ends with the saga's end
+    if show is not None:
+        show(f"{indent}-> {render.saga_state(saga.proto.state)}{_took(saga.proto, start)}")
+    return saga
 
 
 def history_line(entry: saga_pb2.HistoryEntry, start: datetime | None) -> str:
@@ -348,17 +316,10 @@ def resolve(args: argparse.Namespace) -> int:
 
 
 async def _resolve(args: argparse.Namespace) -> int:
-    resolution = (
-        coordinator_pb2.COMPENSATION_RESOLUTION_RETRY
-        if args.retry
-        else coordinator_pb2.COMPENSATION_RESOLUTION_MARK_COMPENSATED
-    )
-    request = coordinator_pb2.ResolveCompensationRequest(
-        id=args.id, resolution=resolution, reason=args.reason
-    )
-    async with connect(args.coordinator, args.timeout, args.id) as remote:
-        saga = (await remote.call(remote.sagas.ResolveCompensation, request)).saga
-    _print(render.dumps(render.to_json(saga)) if args.json else render.saga_text(saga))
+    resolution = Resolution.RETRY if args.retry else Resolution.MARK_COMPENSATED
+    async with connect(args.coordinator, args.timeout, args.id) as client:
+        saga = await client.resolve_compensation(args.id, resolution, args.reason)
+    _show(saga, args)
     return ExitCode.OK
 
 
@@ -388,12 +349,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 async def _health(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout) as remote:
-        reply = await remote.call(remote.health.Check, health_pb2.HealthCheckRequest())
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    async with connect(args.coordinator, args.timeout) as client:
+        status = await client.health()
     _print(render.dumps({"status": status}) if args.json else status)
-    return (
-        ExitCode.OK
-        if reply.status == health_pb2.HealthCheckResponse.SERVING
-        else ExitCode.UNAVAILABLE
-    )
+    return ExitCode.OK if status == "SERVING" else ExitCode.UNAVAILABLE

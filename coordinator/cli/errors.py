@@ -10,11 +10,11 @@ class ExitCode(IntEnum):
 
     OK = 0
     ERROR = 1
-    """An unexpected error, or the demo did not end as expected."""
+    """An unexpected error (for the demo: it did not end as expected)."""
     USAGE = 2
     """Bad flags or input: argparse's own code, an unreadable saga file, INVALID_ARGUMENT."""
     UNAVAILABLE = 3
-    """The coordinator (for serve, migrate, demo: PostgreSQL or RabbitMQ) cannot be reached."""
+    """The coordinator (for serve, migrate, the demo: PostgreSQL or RabbitMQ) cannot be reached."""
     NOT_FOUND = 4
     """No saga has this id."""
     REFUSED = 5

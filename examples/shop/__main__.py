@@ -1,4 +1,5 @@
-"""``python -m examples.shop SERVICE``: run one demo participant until SIGTERM."""
+"""``python -m examples.shop SERVICE``: run one demo participant until SIGTERM;
+``python -m examples.shop demo``: the whole demo (see :mod:`examples.shop.demo`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
+from coordinator import config
+from examples.shop import demo
 from examples.shop.services import BUILDERS, create_tables
 from sagaplane.runtime import run
 
@@ -24,18 +28,36 @@ async def _run(service: str, amqp_url: str, database_url: str) -> None:
         await stop.wait()
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per service, and ``demo``."""
+    parser = argparse.ArgumentParser(prog="python -m examples.shop")
+    commands = parser.add_subparsers(dest="command", metavar="SERVICE|demo", required=True)
+    for service in sorted(BUILDERS):
+        sub = commands.add_parser(service, help=f"run the {service} participant until SIGTERM")
+        sub.add_argument(
+            "--amqp-url", default=os.environ.get("SAGAPLANE_AMQP_URL", config.DEFAULT_AMQP_URL)
+        )
+        sub.add_argument("--database-url", required=True, help="the service's own database")
+    demo.add_arguments(
+        commands.add_parser(
+            "demo",
+            help="the demo shop end to end: a coordinator and three participants as real "
+            "processes, one saga that completes and one that is compensated",
+            epilog=demo.EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        ),
+        os.environ,
+    )
+    return parser
+
+
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(prog="python -m examples.shop")
-    parser.add_argument("service", choices=sorted(BUILDERS))
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("SAGAPLANE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-    )
-    parser.add_argument("--database-url", required=True, help="the service's own database")
-    args = parser.parse_args()
+    args = build_parser().parse_args()
+    if args.command == "demo":
+        sys.exit(demo.run(args))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    run(_run(args.service, args.amqp_url, args.database_url))
+    run(_run(args.command, args.amqp_url, args.database_url))
 
 
 if __name__ == "__main__":

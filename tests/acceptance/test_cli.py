@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from conftest import create_database, drop_database, server_url, unique_name
 
@@ -100,7 +98,7 @@ steps:
 async def test_sagaplane_help_lists_every_command_and_the_exit_statuses() -> None:
     result = await sagaplane("--help")
     assert result.status == 0
-    for command in ("serve", "migrate", "demo", "start", "get", "list", "compensate", "watch"):
+    for command in ("serve", "migrate", "start", "get", "list", "compensate", "watch"):
         assert f"    {command}" in result.out
     assert "exit status:" in result.out and "4  no saga has this id" in result.out
 
@@ -108,11 +106,15 @@ async def test_sagaplane_help_lists_every_command_and_the_exit_statuses() -> Non
     assert bare.status == 2
     assert "usage: sagaplane" in bare.err
 
+    # The demo is an example (python -m examples.shop demo), not part of the product.
+    demo = await sagaplane("demo")
+    assert demo.status == 2
+    assert "invalid choice: 'demo'" in demo.err
+
 
 @pytest.mark.parametrize(
     "command",
-    ["serve", "migrate", "demo", "start", "get", "list", "compensate", "watch", "resolve",
-     "health"],
+    ["serve", "migrate", "start", "get", "list", "compensate", "watch", "resolve", "health"],
 )  # fmt: skip
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -121,7 +123,7 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert out.startswith(f"usage: sagaplane {command}")
     # Every setting that has an environment variable says which.
-    if command not in ("demo", "migrate", "serve"):
+    if command not in ("migrate", "serve"):
         assert "[SAGAPLANE_COORDINATOR;" in out.replace("\n", " ").replace("  ", " ")
 
 
@@ -522,52 +524,3 @@ async def test_health(coordinator: Coordinator) -> None:
     down = await sagaplane("health", "--coordinator", NOWHERE)
     assert down.status == 3
     assert "cannot reach the coordinator" in down.err
-
-
-# -- demo (the happy path is in test_demo.py) -------------------------------------------
-
-
-async def test_demo_errors() -> None:
-    both = await sagaplane("demo", "--setup-only", "--attach")
-    assert both.status == 2
-    assert "not allowed with argument" in both.err
-
-    no_pg = await sagaplane("demo", "--database-url", "postgresql://postgres@127.0.0.1:1/demo")
-    assert no_pg.status == 3
-    assert "cannot connect to PostgreSQL" in no_pg.err
-
-    no_mq = await sagaplane("demo", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
-    assert no_mq.status == 3
-    assert "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/" in no_mq.err
-    run_id = re.search(r"\(run (\w+)\)", no_mq.out)
-    assert run_id is not None
-    async with await psycopg.AsyncConnection.connect(server_url("postgres")) as conn:
-        cur = await conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"%{run_id.group(1)}%",)
-        )
-        assert await cur.fetchall() == []  # it failed before creating anything
-
-    nobody = await sagaplane("demo", "--attach", "--coordinator", NOWHERE, "--startup-timeout", "1")
-    assert nobody.status == 3
-    assert "not ready after 1s" in nobody.err
-
-
-async def test_demo_setup_only_creates_what_is_missing_and_migrates() -> None:
-    name = unique_name("sagaplane_cli_setup")
-    url = server_url(name)
-    try:
-        first = await sagaplane("demo", "--setup-only", SAGAPLANE_DEMO_DATABASE_URL=url)
-        assert first.status == 0, first.err
-        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
-            assert f"database {db} created" in first.out
-        assert "coordinator/0001_sagas" in first.out
-        again = await sagaplane("demo", "--setup-only", "--database-url", url)
-        assert again.status == 0
-        assert f"database {name}_payment already exists" in again.out
-        assert f"migrated {name}: up to date" in again.out
-        async with await psycopg.AsyncConnection.connect(url) as conn:
-            cur = await conn.execute("SELECT count(*) FROM sagaplane_sagas")
-            assert await cur.fetchone() == (0,)
-    finally:
-        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
-            await drop_database(db)

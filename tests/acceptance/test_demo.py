@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from conftest import drop_database, server_url, unique_name
 from test_readme import ROOT, fresh_shell_env, quick_start_commands
 
 from coordinator.cli import build_parser
+from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import SERVICES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -107,7 +109,7 @@ async def test_the_readme_demo_command_runs_the_demo_end_to_end() -> None:
 
 async def test_an_interrupted_demo_stops_its_processes_and_cleans_up() -> None:
     proc = await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "sagaplane"), "demo", cwd=ROOT, env=fresh_shell_env(),
+        sys.executable, "-m", "examples.shop", "demo", cwd=ROOT, env=fresh_shell_env(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
@@ -145,11 +147,14 @@ def test_the_compose_file_and_the_dockerfile_agree_with_the_code() -> None:
     setup = SERVICES_OF_COMPOSE["setup"]["command"]
     base = setup[setup.index("--database-url") + 1]
     parser = build_parser(env={})
+    shop_parser = build_shop_parser()
     for name, service in SERVICES_OF_COMPOSE.items():
         command = service.get("command")
         if command and command[0] == "sagaplane":
             parser.parse_args(command[1:])  # every flag exists (exits 2 otherwise)
         if command and command[:3] == ["python", "-m", "examples.shop"]:
+            shop_parser.parse_args(command[3:])
+        if command and command[:3] == ["python", "-m", "examples.shop"] and command[3] != "demo":
             assert command[3] == name
             assert command[command.index("--database-url") + 1] == f"{base}_{name}"
     assert {s for s in SERVICES_OF_COMPOSE if s in SERVICES} == set(SERVICES)
@@ -232,3 +237,74 @@ async def test_the_compose_services_run_the_same_demo(amqp_url: str) -> None:
         for db in (name, *(f"{name}_{s}" for s in SERVICES)):
             await drop_database(db)
     assert statuses == [0] * len(running)
+
+
+@dataclass
+class Result:
+    status: int
+    out: str
+    err: str
+
+
+async def shop_demo(*args: str, **env: str) -> Result:
+    """``python -m examples.shop demo args``, with no SAGAPLANE_* setting but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "examples.shop", "demo", *args, cwd=ROOT, env=clean | env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+NOWHERE = "127.0.0.1:1"  # nothing listens there: connections are refused at once
+
+
+# -- errors and --setup-only ------------------------------------------------------------
+
+
+async def test_demo_errors() -> None:
+    both = await shop_demo("--setup-only", "--attach")
+    assert both.status == 2
+    assert "not allowed with argument" in both.err
+
+    no_pg = await shop_demo("--database-url", "postgresql://postgres@127.0.0.1:1/demo")
+    assert no_pg.status == 3
+    assert "cannot connect to PostgreSQL" in no_pg.err
+
+    no_mq = await shop_demo("--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    assert no_mq.status == 3
+    assert "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/" in no_mq.err
+    run_id = re.search(r"\(run (\w+)\)", no_mq.out)
+    assert run_id is not None
+    async with await psycopg.AsyncConnection.connect(server_url("postgres")) as conn:
+        cur = await conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"%{run_id.group(1)}%",)
+        )
+        assert await cur.fetchall() == []  # it failed before creating anything
+
+    nobody = await shop_demo("--attach", "--coordinator", NOWHERE, "--startup-timeout", "1")
+    assert nobody.status == 3
+    assert "not ready after 1s" in nobody.err
+
+
+async def test_demo_setup_only_creates_what_is_missing_and_migrates() -> None:
+    name = unique_name("sagaplane_cli_setup")
+    url = server_url(name)
+    try:
+        first = await shop_demo("--setup-only", SAGAPLANE_DEMO_DATABASE_URL=url)
+        assert first.status == 0, first.err
+        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
+            assert f"database {db} created" in first.out
+        assert "coordinator/0001_sagas" in first.out
+        again = await shop_demo("--setup-only", "--database-url", url)
+        assert again.status == 0
+        assert f"database {name}_payment already exists" in again.out
+        assert f"migrated {name}: up to date" in again.out
+        async with await psycopg.AsyncConnection.connect(url) as conn:
+            cur = await conn.execute("SELECT count(*) FROM sagaplane_sagas")
+            assert await cur.fetchone() == (0,)
+    finally:
+        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
+            await drop_database(db)

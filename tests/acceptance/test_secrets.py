@@ -48,7 +48,7 @@ def _env(**settings: str) -> dict[str, str]:
     [
         [SAGAPLANE, "serve", "--help"],
         [SAGAPLANE, "migrate", "--help"],
-        [SAGAPLANE, "demo", "--help"],
+        [sys.executable, "-m", "examples.shop", "demo", "--help"],
         [sys.executable, "-m", "coordinator", "--help"],
     ],
 )

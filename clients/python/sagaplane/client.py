@@ -1,11 +1,13 @@
-"""A typed asyncio client for the coordinator's gRPC API.
+"""The asyncio client for the coordinator's whole gRPC API: :class:`SagaClient`.
 
-Methods return the protobuf messages of ``sagaplane.v1`` (:class:`Saga` is
-``sagaplane.v1.saga_pb2.Saga``): they are already typed, print readably, and are what
-every other language sees. Convert a Struct field with :func:`sagaplane.structs.to_dict`.
-Failed calls raise a :class:`~sagaplane.errors.CoordinatorError` subclass chosen by the
-gRPC status code (e.g. :class:`~sagaplane.errors.SagaNotFound`), with the original
+Methods return :class:`~sagaplane.sagas.Saga` views (state names, dicts for JSON,
+datetimes), each with the protobuf it was read from as ``.proto``. Failed calls raise a
+:class:`~sagaplane.errors.CoordinatorError` subclass chosen by the gRPC status code
+(e.g. :class:`~sagaplane.errors.SagaNotFound`), with the original
 ``grpc.aio.AioRpcError`` as its ``__cause__``.
+
+The CLI, the demo, the benchmark and the fault suite all talk to the coordinator
+through this class, so whatever the API can do, it can do.
 """
 
 from __future__ import annotations
@@ -14,35 +16,39 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sagaplane import structs
-from sagaplane.errors import WaitTimeout, from_rpc_error
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
+from sagaplane.errors import CoordinatorError, InvalidArgument, WaitTimeout, from_rpc_error
+from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, to_duration
+from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-__all__ = ["DEFAULT_TARGET", "TERMINAL_STATES", "Saga", "SagaClient", "SagaState", "StepSpec"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "TERMINAL_STATES",
+    "ActivePage",
+    "Resolution",
+    "RetryPolicy",
+    "Saga",
+    "SagaClient",
+    "SagaState",
+    "StepSpec",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 """Where the coordinator listens unless ``SAGAPLANE_COORDINATOR`` says otherwise."""
 
-Saga = saga_pb2.Saga
-SagaState = saga_pb2.SagaState
-
-TERMINAL_STATES: frozenset[saga_pb2.SagaState.ValueType] = frozenset(
-    {
-        saga_pb2.SAGA_STATE_COMPLETED,
-        saga_pb2.SAGA_STATE_FAILED,
-        saga_pb2.SAGA_STATE_COMPENSATED,
-        # Not finished, but nothing more happens without a person: waiting longer is pointless.
-        saga_pb2.SAGA_STATE_COMPENSATION_FAILED,
-    }
-)
-"""The states :meth:`SagaClient.wait` returns on."""
-
 _R = TypeVar("_R")
+
+Seconds = float | timedelta
+"""A duration: seconds, or a timedelta."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,50 @@ class StepSpec:
     """The action that undoes the step; None when there is nothing to undo."""
     input: Mapping[str, Any] | None = None
     """The JSON object handed to the action."""
+    retry_policy: RetryPolicy | None = None
+    """How the action is retried (None: the saga's policy)."""
+    compensation_retry_policy: RetryPolicy | None = None
+    """How the compensation is retried (None: the saga's compensation policy)."""
+    timeout: Seconds | None = None
+    """Each attempt's time limit (None: the saga's ``step_timeout``)."""
 
     def to_proto(self) -> coordinator_pb2.StepSpec:
         """The wire form."""
-        return coordinator_pb2.StepSpec(
+        spec = coordinator_pb2.StepSpec(
             name=self.name,
             action=self.action,
             compensation=self.compensation or "",
             input=structs.to_struct(dict(self.input) if self.input else None),
         )
+        if self.retry_policy is not None:
+            spec.retry_policy.CopyFrom(self.retry_policy.to_proto())
+        if self.compensation_retry_policy is not None:
+            spec.compensation_retry_policy.CopyFrom(self.compensation_retry_policy.to_proto())
+        if self.timeout is not None:
+            spec.timeout.CopyFrom(_duration("timeout", self.timeout))
+        return spec
+
+
+class Resolution(StrEnum):
+    """What :meth:`SagaClient.resolve_compensation` does with a stuck compensation."""
+
+    RETRY = "retry"
+    """Try the failed compensation again (after its cause was fixed)."""
+    MARK_COMPENSATED = "mark_compensated"
+    """Record it as undone (a person undid it by hand) and go on compensating."""
+
+    def to_proto(self) -> coordinator_pb2.CompensationResolution.ValueType:
+        """The wire value."""
+        return coordinator_pb2.CompensationResolution.Value(f"COMPENSATION_RESOLUTION_{self.name}")
+
+
+@dataclass(frozen=True)
+class ActivePage:
+    """One page of :meth:`SagaClient.list_active`."""
+
+    sagas: list[Saga]
+    next_page_token: str
+    """Pass on for the next page; empty on the last one."""
 
 
 class SagaClient:
@@ -74,7 +115,9 @@ class SagaClient:
     ``target`` is ``host:port`` (default: ``SAGAPLANE_COORDINATOR``, else
     :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS and ``token`` to send
     ``authorization: Bearer <token>`` with every call. ``timeout`` is each call's
-    deadline in seconds (None: no deadline).
+    deadline in seconds (None: no deadline). With ``wait_for_ready``, a call made while
+    the coordinator is unreachable waits (within its deadline) for it to come back
+    instead of failing at once. ``options`` are grpc channel options.
     """
 
     def __init__(
@@ -84,6 +127,7 @@ class SagaClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         timeout: float | None = 10.0,
+        wait_for_ready: bool = False,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
         self.target = target or os.environ.get("SAGAPLANE_COORDINATOR") or DEFAULT_TARGET
@@ -92,28 +136,44 @@ class SagaClient:
             (("authorization", f"Bearer {token}"),) if token else ()
         )
         self._timeout = timeout
+        self._wait_for_ready = wait_for_ready
         self._options = list(options)
         self._channel: grpc.aio.Channel | None = None
         self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub | None = None
+        self._health: health_pb2_grpc.HealthStub | None = None
 
-    def _service(self) -> coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub:
+    # -- the channel ------------------------------------------------------------------
+
+    def _connect(self) -> grpc.aio.Channel:
         # Created on first use, inside the running loop that grpc.aio binds the channel to.
-        if self._stub is None:
+        if self._channel is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             else:
                 self._channel = grpc.aio.secure_channel(
                     self.target, self._credentials, options=self._options
                 )
-            self._stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub(self._channel)
-        assert self._stub is not None
+        return self._channel
+
+    def _service(self) -> coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub:
+        if self._stub is None:
+            self._stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub(self._connect())
         return self._stub
 
-    async def _call(self, call: Callable[..., Awaitable[_R]], request: object) -> _R:
+    async def _call(
+        self, call: Callable[..., Awaitable[_R]], request: object, deadline: float | None = None
+    ) -> _R:
         try:
-            return await call(request, timeout=self._timeout, metadata=self._metadata)
+            return await call(
+                request,
+                timeout=self._timeout if deadline is None else deadline,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    # -- starting ---------------------------------------------------------------------
 
     async def start_saga(
         self,
@@ -122,12 +182,19 @@ class SagaClient:
         *,
         context: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        retry_policy: RetryPolicy | None = None,
+        compensation_retry_policy: RetryPolicy | None = None,
+        step_timeout: Seconds | None = None,
+        timeout: Seconds | None = None,  # noqa: ASYNC109  (the saga's own time limit, not this call's)
     ) -> Saga:
         """Start a saga; its first step is dispatched at once.
 
         ``steps`` are :class:`StepSpec` or dicts with the same keys. With an
         ``idempotency_key``, repeating the same call returns the saga already started
         (a different request with that key raises ``IdempotencyConflict``).
+        ``retry_policy`` and ``compensation_retry_policy`` apply to every step that does
+        not set its own; ``step_timeout`` limits each attempt of such a step;
+        ``timeout`` limits the whole saga (it is compensated when it passes).
         """
         request = coordinator_pb2.StartSagaRequest(
             name=name,
@@ -135,40 +202,98 @@ class SagaClient:
             context=structs.to_struct(dict(context) if context else None),
             idempotency_key=idempotency_key or "",
         )
+        if retry_policy is not None:
+            request.retry_policy.CopyFrom(retry_policy.to_proto())
+        if compensation_retry_policy is not None:
+            request.compensation_retry_policy.CopyFrom(compensation_retry_policy.to_proto())
+        if step_timeout is not None:
+            request.step_timeout.CopyFrom(_duration("step_timeout", step_timeout))
+        if timeout is not None:
+            request.timeout.CopyFrom(_duration("timeout", timeout))
+        return await self.start_saga_request(request)
+
+    async def start_saga_request(
+        self, request: coordinator_pb2.StartSagaRequest | Mapping[str, Any]
+    ) -> Saga:
+        """Start a saga from a whole StartSaga request: the protobuf, or its JSON form
+        (the fields as ``grpcurl -d`` takes them, e.g. a saga file). A JSON form that
+        does not fit the request raises :class:`~sagaplane.errors.InvalidArgument`."""
+        if not isinstance(request, coordinator_pb2.StartSagaRequest):
+            request = parse_start_request(request)
         response = await self._call(self._service().StartSaga, request)
-        return response.saga
+        return Saga.from_proto(response.saga)
+
+    # -- reading ----------------------------------------------------------------------
 
     async def get_saga(self, saga_id: str, *, include_history: bool = False) -> Saga:
         """One saga; with its transitions when ``include_history``. Raises SagaNotFound."""
         request = coordinator_pb2.GetSagaRequest(id=saga_id, include_history=include_history)
         response = await self._call(self._service().GetSaga, request)
-        return response.saga
-
-    async def compensate(self, saga_id: str, reason: str = "") -> Saga:
-        """Undo every completed step of the saga, newest first (idempotent)."""
-        request = coordinator_pb2.CompensateRequest(id=saga_id, reason=reason)
-        response = await self._call(self._service().Compensate, request)
-        return response.saga
+        return Saga.from_proto(response.saga)
 
     async def list_active(
-        self, page_size: int = 0, page_token: str = "", name: str = ""
-    ) -> coordinator_pb2.ListActiveResponse:
-        """One page of active sagas, newest first; pass ``next_page_token`` on for more."""
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        name: str = "",
+        *,
+        stale_for: Seconds | None = None,
+    ) -> ActivePage:
+        """One page of active sagas, newest first; pass ``next_page_token`` on for more.
+
+        ``name`` keeps sagas of that name only; ``stale_for`` those whose last
+        transition is at least that old (stuck ones). ``page_size`` 0: the server's.
+        """
         request = coordinator_pb2.ListActiveRequest(
             page_size=page_size, page_token=page_token, name=name
         )
-        return await self._call(self._service().ListActive, request)
+        if stale_for is not None:
+            request.stale_for.CopyFrom(_duration("stale_for", stale_for))
+        response = await self._call(self._service().ListActive, request)
+        return ActivePage(
+            sagas=[Saga.from_proto(s) for s in response.sagas],
+            next_page_token=response.next_page_token,
+        )
 
-    async def iter_active(self, *, name: str = "", page_size: int = 0) -> AsyncIterator[Saga]:
+    async def iter_active(
+        self, *, name: str = "", page_size: int = 0, stale_for: Seconds | None = None
+    ) -> AsyncIterator[Saga]:
         """Every active saga, page after page."""
         token = ""
         while True:
-            page = await self.list_active(page_size=page_size, page_token=token, name=name)
+            page = await self.list_active(page_size, token, name, stale_for=stale_for)
             for saga in page.sagas:
                 yield saga
             token = page.next_page_token
             if not token:
                 return
+
+    # -- changing ---------------------------------------------------------------------
+
+    async def compensate(self, saga_id: str, reason: str = "") -> Saga:
+        """Undo every completed step of the saga, newest first (idempotent)."""
+        request = coordinator_pb2.CompensateRequest(id=saga_id, reason=reason)
+        response = await self._call(self._service().Compensate, request)
+        return Saga.from_proto(response.saga)
+
+    async def resolve_compensation(
+        self, saga_id: str, resolution: Resolution | str, reason: str
+    ) -> Saga:
+        """Decide about a saga in ``compensation_failed``: retry the failed compensation,
+        or mark it compensated (``reason``, required, is recorded in the history)."""
+        try:
+            chosen = Resolution(resolution)
+        except ValueError:
+            raise InvalidArgument(
+                f"resolution: must be one of {', '.join(Resolution)}, not {resolution!r}"
+            ) from None
+        request = coordinator_pb2.ResolveCompensationRequest(
+            id=saga_id, resolution=chosen.to_proto(), reason=reason
+        )
+        response = await self._call(self._service().ResolveCompensation, request)
+        return Saga.from_proto(response.saga)
+
+    # -- following --------------------------------------------------------------------
 
     # One deadline for the whole wait is part of its meaning, so it is an argument here.
     async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 0.05) -> Saga:  # noqa: ASYNC109
@@ -182,18 +307,66 @@ class SagaClient:
             async with asyncio.timeout(timeout):
                 while True:
                     saga = await self.get_saga(saga_id)
-                    if saga.state in TERMINAL_STATES:
+                    if saga.ended:
                         return saga
                     await asyncio.sleep(poll)
         except TimeoutError as exc:
-            state = saga_pb2.SagaState.Name(saga.state) if saga is not None else "unknown"
+            state = saga.state.value if saga is not None else "unknown"
             raise WaitTimeout(
                 f"saga {saga_id} is still {state} after {timeout}s", saga=saga
             ) from exc
 
+    async def watch(self, saga_id: str, *, poll: float = 0.2) -> AsyncIterator[Saga]:
+        """The saga (with its history) now, then each time it has changed, until it ends.
+
+        The last one yielded is in :data:`TERMINAL_STATES`. Polls every ``poll``
+        seconds; bound the whole watch with ``asyncio.timeout`` if needed.
+        """
+        seen: tuple[int, object] | None = None
+        while True:
+            saga = await self.get_saga(saga_id, include_history=True)
+            mark = (len(saga.history), saga.updated_at)
+            if mark != seen:
+                seen = mark
+                yield saga
+            if saga.ended:
+                return
+            await asyncio.sleep(poll)
+
+    # -- the process ------------------------------------------------------------------
+
+    async def health(self, service: str = "", *, deadline: float | None = None) -> str:
+        """The gRPC health status (``"SERVING"``, ``"NOT_SERVING"``, ...) of the server,
+        or of one of its services by full name; ``deadline`` (seconds) overrides the client's."""
+        if self._health is None:
+            self._health = health_pb2_grpc.HealthStub(self._connect())
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await self._call(self._health.Check, request, deadline)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    async def wait_until_serving(
+        self, within: float = 30.0, *, poll: float = 0.05, alive: Callable[[], None] | None = None
+    ) -> None:
+        """Until :meth:`health` says SERVING; TimeoutError after ``within`` seconds.
+
+        What a caller that just started a coordinator waits for: errors in between
+        count as "not yet". ``alive`` is called before each try and may raise (e.g.
+        when the process being waited for has exited).
+        """
+        async with asyncio.timeout(within):
+            while True:
+                if alive is not None:
+                    alive()
+                try:
+                    if await self.health(deadline=1.0) == "SERVING":
+                        return
+                except CoordinatorError:
+                    pass
+                await asyncio.sleep(poll)
+
     async def close(self) -> None:
         """Close the channel; safe to call twice. Calls in flight are cancelled."""
-        channel, self._channel, self._stub = self._channel, None, None
+        channel, self._channel, self._stub, self._health = self._channel, None, None, None
         if channel is not None:
             await channel.close()
 
@@ -209,15 +382,25 @@ class SagaClient:
         await self.close()
 
 
+def parse_start_request(data: Mapping[str, Any]) -> coordinator_pb2.StartSagaRequest:
+    """The StartSaga request of its JSON form; InvalidArgument naming what does not fit."""
+    try:
+        return json_format.ParseDict(dict(data), coordinator_pb2.StartSagaRequest())
+    except json_format.ParseError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def _duration(field: str, value: Seconds) -> Any:
+    try:
+        return to_duration(value)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+
+
 def _step(spec: StepSpec | Mapping[str, Any]) -> coordinator_pb2.StepSpec:
     if isinstance(spec, StepSpec):
         return spec.to_proto()
-    unknown = set(spec) - {"name", "action", "compensation", "input"}
+    unknown = set(spec) - set(StepSpec.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown step keys: {', '.join(sorted(unknown))}")
-    return StepSpec(
-        name=spec["name"],
-        action=spec["action"],
-        compensation=spec.get("compensation"),
-        input=spec.get("input"),
-    ).to_proto()
+    return StepSpec(**spec).to_proto()
