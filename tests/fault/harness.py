@@ -28,16 +28,13 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import socket
 import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import grpc
@@ -48,14 +45,14 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from google.protobuf import duration_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fault.schema import PAYMENT_LIMIT
-from sagaplane import structs, topology
-from sagaplane.v1 import coordinator_pb2 as api
-from sagaplane.v1 import coordinator_pb2_grpc, messages_pb2
-from sagaplane.v1 import saga_pb2 as model
+from sagaplane import topology
+from sagaplane.client import SagaClient, StepSpec
+from sagaplane.errors import CoordinatorError, SagaNotFound
+from sagaplane.sagas import RetryPolicy, Saga, SagaState
+from sagaplane.testing import Child, free_port
+from sagaplane.v1 import messages_pb2
 
 log = logging.getLogger("fault")
 
@@ -64,9 +61,7 @@ _T = TypeVar("_T")
 ROOT = Path(__file__).resolve().parents[2]
 """The repository."""
 
-TERMINAL = frozenset(
-    {model.SAGA_STATE_COMPLETED, model.SAGA_STATE_FAILED, model.SAGA_STATE_COMPENSATED}
-)
+TERMINAL = frozenset({SagaState.COMPLETED, SagaState.FAILED, SagaState.COMPENSATED})
 """Finished for good. COMPENSATION_FAILED waits for a person: not terminal here."""
 
 _RETRIED_CODES = frozenset(
@@ -87,107 +82,26 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromTimedelta(timedelta(seconds=seconds))
-    return d
-
-
 def retry_policy(
     max_attempts: int, initial: float, coefficient: float = 1.5, maximum: float = 0.5
-) -> model.RetryPolicy:
-    return model.RetryPolicy(
+) -> RetryPolicy:
+    return RetryPolicy(
         max_attempts=max_attempts,
-        initial_interval=duration(initial),
+        initial_interval=initial,
         backoff_coefficient=coefficient,
-        max_interval=duration(maximum),
+        max_interval=maximum,
     )
 
 
 # -- processes --------------------------------------------------------------------------
 
 
-class Child:
-    """A child process whose output goes to a log file; SIGKILL or SIGTERM it."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.env = env
-        self.log_path = logs / f"{name}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
-        self.kills = 0
-
-    def _open_log(self) -> IO[bytes]:
-        return self.log_path.open("ab")
-
-    async def spawn(self, extra_env: dict[str, str] | None = None) -> None:
-        assert not self.alive, f"{self.name} is running already"
-        env = os.environ | {"PYTHONPATH": _pythonpath()} | self.env | (extra_env or {})
-        out = self._open_log()
-        try:
-            out.write(f"==== start {self.starts + 1}: {' '.join(self.argv)}\n".encode())
-            out.flush()
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=out,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        finally:
-            out.close()
-        self.starts += 1
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def kill(self) -> None:
-        """SIGKILL: no shutdown code runs."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.kills += 1
-        if self.proc is not None:
-            await self.proc.wait()
-
-    async def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.proc.wait()
-            except TimeoutError:
-                log.warning("%s did not stop in %ss; SIGKILL", self.name, timeout)
-                await self.kill()
-        return self.proc.returncode
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _pythonpath() -> str:
+def _child_env(env: dict[str, str]) -> dict[str, str]:
+    # The runner is imported as fault.runner, from tests/.
     parts = [str(ROOT), str(ROOT / "tests")]
     if os.environ.get("PYTHONPATH"):
         parts.append(os.environ["PYTHONPATH"])
-    return os.pathsep.join(parts)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(parts), **env}
 
 
 class CoordinatorChild(Child):
@@ -200,41 +114,40 @@ class CoordinatorChild(Child):
         super().__init__(
             "coordinator",
             [sys.executable, "-m", "coordinator"],
-            {
-                "SAGAPLANE_DATABASE_URL": database_url,
-                "SAGAPLANE_AMQP_URL": amqp_url,
-                "SAGAPLANE_LISTEN": self.address,
-                "SAGAPLANE_GRACE": "1",
-                "SAGAPLANE_POOL_SIZE": "5",
-                "SAGAPLANE_TIMER_INTERVAL": str(timer_interval),
-            },
-            logs,
+            env=_child_env(
+                {
+                    "SAGAPLANE_DATABASE_URL": database_url,
+                    "SAGAPLANE_AMQP_URL": amqp_url,
+                    "SAGAPLANE_LISTEN": self.address,
+                    "SAGAPLANE_GRACE": "1",
+                    "SAGAPLANE_POOL_SIZE": "5",
+                    "SAGAPLANE_TIMER_INTERVAL": str(timer_interval),
+                }
+            ),
+            cwd=ROOT,
+            log_path=logs / "coordinator.log",
         )
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start(self, timeout: float = 60.0) -> None:
-        await self.spawn()
+    async def start(self, extra_env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        await super().start(extra_env)
         await self.wait_healthy(timeout)
 
     async def wait_healthy(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if not self.alive:
-                    raise AssertionError(f"coordinator died while starting:\n{self.tail()}")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"coordinator not healthy in {timeout}s:\n{self.tail()}")
-                await asyncio.sleep(0.05)
+        def alive() -> None:
+            if not self.alive:
+                raise AssertionError(f"coordinator died while starting:\n{self.tail()}")
+
+        async with SagaClient(self.address) as client:
+            try:
+                await client.wait_until_serving(timeout, alive=alive)
+            except TimeoutError:
+                raise AssertionError(
+                    f"coordinator not healthy in {timeout}s:\n{self.tail()}"
+                ) from None
 
 
 class ParticipantChild(Child):
@@ -256,12 +169,14 @@ class ParticipantChild(Child):
         argv += ["--ready-file", str(self.ready_file)]
         if reply_exchange:
             argv += ["--reply-exchange", reply_exchange]
-        super().__init__(name, argv, {}, logs)
+        super().__init__(name, argv, env=_child_env({}), cwd=ROOT, log_path=logs / f"{name}.log")
 
-    async def start(self, *, kill_after: int | None = None, timeout: float = 60.0) -> bool:
+    async def start(  # type: ignore[override]  # it also says whether it got ready
+        self, *, kill_after: int | None = None, timeout: float = 60.0
+    ) -> bool:
         """Start and wait until it consumes; False if it died first (the kill hook)."""
         self.ready_file.unlink(missing_ok=True)
-        await self.spawn({"FAULT_KILL_AFTER_COMMITS": str(kill_after)} if kill_after else None)
+        await super().start({"FAULT_KILL_AFTER_COMMITS": str(kill_after)} if kill_after else None)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if not self.alive:
@@ -297,8 +212,35 @@ def order_amount(i: int) -> float:
     return 5000.0 if i % 4 == 0 else 10.0 + i
 
 
-def expected_order_state(amount: float) -> model.SagaState.ValueType:
-    return model.SAGA_STATE_COMPENSATED if amount > PAYMENT_LIMIT else model.SAGA_STATE_COMPLETED
+def expected_order_state(amount: float) -> SagaState:
+    return SagaState.COMPENSATED if amount > PAYMENT_LIMIT else SagaState.COMPLETED
+
+
+@dataclass(frozen=True)
+class SagaRequest:
+    """What :meth:`Rig.start_saga` starts: one saga, with an idempotency key."""
+
+    key: str
+    steps: Sequence[StepDef]
+    name: str = "fault.order"
+    step_timeout: float | None = None
+    retry: RetryPolicy | None = None
+    compensation_retry: RetryPolicy | None = None
+
+    async def start(self, client: SagaClient) -> Saga:
+        return await client.start_saga(
+            self.name,
+            [
+                # The position goes with the input, so effects say which step they undo.
+                StepSpec(s.name, s.action, s.compensation, s.input | {"position": i})
+                for i, s in enumerate(self.steps)
+            ],
+            context={"key": self.key},
+            idempotency_key=self.key,
+            retry_policy=self.retry,
+            compensation_retry_policy=self.compensation_retry,
+            step_timeout=self.step_timeout,
+        )
 
 
 def saga_request(
@@ -307,38 +249,17 @@ def saga_request(
     *,
     name: str = "fault.order",
     step_timeout: float | None = None,
-    retry: model.RetryPolicy | None = None,
-    compensation_retry: model.RetryPolicy | None = None,
-) -> api.StartSagaRequest:
-    request = api.StartSagaRequest(
-        name=name,
-        idempotency_key=key,
-        context=structs.to_struct({"key": key}),
-        steps=[
-            api.StepSpec(
-                name=s.name,
-                action=s.action,
-                compensation=s.compensation,
-                # The position goes with the input, so effects say which step they undo.
-                input=structs.to_struct(s.input | {"position": i}),
-            )
-            for i, s in enumerate(steps)
-        ],
-    )
-    if step_timeout is not None:
-        request.step_timeout.CopyFrom(duration(step_timeout))
-    if retry is not None:
-        request.retry_policy.CopyFrom(retry)
-    if compensation_retry is not None:
-        request.compensation_retry_policy.CopyFrom(compensation_retry)
-    return request
+    retry: RetryPolicy | None = None,
+    compensation_retry: RetryPolicy | None = None,
+) -> SagaRequest:
+    return SagaRequest(key, steps, name, step_timeout, retry, compensation_retry)
 
 
 @dataclass
 class Started:
     key: str
     saga_id: str
-    expected: model.SagaState.ValueType
+    expected: SagaState
 
 
 @dataclass
@@ -439,19 +360,20 @@ class Rig:
         self._tasks: list[asyncio.Task[Any]] = []
         self.notes: list[str] = []
         """What the fault did, for the totals table."""
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceStub | None = None
+        self._client: SagaClient | None = None
         self._t0 = time.monotonic()
 
     # processes
 
     async def start_coordinator(self) -> None:
         await self.coordinator.start()
-        if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.coordinator.address, options=_CHANNEL_OPTIONS
+        if self._client is None:
+            self._client = SagaClient(
+                self.coordinator.address,
+                timeout=5.0,
+                wait_for_ready=True,
+                options=_CHANNEL_OPTIONS,
             )
-            self._stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub(self._channel)
 
     def participant(
         self, name: str, services: Sequence[str], *, reply_exchange: str | None = None
@@ -487,8 +409,8 @@ class Rig:
         for child in [*self.participants, self.coordinator]:
             with contextlib.suppress(Exception):
                 await child.stop()
-        if self._channel is not None:
-            await self._channel.close()
+        if self._client is not None:
+            await self._client.close()
 
     def assert_alive(self) -> None:
         """The processes the fault did not kill on purpose must have survived it."""
@@ -498,40 +420,34 @@ class Rig:
     # the client
 
     @property
-    def stub(self) -> coordinator_pb2_grpc.SagaCoordinatorServiceStub:
-        assert self._stub is not None, "start_coordinator() first"
-        return self._stub
+    def client(self) -> SagaClient:
+        assert self._client is not None, "start_coordinator() first"
+        return self._client
 
     async def rpc(
-        self,
-        call: Any,
-        request: Any,
-        *,
-        deadline: float = 90.0,
-        per_call: float = 5.0,
-    ) -> Any:
-        """Call, retrying while the coordinator is away (killed, restarting, no database)."""
+        self, call: Callable[[SagaClient], Awaitable[_T]], *, deadline: float = 90.0
+    ) -> _T:
+        """``call(client)``, retried while the coordinator is away (killed, restarting, no
+        database); each try has the client's 5 s deadline."""
         give_up = time.monotonic() + deadline
         delay = 0.05
         while True:
             try:
-                return await call(request, timeout=per_call, wait_for_ready=True)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRIED_CODES or time.monotonic() > give_up:
+                return await call(self.client)
+            except CoordinatorError as exc:
+                if exc.code not in _RETRIED_CODES or time.monotonic() > give_up:
                     raise
                 self.retried_calls += 1
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
 
-    async def start_saga(
-        self, request: api.StartSagaRequest, expected: model.SagaState.ValueType
-    ) -> Started:
+    async def start_saga(self, request: SagaRequest, expected: SagaState) -> Started:
         """StartSaga with an idempotency key, repeated until it answers (a crash may
         hide whether the first try committed; the key makes the repeat safe)."""
-        key = request.idempotency_key
+        key = request.key
         assert key and key not in self.started
-        response = await self.rpc(self.stub.StartSaga, request)
-        started = Started(key=key, saga_id=response.saga.id, expected=expected)
+        saga = await self.rpc(request.start)
+        started = Started(key=key, saga_id=saga.id, expected=expected)
         self.started[key] = started
         return started
 
@@ -570,37 +486,30 @@ class Rig:
         await asyncio.gather(*(worker() for _ in range(workers)))
         return started
 
-    async def get(self, saga_id: str, *, history: bool = False) -> model.Saga:
-        response = await self.rpc(
-            self.stub.GetSaga, api.GetSagaRequest(id=saga_id, include_history=history)
-        )
-        saga: model.Saga = response.saga
-        return saga
+    async def get(self, saga_id: str, *, history: bool = False) -> Saga:
+        return await self.rpc(lambda c: c.get_saga(saga_id, include_history=history))
 
     async def active_ids(self, **filters: Any) -> set[str]:
         """Ids of every active saga (ListActive, all pages)."""
         found: set[str] = set()
         token = ""
         while True:
-            response = await self.rpc(
-                self.stub.ListActive,
-                api.ListActiveRequest(page_size=1000, page_token=token, **filters),
-            )
-            found |= {s.id for s in response.sagas}
-            token = response.next_page_token
+            page = await self.rpc(lambda c, after=token: c.list_active(1000, after, **filters))
+            found |= {s.id for s in page.sagas}
+            token = page.next_page_token
             if not token:
                 return found
 
     async def wait_states(
         self,
         saga_ids: Iterable[str],
-        states: Iterable[model.SagaState.ValueType],
+        states: Iterable[SagaState],
         timeout: float = 60.0,
-    ) -> dict[str, model.Saga]:
+    ) -> dict[str, Saga]:
         """Poll until every saga is in one of ``states``; fail with the laggards."""
         wanted = set(states)
         pending = set(saga_ids)
-        done: dict[str, model.Saga] = {}
+        done: dict[str, Saga] = {}
         deadline = time.monotonic() + timeout
         while pending:
             for saga_id in list(pending):
@@ -675,13 +584,11 @@ class Rig:
         """Drain, count, and record the row in :data:`TOTALS` (before any assertion)."""
         await self.drain(drain_timeout)
         details: list[str] = []
-        states: dict[str, model.SagaState.ValueType | None] = {}
+        states: dict[str, SagaState | None] = {}
         for s in self.started.values():
             try:
                 states[s.saga_id] = (await self.get(s.saga_id)).state
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
+            except SagaNotFound:
                 states[s.saga_id] = None
         lost = [k for k, s in self.started.items() if states[s.saga_id] is None]
         stuck = [
@@ -743,8 +650,8 @@ class Rig:
         return "\n".join([*totals_table([totals]), *totals.details, f"logs: {self.logs}"])
 
 
-def _state_name(state: model.SagaState.ValueType | None) -> str:
-    return "NOT_FOUND" if state is None else model.SagaState.Name(state)
+def _state_name(state: SagaState | None) -> str:
+    return "NOT_FOUND" if state is None else state.name
 
 
 def _compensations_out_of_order(effects: Sequence[tuple[str, str, str, int, Any]]) -> list[str]:

@@ -26,15 +26,14 @@ from fault.harness import (
     ReplyForwarder,
     Rig,
     StepDef,
-    duration,
     retry_policy,
     saga_request,
 )
 from sagaplane import structs, topology
+from sagaplane.client import Resolution
 from sagaplane.consuming import REASON_HEADER
-from sagaplane.v1 import coordinator_pb2 as api
+from sagaplane.sagas import RetryPolicy, SagaState, StepStatus
 from sagaplane.v1 import messages_pb2
-from sagaplane.v1 import saga_pb2 as model
 
 pytestmark = [pytest.mark.fault]
 
@@ -275,7 +274,7 @@ async def test_compensation_failures_retried_and_resolved(rig: Rig) -> None:
     quick = retry_policy(10, 0.05, 1.5, 0.3)
     background = rig.spawn(rig.load(minimum=24, maximum=24, first=100))
 
-    async def start(mode: str, n: int, policy: model.RetryPolicy) -> list[str]:
+    async def start(mode: str, n: int, policy: RetryPolicy) -> list[str]:
         ids = []
         for i in range(n):
             request = saga_request(
@@ -284,7 +283,7 @@ async def test_compensation_failures_retried_and_resolved(rig: Rig) -> None:
                 name="fault.flaky",
                 compensation_retry=policy,
             )
-            ids.append((await rig.start_saga(request, model.SAGA_STATE_COMPENSATED)).saga_id)
+            ids.append((await rig.start_saga(request, SagaState.COMPENSATED)).saga_id)
         return ids
 
     fail3 = await start("fail3", 8, quick)
@@ -292,38 +291,35 @@ async def test_compensation_failures_retried_and_resolved(rig: Rig) -> None:
     until_fixed = await start("until_fixed", 4, retry_policy(3, 0.05, 1.5, 0.3))
 
     # Failing 3 times, then succeeding: compensated, on the 4th attempt.
-    for saga in (await rig.wait_states(fail3, [model.SAGA_STATE_COMPENSATED])).values():
+    for saga in (await rig.wait_states(fail3, [SagaState.COMPENSATED])).values():
         assert saga.steps[1].compensation_attempts == 4, saga
         history = (await rig.get(saga.id, history=True)).history
         assert [h.event for h in history].count("compensation_attempt_failed") == 3
 
     # Failing for good: COMPENSATION_FAILED, the error on the step, still active.
-    failed = await rig.wait_states([*broken, *until_fixed], [model.SAGA_STATE_COMPENSATION_FAILED])
+    failed = await rig.wait_states([*broken, *until_fixed], [SagaState.COMPENSATION_FAILED])
     for saga_id, saga in failed.items():
         hold = saga.steps[1]
-        assert hold.status == model.STEP_STATUS_COMPENSATION_FAILED
+        assert hold.status == StepStatus.COMPENSATION_FAILED
         assert hold.compensation_attempts == (1 if saga_id in broken else 3), hold
         assert "flaky release" in hold.error
-        assert saga.steps[0].status == model.STEP_STATUS_COMPLETED  # not undone yet
+        assert saga.steps[0].status == StepStatus.COMPLETED  # not undone yet
     await asyncio.sleep(1.0)
     assert set(failed) <= await rig.active_ids()
     # ...and stale (not updated for a while), as ListActive's stale_for filter tells.
-    assert set(failed) <= await rig.active_ids(stale_for=duration(0.5))
+    assert set(failed) <= await rig.active_ids(stale_for=0.5)
     for saga_id, before in failed.items():  # never loops: nothing changed meanwhile
         after = await rig.get(saga_id)
-        assert after.state == model.SAGA_STATE_COMPENSATION_FAILED
+        assert after.state == SagaState.COMPENSATION_FAILED
         assert after.updated_at == before.updated_at
         assert after.steps[1].compensation_attempts == before.steps[1].compensation_attempts
 
     # Resolved by a person: by hand for the broken ones...
     for saga_id in broken:
         await rig.rpc(
-            rig.stub.ResolveCompensation,
-            api.ResolveCompensationRequest(
-                id=saga_id,
-                resolution=api.COMPENSATION_RESOLUTION_MARK_COMPENSATED,
-                reason="fault suite: hold released by hand",
-            ),
+            lambda c, saga_id=saga_id: c.resolve_compensation(
+                saga_id, Resolution.MARK_COMPENSATED, "fault suite: hold released by hand"
+            )
         )
     # ...and by a retry once the participant is fixed.
     async with await psycopg.AsyncConnection.connect(rig.service_urls["flaky"]) as conn:
@@ -332,14 +328,11 @@ async def test_compensation_failures_retried_and_resolved(rig: Rig) -> None:
         await conn.commit()
     for saga_id in until_fixed:
         await rig.rpc(
-            rig.stub.ResolveCompensation,
-            api.ResolveCompensationRequest(
-                id=saga_id,
-                resolution=api.COMPENSATION_RESOLUTION_RETRY,
-                reason="fault suite: flaky service fixed",
-            ),
+            lambda c, saga_id=saga_id: c.resolve_compensation(
+                saga_id, Resolution.RETRY, "fault suite: flaky service fixed"
+            )
         )
-    resolved = await rig.wait_states([*broken, *until_fixed], [model.SAGA_STATE_COMPENSATED])
+    resolved = await rig.wait_states([*broken, *until_fixed], [SagaState.COMPENSATED])
     for saga_id in [*broken, *until_fixed]:
         saga = await rig.get(saga_id, history=True)
         event, reason = (
@@ -349,8 +342,8 @@ async def test_compensation_failures_retried_and_resolved(rig: Rig) -> None:
         )
         entries = [h for h in saga.history if h.event == event]
         assert len(entries) == 1 and reason in entries[0].reason, saga.history
-        assert saga.steps[1].status == model.STEP_STATUS_COMPENSATED
-        assert saga.steps[0].status == model.STEP_STATUS_COMPENSATED
+        assert saga.steps[1].status == StepStatus.COMPENSATED
+        assert saga.steps[0].status == StepStatus.COMPENSATED
         if saga_id in until_fixed:
             assert resolved[saga_id].steps[1].compensation_attempts == 4
 
