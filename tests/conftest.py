@@ -1,71 +1,19 @@
 """Fixtures that build real things cheaply: databases from a migrated template,
-coordinators on port 0. Connection settings come from libpq's PG* variables."""
+coordinators on port 0. The helpers they use are in ``tests/helpers``."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import grpc
-import psycopg
 import pytest
+from helpers.broker import fresh_vhost
+from helpers.database import create_database, drop_database, server_url, unique_name
 
 from coordinator.app import Coordinator
 from coordinator.config import Settings
 from coordinator.store.migrate import migrate
 from sagaplane.v1 import coordinator_pb2_grpc
-
-
-def server_url(dbname: str) -> str:
-    """A libpq URL for ``dbname`` on the test server (PGHOST/PGPORT/PGUSER or defaults)."""
-    host = os.environ.get("PGHOST", "127.0.0.1")
-    port = os.environ.get("PGPORT", "5432")
-    user = os.environ.get("PGUSER", "postgres")
-    return f"postgresql://{user}@{host}:{port}/{dbname}"
-
-
-def unique_name(prefix: str) -> str:
-    """A name no other test run uses."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-async def create_database(name: str, template: str | None = None) -> None:
-    """CREATE DATABASE, optionally as a copy of ``template``."""
-    async with await psycopg.AsyncConnection.connect(server_url("postgres"), autocommit=True) as c:
-        query = f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
-        await c.execute(query.encode())
-
-
-async def drop_database(name: str) -> None:
-    """DROP DATABASE, disconnecting whoever is still connected."""
-    async with await psycopg.AsyncConnection.connect(server_url("postgres"), autocommit=True) as c:
-        await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-
-
-async def rabbitmqctl(*args: str) -> None:
-    """Run rabbitmqctl (the tests run on the broker's machine, as its administrator)."""
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {(out + err).decode()}")
-
-
-@asynccontextmanager
-async def fresh_vhost() -> AsyncIterator[str]:
-    """A new RabbitMQ vhost for guest, deleted afterwards; yields its AMQP URL."""
-    vhost = unique_name("sagaplane_test")
-    await rabbitmqctl("add_vhost", vhost)
-    try:
-        await rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        host = os.environ.get("SAGAPLANE_TEST_AMQP_HOST", "127.0.0.1:5672")
-        yield f"amqp://guest:guest@{host}/{vhost}"
-    finally:
-        await rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture

@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import create_database, drop_database, server_url, unique_name
+from helpers.database import create_database, drop_database, server_url, unique_name
+from helpers.processes import free_port
+from helpers.shop import Shop, shop, shop_databases
 
 from coordinator.app import Coordinator
 from coordinator.cli import main
 from sagaplane import NonRetryableError, Participant, StepContext
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from processes import free_port
-from shop_fixtures import Shop, shop, shop_databases
 
 __all__ = ["shop", "shop_databases"]  # fixtures, imported for pytest
 

@@ -17,15 +17,13 @@ from typing import Any
 
 import psycopg
 import yaml
-from conftest import drop_database, server_url, unique_name
+from helpers.database import drop_database, server_url, unique_name
+from helpers.processes import free_port
 from test_readme import ROOT, fresh_shell_env, quick_start_commands
 
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import SERVICES
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from processes import free_port
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -11,12 +11,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import rabbitmqctl
+from helpers.broker import rabbitmqctl
+from helpers.processes import free_port
 
 from sagaplane import InvalidArgument, SagaClient, StepSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from processes import free_port
 
 SAGAPLANE = str(Path(sys.executable).parent / "sagaplane")
 PG_SECRET = f"pg-Secret-{uuid.uuid4().hex[:8]}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from _pytest.terminal import TerminalReporter
-from conftest import create_database, drop_database, server_url, unique_name
+from helpers.database import create_database, drop_database, server_url, unique_name
 
 from fault.harness import TOTALS, Rig, totals_table
 from fault.schema import SERVICES, TABLES

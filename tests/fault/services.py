@@ -8,6 +8,7 @@ line of defence, run at the end of the session if a restart fault ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -15,7 +16,9 @@ import time
 
 import aio_pika
 import psycopg
-from conftest import server_url
+from helpers.database import server_url
+
+from sagaplane.testing import RabbitmqctlFailed, rabbitmqctl
 
 log = logging.getLogger("fault.services")
 
@@ -45,17 +48,22 @@ async def _run(*argv: str, check: bool = True) -> int:
 async def stop_rabbitmq_app() -> None:
     TOUCHED.add("rabbitmq")
     log.warning("stopping the RabbitMQ application")
-    await _run("rabbitmqctl", "-q", "stop_app")
+    await rabbitmqctl("stop_app")
 
 
 async def ensure_rabbitmq_running(amqp_url: str, timeout: float = 120.0) -> None:
     """start_app (a no-op when running), then wait until ``amqp_url`` accepts a connection."""
     deadline = time.monotonic() + timeout
-    while await _run("rabbitmqctl", "-q", "start_app", check=False) != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError("rabbitmqctl start_app keeps failing")
+    while True:
+        try:
+            await rabbitmqctl("start_app")
+            break
+        except RabbitmqctlFailed:
+            if time.monotonic() > deadline:
+                raise
         await asyncio.sleep(1)
-    await _run("rabbitmqctl", "-q", "await_startup", check=False)
+    with contextlib.suppress(RabbitmqctlFailed):
+        await rabbitmqctl("await_startup")
     while True:
         try:
             connection = await aio_pika.connect(amqp_url, timeout=5)

@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 import psycopg
 import pytest
-from conftest import rabbitmqctl
+from helpers.broker import rabbitmqctl
 
 from fault.harness import (
     CHAOS_EXCHANGE,

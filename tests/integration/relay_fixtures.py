@@ -23,6 +23,8 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from helpers.broker import amqp_url_for, fresh_vhost, rabbitmqctl
+from helpers.database import create_database, drop_database, server_url, unique_name
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -30,49 +32,18 @@ from sagaplane import migrations
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.relay import OutboxRelay
 
-AMQP_HOST = os.environ.get("SAGAPLANE_TEST_AMQP_HOST", "127.0.0.1:5672")
-
-
-def pg_url(dbname: str) -> str:
-    """A libpq URL for ``dbname`` on the test server (PGHOST/PGPORT/PGUSER or defaults)."""
-    host = os.environ.get("PGHOST", "127.0.0.1")
-    port = os.environ.get("PGPORT", "5432")
-    user = os.environ.get("PGUSER", "postgres")
-    return f"postgresql://{user}@{host}:{port}/{dbname}"
-
-
-def unique(prefix: str) -> str:
-    """A name that no other test run uses."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-async def rabbitmqctl(*args: str) -> str:
-    """Run ``rabbitmqctl`` without blocking the loop; its stdout, or an error with stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()}")
-    return out.decode()
-
 
 @pytest.fixture(scope="module")
 async def outbox_database() -> AsyncIterator[str]:
     """A fresh database with the outbox migrations applied; yields its URL."""
-    name = unique("sagaplane_test")
-    async with await psycopg.AsyncConnection.connect(pg_url("postgres"), autocommit=True) as c:
-        await c.execute(f'CREATE DATABASE "{name}"'.encode())
+    name = unique_name("sagaplane_test")
+    await create_database(name)
     try:
-        async with await psycopg.AsyncConnection.connect(pg_url(name)) as conn:
+        async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
             await migrations.apply(conn, migrations.outbox_migrations())
-        yield pg_url(name)
+        yield server_url(name)
     finally:
-        async with await psycopg.AsyncConnection.connect(pg_url("postgres"), autocommit=True) as c:
-            await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        await drop_database(name)
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +67,14 @@ async def clean_outbox(outbox_database: str) -> None:
 @pytest.fixture(scope="module")
 async def amqp_vhost() -> AsyncIterator[str]:
     """A fresh RabbitMQ vhost that guest may use; deleted with all it holds at the end."""
-    vhost = unique("sagaplane_test")
-    await rabbitmqctl("add_vhost", vhost)
-    try:
-        await rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield vhost
-    finally:
-        await rabbitmqctl("delete_vhost", vhost)
+    async with fresh_vhost() as url:
+        yield url.rsplit("/", 1)[1]
 
 
 @pytest.fixture(scope="module")
 def amqp_url(amqp_vhost: str) -> str:
     """The AMQP URL of the module's vhost."""
-    return f"amqp://guest:guest@{AMQP_HOST}/{amqp_vhost}"
+    return amqp_url_for(amqp_vhost)
 
 
 @pytest.fixture
@@ -151,8 +117,8 @@ async def sink(
     channel: AbstractChannel, routing_keys: Iterable[str] = ("#",)
 ) -> tuple[str, AbstractQueue]:
     """A fresh topic exchange and an exclusive queue bound to it with ``routing_keys``."""
-    exchange = await channel.declare_exchange(unique("test"), aio_pika.ExchangeType.TOPIC)
-    queue = await channel.declare_queue(unique("test"), exclusive=True)
+    exchange = await channel.declare_exchange(unique_name("test"), aio_pika.ExchangeType.TOPIC)
+    queue = await channel.declare_queue(unique_name("test"), exclusive=True)
     for key in routing_keys:
         await queue.bind(exchange, routing_key=key)
     return exchange.name, queue
@@ -230,7 +196,9 @@ async def terminate_backends(database_url: str) -> int:
     """Kill every session on the database but our own (a PostgreSQL restart, as seen
     by one database); returns how many were killed."""
     dbname = database_url.rsplit("/", 1)[1]
-    async with await psycopg.AsyncConnection.connect(pg_url("postgres"), autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(
+        server_url("postgres"), autocommit=True
+    ) as conn:
         cur = await conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
             " WHERE datname = %s AND pid <> pg_backend_pid()",

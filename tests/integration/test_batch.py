@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import server_url
+from helpers.database import server_url
 from psycopg import AsyncClientCursor
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from processes import CoordinatorProcess, free_port
-from shop_fixtures import Shop, order_request, shop, shop_databases, wait_terminal
+from helpers.processes import CoordinatorProcess, free_port
+from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
 
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import create_database, drop_database, server_url, unique_name
 from google.protobuf import duration_pb2
+from helpers.database import create_database, drop_database, server_url, unique_name
 
 from coordinator.app import Coordinator
 from coordinator.config import Settings

@@ -20,9 +20,9 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
+from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shop_fixtures import Shop, order_request, shop, shop_databases, wait_terminal
 
 from coordinator.app import Coordinator
 from sagaplane import structs, topology

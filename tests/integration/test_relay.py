@@ -12,6 +12,7 @@ import aiormq
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from helpers.database import unique_name
 from psycopg_pool import AsyncConnectionPool
 from relay_fixtures import (
     amqp,
@@ -30,7 +31,6 @@ from relay_fixtures import (
     outbox_rows,
     sink,
     terminate_backends,
-    unique,
     wait_for_listener,
 )
 
@@ -165,8 +165,8 @@ async def test_a_channel_closed_mid_batch_charges_only_the_guilty_row(
     # An exchange deleted after the relay checked it: the publish closes the channel
     # (and aiormq may take the connection down with it) under the whole batch.
     exchange, queue = await sink(channel)
-    doomed = await channel.declare_exchange(unique("doomed"), aio_pika.ExchangeType.FANOUT)
-    doomed_queue = await channel.declare_queue(unique("doomed"), exclusive=True)
+    doomed = await channel.declare_exchange(unique_name("doomed"), aio_pika.ExchangeType.FANOUT)
+    doomed_queue = await channel.declare_queue(unique_name("doomed"), exclusive=True)
     await doomed_queue.bind(doomed)
     relay = make_relay()
     await enqueue_committed(outbox_database, [message(exchange), message(doomed.name)])

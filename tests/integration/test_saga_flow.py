@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 
 import psycopg
-from shop_fixtures import Shop, order_request, settle, shop, shop_databases, wait_terminal
+from helpers.shop import Shop, order_request, settle, shop, shop_databases, wait_terminal
 
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc

@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 import psycopg
 import pytest
-from conftest import create_database, drop_database, server_url, unique_name
+from helpers.database import create_database, drop_database, server_url, unique_name
 from polyglot_tools import (
     NodeParticipant,
     by_name,

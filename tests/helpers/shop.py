@@ -13,9 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import create_database, drop_database, server_url, unique_name
 
 from examples.shop.services import BUILDERS, SERVICES, create_tables, order_steps
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc

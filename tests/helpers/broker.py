@@ -1,0 +1,31 @@
+"""The test RabbitMQ: administered with rabbitmqctl, one fresh vhost per use."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from helpers.database import unique_name
+from sagaplane.testing import create_vhost, delete_vhost, rabbitmqctl
+
+__all__ = ["AMQP_HOST", "amqp_url_for", "fresh_vhost", "rabbitmqctl"]
+
+AMQP_HOST = os.environ.get("SAGAPLANE_TEST_AMQP_HOST", "127.0.0.1:5672")
+"""Where the test broker listens (guest/guest)."""
+
+
+def amqp_url_for(vhost: str) -> str:
+    """The AMQP URL of ``vhost`` on the test broker, as guest."""
+    return f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+
+
+@asynccontextmanager
+async def fresh_vhost() -> AsyncIterator[str]:
+    """A new RabbitMQ vhost for guest, deleted afterwards; yields its AMQP URL."""
+    vhost = unique_name("sagaplane_test")
+    await create_vhost(vhost, "guest")
+    try:
+        yield amqp_url_for(vhost)
+    finally:
+        await delete_vhost(vhost)
