@@ -50,6 +50,7 @@ as YAML, which also reads JSON). Its fields are the request's, as grpcurl -d tak
 A file holding only a list of steps works too, with --name.
 """
 
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
