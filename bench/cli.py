@@ -33,6 +33,7 @@ from bench.infra import (
     log_offsets,
     peak_rss_mb,
     rss_mb,
+    run_command,
     wait_for_services,
 )
 from bench.profile import Recorder, render, summarize
@@ -668,10 +669,9 @@ async def _versions(args: argparse.Namespace) -> dict[str, str]:
     with contextlib.suppress(Exception):
         found["rabbitmq"] = (await rabbitmqctl("version")).strip()
     with contextlib.suppress(Exception):
-        head = (ROOT / ".git" / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            head = (ROOT / ".git" / head[5:]).read_text().strip()
-        found["commit"] = head[:12]
+        # git itself: in a worktree (or with packed refs) .git/HEAD does not lead to the commit.
+        commit = await run_command("git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD")
+        found["commit"] = commit.strip()
     return found
 
 
