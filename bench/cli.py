@@ -27,12 +27,9 @@ from bench.infra import (
     BackendMeter,
     Environment,
     Meter,
-    Process,
-    ProcessDied,
     broker_pid,
     clean_stale,
     disturbances,
-    free_port,
     log_offsets,
     peak_rss_mb,
     rss_mb,
@@ -52,6 +49,8 @@ from bench.workload import (
 )
 from sagaplane import SagaClient
 from sagaplane.runtime import EVENT_LOOPS
+from sagaplane.testing import Child, free_port, rabbitmqctl, wait_for_consumers
+from sagaplane.topology import participant_queue
 
 PHASES = ("baselines", "throughput", "latency", "sweep", "scaling", "stored")
 
@@ -226,26 +225,14 @@ class System:
     """The processes of the standard workload."""
 
     coordinator_url: str
-    coordinators: list[Process]
+    coordinators: list[Child]
     targets: list[str]
-    participants: dict[str, Process]
-
-
-async def _wait_ready(env: Environment, process: Process, check: Any, within: float = 90) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        env.check_alive([process])
-        with contextlib.suppress(Exception):
-            if await check():
-                return
-        if time.monotonic() > deadline:
-            raise ProcessDied(f"{process.name} not ready after {within}s:\n{process.log_tail()}")
-        await asyncio.sleep(0.2)
+    participants: dict[str, Child]
 
 
 def _coordinator(
     env: Environment, args: argparse.Namespace, db_url: str, n: int
-) -> tuple[Process, str]:
+) -> tuple[Child, str]:
     target = f"127.0.0.1:{free_port()}"
     cenv = {
         "SAGAPLANE_DATABASE_URL": _sut_url(args, db_url),
@@ -278,31 +265,44 @@ def _python(
     *argv: str,
     env: dict[str, str] | None = None,
     name: str,
-) -> Process:
+) -> Child:
     argv = (*argv, "--event-loop", args.event_loop)
     return environment.python(module, *argv, env=env, name=name)
 
 
-async def _start_coordinator(env: Environment, process: Process, target: str) -> None:
+async def _start_coordinator(process: Child, target: str, within: float = 90) -> None:
+    """Start a coordinator and wait until its health says SERVING (which it does once
+    migrated and consuming; ChildExited if it exits first)."""
     await process.start()
+    async with SagaClient(target) as client:
+        try:
+            await client.wait_until_serving(within, alive=process.check_alive)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{process.name} not serving after {within:g}s:\n{process.tail(30)}"
+            ) from None
 
-    async def check() -> bool:
-        async with SagaClient(target, timeout=2) as client:
-            await client.list_active(page_size=1)
-        return True
 
-    await _wait_ready(env, process, check)
+async def _wait_consuming(
+    env: Environment, participants: dict[str, Child], within: float = 90
+) -> None:
+    """Until every participant consumes its queue (ChildExited if one exits first)."""
+    queues = [participant_queue(service) for service in participants]
+    try:
+        async with asyncio.timeout(within):
+            await wait_for_consumers(
+                env.amqp_url, queues, alive=lambda: env.check_alive(participants.values())
+            )
+    except TimeoutError:
+        tails = "".join(f"\n{p.name}:\n{p.tail(30)}" for p in participants.values())
+        raise TimeoutError(f"participants not consuming after {within:g}s:{tails}") from None
 
 
 async def start_system(env: Environment, args: argparse.Namespace) -> System:
     coordinator_url = await env.create_database("coordinator")
-    participants: dict[str, Process] = {}
-    ready_files: dict[str, Path] = {}
+    participants: dict[str, Child] = {}
     for service in SERVICES:
         url = await env.create_database(service)
-        ready_path = env.workdir / f"{service}.ready"
-        ready_path.unlink(missing_ok=True)
-        ready_files[service] = ready_path
         participants[service] = _python(
             env,
             args,
@@ -316,21 +316,12 @@ async def start_system(env: Environment, args: argparse.Namespace) -> System:
             str(args.participant_prefetch),
             "--pool-size",
             str(args.participant_pool_size),
-            "--ready-file",
-            str(ready_path),
             name=f"participant-{service}",
         )
     coordinator, target = _coordinator(env, args, coordinator_url, 1)
     await asyncio.gather(*(p.start() for p in participants.values()))
-
-    async def ready(service: str) -> None:
-        async def check() -> bool:
-            return ready_files[service].exists()
-
-        await _wait_ready(env, participants[service], check)
-
     await asyncio.gather(
-        _start_coordinator(env, coordinator, target), *(ready(s) for s in SERVICES)
+        _start_coordinator(coordinator, target), _wait_consuming(env, participants)
     )
     return System(coordinator_url, [coordinator], [target], participants)
 
@@ -534,7 +525,7 @@ async def _system_runs(
                 )
         if "scaling" in phases:
             second, target = _coordinator(env, args, system.coordinator_url, 2)
-            await _start_coordinator(env, second, target)
+            await _start_coordinator(second, target)
             system.coordinators.append(second)
             system.targets.append(target)
             _progress(f"scaling: {args.sagas} sagas over 2 coordinators")
@@ -556,7 +547,7 @@ async def stored_phase(env: Environment, args: argparse.Namespace, results: dict
     coordinator, target = _coordinator(env, args, url, 9)
     coordinator.name = "coordinator-stored"
     try:
-        await _start_coordinator(env, coordinator, target)
+        await _start_coordinator(coordinator, target)
         await _stored_reads(env, args, results, url, coordinator, target)
     finally:
         await env.stop_processes([coordinator])
@@ -568,7 +559,7 @@ async def _stored_reads(
     args: argparse.Namespace,
     results: dict[str, Any],
     url: str,
-    coordinator: Process,
+    coordinator: Child,
     target: str,
 ) -> None:
     have = 0
@@ -676,12 +667,11 @@ async def _versions(args: argparse.Namespace) -> dict[str, str]:
             ).fetchall()
             found["postgres_settings"] = ", ".join(f"{n}={v}" for n, v in rows)
     with contextlib.suppress(Exception):
-        found["rabbitmq"] = (await run_command("rabbitmqctl", "-q", "version")).strip()
+        found["rabbitmq"] = (await rabbitmqctl("version")).strip()
     with contextlib.suppress(Exception):
-        head = (ROOT / ".git" / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            head = (ROOT / ".git" / head[5:]).read_text().strip()
-        found["commit"] = head[:12]
+        # git itself: in a worktree (or with packed refs) .git/HEAD does not lead to the commit.
+        commit = await run_command("git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD")
+        found["commit"] = commit.strip()
     return found
 
 

@@ -2,6 +2,9 @@
 processes under test (coordinators, participants), with their CPU and memory accounted.
 
 Everything created here is removed by :meth:`Environment.close` (unless asked to keep it).
+The processes, databases and vhost themselves are :mod:`sagaplane.testing`'s (the demo and
+the tests use the same); what is here is the benchmark's own: names per run, retries while
+a shared machine's services restart, and the accounting.
 """
 
 from __future__ import annotations
@@ -11,19 +14,28 @@ import contextlib
 import os
 import re
 import secrets
-import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import psycopg
-from psycopg import sql
+
+from sagaplane.testing import (
+    Child,
+    RabbitmqctlFailed,
+    create_database,
+    create_vhost,
+    delete_vhost,
+    drop_database,
+    rabbitmqctl,
+    with_database,
+    with_vhost,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root: processes under test run from here."""
@@ -32,28 +44,9 @@ SERVICES = ("orders", "inventory", "payment")
 """The three participant services of the standard workload."""
 
 
-def with_database(url: str, name: str) -> str:
-    """``url`` (a libpq URL) pointing at database ``name``."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-def with_vhost(url: str, vhost: str) -> str:
-    """``url`` (an AMQP URL) pointing at ``vhost``."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def run_command(*argv: str, within: float = 60.0) -> str:
-    """Run a command to completion; its stdout, or RuntimeError with its output."""
+    """Run a command (pgbench, git) to completion; its stdout, or RuntimeError with its
+    output. RabbitMQ's commands go through :func:`sagaplane.testing.rabbitmqctl`."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -104,14 +97,15 @@ async def clean_stale(admin_url: str) -> list[str]:
             "SELECT datname FROM pg_database WHERE datname LIKE 'sagaplane\\_bench\\_%' "
             "AND datname NOT IN (SELECT datname FROM pg_stat_activity WHERE datname IS NOT NULL)"
         )
-        for (name,) in await cur.fetchall():
-            await c.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-            removed.append(f"database {name}")
-    vhosts = (await run_command("rabbitmqctl", "-q", "list_vhosts", "name")).split()
-    busy = set((await run_command("rabbitmqctl", "-q", "list_connections", "vhost")).split())
+        stale = [str(name) for (name,) in await cur.fetchall()]
+    for name in stale:
+        await drop_database(with_database(admin_url, name))
+        removed.append(f"database {name}")
+    vhosts = (await rabbitmqctl("list_vhosts", "name")).split()
+    busy = set((await rabbitmqctl("list_connections", "vhost")).split())
     for vhost in vhosts:
         if vhost.startswith("sagaplane-bench-") and vhost not in busy:
-            await run_command("rabbitmqctl", "-q", "delete_vhost", vhost)
+            await delete_vhost(vhost)
             removed.append(f"vhost {vhost}")
     return removed
 
@@ -287,63 +281,6 @@ class BackendMeter:
 # -- processes under test ---------------------------------------------------------------------
 
 
-@dataclass
-class Process:
-    """A process under test, its output going to a log file."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    _log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "start() first"
-        return self.proc.pid
-
-    async def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=self.env,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=asyncio.subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches the harness only, which
-            # then stops the processes in order.
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(grace):
-                    await self.proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
 DISTURBANCE = re.compile(
     r"CONNECTION_FORCED|Reconnecting|Connect call failed|database unavailable|"
     r"terminating connection|server closed the connection|connection is lost|"
@@ -352,36 +289,20 @@ DISTURBANCE = re.compile(
 """Log lines that mean a service (broker or database) went away under a process."""
 
 
-def log_offsets(processes: Iterable[Process]) -> dict[str, int]:
-    """Where each process's log ends now (see :func:`disturbances`)."""
-    offsets = {}
-    for p in processes:
-        try:
-            offsets[p.name] = p.log_path.stat().st_size
-        except OSError:
-            offsets[p.name] = 0
-    return offsets
+def log_offsets(processes: Iterable[Child]) -> dict[str, int]:
+    """Where each process's output ends now (see :func:`disturbances`)."""
+    return {p.name: p.output_mark() for p in processes}
 
 
-def disturbances(processes: Iterable[Process], since: Mapping[str, int]) -> list[str]:
+def disturbances(processes: Iterable[Child], since: Mapping[str, int]) -> list[str]:
     """Log lines written since ``since`` that say the broker or the database went away
     (other test suites on a shared machine restart them): a run with any is not valid."""
     found: list[str] = []
     for p in processes:
-        try:
-            with p.log_path.open("rb") as f:
-                f.seek(since.get(p.name, 0))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            continue
-        hits = [line for line in text.splitlines() if DISTURBANCE.search(line)]
+        hits = [line for line in p.output_since(since.get(p.name, 0)) if DISTURBANCE.search(line)]
         if hits:
             found.append(f"{p.name}: {len(hits)} lines like: {hits[0][:200]}")
     return found
-
-
-class ProcessDied(RuntimeError):
-    """A process under test ended while it was needed."""
 
 
 @dataclass
@@ -395,7 +316,7 @@ class Environment:
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     databases: list[str] = field(default_factory=list)
     vhost: str | None = None
-    processes: list[Process] = field(default_factory=list)
+    processes: list[Child] = field(default_factory=list)
 
     @property
     def prefix(self) -> str:
@@ -413,58 +334,48 @@ class Environment:
         return with_vhost(self.amqp_base_url, self.vhost)
 
     async def create_database(self, role: str) -> str:
-        """Create a fresh database for ``role``; returns its URL."""
-        name = self.db_name(role)
-        async with await psycopg.AsyncConnection.connect(self.admin_url, autocommit=True) as c:
-            await c.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-            await c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.databases.append(name)
-        return self.db_url(role)
+        """Create a fresh database for ``role`` (replacing a leftover); returns its URL."""
+        url = self.db_url(role)
+        await create_database(url, replace=True)
+        self.databases.append(self.db_name(role))
+        return url
 
     async def drop_database(self, role: str) -> None:
+        await drop_database(self.db_url(role))
         name = self.db_name(role)
-        async with await psycopg.AsyncConnection.connect(self.admin_url, autocommit=True) as c:
-            await c.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
         if name in self.databases:
             self.databases.remove(name)
 
     async def create_vhost(self) -> str:
         """Create a fresh vhost that the AMQP URL's user may use; returns the AMQP URL."""
-        self.vhost = f"sagaplane-bench-{self.run_id}"
-        user = urlsplit(self.amqp_base_url).username or "guest"
-        await run_command("rabbitmqctl", "-q", "add_vhost", self.vhost)
-        await run_command(
-            "rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, user, ".*", ".*", ".*"
-        )
+        vhost = f"sagaplane-bench-{self.run_id}"
+        await create_vhost(vhost, urlsplit(self.amqp_base_url).username or "guest")
+        self.vhost = vhost
         return self.amqp_url
 
     def python(
         self, module: str, *args: str, env: Mapping[str, str] | None = None, name: str | None = None
-    ) -> Process:
-        """A (not yet started) ``python -m module args`` of this interpreter."""
+    ) -> Child:
+        """A (not yet started) ``python -m module args`` of this interpreter, run from
+        the repository root in a session of its own, its output in the run's folder."""
         label = name or module
-        process = Process(
-            name=label,
-            argv=[sys.executable, "-m", module, *args],
+        process = Child(
+            label,
+            [sys.executable, "-m", module, *args],
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=ROOT,
             log_path=self.workdir / f"{label}.log",
+            new_session=True,
         )
         self.processes.append(process)
         return process
 
-    def check_alive(self, processes: Iterable[Process]) -> None:
+    def check_alive(self, processes: Iterable[Child]) -> None:
+        """Raise :class:`sagaplane.testing.ChildExited` if any of them has exited."""
         for p in processes:
-            if not p.alive():
-                raise ProcessDied(
-                    f"{p.name} exited ({p.proc.returncode if p.proc else '?'}); "
-                    f"last lines of {p.log_path}:\n{p.log_tail()}"
-                )
+            p.check_alive()
 
-    async def stop_processes(self, processes: Iterable[Process] | None = None) -> None:
+    async def stop_processes(self, processes: Iterable[Child] | None = None) -> None:
         chosen = list(self.processes if processes is None else processes)
         await asyncio.gather(*(p.stop() for p in chosen), return_exceptions=True)
         for p in chosen:
@@ -481,14 +392,7 @@ class Environment:
             # Retried: PostgreSQL may be restarting (other test suites restart it on purpose).
             for attempt in range(20):
                 try:
-                    async with await psycopg.AsyncConnection.connect(
-                        self.admin_url, autocommit=True
-                    ) as c:
-                        await c.execute(
-                            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                                sql.Identifier(name)
-                            )
-                        )
+                    await drop_database(with_database(self.admin_url, name))
                     self.databases.remove(name)
                     break
                 except psycopg.Error as exc:
@@ -499,9 +403,9 @@ class Environment:
             # Retried: the broker may be restarting (other test suites stop it on purpose).
             for attempt in range(20):
                 try:
-                    await run_command("rabbitmqctl", "-q", "delete_vhost", self.vhost)
+                    await delete_vhost(self.vhost)
                     break
-                except RuntimeError as exc:
+                except RabbitmqctlFailed as exc:
                     if attempt == 19:
                         print(
                             f"warning: could not delete vhost {self.vhost}: "

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -81,9 +80,7 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with participant:
-        if args.ready_file:
-            await asyncio.to_thread(Path(args.ready_file).write_text, "ready\n")
+    async with participant:  # consuming from here on: the harness waits for that
         await stop.wait()
 
 
@@ -95,7 +92,6 @@ def main() -> None:
     parser.add_argument("--database-url", required=True, help="the service's own database")
     parser.add_argument("--prefetch", type=int, default=32, help="SDK default: 32")
     parser.add_argument("--pool-size", type=int, default=10, help="SDK default: 10")
-    parser.add_argument("--ready-file", help="written once the participant consumes")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

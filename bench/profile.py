@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import re
 import shutil
 import signal
@@ -26,6 +25,8 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sagaplane.testing import Child
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -184,7 +185,7 @@ class Recorder:
         self.output = output
         self.rate = rate
         self.native = native
-        self._proc: asyncio.subprocess.Process | None = None
+        self._child: Child | None = None
         self._log = output.with_suffix(".py-spy.log")
 
     async def start(self) -> None:
@@ -202,27 +203,14 @@ class Recorder:
         ]
         if self.native:
             argv.append("--native")
-        with self._log.open("wb") as log:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+        self._child = Child(f"py-spy {self.pid}", argv, log_path=self._log)
+        await self._child.start()
         await asyncio.sleep(0.5)  # attached (py-spy reads the interpreter's memory first)
 
     async def stop(self) -> None:
         """Stop sampling; py-spy writes its output on SIGINT."""
-        if self._proc is None or self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(30):
-                await self._proc.wait()
-        except TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
+        if self._child is not None:
+            await self._child.stop(grace=30, sig=signal.SIGINT)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The standard workload and its two drivers: a closed loop (throughput) and an open loop
 (latency at a fixed arrival rate).
 
-Sagas are started through the coordinator's gRPC API. Their end ("terminal") is read from
+Sagas are started through the coordinator's gRPC API (:class:`sagaplane.SagaClient`,
+one per coordinator, each request built once). Their end ("terminal") is read from
 the coordinator's database, not by polling GetSaga: one indexed query every
 ``poll_interval`` for all the sagas in flight (``completed_at IS NOT NULL``, or the
 ``compensation_failed`` state, which has no ``completed_at``). Saga latencies are computed
@@ -27,15 +28,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 import psycopg
 
 from bench.infra import WATCHER_APPLICATION
 from bench.stats import summary_ms
-from sagaplane import structs
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
+from sagaplane import SagaClient
+from sagaplane.client import parse_start_request
+from sagaplane.errors import CoordinatorError
+
+if TYPE_CHECKING:
+    from sagaplane.v1.coordinator_pb2 import StartSagaRequest
 
 SAGA_NAME = "bench.order"
 CONTEXT_BYTES = 1024
@@ -54,22 +58,26 @@ def make_context(size: int = CONTEXT_BYTES) -> dict[str, Any]:
     return ctx
 
 
-def start_request(*, fail: bool = False) -> coordinator_pb2.StartSagaRequest:
-    """The StartSaga request of the standard workload: 3 steps, each with a compensation."""
+def start_request(*, fail: bool = False) -> StartSagaRequest:
+    """The StartSaga request of the standard workload: 3 steps, each with a compensation.
+
+    Parsed once from its JSON form, then sent as is with
+    :meth:`~sagaplane.SagaClient.start_saga_request`: building it for every saga would
+    add the harness's CPU to what is measured."""
     steps: list[tuple[str, str, str, dict[str, Any]]] = [
         ("create", "orders.create", "orders.cancel", {"sku": "bench-sku-1", "qty": 1}),
         ("reserve", "inventory.reserve", "inventory.release", {"sku": "bench-sku-1", "qty": 1}),
         ("charge", "payment.charge", "payment.refund", {"amount": 42, "fail": fail}),
     ]
-    return coordinator_pb2.StartSagaRequest(
-        name=SAGA_NAME,
-        steps=[
-            coordinator_pb2.StepSpec(
-                name=name, action=action, compensation=undo, input=structs.to_struct(inp)
-            )
-            for name, action, undo, inp in steps
-        ],
-        context=structs.to_struct(make_context()),
+    return parse_start_request(
+        {
+            "name": SAGA_NAME,
+            "steps": [
+                {"name": name, "action": action, "compensation": undo, "input": inp}
+                for name, action, undo, inp in steps
+            ],
+            "context": make_context(),
+        }
     )
 
 
@@ -249,47 +257,40 @@ class Sample:
 
 @dataclass
 class Load:
-    """gRPC stubs (one channel per coordinator) and the prebuilt requests."""
+    """One :class:`~sagaplane.SagaClient` (one channel) per coordinator, and the requests
+    built once."""
 
     targets: Sequence[str]
     fail_rate: float = 0.0
     rpc_timeout: float = 30.0
-    _channels: list[grpc.aio.Channel] = field(default_factory=list)
-    _stubs: list[Any] = field(default_factory=list)
-    _ok: coordinator_pb2.StartSagaRequest = field(default_factory=start_request)
-    _fail: coordinator_pb2.StartSagaRequest = field(
-        default_factory=lambda: start_request(fail=True)
-    )
+    _clients: list[SagaClient] = field(default_factory=list)
+    _ok: StartSagaRequest = field(default_factory=start_request)
+    _fail: StartSagaRequest = field(default_factory=lambda: start_request(fail=True))
     _rng: random.Random = field(default_factory=lambda: random.Random(6))
     _next: int = 0
 
     async def __aenter__(self) -> Load:
-        for target in self.targets:
-            channel = grpc.aio.insecure_channel(target)
-            self._channels.append(channel)
-            self._stubs.append(coordinator_pb2_grpc.SagaCoordinatorServiceStub(channel))
+        self._clients = [SagaClient(t, timeout=self.rpc_timeout) for t in self.targets]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for channel in self._channels:
-            await channel.close()
+        for client in self._clients:
+            await client.close()
 
     async def start(self, sample: Sample) -> bool:
         """Send one StartSaga (round-robin over the coordinators); False on error."""
-        stub = self._stubs[self._next % len(self._stubs)]
+        client = self._clients[self._next % len(self._clients)]
         self._next += 1
         fail = self.fail_rate > 0 and self._rng.random() < self.fail_rate
         sample.sent = time.time()
         try:
-            response = await stub.StartSaga(
-                self._fail if fail else self._ok, timeout=self.rpc_timeout
-            )
-        except grpc.aio.AioRpcError as exc:
+            saga = await client.start_saga_request(self._fail if fail else self._ok)
+        except CoordinatorError as exc:
             sample.rpc_done = time.time()
-            sample.error = f"{exc.code().name}: {exc.details()}"
+            sample.error = exc.message  # "<status code>: <details>"
             return False
         sample.rpc_done = time.time()
-        sample.saga_id = response.saga.id
+        sample.saga_id = saga.id
         return True
 
 

@@ -4,8 +4,9 @@ What running a coordinator and participants for real takes, in one place, used b
 demo (``examples/shop``), Sagaplane's own tests and its benchmark, and usable in a
 service's own tests:
 
-- :mod:`sagaplane.testing.processes`: a child process with its logs kept, stopped with
-  SIGTERM then SIGKILL (or killed at once), and a free TCP port for it;
+- :mod:`sagaplane.testing.processes`: a child process with its logs kept (and what it
+  wrote since a mark), stopped with SIGTERM (or another signal) then SIGKILL (or killed
+  at once), and a free TCP port for it;
 - :mod:`sagaplane.testing.resources`: PostgreSQL databases and RabbitMQ vhosts created
   and dropped, URLs pointed at them, and waiting until a queue has its consumer.
 

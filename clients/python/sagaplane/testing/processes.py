@@ -36,6 +36,7 @@ class Child:
     (None: this process's). ``new_session`` puts the child in a session of its own, so
     that a Ctrl-C in the terminal reaches only the parent, which then stops it in order.
     :meth:`start` may be called again after the child ended (a restart).
+    :meth:`output_mark` and :meth:`output_since` read what it wrote over a span of time.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Child:
         self.proc: asyncio.subprocess.Process | None = None
         self._echo = echo
         self._tail: deque[str] = deque(maxlen=tail_lines)
+        self._lines = 0  # lines read into the tail so far, all starts together
         self._new_session = new_session
         self._drain: asyncio.Task[None] | None = None
 
@@ -113,6 +115,7 @@ class Child:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             self._tail.append(line)
+            self._lines += 1
             if self._echo is not None:
                 self._echo(line)
 
@@ -125,6 +128,29 @@ class Child:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def output_mark(self) -> int:
+        """Where its output ends now, to pass to :meth:`output_since` later (a byte
+        offset into ``log_path``, or a count of lines read)."""
+        if self.log_path is None:
+            return self._lines
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def output_since(self, mark: int) -> list[str]:
+        """The lines it wrote after :meth:`output_mark` returned ``mark``; without a
+        log file, only those still among the last ``tail_lines``."""
+        if self.log_path is None:
+            new = self._lines - mark
+            return list(self._tail)[-new:] if new > 0 else []
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(mark)
+                return log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
 
     def check_alive(self) -> None:
         """Raise :class:`ChildExited`, with its last lines, if it has exited."""
@@ -147,14 +173,17 @@ class Child:
         await self._drained()
         return status
 
-    async def stop(self, grace: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds; returns the
-        exit status (None if it was never started)."""
+    async def stop(
+        self, grace: float = 20.0, *, sig: signal.Signals = signal.SIGTERM
+    ) -> int | None:
+        """SIGTERM (or ``sig``, e.g. SIGINT for a tool that writes its results on it),
+        then SIGKILL if it has not exited after ``grace`` seconds; returns the exit status
+        (None if it was never started)."""
         if self.proc is None:
             return None
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+                self.proc.send_signal(sig)
             try:
                 async with asyncio.timeout(grace):
                     await self.proc.wait()
