@@ -1,6 +1,6 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
-from sagaplane.client import TERMINAL_STATES, SagaClient, StepSpec
+from sagaplane.client import Resolution, SagaClient, StepSpec
 from sagaplane.errors import (
     ConfigurationError,
     CoordinatorError,
@@ -18,6 +18,7 @@ from sagaplane.errors import (
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.participant import Handler, Participant, StepContext, StepKind
 from sagaplane.relay import OutboxRelay
+from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, StepStatus
 
 __all__ = [
     "TERMINAL_STATES",
@@ -32,14 +33,19 @@ __all__ = [
     "OutboundMessage",
     "OutboxRelay",
     "Participant",
+    "Resolution",
+    "RetryPolicy",
     "RetryableError",
+    "Saga",
     "SagaClient",
     "SagaNotFound",
+    "SagaState",
     "SagaplaneError",
     "StepContext",
     "StepFailed",
     "StepKind",
     "StepSpec",
+    "StepStatus",
     "WaitTimeout",
     "enqueue",
 ]
