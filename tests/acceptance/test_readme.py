@@ -20,6 +20,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from coordinator.cli import build_parser
+from examples.shop.__main__ import build_parser as build_shop_parser
 from sagaplane import NonRetryableError, StepContext, StepKind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -286,19 +287,24 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
 # -- the configuration reference ---------------------------------------------------------
 
 
-def _parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    found = {"sagaplane": parser}
+def _parsers(
+    parser: argparse.ArgumentParser, prog: str = "sagaplane"
+) -> dict[str, argparse.ArgumentParser]:
+    found = {prog: parser}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                found[f"sagaplane {name}"] = sub
+                found[f"{prog} {name}"] = sub
     return found
 
 
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:
     readme = README.read_text(encoding="utf-8")
     missing = []
-    for command, parser in _parsers(build_parser(env={})).items():
+    parsers = _parsers(build_parser(env={})) | _parsers(
+        build_shop_parser(), "python -m examples.shop"
+    )
+    for command, parser in parsers.items():
         for action in parser._actions:
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help" and f"`{flag}" not in readme:
