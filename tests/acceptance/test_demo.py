@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import yaml
+from helpers.broker import rabbitmqctl
 from helpers.database import drop_database, server_url, unique_name
 from helpers.processes import free_port
 from test_readme import ROOT, fresh_shell_env, quick_start_commands
@@ -51,11 +52,8 @@ async def leftovers(run_id: str) -> tuple[list[str], list[str]]:
             "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"%demo_{run_id}%",)
         )
         databases = [row[0] for row in await cur.fetchall()]
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", "list_vhosts", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    vhosts = [v for v in out.decode().split() if run_id in v]
+    out = await rabbitmqctl("list_vhosts")
+    vhosts = [v for v in out.split() if run_id in v]
     return databases, vhosts
 
 

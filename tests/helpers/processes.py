@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from sagaplane.client import SagaClient
@@ -49,8 +48,5 @@ class CoordinatorProcess(Child):
             await client.wait_until_serving(timeout, alive=alive)
 
     async def terminate(self) -> int | None:
-        """SIGTERM, and the exit status of the graceful shutdown."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await self.proc.wait()
+        """SIGTERM, and the exit status of the graceful shutdown (SIGKILL after 60 s)."""
+        return await self.stop(grace=60.0)
