@@ -73,6 +73,7 @@ from sagaplane.limits import (
     clean_text,
 )
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
+from sagaplane.queries import q
 from sagaplane.relay import OutboxRelay
 from sagaplane.v1 import messages_pb2
 
@@ -617,52 +618,15 @@ class Participant:
         return _Outcome(succeeded=True, output=output, output_json=output_json)
 
 
-# -- the inbox's statements --------------------------------------------------------------
+# -- the inbox's statements (sql/queries.sql) --------------------------------------------
 
-_SAVEPOINT = "SAVEPOINT sagaplane_handler"
-"""Where a failing handler's writes roll back to; taken right after the claim."""
-_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT sagaplane_handler"
-_RELEASE = "RELEASE SAVEPOINT sagaplane_handler"
-
-# Inserts the claim row, or (a copy of the command is being or was handled) waits for the
-# other transaction and does nothing. Also says whether the step's compensation already
-# ran (for the "no action after its undo" rule), in the same round trip.
-_CLAIM = """
-WITH claimed AS (
-    INSERT INTO sagaplane_inbox (step_id, kind, saga_id, action, message_id, attempt)
-    VALUES (%(step_id)s, %(kind)s, %(saga_id)s, %(action)s, %(message_id)s, %(attempt)s)
-    ON CONFLICT (step_id, kind) DO NOTHING
-    RETURNING 1
-)
-SELECT EXISTS (SELECT FROM claimed),
-       EXISTS (SELECT FROM sagaplane_inbox WHERE step_id = %(step_id)s AND kind = 'compensate')
-"""
-
-# A copy, or a later attempt. Sent between _RELEASE and _SAVEPOINT, so the row lock is
-# the transaction's own and not the savepoint's, which a failing handler rolls back. A
-# NULL outcome (only a handler that committed the SDK's transaction leaves one, see
-# _run) counts as not handled.
-_LOCK_STORED = """
-SELECT i.attempt, i.outcome, i.output, i.error_type, i.error_message, i.error_retryable,
-       EXISTS (SELECT FROM sagaplane_inbox c WHERE c.step_id = i.step_id AND c.kind = 'compensate')
-FROM sagaplane_inbox AS i
-WHERE i.step_id = %(step_id)s AND i.kind = %(kind)s
-FOR UPDATE
-"""
-
-_STORE = """
-UPDATE sagaplane_inbox
-SET message_id = %(message_id)s, attempt = %(attempt)s, outcome = %(outcome)s,
-    output = %(output)s::jsonb, error_type = %(error_type)s,
-    error_message = %(error_message)s, error_retryable = %(error_retryable)s,
-    replies = replies + 1, last_replied_at = now()
-WHERE step_id = %(step_id)s AND kind = %(kind)s
-"""
-
-_REPLAYED = """
-UPDATE sagaplane_inbox SET replies = replies + 1, last_replied_at = now()
-WHERE step_id = %(step_id)s AND kind = %(kind)s
-"""
+_SAVEPOINT = q("handler_savepoint")
+_ROLLBACK_TO_SAVEPOINT = q("handler_rollback")
+_RELEASE = q("handler_release")
+_CLAIM = q("inbox_claim")
+_LOCK_STORED = q("inbox_lock_stored")
+_STORE = q("inbox_store")
+_REPLAYED = q("inbox_replayed")
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
