@@ -30,7 +30,7 @@ from sagaplane import (
     structs,
     topology,
 )
-from sagaplane import participant as participant_module
+from sagaplane import command_consumer as consumer_module
 from sagaplane.consuming import REASON_HEADER
 from sagaplane.v1 import messages_pb2
 
@@ -413,7 +413,7 @@ async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_fro
         action.close()
         acks_lost.set()
 
-    monkeypatch.setattr(participant_module, "_settle", lose_ack)
+    monkeypatch.setattr(consumer_module, "settle", lose_ack)
     await first.start()
     step_id = _uid()
     await broker.send(action=action, saga_id=_uid(), step_id=step_id, token="t1")
