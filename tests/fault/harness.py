@@ -829,7 +829,7 @@ class ReplyForwarder:
         queue = await self._channel.declare_queue(CHAOS_QUEUE, durable=True)
         await queue.bind(chaos, routing_key=topology.REPLIES_ROUTING_KEY)
         self._target = await self._channel.get_exchange(topology.REPLIES_EXCHANGE)
-        await queue.consume(self._on_message)
+        await queue.consume(self._on_reply)
 
     async def stop(self) -> None:
         if self._connection is not None:
@@ -849,7 +849,7 @@ class ReplyForwarder:
             await self._target.publish(message, routing_key=topology.REPLIES_ROUTING_KEY)
         self.forwarded += 1
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         reply = messages_pb2.StepReply()
         reply.ParseFromString(message.body)
         held = HeldReply(

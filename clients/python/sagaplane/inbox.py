@@ -53,6 +53,7 @@ from sagaplane.limits import (
     MAX_TEXT_CHARS,
     clean_text,
 )
+from sagaplane.middleware import Processed
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
 from sagaplane.queries import q
 from sagaplane.v1 import messages_pb2
@@ -90,10 +91,12 @@ class Inbox:
         handler: Handler,
         *,
         message_id: str | None,
-    ) -> bool:
+    ) -> Processed:
         """Handle one command in one transaction: claim, run or replay, store, reply.
 
-        Returns whether the handler ran, once the transaction has committed. Raises
+        Returns, once the transaction has committed, whether the handler ran
+        (:attr:`~Processed.HANDLED`) or the reply was the inbox's stored outcome
+        (:attr:`~Processed.REPLAYED`) or a refusal (:attr:`~Processed.REFUSED`). Raises
         psycopg's OperationalError (or the pool's PoolTimeout) when the database is
         unavailable, and anything else for a bug or a bad row; nothing is committed then.
 
@@ -104,7 +107,7 @@ class Inbox:
         """
         key = {"step_id": command.step_id, "kind": kind.value}
         cleaned_id = _message_id(message_id)
-        ran = False
+        processed = Processed.HANDLED
         async with self._pool.connection() as conn:
             cur = AsyncClientCursor(conn)
             try:
@@ -138,6 +141,7 @@ class Inbox:
                         command.attempt,
                     )
                     outcome = previous
+                    processed = Processed.REPLAYED
                     finish.append((_REPLAYED, key))
                 else:
                     if kind is StepKind.EXECUTE and compensated:
@@ -146,9 +150,9 @@ class Inbox:
                             "the step's compensation already ran here; not executing it after",
                             retryable=False,
                         )
+                        processed = Processed.REFUSED
                     else:
                         ctx = _context(cleaned_id, command, kind, conn)
-                        ran = True
                         outcome = await self._run(conn, handler, ctx)
                         if not outcome.succeeded:
                             # The handler's writes go; the claim, outcome and reply stay.
@@ -162,7 +166,7 @@ class Inbox:
             except BaseException:
                 await batch.rollback_after_error(conn)
                 raise
-        return ran
+        return processed
 
     async def _run(
         self, conn: AsyncConnection[Any], handler: Handler, ctx: StepContext

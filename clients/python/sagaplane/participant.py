@@ -14,8 +14,12 @@ register, is dead-lettered with its reason; a database outage holds the command 
 retries it (see :mod:`sagaplane.command_consumer`). What the two ends of the wire agree
 on is in :mod:`sagaplane.wire`.
 
+Middleware (:mod:`sagaplane.middleware`) wraps the processing of each delivered
+command: before the handler, after the commit, before the ack.
+
 This module is the public face: :class:`Participant` (registration and lifecycle), and
-:class:`StepContext`, :data:`Handler` and :class:`StepKind`, re-exported here.
+:class:`StepContext`, :data:`Handler`, :class:`StepKind` and the middleware types,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -40,10 +44,21 @@ from sagaplane.consuming import DeadLetters
 from sagaplane.errors import ConfigurationError
 from sagaplane.handler import Handler, StepContext
 from sagaplane.inbox import Inbox
+from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.relay import OutboxRelay
 from sagaplane.wire import StepKind
 
-__all__ = ["Handler", "Participant", "StepContext", "StepKind", "participant_migrations"]
+__all__ = [
+    "CallNext",
+    "Delivery",
+    "Handler",
+    "Middleware",
+    "Participant",
+    "Processed",
+    "StepContext",
+    "StepKind",
+    "participant_migrations",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +93,24 @@ class Participant:
     coordinator and forwards replies itself; that exchange must exist (and have a queue
     bound for the routing key) before replies are published, or they count as failed
     publishes.
+
+    ``middleware`` wraps the processing of every delivered command, outermost first
+    (see :mod:`sagaplane.middleware`)::
+
+        async def timed(delivery: Delivery, call_next: CallNext) -> None:
+            started = time.monotonic()  # before the handler
+            processed = await call_next()  # claim, handler, outcome, reply, COMMIT
+            log.info("%s: %s in %.3fs", delivery.action, processed, time.monotonic() - started)
+            # returning lets the SDK ack (or dead-letter, or requeue) the message
+
+    ``call_next()`` returns a :class:`~sagaplane.middleware.Processed`: whether the
+    handler ran (``HANDLED``), the inbox re-sent a stored outcome (``REPLAYED``), an
+    execute after its compensation was refused (``REFUSED``), the message is
+    dead-lettered (``DEAD_LETTERED``: not a valid command, or no handler; see
+    ``delivery.refusal``) or requeued (``REQUEUED``: stopped during a database outage).
+    The message is settled after the outermost middleware returns. An exception from a
+    middleware or from ``call_next()`` is a processing failure: the message is
+    requeued, and dead-lettered with the reason on its last delivery.
     """
 
     def __init__(
@@ -93,6 +126,7 @@ class Participant:
         connect_timeout: float = 30.0,
         relay_poll_interval: float = 1.0,
         reply_exchange: str = topology.REPLIES_EXCHANGE,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -100,6 +134,8 @@ class Participant:
             raise ConfigurationError("prefetch and pool_size must be at least 1")
         if not reply_exchange:
             raise ConfigurationError("reply_exchange must not be empty")
+        if not all(callable(layer) for layer in middleware):
+            raise ConfigurationError("every middleware must be a coroutine function")
         self.service = service
         self._amqp_url = amqp_url
         self._database_url = database_url
@@ -110,6 +146,7 @@ class Participant:
         self._connect_timeout = connect_timeout
         self._relay_poll_interval = relay_poll_interval
         self._reply_exchange = reply_exchange
+        self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
 
         self._handlers: dict[tuple[StepKind, str], Handler] = {}
@@ -234,6 +271,7 @@ class Participant:
                 dead_letters=self._dead_letters,
                 stopping=self._stop_requested,
                 task_prefix=self._name,
+                middleware=self._middleware,
             )
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
         except BaseException:
