@@ -246,7 +246,10 @@ class _Chain:
             # The layer swallowed the processing's failure: it is still a failure.
             raise self._error
         name = getattr(layer, "__qualname__", repr(layer))
-        raise RuntimeError(f"middleware {name} returned without calling call_next()")
+        raise RuntimeError(
+            f"middleware {name} returned, but the command was not processed "
+            "(call_next() was not called, or failed)"
+        )
 
     async def _innermost(self) -> Processed:
         if self._called:
