@@ -40,7 +40,7 @@ ACTIVITIES: list[tuple[str, str]] = [
     ("grpc: other (interceptor, request parsing)", r"interceptors\.py|_tolerant"),
     ("replies: apply batch (ReplyConsumer._handle)", r"^ReplyConsumer\._handle "),
     ("replies: batching loop", r"^ReplyConsumer\._run "),
-    ("participant: handle command (Participant._handle)", r"^Participant\._handle "),
+    ("participant: handle command (CommandConsumer._handle)", r"^CommandConsumer\._handle "),
     ("relay: publish (aio-pika, confirms)", r"^OutboxRelay\._publish"),
     ("relay: claim / mark sent (SQL)", r"^OutboxRelay\.(run|_cycle|relay_once) "),
     ("relay: LISTEN/NOTIFY", r"^OutboxRelay\._listen "),
@@ -60,7 +60,11 @@ LIBRARIES: list[tuple[str, str]] = [
     ("coordinator.messaging", r"\(coordinator/messaging/"),
     ("coordinator (other)", r"\(coordinator/"),
     ("sagaplane.relay", r"\(sagaplane/relay\.py"),
-    ("sagaplane.participant", r"\(sagaplane/participant\.py"),
+    # The participant's modules (the lifecycle, the consumer loop, the transaction, the wire).
+    (
+        "sagaplane.participant",
+        r"\(sagaplane/(participant|command_consumer|inbox|wire|handler|middleware)\.py",
+    ),
     ("sagaplane.structs", r"\(sagaplane/structs\.py"),
     ("sagaplane (other)", r"\(sagaplane/"),
     ("bench", r"\(bench/"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from coordinator.engine import Command, CommandKind, StepReplied
 from coordinator.store.repository import is_id
-from sagaplane import structs, topology
+from sagaplane import structs, topology, wire
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -21,11 +21,8 @@ from sagaplane.limits import (
 from sagaplane.outbox import OutboundMessage
 from sagaplane.v1 import messages_pb2
 
-_KIND_TO_PROTO = {
-    CommandKind.EXECUTE: messages_pb2.COMMAND_KIND_EXECUTE,
-    CommandKind.COMPENSATE: messages_pb2.COMMAND_KIND_COMPENSATE,
-}
-_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+# The wire's map, in the engine's vocabulary (CommandKind has the values of StepKind).
+_KIND_FROM_PROTO = {proto: CommandKind(kind) for proto, kind in wire.KIND_FROM_PROTO.items()}
 
 
 class UndecodableReply(ValueError):
@@ -40,7 +37,7 @@ def encode_command(command: Command) -> OutboundMessage:
         step_name=command.step_name,
         saga_name=command.saga_name,
         attempt=command.attempt,
-        kind=_KIND_TO_PROTO[command.kind],
+        kind=wire.KIND_TO_PROTO[command.kind],
         action=command.action,
         input=structs.to_struct(command.input),
         context=structs.to_struct(command.context),
@@ -49,11 +46,10 @@ def encode_command(command: Command) -> OutboundMessage:
     if command.output is not None:
         envelope.output.CopyFrom(structs.to_struct(command.output))
     return OutboundMessage(
-        # Unique per dispatch, stable across relay retries: receivers dedupe on it.
-        message_id=f"{command.step_id}:{command.kind.value}:{command.attempt}",
+        message_id=wire.command_id(command.step_id, command.kind.value, command.attempt),
         exchange=topology.COMMANDS_EXCHANGE,
         routing_key=command.action,
-        message_type=messages_pb2.StepCommand.DESCRIPTOR.full_name,
+        message_type=wire.COMMAND_TYPE,
         body=envelope.SerializeToString(),
         correlation_id=command.saga_id,
     )

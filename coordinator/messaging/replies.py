@@ -30,16 +30,15 @@ from coordinator.engine import Event
 from coordinator.errors import SagaNotFound, StorageUnavailable
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
-from sagaplane import backoff
+from sagaplane import backoff, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.runtime import log_crash
-from sagaplane.v1 import messages_pb2
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "sagaplane-reply-consumer"
 
-_REPLY_TYPE = messages_pb2.StepReply.DESCRIPTOR.full_name
+_REPLY_TYPE = wire.REPLY_TYPE
 
 _Decoded = tuple[AbstractIncomingMessage, tuple[str, Event]]
 

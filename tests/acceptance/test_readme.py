@@ -21,7 +21,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
-from sagaplane import NonRetryableError, StepContext, StepKind
+from sagaplane import Delivery, NonRetryableError, Processed, StepContext, StepKind
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -265,9 +265,19 @@ async def test_the_readme_saga_file_starts_that_saga(
 
 
 async def test_the_readme_participant_registers_and_refuses_big_amounts() -> None:
-    participant_code, client_code = fenced(section("Writing a participant in Python"), "python")
+    participant_code, middleware_code, client_code = fenced(
+        section("Writing a participant in Python"), "python"
+    )
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(participant_code, "README.md", "exec"), namespace)
+    exec(compile(middleware_code, "README.md", "exec"), namespace)
+    assert namespace["timed_payment"].service == "payment"
+    delivery = Delivery(message=None, command=None, kind=None, refusal=None)  # type: ignore[arg-type]
+
+    async def call_next() -> Processed:
+        return Processed.HANDLED
+
+    await namespace["timed"](delivery, call_next)
 
     payment = namespace["payment"]
     assert payment.service == "payment"

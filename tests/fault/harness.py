@@ -45,8 +45,8 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-
 from fault.schema import PAYMENT_LIMIT
+
 from sagaplane import topology
 from sagaplane.client import SagaClient, StepSpec
 from sagaplane.errors import CoordinatorError, SagaNotFound
@@ -736,7 +736,7 @@ class ReplyForwarder:
         queue = await self._channel.declare_queue(CHAOS_QUEUE, durable=True)
         await queue.bind(chaos, routing_key=topology.REPLIES_ROUTING_KEY)
         self._target = await self._channel.get_exchange(topology.REPLIES_EXCHANGE)
-        await queue.consume(self._on_message)
+        await queue.consume(self._on_reply)
 
     async def stop(self) -> None:
         if self._connection is not None:
@@ -756,7 +756,7 @@ class ReplyForwarder:
             await self._target.publish(message, routing_key=topology.REPLIES_ROUTING_KEY)
         self.forwarded += 1
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         reply = messages_pb2.StepReply()
         reply.ParseFromString(message.body)
         held = HeldReply(

@@ -12,10 +12,13 @@ Four services, each with its own database (``--service NAME=DATABASE_URL``, repe
   inserts the saga's id into ``fault_fixed``.
 
 Every handler records its effect in ``fault_effects`` inside the SDK's transaction (so
-it commits with the inbox row and the reply, or not at all). Every message delivered
-to a participant is recorded in ``fault_deliveries`` in a transaction of its own
-before the SDK sees it, so redeliveries stay visible; a command answered from the
-inbox without running its handler is recorded in ``fault_replays`` after its commit.
+it commits with the inbox row and the reply, or not at all). A middleware of the SDK's
+(:func:`fault_middleware`) records every message delivered to a participant (poison
+ones included; only those delivered while it stops are returned unseen) in
+``fault_deliveries``, in a transaction of its own before the processing, so
+redeliveries stay visible; and a command answered without running its handler (the
+inbox re-sent its stored outcome, or refused an execute after its compensation) in
+``fault_replays``, after its commit.
 
 Test-only hooks:
 
@@ -35,29 +38,33 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from aio_pika.abc import AbstractIncomingMessage
+from fault.schema import PAYMENT_LIMIT
 from google.protobuf.message import DecodeError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from fault.schema import PAYMENT_LIMIT
-from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, topology
-from sagaplane.participant import Handler, StepKind
+from sagaplane import (
+    CallNext,
+    Delivery,
+    Middleware,
+    NonRetryableError,
+    Participant,
+    Processed,
+    RetryableError,
+    StepContext,
+    topology,
+    wire,
+)
 from sagaplane.v1 import messages_pb2
 
 log = logging.getLogger("fault.runner")
 
 KILL_ENV = "FAULT_KILL_AFTER_COMMITS"
-
-_KINDS = {
-    messages_pb2.COMMAND_KIND_EXECUTE: "execute",
-    messages_pb2.COMMAND_KIND_COMPENSATE: "compensate",
-}
 
 
 class KillSwitch:
@@ -119,11 +126,12 @@ class DeliveryLog:
         command = messages_pb2.StepCommand()
         try:
             command.ParseFromString(message.body)
+            kind = wire.KIND_FROM_PROTO.get(command.kind)
             fields |= {
                 "saga_id": _clean(command.saga_id),
                 "step_id": _clean(command.step_id),
                 "action": _clean(command.action),
-                "kind": _KINDS.get(command.kind),
+                "kind": None if kind is None else kind.value,
                 "attempt": command.attempt,
             }
         except (DecodeError, ValueError, TypeError):
@@ -161,51 +169,26 @@ def _clean(value: str | None) -> str | None:
     return None if value is None else value.replace("\x00", "\\0")
 
 
-class FaultParticipant(Participant):
-    """A Participant that records every delivery, and can die between commit and ack.
+def fault_middleware(service: str, deliveries: DeliveryLog, kill: KillSwitch) -> Middleware:
+    """The SDK middleware that records each delivery and can die between commit and ack."""
 
-    It wraps two private methods of the SDK's Participant: ``_on_message`` (the consumer
-    callback, to record the delivery) and ``_process`` (one command's transaction: when
-    it returns, the transaction has committed and the message is not acked yet).
-    """
-
-    def __init__(
-        self, service: str, *, deliveries: DeliveryLog, kill: KillSwitch, **kwargs: Any
-    ) -> None:
-        for hooked in ("_on_message", "_process"):
-            # Fail loudly rather than record nothing if the SDK renames them.
-            assert hasattr(Participant, hooked), f"Participant.{hooked} is gone: update runner.py"
-        super().__init__(service, **kwargs)
-        self._deliveries = deliveries
-        self._kill = kill
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def record_and_maybe_die(delivery: Delivery, call_next: CallNext) -> None:
         try:
-            await self._deliveries.record(message)
+            await deliveries.record(delivery.message)
         except Exception:
-            log.exception("could not record delivery %s", message.message_id)
-        await super()._on_message(message)
+            log.exception("could not record delivery %s", delivery.message.message_id)
+        processed = await call_next()
+        if not processed.committed:
+            return  # dead-lettered or requeued: no command transaction committed
+        # Returned: the command's transaction has committed; the SDK acks after we return.
+        if processed is not Processed.HANDLED:
+            # Answered without running the handler: the inbox re-sent its stored outcome
+            # (or refused an execute after its compensation).
+            assert delivery.command is not None and delivery.kind is not None
+            await deliveries.replayed(delivery.command, delivery.kind.value)
+        kill.committed(service, delivery.message.message_id)
 
-    async def _process(
-        self,
-        message: AbstractIncomingMessage,
-        command: messages_pb2.StepCommand,
-        kind: StepKind,
-        handler: Handler,
-    ) -> None:
-        ran = False
-
-        async def watched(ctx: StepContext) -> Mapping[str, Any] | None:
-            nonlocal ran
-            ran = True
-            return await handler(ctx)
-
-        await super()._process(message, command, kind, watched)
-        # Returned: the command's transaction has committed; the SDK acks next.
-        if not ran:
-            # Answered without running the handler: the inbox re-sent a stored outcome.
-            await self._deliveries.replayed(command, kind.value)
-        self._kill.committed(self.service, message.message_id)
+    return record_and_maybe_die
 
 
 async def _effect(ctx: StepContext) -> None:
@@ -294,10 +277,9 @@ async def _run(args: argparse.Namespace) -> None:
             deliveries = DeliveryLog(database_url)
             await deliveries.open()
             stack.push_async_callback(deliveries.close)
-            participant = FaultParticipant(
+            participant = Participant(
                 service,
-                deliveries=deliveries,
-                kill=kill,
+                middleware=[fault_middleware(service, deliveries, kill)],
                 amqp_url=args.amqp_url,
                 database_url=database_url,
                 reply_exchange=args.reply_exchange,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,24 +19,25 @@ import aio_pika
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from helpers.broker import fresh_vhost
+from helpers.database import create_database, drop_database, server_url, unique_name
 
 from sagaplane import (
+    CallNext,
+    Delivery,
+    Middleware,
     NonRetryableError,
     Participant,
+    Processed,
     RetryableError,
     StepContext,
     StepKind,
     structs,
     topology,
 )
-from sagaplane import participant as participant_module
 from sagaplane.consuming import REASON_HEADER
 from sagaplane.v1 import messages_pb2
 
-PG_HOST = os.environ.get("PGHOST", "127.0.0.1")
-PG_PORT = os.environ.get("PGPORT", "5432")
-PG_USER = os.environ.get("PGUSER", "postgres")
-AMQP_HOST = os.environ.get("SAGAPLANE_TEST_AMQP_HOST", "127.0.0.1:5672")
 WAIT = 15.0
 """Seconds to wait for something that should happen within milliseconds."""
 
@@ -47,24 +47,8 @@ SUCCEEDED = messages_pb2.REPLY_OUTCOME_SUCCEEDED
 FAILED = messages_pb2.REPLY_OUTCOME_FAILED
 
 
-def _pg_url(dbname: str) -> str:
-    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
-
-
 def _uid() -> str:
     return uuid.uuid4().hex[:12]
-
-
-async def _rabbitmqctl(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {out.decode()} {err.decode()}")
 
 
 # -- module fixtures: a fresh database and a fresh vhost ---------------------------------
@@ -73,26 +57,19 @@ async def _rabbitmqctl(*args: str) -> None:
 @pytest.fixture(scope="module")
 async def database_url() -> AsyncIterator[str]:
     """A fresh database for this module, with a table for the handlers to write to."""
-    name = f"sagaplane_participant_{_uid()}"
-    async with await psycopg.AsyncConnection.connect(_pg_url("postgres"), autocommit=True) as c:
-        await c.execute(f'CREATE DATABASE "{name}"'.encode())
-    async with await psycopg.AsyncConnection.connect(_pg_url(name), autocommit=True) as c:
+    name = unique_name("sagaplane_participant")
+    await create_database(name)
+    async with await psycopg.AsyncConnection.connect(server_url(name), autocommit=True) as c:
         await c.execute("CREATE TABLE orders (id text PRIMARY KEY, step_id text NOT NULL)")
-    yield _pg_url(name)
-    async with await psycopg.AsyncConnection.connect(_pg_url("postgres"), autocommit=True) as c:
-        await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+    yield server_url(name)
+    await drop_database(name)
 
 
 @pytest.fixture(scope="module")
 async def amqp_url() -> AsyncIterator[str]:
     """A fresh RabbitMQ vhost for this module (guest has every permission on it)."""
-    vhost = f"sagaplane-participant-{_uid()}"
-    await _rabbitmqctl("add_vhost", vhost)
-    try:
-        await _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
-    finally:
-        await _rabbitmqctl("delete_vhost", vhost)
+    async with fresh_vhost() as url:
+        yield url
 
 
 # -- per-test helpers ------------------------------------------------------------------
@@ -393,10 +370,21 @@ async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_fro
     make_participant: ParticipantFactory,
     broker: Broker,
     db: psycopg.AsyncConnection[Any],
-    monkeypatch: pytest.MonkeyPatch,
+    amqp_url: str,
+    database_url: str,
 ) -> None:
     action = _action("orders.create")
-    first = make_participant()
+    # The process "dies" between COMMIT and ack: a middleware that never returns after
+    # call_next(), so the ack is never sent; stop() cancels it after shutdown_timeout.
+    committed: list[Processed] = []
+    acks_lost = asyncio.Event()
+
+    async def die_before_ack(delivery: Delivery, call_next: CallNext) -> None:
+        committed.append(await call_next())
+        acks_lost.set()
+        await asyncio.Event().wait()
+
+    first = make_participant(middleware=[die_before_ack], shutdown_timeout=0.3)
     calls = 0
 
     async def create(ctx: StepContext) -> dict[str, Any]:
@@ -406,24 +394,16 @@ async def test_a_command_redelivered_after_commit_but_before_ack_is_answered_fro
         return {"order_id": f"o-{ctx.step_id}"}
 
     first.step(action)(create)
-    # The process "dies" between COMMIT and ack: the ack is never sent.
-    acks_lost = asyncio.Event()
-
-    async def lose_ack(action: Any, message: Any) -> None:
-        action.close()
-        acks_lost.set()
-
-    monkeypatch.setattr(participant_module, "_settle", lose_ack)
     await first.start()
     step_id = _uid()
     await broker.send(action=action, saga_id=_uid(), step_id=step_id, token="t1")
     first_reply = await broker.reply()
     async with asyncio.timeout(WAIT):
         await acks_lost.wait()
-    await first.stop()  # its channel closes: the broker requeues the unacked command
-    monkeypatch.undo()
+    assert committed == [Processed.HANDLED]
+    await first.stop()  # the unacked command is cancelled; the broker requeues it
 
-    second = Participant(first.service, amqp_url=first._amqp_url, database_url=first._database_url)
+    second = Participant(first.service, amqp_url=amqp_url, database_url=database_url)
     second.step(action)(create)
     async with second:
         second_reply = await broker.reply()
@@ -964,7 +944,11 @@ async def test_stop_lets_in_flight_handlers_finish_and_publishes_their_replies(
 
 
 async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
-    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    amqp_url: str,
+    database_url: str,
 ) -> None:
     action = _action("orders.create")
     first = make_participant(shutdown_timeout=0.3)
@@ -988,8 +972,8 @@ async def test_stop_cancels_a_stuck_handler_and_the_command_is_redelivered(
     # A new process of the same service picks the command up again.
     second = Participant(
         first.service,
-        amqp_url=first._amqp_url,
-        database_url=first._database_url,
+        amqp_url=amqp_url,
+        database_url=database_url,
         relay_poll_interval=0.2,
     )
 
@@ -1043,3 +1027,234 @@ async def test_handlers_must_be_registered_once_and_before_start(
         participant.step("a.b")(handler)
     participant.compensation("a.b")(handler)  # the same name as a compensation is fine
     assert participant.actions == ["a.b"]
+
+
+# -- middleware -------------------------------------------------------------------------
+
+
+async def test_middleware_runs_outermost_first_around_the_commit_and_before_the_ack(
+    make_participant: ParticipantFactory, broker: Broker, db: psycopg.AsyncConnection[Any]
+) -> None:
+    action = _action("orders.create")
+    events: list[str] = []
+    done = asyncio.Event()
+
+    def layer(name: str) -> Middleware:
+        async def middleware(delivery: Delivery, call_next: CallNext) -> None:
+            assert delivery.command is not None
+            assert (delivery.action, delivery.kind, delivery.refusal) == (
+                action,
+                StepKind.EXECUTE,
+                None,
+            )
+            events.append(f"{name} before, orders={await _orders(db, delivery.command.step_id)}")
+            processed = await call_next()
+            # After the commit (another connection sees the write), before the ack.
+            orders = await _orders(db, delivery.command.step_id)
+            events.append(f"{name} after: {processed}, orders={orders}, "
+                          f"settled={delivery.message.processed}")  # fmt: skip
+            if name == "outer":
+                done.set()
+
+        return middleware
+
+    participant = make_participant(middleware=[layer("outer"), layer("inner")])
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        events.append("handler")
+        await _insert_order(ctx)
+        return {"ok": True}
+
+    await participant.start()
+    await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    assert (await broker.reply()).outcome == SUCCEEDED
+    async with asyncio.timeout(WAIT):
+        await done.wait()
+    assert events == [
+        "outer before, orders=0",
+        "inner before, orders=0",
+        "handler",
+        "inner after: handled, orders=1, settled=False",
+        "outer after: handled, orders=1, settled=False",
+    ]
+    # Acked once the outermost middleware returned: nothing is left in the queue.
+    await asyncio.sleep(0.2)
+    assert await broker.queue_depth(participant.service) == 0
+    await broker.no_more_replies()
+
+
+async def test_middleware_sees_replays_and_refusals(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    create_action, delete_action = _action("orders.create"), _action("orders.delete")
+    seen: asyncio.Queue[tuple[str | None, StepKind | None, Processed]] = asyncio.Queue()
+
+    async def watch(delivery: Delivery, call_next: CallNext) -> None:
+        processed = await call_next()
+        await seen.put((delivery.action, delivery.kind, processed))
+
+    participant = make_participant(middleware=[watch])
+    runs = 0
+
+    @participant.step(create_action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        nonlocal runs
+        runs += 1
+        return {"n": runs}
+
+    @participant.compensation(delete_action)
+    async def delete(ctx: StepContext) -> None:
+        return None
+
+    async def next_seen() -> tuple[str | None, StepKind | None, Processed]:
+        async with asyncio.timeout(WAIT):
+            return await seen.get()
+
+    await participant.start()
+    handled, compensated = _uid(), _uid()
+    for _ in range(2):  # a command and its copy
+        await broker.send(action=create_action, saga_id=_uid(), step_id=handled, token="t1")
+        assert (await broker.reply()).outcome == SUCCEEDED
+    await broker.send(action=delete_action, saga_id=_uid(), step_id=compensated, kind=COMPENSATE)
+    assert (await broker.reply()).outcome == SUCCEEDED
+    await broker.send(action=create_action, saga_id=_uid(), step_id=compensated)
+    assert (await broker.reply()).error.type == "StepAlreadyCompensated"
+    assert [await next_seen() for _ in range(4)] == [
+        (create_action, StepKind.EXECUTE, Processed.HANDLED),
+        (create_action, StepKind.EXECUTE, Processed.REPLAYED),
+        (delete_action, StepKind.COMPENSATE, Processed.HANDLED),
+        (create_action, StepKind.EXECUTE, Processed.REFUSED),
+    ]
+    assert runs == 1
+    await broker.no_more_replies()
+
+
+async def test_middleware_sees_messages_that_are_dead_lettered_with_the_reason_it_is_given(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action, other = _action("orders.create"), _action("orders.other")
+    seen: dict[str, tuple[bool, str | None, Processed]] = {}
+
+    async def watch(delivery: Delivery, call_next: CallNext) -> None:
+        processed = await call_next()
+        seen[delivery.message.message_id or ""] = (
+            delivery.command is None,
+            delivery.refusal,
+            processed,
+        )
+
+    participant = make_participant(middleware=[watch])
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> None:
+        raise AssertionError("never called")
+
+    @participant.compensation(other)  # binds the queue to `other`; no execute handler
+    async def undo(ctx: StepContext) -> None:
+        return None
+
+    await participant.start()
+    garbage_id = f"garbage-{_uid()}"
+    await broker.publish_raw(action, b"\xff\xfe not a protobuf \x00", message_id=garbage_id)
+    garbage_reason = await broker.dead_letter_reason(garbage_id)
+    unknown_id = await broker.send(action=other, saga_id=_uid(), step_id=_uid(), kind=EXECUTE)
+    unknown_reason = await broker.dead_letter_reason(unknown_id)
+    assert seen == {
+        garbage_id: (True, garbage_reason, Processed.DEAD_LETTERED),
+        unknown_id: (False, unknown_reason, Processed.DEAD_LETTERED),
+    }
+    assert "not a StepCommand" in garbage_reason
+    assert f"no execute handler for action {other!r}" in unknown_reason
+    assert participant.dead_lettered == {"undecodable": 1, "unknown_action": 1}
+    await broker.no_more_replies()
+
+
+async def test_a_middleware_raising_before_call_next_counts_as_a_failed_command(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("orders.create")
+    deliveries = 0
+
+    async def broken(delivery: Delivery, call_next: CallNext) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        raise RuntimeError("the middleware is broken")
+
+    participant = make_participant(middleware=[broken])
+    runs = 0
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> None:
+        nonlocal runs
+        runs += 1
+
+    await participant.start()
+    message_id = await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    # Requeued on every delivery, dead-lettered with the reason on the last one.
+    reason = await broker.dead_letter_reason(message_id)
+    assert reason == (
+        f"failed on all {topology.DELIVERY_LIMIT} deliveries: "
+        "RuntimeError: the middleware is broken"
+    )
+    assert deliveries == topology.DELIVERY_LIMIT
+    assert runs == 0
+    assert participant.dead_lettered == {"failed": 1}
+    await broker.no_more_replies()
+
+
+async def test_a_middleware_that_fails_or_skips_call_next_gets_the_command_again(
+    make_participant: ParticipantFactory, broker: Broker
+) -> None:
+    action = _action("orders.create")
+    redelivered: list[bool] = []
+
+    twice: list[str] = []
+
+    async def flaky(delivery: Delivery, call_next: CallNext) -> None:
+        redelivered.append(bool(delivery.message.redelivered))
+        if len(redelivered) == 1:
+            raise RuntimeError("first delivery")  # before call_next(): requeued
+        if len(redelivered) == 2:
+            return  # without call_next(): not processed, so requeued too
+        await call_next()
+        if len(redelivered) == 3:
+            raise RuntimeError("third delivery")  # after the commit: requeued
+        try:
+            await call_next()  # the fourth: replayed; a second call is refused
+        except RuntimeError as exc:
+            twice.append(str(exc))
+
+    participant = make_participant(middleware=[flaky])
+    runs = 0
+
+    @participant.step(action)
+    async def create(ctx: StepContext) -> dict[str, Any]:
+        nonlocal runs
+        runs += 1
+        return {"runs": runs}
+
+    await participant.start()
+    await broker.send(action=action, saga_id=_uid(), step_id=_uid())
+    replies = [await broker.reply(), await broker.reply()]
+    # The third delivery committed (then was requeued); the fourth replayed the outcome.
+    assert [structs.to_dict(r.output) for r in replies] == [{"runs": 1}, {"runs": 1}]
+    assert runs == 1
+    await asyncio.sleep(0.2)  # the fourth delivery's middleware returned and it was acked
+    assert redelivered == [False, True, True, True]
+    assert twice == ["call_next() called twice for one delivery"]
+    assert participant.dead_lettered == {}
+    assert await broker.queue_depth(participant.service) == 0
+    await broker.no_more_replies()
+
+
+def test_middleware_must_be_callable(amqp_url: str, database_url: str) -> None:
+    from sagaplane import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        Participant(
+            "svc",
+            amqp_url=amqp_url,
+            database_url=database_url,
+            middleware=[object()],  # type: ignore[list-item]
+        )

@@ -16,23 +16,36 @@ from sagaplane.errors import (
     WaitTimeout,
 )
 from sagaplane.outbox import OutboundMessage, enqueue
-from sagaplane.participant import Handler, Participant, StepContext, StepKind
+from sagaplane.participant import (
+    CallNext,
+    Delivery,
+    Handler,
+    Middleware,
+    Participant,
+    Processed,
+    StepContext,
+    StepKind,
+)
 from sagaplane.relay import OutboxRelay
 from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, StepStatus
 
 __all__ = [
     "TERMINAL_STATES",
+    "CallNext",
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
+    "Delivery",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
+    "Middleware",
     "NonRetryableError",
     "OutboundMessage",
     "OutboxRelay",
     "Participant",
+    "Processed",
     "Resolution",
     "RetryPolicy",
     "RetryableError",

@@ -13,6 +13,8 @@ from importlib import resources
 
 from psycopg import AsyncConnection
 
+from sagaplane.queries import q
+
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed number works; it only has to be the same for every migrator.
 _LOCK_KEY = 0x5A6A_0001
@@ -61,27 +63,16 @@ async def apply(conn: AsyncConnection[object], migrations: list[Migration]) -> l
     """
     applied: list[Migration] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS sagaplane_migrations (
-                component  text        NOT NULL,
-                version    integer     NOT NULL,
-                name       text        NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                PRIMARY KEY (component, version)
-            )
-            """
-        )
-        cur = await conn.execute("SELECT component, version FROM sagaplane_migrations")
+        await conn.execute(q("migrations_lock"), (_LOCK_KEY,))
+        await conn.execute(q("migrations_table"))
+        cur = await conn.execute(q("migrations_applied"))
         done = {(str(row[0]), int(row[1])) async for row in cur}  # type: ignore[index]
         for migration in migrations:
             if (migration.component, migration.version) in done:
                 continue
             await conn.execute(migration.sql.encode())
             await conn.execute(
-                "INSERT INTO sagaplane_migrations (component, version, name) VALUES (%s, %s, %s)",
-                (migration.component, migration.version, migration.name),
+                q("migrations_record"), (migration.component, migration.version, migration.name)
             )
             applied.append(migration)
     return applied

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from psycopg import AsyncConnection
 
+from sagaplane.queries import q
+
 
 @dataclass(frozen=True, kw_only=True)
 class OutboundMessage:
@@ -31,12 +33,7 @@ class OutboundMessage:
     """Groups messages for people (the coordinator uses the saga id)."""
 
 
-INSERT_ONE = """
-INSERT INTO sagaplane_outbox
-    (message_id, exchange, routing_key, message_type, body, correlation_id)
-VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
-        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s)
-"""
+INSERT_ONE = q("insert_outbox_message")
 """One outbox row; its parameters are :func:`insert_params` (prefixed, so that they can
 share a batch of statements with other named parameters)."""
 

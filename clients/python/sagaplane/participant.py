@@ -1,144 +1,66 @@
 """Participants: step and compensation handlers, run once per step, answered through the outbox.
 
 A :class:`Participant` consumes its service's queue (``sagaplane.participant.<service>``,
-bound to every registered action) and handles each command in ONE local transaction::
+bound to every registered action) and handles each command in ONE local transaction
+(claim the inbox row, run the handler, store the outcome, write the reply to the
+outbox; see :mod:`sagaplane.inbox`), then acks the AMQP message. So the handler's writes,
+"this step was handled" and "its reply will be sent" commit together or not at all, and
+a redelivered or retried command is answered from the inbox with the stored outcome.
+The replies are published by the SDK's :class:`~sagaplane.relay.OutboxRelay`, running
+inside the participant.
 
-    BEGIN
-      claim the inbox row of (step_id, kind)          -- blocks a concurrent copy
-      new?  SAVEPOINT; run the handler on ctx.tx      -- a raising handler rolls back
-            only its own writes; the failure is the outcome
-      seen? reuse the stored outcome, unless it was a failure and this is a later
-            attempt (then run the handler again)
-      write the outcome to the inbox and the StepReply to the outbox
-    COMMIT; then ack the AMQP message
+A message that is not a valid StepCommand, or names an action this service did not
+register, is dead-lettered with its reason; a database outage holds the command and
+retries it (see :mod:`sagaplane.command_consumer`). What the two ends of the wire agree
+on is in :mod:`sagaplane.wire`.
 
-So the handler's writes, "this step was handled" and "its reply will be sent" commit
-together or not at all, and a redelivered or retried command is answered from the inbox
-with the stored outcome, under the NEW command's attempt and token (see
-``sql/participant/0001_inbox.sql``). The replies are published by the SDK's
-:class:`~sagaplane.relay.OutboxRelay`, running inside the participant.
+Middleware (:mod:`sagaplane.middleware`) wraps the processing of each delivered
+command: before the handler, after the commit, before the ack.
 
-An execute command for a step whose compensation already ran here is not run: it is
-answered with a non-retryable ``StepAlreadyCompensated`` failure, so that an action
-never lands after its undo (a late redelivery, or a retry racing a timeout).
-
-A message that is not a valid StepCommand (garbage, ids or names past the wire's limits,
-JSON that PostgreSQL cannot hold), or names an action this service did not register, is
-dead-lettered to ``sagaplane.dead-letter`` with its reason
-(:class:`~sagaplane.consuming.DeadLetters`), alone. What a handler produces is checked
-too: an output past :data:`~sagaplane.limits.MAX_OUTPUT_BYTES` or holding what the
-coordinator refuses fails the step (non-retryably) and rolls the handler's writes back,
-and an error message is cleaned and cut (:func:`~sagaplane.limits.clean_text`) so that
-it can always be stored and sent.
+This module is the public face: :class:`Participant` (registration and lifecycle), and
+:class:`StepContext`, :data:`Handler`, :class:`StepKind` and the middleware types,
+re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import aio_pika
-import psycopg
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
-from google.protobuf.message import DecodeError
-from psycopg import AsyncClientCursor, AsyncConnection
-from psycopg.pq import TransactionStatus
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import backoff, batch, migrations, structs, topology
+from sagaplane import migrations, topology
+from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
-from sagaplane.consuming import settle as _settle
-from sagaplane.errors import ConfigurationError, NonRetryableError, StepFailed
-from sagaplane.limits import (
-    MAX_ERROR_MESSAGE_CHARS,
-    MAX_ERROR_TYPE_CHARS,
-    MAX_ID_CHARS,
-    MAX_MESSAGE_BYTES,
-    MAX_OUTPUT_BYTES,
-    MAX_TEXT_CHARS,
-    clean_text,
-)
-from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
+from sagaplane.errors import ConfigurationError
+from sagaplane.handler import Handler, StepContext
+from sagaplane.inbox import Inbox
+from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.relay import OutboxRelay
-from sagaplane.v1 import messages_pb2
+from sagaplane.wire import StepKind
 
-__all__ = ["Handler", "Participant", "StepContext", "StepKind", "participant_migrations"]
+__all__ = [
+    "CallNext",
+    "Delivery",
+    "Handler",
+    "Middleware",
+    "Participant",
+    "Processed",
+    "StepContext",
+    "StepKind",
+    "participant_migrations",
+]
 
 log = logging.getLogger(__name__)
-
-# Backoff while PostgreSQL is unreachable: the command is held (unacked) and retried in
-# process, so an outage does not burn the queue's delivery limit and dead-letter it.
-_MIN_BACKOFF = 0.1
-_MAX_BACKOFF = 5.0
-
-
-class StepKind(StrEnum):
-    """Whether a command runs a step's action or its compensation (as in message ids)."""
-
-    EXECUTE = "execute"
-    COMPENSATE = "compensate"
-
-
-_KIND_FROM_PROTO = {
-    messages_pb2.COMMAND_KIND_EXECUTE: StepKind.EXECUTE,
-    messages_pb2.COMMAND_KIND_COMPENSATE: StepKind.COMPENSATE,
-}
-_KIND_TO_PROTO = {v: k for k, v in _KIND_FROM_PROTO.items()}
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepContext:
-    """What a handler is given: the command, and the transaction to write in."""
-
-    saga_id: str
-    """The saga the step belongs to."""
-    saga_name: str
-    """The saga's type name."""
-    step_id: str
-    """The step's id; stable across attempts (a good idempotency key downstream)."""
-    step_name: str
-    """The step's name within the saga."""
-    attempt: int
-    """1 for the first dispatch, counting up on every retry."""
-    kind: StepKind
-    """Execute (the step's action) or compensate (its undo)."""
-    action: str
-    """The action being run (the handler's registered name)."""
-    input: dict[str, Any]
-    """The step's input."""
-    context: dict[str, Any]
-    """The saga's context."""
-    output: dict[str, Any] | None
-    """For a compensation: what the step's action returned; None for an execution."""
-    message_id: str
-    """The AMQP message id of the command (for logs)."""
-    tx: AsyncConnection[Any]
-    """The connection, inside the command's transaction (a savepoint). Write with it and
-    do not commit or roll back: the SDK commits your writes with the inbox row and the
-    reply (a handler that ends the transaction is a bug: its command is requeued). To
-    publish domain events atomically, :func:`sagaplane.outbox.enqueue` them on it."""
-
-
-Handler = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]
-"""``async def handler(ctx: StepContext) -> dict | None``: the step's output (None: ``{}``).
-
-Raise :class:`~sagaplane.errors.NonRetryableError` for a failure that retrying cannot
-fix; any other exception is a retryable failure (see :mod:`sagaplane.errors`).
-"""
 
 H = TypeVar("H", bound=Handler)
 
@@ -171,6 +93,24 @@ class Participant:
     coordinator and forwards replies itself; that exchange must exist (and have a queue
     bound for the routing key) before replies are published, or they count as failed
     publishes.
+
+    ``middleware`` wraps the processing of every delivered command, outermost first
+    (see :mod:`sagaplane.middleware`)::
+
+        async def timed(delivery: Delivery, call_next: CallNext) -> None:
+            started = time.monotonic()  # before the handler
+            processed = await call_next()  # claim, handler, outcome, reply, COMMIT
+            log.info("%s: %s in %.3fs", delivery.action, processed, time.monotonic() - started)
+            # returning lets the SDK ack (or dead-letter, or requeue) the message
+
+    ``call_next()`` returns a :class:`~sagaplane.middleware.Processed`: whether the
+    handler ran (``HANDLED``), the inbox re-sent a stored outcome (``REPLAYED``), an
+    execute after its compensation was refused (``REFUSED``), the message is
+    dead-lettered (``DEAD_LETTERED``: not a valid command, or no handler; see
+    ``delivery.refusal``) or requeued (``REQUEUED``: stopped during a database outage).
+    The message is settled after the outermost middleware returns. An exception from a
+    middleware or from ``call_next()`` is a processing failure: the message is
+    requeued, and dead-lettered with the reason on its last delivery.
     """
 
     def __init__(
@@ -186,6 +126,7 @@ class Participant:
         connect_timeout: float = 30.0,
         relay_poll_interval: float = 1.0,
         reply_exchange: str = topology.REPLIES_EXCHANGE,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -193,6 +134,8 @@ class Participant:
             raise ConfigurationError("prefetch and pool_size must be at least 1")
         if not reply_exchange:
             raise ConfigurationError("reply_exchange must not be empty")
+        if not all(callable(layer) for layer in middleware):
+            raise ConfigurationError("every middleware must be a coroutine function")
         self.service = service
         self._amqp_url = amqp_url
         self._database_url = database_url
@@ -203,6 +146,7 @@ class Participant:
         self._connect_timeout = connect_timeout
         self._relay_poll_interval = relay_poll_interval
         self._reply_exchange = reply_exchange
+        self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
 
         self._handlers: dict[tuple[StepKind, str], Handler] = {}
@@ -213,7 +157,7 @@ class Participant:
         self._consumer_tag: str | None = None
         self._relay: OutboxRelay | None = None
         self._dead_letters: DeadLetters | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._consumer: CommandConsumer | None = None
         self._stop_requested = asyncio.Event()
         self._started = False
         self._shutdown_task: asyncio.Task[None] | None = None
@@ -294,7 +238,7 @@ class Participant:
                 timeout=self._connect_timeout,
                 open=False,
                 name=self._name,
-                # The SDK sends BEGIN itself, batched with the inbox claim (see _process).
+                # The SDK sends BEGIN itself, batched with the inbox claim (see Inbox.process).
                 kwargs={"autocommit": True},
             )
             await self._pool.open(wait=True, timeout=self._connect_timeout)
@@ -320,7 +264,16 @@ class Participant:
             self._queue = await topology.declare_participant_queue(
                 self._channel, self.service, self.actions
             )
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            self._consumer = CommandConsumer(
+                service=self.service,
+                handlers=self._handlers,
+                inbox=Inbox(self._pool, service=self.service, reply_exchange=self._reply_exchange),
+                dead_letters=self._dead_letters,
+                stopping=self._stop_requested,
+                task_prefix=self._name,
+                middleware=self._middleware,
+            )
+            self._consumer_tag = await self._queue.consume(self._consumer.on_message)
         except BaseException:
             await self.stop()
             raise
@@ -378,19 +331,8 @@ class Participant:
                     await self._queue.cancel(self._consumer_tag)
             except Exception as exc:  # the channel may already be gone; closing it below
                 log.warning("participant %s: cancelling the consumer: %s", self.service, exc)
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=self._shutdown_timeout)
-            if pending:
-                log.warning(
-                    "participant %s: cancelling %d commands still running after %.1fs; "
-                    "they will be redelivered",
-                    self.service,
-                    len(pending),
-                    self._shutdown_timeout,
-                )
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.drain(self._shutdown_timeout)
         if self._relay is not None:
             try:
                 async with asyncio.timeout(self._connect_timeout):
@@ -414,490 +356,3 @@ class Participant:
         if self._pool is not None:
             await self._pool.close()
         log.info("participant %s stopped", self.service)
-
-    # -- handling one command -----------------------------------------------------------
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # Handled in a task of our own, not aio-pika's: a lost channel cancels the
-        # library's tasks, and a handler cut off mid-transaction helps nobody (its reply
-        # is safe in the outbox; the redelivered copy is answered from the inbox).
-        if self._stop_requested.is_set():
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
-        task = asyncio.create_task(
-            self._handle(message), name=f"{self._name}-command-{message.message_id}"
-        )
-        self._inflight.add(task)
-        task.add_done_callback(self._command_done)
-
-    def _command_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # _handle catches everything it expects; anything else is a bug worth shouting.
-            log.critical(
-                "participant %s: %s crashed",
-                self.service,
-                task.get_name(),
-                exc_info=task.exception(),
-            )
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        assert self._dead_letters is not None
-        try:
-            command = _decode(message)
-        except _Undecodable as exc:
-            await self._dead_letters.send(message, str(exc), cause="undecodable")
-            return
-        except Exception as exc:  # a decoder bug must not loop the message
-            log.exception("participant %s: decoding %s failed", self.service, message.message_id)
-            await self._dead_letters.send(
-                message, f"cannot be decoded: {type(exc).__name__}", cause="undecodable"
-            )
-            return
-        kind = _KIND_FROM_PROTO[command.kind]
-        handler = self._handlers.get((kind, command.action))
-        if handler is None:
-            await self._dead_letters.send(
-                message,
-                f"participant {self.service} has no {kind} handler for action {command.action!r}",
-                cause="unknown_action",
-            )
-            return
-        failures = 0
-        while True:
-            try:
-                await self._process(message, command, kind, handler)
-                break
-            except _TRANSIENT as exc:
-                failures += 1
-                if self._stop_requested.is_set():
-                    await _settle(message.nack(requeue=True), message)
-                    return
-                delay = backoff.delay(failures, initial=_MIN_BACKOFF, maximum=_MAX_BACKOFF)
-                log.warning(
-                    "participant %s: message %s: database unavailable (%s: %s); retrying in %.1fs",
-                    self.service,
-                    message.message_id,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                )
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._stop_requested.wait()
-            except Exception as exc:
-                # Not the handler's failure (that is caught and replied): a bug or a bad
-                # row. Requeued; on its last delivery it is dead-lettered with the reason.
-                log.exception(
-                    "participant %s: message %s could not be processed; requeueing",
-                    self.service,
-                    message.message_id,
-                )
-                await self._dead_letters.requeue(message, f"{type(exc).__name__}: {exc}")
-                return
-        # Only now, after COMMIT: a crash before this line redelivers the command, and
-        # the inbox answers it without running the handler again.
-        await _settle(message.ack(), message)
-
-    async def _process(
-        self,
-        message: AbstractIncomingMessage,
-        command: messages_pb2.StepCommand,
-        kind: StepKind,
-        handler: Handler,
-    ) -> None:
-        """Handle one command in one transaction: claim, run or replay, store, reply.
-
-        Three round trips when the command is new: ``BEGIN; claim; SAVEPOINT``, the
-        handler's own statements, ``store; reply; COMMIT``. The statements around the
-        handler go as one batch each (client-side bound, simple query protocol): every
-        round trip here costs more CPU than the statement it carries.
-        """
-        assert self._pool is not None
-        key = {"step_id": command.step_id, "kind": kind.value}
-        message_id = _message_id(message)
-        async with self._pool.connection() as conn:
-            cur = AsyncClientCursor(conn)
-            try:
-                claim = {
-                    **key,
-                    "saga_id": command.saga_id,
-                    "action": command.action,
-                    "message_id": message_id,
-                    "attempt": command.attempt,
-                }
-                [[(claimed, compensated)]] = await batch.run(
-                    cur, [("BEGIN", None), (_CLAIM, claim), (_SAVEPOINT, None)]
-                )
-                previous: _Outcome | None = None
-                if not claimed:
-                    [[row]] = await batch.run(
-                        cur, [(_RELEASE, None), (_LOCK_STORED, key), (_SAVEPOINT, None)]
-                    )
-                    compensated = bool(row[-1])
-                    previous = None if row[1] is None else _Outcome.from_row(row[:-1])
-
-                finish: list[batch.Statement] = []
-                if previous is not None and previous.final_for(command.attempt):
-                    log.info(
-                        "participant %s: %s %s of step %s (attempt %d) was handled already; "
-                        "re-sending its outcome",
-                        self.service,
-                        kind,
-                        command.action,
-                        command.step_id,
-                        command.attempt,
-                    )
-                    outcome = previous
-                    finish.append((_REPLAYED, key))
-                else:
-                    if kind is StepKind.EXECUTE and compensated:
-                        outcome = _Outcome.failure(
-                            "StepAlreadyCompensated",
-                            "the step's compensation already ran here; not executing it after",
-                            retryable=False,
-                        )
-                    else:
-                        ctx = _context(message, command, kind, conn)
-                        outcome = await self._run(conn, handler, ctx)
-                        if not outcome.succeeded:
-                            # The handler's writes go; the claim, outcome and reply stay.
-                            finish.append((_ROLLBACK_TO_SAVEPOINT, None))
-                    params = {**key, "message_id": message_id, **outcome.params(command.attempt)}
-                    finish.append((_STORE, params))
-                reply = _reply(command, kind, outcome, self._reply_exchange)
-                # COMMIT releases the handler's savepoint with everything else.
-                finish += [(INSERT_ONE, insert_params(reply)), ("COMMIT", None)]
-                await batch.run(cur, finish)
-            except BaseException:
-                await batch.rollback_after_error(conn)
-                raise
-
-    async def _run(
-        self, conn: AsyncConnection[Any], handler: Handler, ctx: StepContext
-    ) -> _Outcome:
-        try:
-            returned = await handler(ctx)
-            output, output_json = _checked_output(returned)
-            status = conn.info.transaction_status
-            if status is TransactionStatus.INERROR:
-                raise _HandlerSwallowedError(
-                    "a statement of the handler failed and the handler returned anyway; "
-                    "its transaction cannot be used"
-                )
-            if status is not TransactionStatus.INTRANS:
-                # The handler committed or rolled back the SDK's transaction: what it
-                # wrote is no longer atomic with the inbox row and the reply. Not the
-                # step's failure to report; a bug to fix (the command is requeued).
-                raise _HandlerEndedTransaction(
-                    f"the {ctx.kind} handler of {ctx.action!r} ended the SDK's transaction "
-                    "(commit or rollback on ctx.tx); write on ctx.tx and let the SDK commit"
-                )
-        except _HandlerEndedTransaction:
-            raise
-        except Exception as exc:
-            if conn.broken:
-                # Not the step's fault: the transaction is lost. Retried as a whole.
-                raise _ConnectionLost(str(exc)) from exc
-            outcome = _Outcome.from_exception(exc)
-            log.log(
-                logging.INFO if isinstance(exc, StepFailed) else logging.WARNING,
-                "participant %s: %s %s of step %s (attempt %d) failed: %s: %s",
-                self.service,
-                ctx.kind,
-                ctx.action,
-                ctx.step_id,
-                ctx.attempt,
-                outcome.error_type,
-                outcome.error_message,
-                exc_info=None if isinstance(exc, StepFailed) else exc,
-            )
-            return outcome
-        return _Outcome(succeeded=True, output=output, output_json=output_json)
-
-
-# -- the inbox's statements --------------------------------------------------------------
-
-_SAVEPOINT = "SAVEPOINT sagaplane_handler"
-"""Where a failing handler's writes roll back to; taken right after the claim."""
-_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT sagaplane_handler"
-_RELEASE = "RELEASE SAVEPOINT sagaplane_handler"
-
-# Inserts the claim row, or (a copy of the command is being or was handled) waits for the
-# other transaction and does nothing. Also says whether the step's compensation already
-# ran (for the "no action after its undo" rule), in the same round trip.
-_CLAIM = """
-WITH claimed AS (
-    INSERT INTO sagaplane_inbox (step_id, kind, saga_id, action, message_id, attempt)
-    VALUES (%(step_id)s, %(kind)s, %(saga_id)s, %(action)s, %(message_id)s, %(attempt)s)
-    ON CONFLICT (step_id, kind) DO NOTHING
-    RETURNING 1
-)
-SELECT EXISTS (SELECT FROM claimed),
-       EXISTS (SELECT FROM sagaplane_inbox WHERE step_id = %(step_id)s AND kind = 'compensate')
-"""
-
-# A copy, or a later attempt. Sent between _RELEASE and _SAVEPOINT, so the row lock is
-# the transaction's own and not the savepoint's, which a failing handler rolls back. A
-# NULL outcome (only a handler that committed the SDK's transaction leaves one, see
-# _run) counts as not handled.
-_LOCK_STORED = """
-SELECT i.attempt, i.outcome, i.output, i.error_type, i.error_message, i.error_retryable,
-       EXISTS (SELECT FROM sagaplane_inbox c WHERE c.step_id = i.step_id AND c.kind = 'compensate')
-FROM sagaplane_inbox AS i
-WHERE i.step_id = %(step_id)s AND i.kind = %(kind)s
-FOR UPDATE
-"""
-
-_STORE = """
-UPDATE sagaplane_inbox
-SET message_id = %(message_id)s, attempt = %(attempt)s, outcome = %(outcome)s,
-    output = %(output)s::jsonb, error_type = %(error_type)s,
-    error_message = %(error_message)s, error_retryable = %(error_retryable)s,
-    replies = replies + 1, last_replied_at = now()
-WHERE step_id = %(step_id)s AND kind = %(kind)s
-"""
-
-_REPLAYED = """
-UPDATE sagaplane_inbox SET replies = replies + 1, last_replied_at = now()
-WHERE step_id = %(step_id)s AND kind = %(kind)s
-"""
-
-_TRANSIENT: tuple[type[BaseException], ...] = (
-    psycopg.OperationalError,
-    PoolTimeout,
-)
-
-
-class _ConnectionLost(psycopg.OperationalError):
-    """The connection broke while a handler ran."""
-
-
-class _HandlerSwallowedError(StepFailed):
-    """A handler went on after one of its statements failed (retryable, like any bug)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_type="InFailedSqlTransaction", retryable=True)
-
-
-class _HandlerEndedTransaction(RuntimeError):
-    """A handler committed or rolled back the transaction the SDK gave it."""
-
-
-class _Undecodable(ValueError):
-    """The message is not a StepCommand this SDK can handle."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Outcome:
-    """What a handler run produced, as stored in the inbox and sent in replies."""
-
-    succeeded: bool
-    attempt: int = 0
-    """The attempt whose handler run produced it (stored outcomes only)."""
-    output: dict[str, Any] | None = None
-    output_json: str | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    error_retryable: bool | None = None
-
-    @classmethod
-    def failure(cls, error_type: str, message: str, *, retryable: bool) -> _Outcome:
-        # Whatever a handler raised is reported: NUL replaced (the inbox could not store
-        # it, and the command would loop), and cut to the wire's limits.
-        return cls(
-            succeeded=False,
-            error_type=clean_text(error_type, MAX_ERROR_TYPE_CHARS),
-            error_message=clean_text(message, MAX_ERROR_MESSAGE_CHARS),
-            error_retryable=retryable,
-        )
-
-    @classmethod
-    def from_exception(cls, exc: Exception) -> _Outcome:
-        if isinstance(exc, StepFailed):
-            return cls.failure(exc.error_type, exc.message, retryable=exc.retryable)
-        # Anything else may be transient (a timeout, a deadlock, a bug fixed by a deploy).
-        return cls.failure(type(exc).__name__, str(exc), retryable=True)
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> _Outcome:
-        attempt, outcome, output, error_type, error_message, error_retryable = row
-        if outcome == "succeeded":
-            return cls(succeeded=True, attempt=attempt, output=output)
-        return cls(
-            succeeded=False,
-            attempt=attempt,
-            error_type=error_type,
-            error_message=error_message,
-            error_retryable=bool(error_retryable),
-        )
-
-    def final_for(self, attempt: int) -> bool:
-        """Whether a command of ``attempt`` gets this outcome rather than a new run.
-
-        Success is final. A failure is final only for its own attempt (a redelivered
-        copy): the coordinator sends a later attempt only when it decided to try again
-        (a retryable failure within its policy, a timeout, or an operator's
-        ResolveCompensation RETRY after a non-retryable one), so the handler runs again.
-        """
-        return self.succeeded or attempt <= self.attempt
-
-    def params(self, attempt: int) -> dict[str, Any]:
-        return {
-            "attempt": attempt,
-            "outcome": "succeeded" if self.succeeded else "failed",
-            "output": self.output_json,
-            "error_type": self.error_type,
-            "error_message": self.error_message,
-            "error_retryable": self.error_retryable,
-        }
-
-
-def _decode(message: AbstractIncomingMessage) -> messages_pb2.StepCommand:
-    """Check everything the inbox or a handler relies on; raises _Undecodable with why."""
-    expected = messages_pb2.StepCommand.DESCRIPTOR.full_name
-    if message.type and message.type != expected:
-        raise _Undecodable(f"type is {message.type!r}, not {expected!r}")
-    if len(message.body) > MAX_MESSAGE_BYTES:
-        raise _Undecodable(f"the body is {len(message.body)} bytes; at most {MAX_MESSAGE_BYTES}")
-    command = messages_pb2.StepCommand()
-    try:
-        command.ParseFromString(message.body)
-    except (DecodeError, ValueError, TypeError) as exc:
-        raise _Undecodable(f"not a StepCommand: {exc}") from exc
-    if not command.saga_id or not command.step_id or not command.action:
-        raise _Undecodable("StepCommand lacks saga_id, step_id or action")
-    if command.kind not in _KIND_FROM_PROTO:
-        raise _Undecodable(f"StepCommand has no valid kind ({command.kind})")
-    if command.attempt < 1:
-        raise _Undecodable("StepCommand has no attempt")
-    for field, limit in _TEXT_LIMITS.items():
-        value = getattr(command, field)
-        if len(value) > limit:
-            raise _Undecodable(f"{field} is longer than {limit} characters")
-        if "\x00" in value:
-            raise _Undecodable(f"{field} contains a NUL character")
-    try:
-        _payloads(command)
-    except structs.InvalidJson as exc:
-        raise _Undecodable(str(exc)) from exc
-    return command
-
-
-def _payloads(
-    command: messages_pb2.StepCommand,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
-    """The command's input, context and (compensations only) output; raises InvalidJson."""
-    output = None
-    if command.kind == messages_pb2.COMMAND_KIND_COMPENSATE and command.HasField("output"):
-        output = structs.decode(command.output, "output")
-    return (
-        structs.decode(command.input, "input"),
-        structs.decode(command.context, "context"),
-        output,
-    )
-
-
-# What the inbox stores or the handler is given, with the coordinator's own limits.
-_TEXT_LIMITS = {
-    "saga_id": MAX_ID_CHARS,
-    "step_id": MAX_ID_CHARS,
-    "token": MAX_ID_CHARS,
-    "action": MAX_TEXT_CHARS,
-    "step_name": MAX_TEXT_CHARS,
-    "saga_name": MAX_TEXT_CHARS,
-}
-
-
-def _context(
-    message: AbstractIncomingMessage,
-    command: messages_pb2.StepCommand,
-    kind: StepKind,
-    conn: AsyncConnection[Any],
-) -> StepContext:
-    input, context, output = _payloads(command)  # checked by _decode already
-    return StepContext(
-        saga_id=command.saga_id,
-        saga_name=command.saga_name,
-        step_id=command.step_id,
-        step_name=command.step_name,
-        attempt=command.attempt,
-        kind=kind,
-        action=command.action,
-        input=input,
-        context=context,
-        output=output,
-        message_id=_message_id(message),
-        tx=conn,
-    )
-
-
-def _message_id(message: AbstractIncomingMessage) -> str:
-    # Anyone may publish to the commands exchange: the inbox must be able to store it.
-    return clean_text(message.message_id or "", MAX_TEXT_CHARS)
-
-
-def _checked_output(returned: object) -> tuple[dict[str, Any], str]:
-    if returned is None:
-        return {}, "{}"
-    if not isinstance(returned, Mapping):
-        raise NonRetryableError(
-            f"a handler must return a dict or None, not {type(returned).__name__}",
-            error_type="InvalidOutput",
-        )
-    output = dict(returned)
-    try:
-        # Both encodings the output travels in: the inbox (JSON) and the reply (Struct),
-        # and what the coordinator accepts (no NUL, finite numbers, bounded depth).
-        text = json.dumps(output, allow_nan=False)
-        struct = structs.to_struct(output)
-        structs.decode(struct, "output")
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise NonRetryableError(
-            f"the handler's output is not a JSON object Sagaplane can store: {exc}",
-            error_type="InvalidOutput",
-        ) from exc
-    size = struct.ByteSize()
-    if size > MAX_OUTPUT_BYTES:
-        raise NonRetryableError(
-            f"the handler's output is {size} bytes; at most {MAX_OUTPUT_BYTES} are accepted",
-            error_type="OutputTooLarge",
-        )
-    return output, text
-
-
-def _reply(
-    command: messages_pb2.StepCommand, kind: StepKind, outcome: _Outcome, exchange: str
-) -> OutboundMessage:
-    reply = messages_pb2.StepReply(
-        saga_id=command.saga_id,
-        step_id=command.step_id,
-        attempt=command.attempt,
-        kind=_KIND_TO_PROTO[kind],
-        token=command.token,
-    )
-    if outcome.succeeded:
-        reply.outcome = messages_pb2.REPLY_OUTCOME_SUCCEEDED
-        # The contract sends an output for actions only; a compensation's is kept locally.
-        if kind is StepKind.EXECUTE:
-            reply.output.CopyFrom(structs.to_struct(outcome.output))
-    else:
-        reply.outcome = messages_pb2.REPLY_OUTCOME_FAILED
-        reply.error.CopyFrom(
-            messages_pb2.StepError(
-                type=outcome.error_type or "",
-                message=outcome.error_message or "",
-                retryable=bool(outcome.error_retryable),
-            )
-        )
-    return OutboundMessage(
-        # One id per command answered: copies of one command get identical replies, and
-        # receivers may deduplicate them on it.
-        message_id=f"{command.step_id}:{kind.value}:{command.attempt}:reply",
-        exchange=exchange,
-        routing_key=topology.REPLIES_ROUTING_KEY,
-        message_type=messages_pb2.StepReply.DESCRIPTOR.full_name,
-        body=reply.SerializeToString(),
-        correlation_id=command.saga_id,
-    )

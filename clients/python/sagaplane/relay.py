@@ -49,6 +49,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from sagaplane import backoff, batch
+from sagaplane.queries import q
 from sagaplane.runtime import log_crash
 from sagaplane.topology import CONTENT_TYPE
 
@@ -62,35 +63,11 @@ NOTIFY_CHANNEL = "sagaplane_outbox"
 TASK_NAME = "sagaplane-outbox-relay"
 """The name of the relay's background task (and, by default, of its AMQP connection)."""
 
-_CLAIM = """
-SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts
-FROM sagaplane_outbox
-WHERE sent_at IS NULL AND parked_at IS NULL
-  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-ORDER BY id
-LIMIT %s
-FOR UPDATE SKIP LOCKED
-"""
-
-# The relay's own transaction need not wait for its WAL to reach disk: if a crash loses
-# "sent" (or a failed attempt's count), the row is published again, which receivers
-# deduplicate anyway. Only the message itself must never be lost, and it is not touched.
-_NO_SYNC = "SET LOCAL synchronous_commit TO off"
-
-_MARK_SENT = "UPDATE sagaplane_outbox SET sent_at = now() WHERE id = ANY(%s)"
-
-_MARK_FAILED = """
-UPDATE sagaplane_outbox AS o
-SET attempts = o.attempts + 1,
-    last_error = f.error,
-    parked_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END,
-    -- Exponential backoff, so a command for a participant not deployed yet waits
-    -- minutes (not one poll interval per attempt) before it is parked.
-    next_attempt_at = now() + make_interval(
-        secs => least(%(retry_initial)s * power(2, o.attempts), %(retry_max)s))
-FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
-WHERE o.id = f.id
-"""
+_CLAIM = q("relay_claim")
+# Not waiting for the WAL flush: see the module docstring and the statement's comment.
+_NO_SYNC = q("relay_no_sync")
+_MARK_SENT = q("relay_mark_sent")
+_MARK_FAILED = q("relay_mark_failed")
 
 # Errors after which the loop backs off and tries again rather than dying.
 _RECOVERABLE: tuple[type[BaseException], ...] = (

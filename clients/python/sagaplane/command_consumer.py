@@ -1,0 +1,264 @@
+"""The participant's consumer: each delivered command decoded, processed, then settled.
+
+Every message is handled in a task of its own: decoded into a
+:class:`~sagaplane.middleware.Delivery`, passed through the participant's middleware
+around the processing, and settled after the outermost middleware returned.
+
+A message that is not a valid StepCommand (garbage, ids or names past the wire's limits,
+JSON that PostgreSQL cannot hold; see :func:`sagaplane.wire.decode_command`), or names
+an action this service did not register, is dead-lettered to ``sagaplane.dead-letter``
+with its reason (:class:`~sagaplane.consuming.DeadLetters`), alone.
+
+A valid command is processed by the :class:`~sagaplane.inbox.Inbox` in one transaction
+and acked only after its COMMIT (and the middleware): a crash before the ack redelivers
+the command, and the inbox answers it without running the handler again. While
+PostgreSQL is unreachable the command is held (unacked) and retried in process with a
+capped backoff, so that an outage does not burn the queue's delivery limit and
+dead-letter it. Any other failure
+(a bug, a bad row, a middleware that raised) requeues the command; on its last delivery
+it is dead-lettered with the reason instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import psycopg
+from aio_pika.abc import AbstractIncomingMessage
+from psycopg_pool import PoolTimeout
+
+from sagaplane import backoff, wire
+from sagaplane.consuming import DeadLetters, settle
+from sagaplane.handler import Handler
+from sagaplane.inbox import Inbox
+from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
+from sagaplane.wire import StepKind
+
+__all__ = ["CommandConsumer"]
+
+# The participant's log, as one name for everything a participant does.
+log = logging.getLogger("sagaplane.participant")
+
+# Backoff while PostgreSQL is unreachable (see the module docstring).
+_MIN_BACKOFF = 0.1
+_MAX_BACKOFF = 5.0
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    PoolTimeout,
+)
+
+
+class CommandConsumer:
+    """Handles the messages of ``service``'s queue, each in a task of its own, through
+    ``middleware`` (see :mod:`sagaplane.middleware`).
+
+    ``stopping`` is set when the participant stops: messages delivered after it are
+    returned to the queue, and a command held through a database outage is requeued.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        handlers: Mapping[tuple[StepKind, str], Handler],
+        inbox: Inbox,
+        dead_letters: DeadLetters,
+        stopping: asyncio.Event,
+        task_prefix: str,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        self._service = service
+        self._handlers = handlers
+        self._inbox = inbox
+        self._dead_letters = dead_letters
+        self._stopping = stopping
+        self._task_prefix = task_prefix
+        self._middleware = tuple(middleware)
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """The queue's consumer callback."""
+        # Handled in a task of our own, not aio-pika's: a lost channel cancels the
+        # library's tasks, and a handler cut off mid-transaction helps nobody (its reply
+        # is safe in the outbox; the redelivered copy is answered from the inbox).
+        if self._stopping.is_set():
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        task = asyncio.create_task(
+            self._handle(message), name=f"{self._task_prefix}-command-{message.message_id}"
+        )
+        self._inflight.add(task)
+        task.add_done_callback(self._command_done)
+
+    async def drain(self, grace: float) -> None:
+        """Wait for the commands in flight; after ``grace`` seconds cancel the rest
+        (unacked, they are redelivered, and the inbox answers any that did commit)."""
+        if not self._inflight:
+            return
+        _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+        if pending:
+            log.warning(
+                "participant %s: cancelling %d commands still running after %.1fs; "
+                "they will be redelivered",
+                self._service,
+                len(pending),
+                grace,
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _command_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # _handle catches everything it expects; anything else is a bug worth shouting.
+            log.critical(
+                "participant %s: %s crashed",
+                self._service,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        delivery = self._delivery(message)
+        chain = _Chain(self._process, delivery)
+        try:
+            await chain.run(self._middleware)
+        except Exception as exc:
+            # Not the handler's failure (that is caught and replied): a bug, a bad row,
+            # or a middleware's. Requeued; on its last delivery dead-lettered with why.
+            log.exception(
+                "participant %s: message %s could not be processed; requeueing",
+                self._service,
+                message.message_id,
+            )
+            await self._dead_letters.requeue(message, f"{type(exc).__name__}: {exc}")
+            return
+        if chain.processed.committed:
+            # Only now, after COMMIT and the middleware: a crash before this line
+            # redelivers the command, and the inbox answers it without running the
+            # handler again.
+            await settle(message.ack(), message)
+        elif chain.processed is Processed.DEAD_LETTERED:
+            assert delivery.refusal is not None
+            cause = "undecodable" if delivery.command is None else "unknown_action"
+            await self._dead_letters.send(message, delivery.refusal, cause=cause)
+        else:
+            await settle(message.nack(requeue=True), message)
+
+    def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
+        """The message decoded and checked, or with the reason it cannot be processed."""
+        try:
+            command = wire.decode_command(message.body, message.type)
+        except wire.Undecodable as exc:
+            return Delivery(message=message, command=None, kind=None, refusal=str(exc))
+        except Exception as exc:  # a decoder bug must not loop the message
+            log.exception("participant %s: decoding %s failed", self._service, message.message_id)
+            return Delivery(
+                message=message,
+                command=None,
+                kind=None,
+                refusal=f"cannot be decoded: {type(exc).__name__}",
+            )
+        kind = wire.KIND_FROM_PROTO[command.kind]
+        refusal: str | None = None
+        if (kind, command.action) not in self._handlers:
+            refusal = (
+                f"participant {self._service} has no {kind} handler for action {command.action!r}"
+            )
+        return Delivery(message=message, command=command, kind=kind, refusal=refusal)
+
+    async def _process(self, delivery: Delivery) -> Processed:
+        """The innermost call_next: the command's transaction, retried while PostgreSQL
+        is unavailable (held, unacked, until the participant stops)."""
+        command, kind, message = delivery.command, delivery.kind, delivery.message
+        if delivery.refusal is not None:
+            return Processed.DEAD_LETTERED
+        assert command is not None and kind is not None
+        handler = self._handlers[(kind, command.action)]
+        failures = 0
+        while True:
+            try:
+                return await self._inbox.process(
+                    command, kind, handler, message_id=message.message_id
+                )
+            except _TRANSIENT as exc:
+                failures += 1
+                if self._stopping.is_set():
+                    return Processed.REQUEUED
+                delay = backoff.delay(failures, initial=_MIN_BACKOFF, maximum=_MAX_BACKOFF)
+                log.warning(
+                    "participant %s: message %s: database unavailable (%s: %s); retrying in %.1fs",
+                    self._service,
+                    message.message_id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
+
+
+class _Chain:
+    """The middleware around one delivery's processing, and what the processing did."""
+
+    def __init__(
+        self, process: Callable[[Delivery], Awaitable[Processed]], delivery: Delivery
+    ) -> None:
+        self._process = process
+        self._delivery = delivery
+        self._called = False
+        self._result: Processed | None = None
+        self._error: Exception | None = None
+
+    @property
+    def processed(self) -> Processed:
+        """What the processing did; only after :meth:`run` returned."""
+        assert self._result is not None
+        return self._result
+
+    async def run(self, middleware: Sequence[Middleware]) -> None:
+        """Run ``middleware`` (outermost first) around the processing; raises what the
+        processing or a middleware raised, or if the processing did not succeed."""
+        call_next: CallNext = self._innermost
+        for layer in reversed(middleware):
+            call_next = self._around(layer, call_next)
+        await call_next()
+
+    def _around(self, layer: Middleware, inner: CallNext) -> CallNext:
+        async def call() -> Processed:
+            await layer(self._delivery, inner)
+            # The truth, not what the layer returned: the SDK settles by it.
+            return self._outcome(layer)
+
+        return call
+
+    def _outcome(self, layer: Middleware) -> Processed:
+        if self._result is not None:
+            return self._result
+        if self._error is not None:
+            # The layer swallowed the processing's failure: it is still a failure.
+            raise self._error
+        name = getattr(layer, "__qualname__", repr(layer))
+        raise RuntimeError(
+            f"middleware {name} returned, but the command was not processed "
+            "(call_next() was not called, or failed)"
+        )
+
+    async def _innermost(self) -> Processed:
+        if self._called:
+            # Processing twice would claim the inbox twice and ack once: refuse.
+            raise RuntimeError("call_next() called twice for one delivery")
+        self._called = True
+        try:
+            self._result = await self._process(self._delivery)
+        except Exception as exc:
+            self._error = exc
+            raise
+        return self._result

@@ -1,0 +1,113 @@
+-- Every statement the SDK runs, by name (see sagaplane/queries.py). BEGIN and COMMIT
+-- are written where they are sent, as part of a batch (see sagaplane/batch.py).
+
+-- == the outbox (sagaplane.outbox) ====================================================
+
+-- name: insert_outbox_message
+-- One outbox row; its parameters are sagaplane.outbox.insert_params (prefixed, so that
+-- they can share a batch of statements with other named parameters).
+INSERT INTO sagaplane_outbox
+    (message_id, exchange, routing_key, message_type, body, correlation_id)
+VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
+        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s);
+
+-- == the outbox relay (sagaplane.relay) ================================================
+
+-- name: relay_claim
+SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts
+FROM sagaplane_outbox
+WHERE sent_at IS NULL AND parked_at IS NULL
+  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+ORDER BY id
+LIMIT %s
+FOR UPDATE SKIP LOCKED;
+
+-- name: relay_no_sync
+-- The relay's own transaction need not wait for its WAL to reach disk: if a crash loses
+-- "sent" (or a failed attempt's count), the row is published again, which receivers
+-- deduplicate anyway. Only the message itself must never be lost, and it is not touched.
+SET LOCAL synchronous_commit TO off;
+
+-- name: relay_mark_sent
+UPDATE sagaplane_outbox SET sent_at = now() WHERE id = ANY(%s);
+
+-- name: relay_mark_failed
+-- Exponential backoff, so a command for a participant not deployed yet waits minutes
+-- (not one poll interval per attempt) before it is parked.
+UPDATE sagaplane_outbox AS o
+SET attempts = o.attempts + 1,
+    last_error = f.error,
+    parked_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END,
+    next_attempt_at = now() + make_interval(
+        secs => least(%(retry_initial)s * power(2, o.attempts), %(retry_max)s))
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+WHERE o.id = f.id;
+
+-- == the participant's inbox (sagaplane.inbox) =========================================
+
+-- name: inbox_claim
+-- Inserts the claim row, or (a copy of the command is being or was handled) waits for
+-- the other transaction and does nothing. Also says whether the step's compensation
+-- already ran (for the "no action after its undo" rule), in the same round trip.
+WITH claimed AS (
+    INSERT INTO sagaplane_inbox (step_id, kind, saga_id, action, message_id, attempt)
+    VALUES (%(step_id)s, %(kind)s, %(saga_id)s, %(action)s, %(message_id)s, %(attempt)s)
+    ON CONFLICT (step_id, kind) DO NOTHING
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM claimed),
+       EXISTS (SELECT FROM sagaplane_inbox WHERE step_id = %(step_id)s AND kind = 'compensate');
+
+-- name: inbox_lock_stored
+-- A copy, or a later attempt. Sent between handler_release and handler_savepoint, so
+-- the row lock is the transaction's own and not the savepoint's, which a failing
+-- handler rolls back. A NULL outcome (only a handler that committed the SDK's
+-- transaction leaves one) counts as not handled.
+SELECT i.attempt, i.outcome, i.output, i.error_type, i.error_message, i.error_retryable,
+       EXISTS (SELECT FROM sagaplane_inbox c WHERE c.step_id = i.step_id AND c.kind = 'compensate')
+FROM sagaplane_inbox AS i
+WHERE i.step_id = %(step_id)s AND i.kind = %(kind)s
+FOR UPDATE;
+
+-- name: inbox_store
+UPDATE sagaplane_inbox
+SET message_id = %(message_id)s, attempt = %(attempt)s, outcome = %(outcome)s,
+    output = %(output)s::jsonb, error_type = %(error_type)s,
+    error_message = %(error_message)s, error_retryable = %(error_retryable)s,
+    replies = replies + 1, last_replied_at = now()
+WHERE step_id = %(step_id)s AND kind = %(kind)s;
+
+-- name: inbox_replayed
+UPDATE sagaplane_inbox SET replies = replies + 1, last_replied_at = now()
+WHERE step_id = %(step_id)s AND kind = %(kind)s;
+
+-- name: handler_savepoint
+-- Where a failing handler's writes roll back to; taken right after the claim.
+SAVEPOINT sagaplane_handler;
+
+-- name: handler_rollback
+ROLLBACK TO SAVEPOINT sagaplane_handler;
+
+-- name: handler_release
+RELEASE SAVEPOINT sagaplane_handler;
+
+-- == migrations (sagaplane.migrations) =================================================
+
+-- name: migrations_lock
+-- Serialises concurrent migrators (several replicas starting at once).
+SELECT pg_advisory_xact_lock(%s);
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS sagaplane_migrations (
+    component  text        NOT NULL,
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (component, version)
+);
+
+-- name: migrations_applied
+SELECT component, version FROM sagaplane_migrations;
+
+-- name: migrations_record
+INSERT INTO sagaplane_migrations (component, version, name) VALUES (%s, %s, %s);

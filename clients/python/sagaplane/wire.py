@@ -1,0 +1,133 @@
+"""The AMQP wire between the coordinator and participants, one copy for both sides.
+
+What the two ends must agree on beyond ``proto/sagaplane/v1/messages.proto``: the kind
+of a command in both vocabularies (:class:`StepKind` and the protobuf ``CommandKind``),
+the message ids (:func:`command_id`, :func:`reply_id`), the AMQP ``type`` of each
+envelope, and what makes a StepCommand one that a participant can handle
+(:func:`decode_command`). The coordinator's codec (``coordinator/messaging/codec.py``)
+and the SDK's participant both use this module; it imports nothing of the coordinator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Final
+
+from google.protobuf.message import DecodeError
+
+from sagaplane import structs
+from sagaplane.limits import MAX_ID_CHARS, MAX_MESSAGE_BYTES, MAX_TEXT_CHARS
+from sagaplane.v1 import messages_pb2
+
+__all__ = [
+    "COMMAND_TYPE",
+    "KIND_FROM_PROTO",
+    "KIND_TO_PROTO",
+    "REPLY_TYPE",
+    "TEXT_LIMITS",
+    "StepKind",
+    "Undecodable",
+    "command_id",
+    "decode_command",
+    "payloads",
+    "reply_id",
+]
+
+
+class StepKind(StrEnum):
+    """Whether a command runs a step's action or its compensation (as in message ids)."""
+
+    EXECUTE = "execute"
+    COMPENSATE = "compensate"
+
+
+KIND_FROM_PROTO: Final[Mapping[messages_pb2.CommandKind.ValueType, StepKind]] = {
+    messages_pb2.COMMAND_KIND_EXECUTE: StepKind.EXECUTE,
+    messages_pb2.COMMAND_KIND_COMPENSATE: StepKind.COMPENSATE,
+}
+"""The kind of a StepCommand or StepReply envelope; a missing key is no valid kind."""
+
+KIND_TO_PROTO: Final[Mapping[str, messages_pb2.CommandKind.ValueType]] = {
+    v: k for k, v in KIND_FROM_PROTO.items()
+}
+"""The envelope's kind of ``"execute"`` or ``"compensate"`` (any StrEnum of those values,
+such as the coordinator's ``CommandKind``, works as a key)."""
+
+COMMAND_TYPE: Final = messages_pb2.StepCommand.DESCRIPTOR.full_name
+"""The AMQP ``type`` of a command."""
+REPLY_TYPE: Final = messages_pb2.StepReply.DESCRIPTOR.full_name
+"""The AMQP ``type`` of a reply."""
+
+TEXT_LIMITS: Final[Mapping[str, int]] = {
+    "saga_id": MAX_ID_CHARS,
+    "step_id": MAX_ID_CHARS,
+    "token": MAX_ID_CHARS,
+    "action": MAX_TEXT_CHARS,
+    "step_name": MAX_TEXT_CHARS,
+    "saga_name": MAX_TEXT_CHARS,
+}
+"""What the inbox stores or a handler is given, with the coordinator's own limits."""
+
+
+def command_id(step_id: str, kind: str, attempt: int) -> str:
+    """The message id of a command: unique per dispatch, stable across relay retries, so
+    receivers dedupe on it. ``kind`` is ``"execute"`` or ``"compensate"``."""
+    return f"{step_id}:{kind}:{attempt}"
+
+
+def reply_id(step_id: str, kind: str, attempt: int) -> str:
+    """The message id of the reply to a command: one per command answered, so copies of
+    one command get identical replies, and receivers may deduplicate them on it."""
+    return f"{command_id(step_id, kind, attempt)}:reply"
+
+
+class Undecodable(ValueError):
+    """The message is not a StepCommand a participant can handle; the text says why."""
+
+
+def decode_command(body: bytes, message_type: str | None) -> messages_pb2.StepCommand:
+    """Check everything the inbox or a handler relies on; raises :class:`Undecodable`.
+
+    ``message_type`` is the AMQP ``type`` property (empty or None: not checked).
+    """
+    if message_type and message_type != COMMAND_TYPE:
+        raise Undecodable(f"type is {message_type!r}, not {COMMAND_TYPE!r}")
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise Undecodable(f"the body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES}")
+    command = messages_pb2.StepCommand()
+    try:
+        command.ParseFromString(body)
+    except (DecodeError, ValueError, TypeError) as exc:
+        raise Undecodable(f"not a StepCommand: {exc}") from exc
+    if not command.saga_id or not command.step_id or not command.action:
+        raise Undecodable("StepCommand lacks saga_id, step_id or action")
+    if command.kind not in KIND_FROM_PROTO:
+        raise Undecodable(f"StepCommand has no valid kind ({command.kind})")
+    if command.attempt < 1:
+        raise Undecodable("StepCommand has no attempt")
+    for field, limit in TEXT_LIMITS.items():
+        value = getattr(command, field)
+        if len(value) > limit:
+            raise Undecodable(f"{field} is longer than {limit} characters")
+        if "\x00" in value:
+            raise Undecodable(f"{field} contains a NUL character")
+    try:
+        payloads(command)
+    except structs.InvalidJson as exc:
+        raise Undecodable(str(exc)) from exc
+    return command
+
+
+def payloads(
+    command: messages_pb2.StepCommand,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The command's input, context and (compensations only) output; raises InvalidJson."""
+    output = None
+    if command.kind == messages_pb2.COMMAND_KIND_COMPENSATE and command.HasField("output"):
+        output = structs.decode(command.output, "output")
+    return (
+        structs.decode(command.input, "input"),
+        structs.decode(command.context, "context"),
+        output,
+    )
