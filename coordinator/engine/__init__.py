@@ -1,5 +1,6 @@
 """The pure saga state machine: no I/O, no clock, no protobuf."""
 
+from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
     CompensationResolved,
@@ -29,7 +30,6 @@ from coordinator.engine.model import (
     Transition,
 )
 from coordinator.engine.transitions import TokenFactory, apply, backoff, start
-from coordinator.errors import IllegalTransition
 
 __all__ = [
     "ACTIVE_STATES",
@@ -44,7 +44,6 @@ __all__ = [
     "CompensationResolved",
     "Event",
     "HistoryEntry",
-    "IllegalTransition",
     "JsonObject",
     "Resolution",
     "RetryPolicy",
@@ -58,6 +57,7 @@ __all__ = [
     "TimerFired",
     "TokenFactory",
     "Transition",
+    "WrongState",
     "apply",
     "backoff",
     "start",

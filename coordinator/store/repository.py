@@ -37,13 +37,9 @@ from coordinator.engine import (
     Step,
     StepStatus,
     TimerFired,
+    WrongState,
 )
-from coordinator.errors import (
-    IdempotencyConflict,
-    SagaNotFound,
-    SagaplaneError,
-    StorageUnavailable,
-)
+from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga
 from coordinator.store.queries import q
 from sagaplane import batch
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
@@ -102,8 +98,8 @@ class Applied:
     saga_id: str
     transition: engine.Transition | None
     """None when the event failed; see ``error``."""
-    error: SagaplaneError | None = None
-    """SagaNotFound or IllegalTransition; the other events of the batch still apply."""
+    error: UnknownSaga | WrongState | None = None
+    """UnknownSaga or WrongState; the other events of the batch still apply."""
 
 
 @asynccontextmanager
@@ -126,7 +122,7 @@ class SagaStore:
         """Record a new saga and the command of its first step.
 
         With an idempotency key already used, returns the saga started then when
-        the request is the same, and raises IdempotencyConflict when it differs.
+        the request is the same, and raises KeyReused when it differs.
         """
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
@@ -158,7 +154,7 @@ class SagaStore:
         found = await cur.fetchone()
         assert found is not None, "the conflicting insert has committed"
         if bytes(found["request_hash"]) != new.request_hash:
-            raise IdempotencyConflict(
+            raise KeyReused(
                 f"idempotency_key {new.idempotency_key!r} was already used for a different "
                 f"request (saga {found['id']})"
             )
@@ -166,11 +162,11 @@ class SagaStore:
         return Started(saga=sagas[found["id"]], created=False, commands=())
 
     async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
-        """The saga with this id, and its history when asked; raises SagaNotFound."""
+        """The saga with this id, and its history when asked; raises UnknownSaga."""
         async with self._reading() as cur:
             sagas = await self._load(cur, [saga_id])
             if saga_id not in sagas:
-                raise SagaNotFound(saga_id)
+                raise UnknownSaga(saga_id)
             entries: list[HistoryEntry] = []
             if history:
                 await cur.execute(q("select_history"), {"saga_id": saga_id})
@@ -204,7 +200,7 @@ class SagaStore:
             return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
 
     async def apply(self, saga_id: str, event: Event) -> engine.Transition:
-        """Apply one event in its own transaction; raises SagaNotFound or IllegalTransition."""
+        """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
         (result,) = await self.apply_many([(saga_id, event)])
         if result.error is not None:
             raise result.error
@@ -268,13 +264,13 @@ class SagaStore:
             saga = sagas.get(saga_id)
             if saga is None:
                 results.append(
-                    Applied(saga_id=saga_id, transition=None, error=SagaNotFound(saga_id))
+                    Applied(saga_id=saga_id, transition=None, error=UnknownSaga(saga_id))
                 )
                 continue
             try:
                 # lock_sagas reads now() with the rows: the transaction's one clock.
                 t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
-            except SagaplaneError as exc:
+            except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
             sagas[saga_id] = t.saga
