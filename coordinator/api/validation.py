@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import timedelta
 
@@ -10,7 +9,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
 from coordinator.errors import BadRequest, UnknownSaga
-from coordinator.store.repository import NewSaga, is_id
+from coordinator.store.repository import is_id
 from sagaplane import structs
 from sagaplane.limits import MAX_JSON_DEPTH
 from sagaplane.v1 import coordinator_pb2, saga_pb2
@@ -126,7 +125,7 @@ def _retry_policy(
     )
 
 
-def start_request(request: coordinator_pb2.StartSagaRequest) -> NewSaga:
+def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
     """A validated StartSaga request, or BadRequest naming the first bad field."""
     if request.ByteSize() > MAX_REQUEST_BYTES:
         raise BadRequest("request", f"is larger than {MAX_REQUEST_BYTES} bytes")
@@ -181,14 +180,19 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> NewSaga:
                 else step_timeout,
             )
         )
-    return NewSaga(
+    return engine.SagaSpec(
         name=name,
         steps=tuple(steps),
         context=_payload(request.context, "context"),
         idempotency_key=_text(request.idempotency_key, "idempotency_key", required=False) or None,
-        request_hash=hashlib.sha256(request.SerializeToString(deterministic=True)).digest(),
         timeout=saga_timeout,
     )
+
+
+def canonical(request: coordinator_pb2.StartSagaRequest) -> bytes:
+    """The request's bytes as the store fingerprints them for its idempotency key: the
+    same whenever the request is (deterministic serialization, map keys sorted)."""
+    return request.SerializeToString(deterministic=True)
 
 
 def saga_id(value: str) -> str:

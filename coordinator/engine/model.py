@@ -182,6 +182,19 @@ class StepSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SagaSpec:
+    """A saga as asked for by StartSaga, validated (the API builds it, the store starts it)."""
+
+    name: str
+    steps: tuple[StepSpec, ...]
+    context: JsonObject
+    idempotency_key: str | None = None
+    """Makes starting safe to repeat: a second start with this key returns the first saga."""
+    timeout: timedelta | None = None
+    """The saga's deadline, counted from its start; None for no deadline."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Command:
     """A step command to send to the participant that handles ``action``."""
 

@@ -7,6 +7,7 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,6 +34,7 @@ from coordinator.engine import (
     RetryPolicy,
     Saga,
     SagaDeadlinePassed,
+    SagaSpec,
     SagaState,
     Step,
     StepStatus,
@@ -66,18 +68,14 @@ def new_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-@dataclass(frozen=True, kw_only=True)
-class NewSaga:
-    """A validated StartSaga request."""
+def _request_hash(request: bytes) -> bytes:
+    """The fingerprint stored with an idempotency key: SHA-256 of the request's bytes.
 
-    name: str
-    steps: tuple[engine.StepSpec, ...]
-    context: engine.JsonObject
-    idempotency_key: str | None
-    request_hash: bytes
-    """Fingerprint of the request, to tell a replay from a conflicting key reuse."""
-    timeout: timedelta | None = None
-    """The saga's deadline, counted from its start; None for no deadline."""
+    A start that reuses the key is a replay when its fingerprint is the same, and a
+    conflict otherwise. Sagas stored earlier keep their fingerprints, so this must stay
+    the function of the same bytes (the API's deterministic serialization of StartSaga).
+    """
+    return hashlib.sha256(request).digest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +85,6 @@ class Started:
     saga: Saga
     created: bool
     """False when an idempotent replay returned the saga started earlier."""
-    commands: tuple[Command, ...]
-    """The commands written to the outbox (empty for a replay)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,48 +114,53 @@ class SagaStore:
         self._pool = pool
         self._encode = encode
 
-    async def start(self, new: NewSaga) -> Started:
+    async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
         """Record a new saga and the command of its first step.
 
-        With an idempotency key already used, returns the saga started then when
-        the request is the same, and raises KeyReused when it differs.
+        ``request`` is the StartSaga request as bytes that are the same whenever the
+        request is (protobuf's deterministic serialization): with an idempotency key
+        already used, the saga started then is returned when they are the same, and
+        KeyReused raised when they differ.
         """
+        fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
             transition = engine.start(
                 saga_id=new_id(),
-                name=new.name,
-                steps=new.steps,
-                step_ids=[new_id() for _ in new.steps],
-                context=new.context,
-                idempotency_key=new.idempotency_key,
+                name=spec.name,
+                steps=spec.steps,
+                step_ids=[new_id() for _ in spec.steps],
+                context=spec.context,
+                idempotency_key=spec.idempotency_key,
                 now=row["now"],
                 new_token=new_token,
-                timeout=new.timeout,
+                timeout=spec.timeout,
             )
             saga = transition.saga
-            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": new.request_hash})
-            if new.idempotency_key is None:
+            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
+            if spec.idempotency_key is None:
                 # A fresh id cannot conflict: the saga goes in the one batch with the rest.
                 await self._write_and_commit(cur, [transition], new=True, first=[insert])
             else:
                 # The key may be taken (a replay): see before writing anything else.
                 if not (await batch.run(cur, [insert]))[0]:
-                    return await self._replay(cur, new)
+                    return await self._replay(cur, spec.idempotency_key, fingerprint)
                 await self._write_and_commit(cur, [transition], new=True)
-            return Started(saga=saga, created=True, commands=transition.commands)
+            return Started(saga=saga, created=True)
 
-    async def _replay(self, cur: AsyncClientCursor[DictRow], new: NewSaga) -> Started:
-        await cur.execute(q("find_by_idempotency_key"), {"key": new.idempotency_key})
+    async def _replay(
+        self, cur: AsyncClientCursor[DictRow], key: str, fingerprint: bytes
+    ) -> Started:
+        await cur.execute(q("find_by_idempotency_key"), {"key": key})
         found = await cur.fetchone()
         assert found is not None, "the conflicting insert has committed"
-        if bytes(found["request_hash"]) != new.request_hash:
+        if bytes(found["request_hash"]) != fingerprint:
             raise KeyReused(
-                f"idempotency_key {new.idempotency_key!r} was already used for a different "
+                f"idempotency_key {key!r} was already used for a different "
                 f"request (saga {found['id']})"
             )
         sagas = await self._load(cur, [found["id"]])
-        return Started(saga=sagas[found["id"]], created=False, commands=())
+        return Started(saga=sagas[found["id"]], created=False)
 
     async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
         """The saga with this id, and its history when asked; raises UnknownSaga."""
