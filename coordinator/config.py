@@ -8,12 +8,13 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sagaplane import defaults
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.urls import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane"
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_AMQP_URL = defaults.AMQP_URL
+DEFAULT_LISTEN = defaults.COORDINATOR_ADDRESS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ import os
 import signal
 
 from examples.shop.services import BUILDERS, create_tables
+from sagaplane import defaults
 from sagaplane.runtime import run
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("service", choices=sorted(BUILDERS))
     parser.add_argument(
         "--amqp-url",
-        default=os.environ.get("SAGAPLANE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        default=os.environ.get("SAGAPLANE_AMQP_URL", defaults.AMQP_URL),
     )
     parser.add_argument("--database-url", required=True, help="the service's own database")
     args = parser.parse_args()

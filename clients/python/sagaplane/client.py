@@ -19,13 +19,13 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
-from sagaplane import structs
+from sagaplane import defaults, structs
 from sagaplane.errors import WaitTimeout, from_rpc_error
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 __all__ = ["DEFAULT_TARGET", "TERMINAL_STATES", "Saga", "SagaClient", "SagaState", "StepSpec"]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = defaults.COORDINATOR_ADDRESS
 """Where the coordinator listens unless ``SAGAPLANE_COORDINATOR`` says otherwise."""
 
 Saga = saga_pb2.Saga
