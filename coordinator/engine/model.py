@@ -31,7 +31,8 @@ class SagaState(StrEnum):
 ACTIVE_STATES = frozenset(
     {SagaState.STARTED, SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED}
 )
-"""States listed by ListActive: the saga still needs something to happen."""
+"""States listed by ListActive: the saga still needs something to happen. The database
+says the same in ``sagaplane_saga_is_active`` (``store/sql/0004_active_states.sql``)."""
 
 FINAL_STATES = frozenset({SagaState.FAILED, SagaState.COMPENSATED})
 """States from which nothing can ever happen again."""
