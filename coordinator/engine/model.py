@@ -78,7 +78,8 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
-"""For step actions: 3 attempts, 1 s, doubling, at most 60 s apart."""
+"""For step actions: 3 attempts, 1 s, doubling, at most 60 s apart. Changing a default
+changes only sagas started afterwards: each step stores the policies it started with."""
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=10)
 """For compensations, which must finish: 10 attempts (about 8 minutes with jitter's upper bound)."""
 DEFAULT_STEP_TIMEOUT = timedelta(seconds=30)

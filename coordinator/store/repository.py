@@ -12,7 +12,7 @@ import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -26,8 +26,6 @@ from ulid import ULID
 
 from coordinator import engine
 from coordinator.engine import (
-    DEFAULT_COMPENSATION_RETRY,
-    DEFAULT_RETRY,
     Command,
     Event,
     HistoryEntry,
@@ -381,9 +379,22 @@ def _saga_row(saga: Saga) -> dict[str, Any]:
     }
 
 
-def _policy_json(policy: RetryPolicy, default: RetryPolicy) -> Jsonb | None:
-    if policy == default:
-        return None
+# What a NULL policy column means: the defaults up to 0.1, when a policy equal to the
+# default was stored as NULL. Rows are written with their policy now (and migration
+# 0005 filled the NULLs in), but a replica of the previous version may still write NULL
+# during a rolling upgrade. Never change these, whatever engine.DEFAULT_RETRY becomes.
+_NULL_RETRY = RetryPolicy(
+    max_attempts=3,
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    max_interval=timedelta(seconds=60),
+)
+_NULL_COMPENSATION_RETRY = replace(_NULL_RETRY, max_attempts=10)
+
+
+def _policy_json(policy: RetryPolicy) -> Jsonb:
+    # Always the policy itself: a saga keeps the one it was started with even after the
+    # defaults change.
     return Jsonb(
         {
             "max_attempts": policy.max_attempts,
@@ -394,9 +405,9 @@ def _policy_json(policy: RetryPolicy, default: RetryPolicy) -> Jsonb | None:
     )
 
 
-def _policy(data: dict[str, Any] | None, default: RetryPolicy) -> RetryPolicy:
+def _policy(data: dict[str, Any] | None, null: RetryPolicy) -> RetryPolicy:
     if data is None:
-        return default
+        return null
     return RetryPolicy(
         max_attempts=data["max_attempts"],
         initial_interval=timedelta(milliseconds=data["initial_interval_ms"]),
@@ -422,10 +433,8 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
         "token": step.token,
         "executed_at": step.executed_at,
         "compensated_at": step.compensated_at,
-        "retry_policy": _policy_json(step.retry, DEFAULT_RETRY),
-        "compensation_retry_policy": _policy_json(
-            step.compensation_retry, DEFAULT_COMPENSATION_RETRY
-        ),
+        "retry_policy": _policy_json(step.retry),
+        "compensation_retry_policy": _policy_json(step.compensation_retry),
         "timeout_ms": step.timeout // timedelta(milliseconds=1),
         "deadline_at": step.deadline_at,
         "outcome_unknown": step.outcome_unknown,
@@ -474,8 +483,8 @@ def _step_from_row(row: DictRow) -> Step:
         token=row["token"],
         executed_at=row["executed_at"],
         compensated_at=row["compensated_at"],
-        retry=_policy(row["retry_policy"], DEFAULT_RETRY),
-        compensation_retry=_policy(row["compensation_retry_policy"], DEFAULT_COMPENSATION_RETRY),
+        retry=_policy(row["retry_policy"], _NULL_RETRY),
+        compensation_retry=_policy(row["compensation_retry_policy"], _NULL_COMPENSATION_RETRY),
         timeout=timedelta(milliseconds=row["timeout_ms"]),
         deadline_at=row["deadline_at"],
         outcome_unknown=row["outcome_unknown"],

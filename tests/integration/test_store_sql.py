@@ -1,18 +1,28 @@
-"""The store's SQL against a migrated database: one definition of the active states,
-and the queries that must stay cheap still use their partial indexes."""
+"""The store's SQL against a real database: one definition of the active states, the
+queries that must stay cheap still use their partial indexes, and steps stored before
+0005 (a default policy as NULL) keep the policies they were started with."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
+from conftest import create_database, drop_database, server_url, unique_name
 from psycopg import ClientCursor
 
-from coordinator.engine import ACTIVE_STATES, SagaState
+from coordinator.api import validation
+from coordinator.engine import ACTIVE_STATES, RetryPolicy, SagaState
+from coordinator.messaging.codec import encode_command
+from coordinator.store.migrate import coordinator_migrations
+from coordinator.store.pool import open_pool
 from coordinator.store.queries import q
+from coordinator.store.repository import SagaStore
+from sagaplane import migrations
+from sagaplane.v1 import coordinator_pb2 as api
 
 ACTIVE_INDEXES = {"sagaplane_sagas_active", "sagaplane_sagas_active_by_name"}
 
@@ -59,3 +69,49 @@ def test_the_cheap_queries_use_their_partial_indexes(
     used = set(re.findall(r"Index (?:Only )?Scan (?:Backward )?using (\w+)", plan))
     used |= set(re.findall(r"Bitmap Index Scan on (\w+)", plan))
     assert used & indexes, plan
+
+
+THEN = RetryPolicy(
+    max_attempts=3,
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    max_interval=timedelta(seconds=60),
+)
+"""The default retry policy up to 0.1, which a NULL stands for."""
+THEN_COMPENSATION = replace(THEN, max_attempts=10)
+AS_BEFORE_0005 = "UPDATE sagaplane_steps SET retry_policy = NULL, compensation_retry_policy = NULL"
+"""What the previous version wrote for a default policy."""
+
+
+async def test_policies_stored_as_null_are_the_defaults_they_stood_for() -> None:
+    name = unique_name("sagaplane_nulls")
+    await create_database(name)
+    url = server_url(name)
+    everything = coordinator_migrations()
+    backfill = [m for m in everything if m.name == "stored_retry_policies"]
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await migrations.apply(conn, [m for m in everything if m not in backfill])
+        async with await open_pool(url, size=1) as pool:
+            store = SagaStore(pool, encode_command)
+            request = api.StartSagaRequest(name="x", steps=[api.StepSpec(name="a", action="x.y")])
+            ids = [
+                (await store.start(spec, request=validation.canonical(request))).saga.id
+                for spec in [validation.start_request(request)] * 2
+            ]
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await conn.execute(AS_BEFORE_0005)
+                assert await migrations.apply(conn, everything) == backfill
+                cur = await conn.execute(
+                    "SELECT count(*) FROM sagaplane_steps"
+                    " WHERE retry_policy IS NULL OR compensation_retry_policy IS NULL"
+                )
+                assert await cur.fetchone() == (0,)
+                # A replica of the previous version writes NULL during a rolling upgrade.
+                await conn.execute(f"{AS_BEFORE_0005} WHERE saga_id = %s".encode(), (ids[1],))
+            for saga_id in ids:
+                saga, _ = await store.get(saga_id)
+                (step,) = saga.steps
+                assert (step.retry, step.compensation_retry) == (THEN, THEN_COMPENSATION)
+    finally:
+        await drop_database(name)
