@@ -1,4 +1,5 @@
-"""Domain errors -> gRPC status codes, in one place; internals never leak."""
+"""The coordinator's refusals (coordinator.errors) -> gRPC status codes, in one place;
+internals never leak."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ _CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
 
 
 def status_for(exc: errors.Refusal) -> grpc.StatusCode:
-    """The status code of a domain error (INTERNAL for one not in the table)."""
+    """The status code of a refusal (INTERNAL for one not in the table)."""
     for cls in type(exc).__mro__:
         if cls in _CODES:
             return _CODES[cls]
