@@ -1,11 +1,11 @@
 """The coordinator's errors; the API maps each to one gRPC status code.
 
-    ServiceError                          the coordinator cannot do what was asked
-     ├── BadRequest        INVALID_ARGUMENT    a field is invalid; names the field
-     ├── UnknownSaga       NOT_FOUND           no saga has this (or a malformed) id
-     ├── KeyReused         ALREADY_EXISTS      idempotency key used for another request
-     └── StorageUnavailable UNAVAILABLE        the database cannot be reached; retry
-    coordinator.engine.WrongState FAILED_PRECONDITION not allowed in the saga's state
+    ServiceError            the coordinator cannot do what was asked
+     ├── BadRequest         INVALID_ARGUMENT     a field is invalid; names the field
+     ├── UnknownSaga        NOT_FOUND            no saga has this (or a malformed) id
+     ├── KeyReused          ALREADY_EXISTS       key already used for another request
+     └── StorageUnavailable UNAVAILABLE          the database cannot be reached; retry
+    engine.WrongState       FAILED_PRECONDITION  not allowed in the saga's current state
 
 The names say what the server refuses, and differ from the SDK's
 (``sagaplane.errors``), whose names are public API and describe the same refusals as
