@@ -47,7 +47,7 @@ from bench.workload import (
     database_counts,
     open_loop,
 )
-from sagaplane import SagaClient
+from sagaplane import SagaClient, defaults
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.testing import Child, free_port, rabbitmqctl, wait_for_consumers
 from sagaplane.topology import participant_queue
@@ -198,7 +198,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--amqp-url",
-        default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        default=os.environ.get("BENCH_AMQP_URL", defaults.AMQP_URL),
         help="RabbitMQ; a fresh vhost is created (rabbitmqctl)",
     )
     g.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

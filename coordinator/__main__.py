@@ -1,32 +1,14 @@
-"""``python -m coordinator``: run the coordinator until SIGTERM or SIGINT."""
+"""``python -m coordinator``: exactly ``sagaplane serve``, with the same flags.
+
+One path starts the server (``coordinator.cli.server``), so both entry points take the
+same settings, log alike and exit with the same statuses (``sagaplane --help``).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
 import sys
 
-from coordinator.app import serve
-from coordinator.config import Settings, parse
-from sagaplane.runtime import run
-
-
-async def _main(settings: Settings) -> bool:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return await serve(settings, stop)
-
-
-def main() -> None:
-    """Entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = parse()
-    if not run(_main(settings), event_loop=settings.event_loop):
-        sys.exit(1)
-
+from coordinator.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["serve", *sys.argv[1:]])

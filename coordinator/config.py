@@ -1,19 +1,20 @@
 """Settings: command-line flags win over SAGAPLANE_* environment variables, which win
-over the defaults."""
+over the defaults. ``sagaplane serve`` (and ``python -m coordinator``, which runs it)
+parses them (``coordinator.cli.server``)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sagaplane import defaults
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.urls import redact
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane"
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_AMQP_URL = defaults.AMQP_URL
+DEFAULT_LISTEN = defaults.COORDINATOR_ADDRESS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,16 +131,3 @@ def from_args(args: argparse.Namespace) -> Settings:
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
     )
-
-
-def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from a command line and an environment (the process's by default)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m coordinator", description="Run the Sagaplane coordinator."
-    )
-    try:
-        add_arguments(parser, os.environ if env is None else env)
-    except ValueError as exc:
-        # A SAGAPLANE_* variable holds garbage: say which, exit 2 like a bad flag.
-        parser.error(f"a SAGAPLANE_* environment variable is invalid: {exc}")
-    return from_args(parser.parse_args(argv))

@@ -1,26 +1,45 @@
 """The coordinator's errors; the API maps each to one gRPC status code.
 
-    SagaplaneError
-     ├── InvalidArgument       INVALID_ARGUMENT   bad input; names the field
-     ├── SagaNotFound          NOT_FOUND          unknown or malformed saga id
-     ├── IdempotencyConflict   ALREADY_EXISTS     key reused with another request
-     ├── IllegalTransition     FAILED_PRECONDITION not allowed in the saga's state
-     └── StorageUnavailable    UNAVAILABLE        the database cannot be reached; retry
+    ServiceError            the coordinator cannot do what was asked
+     ├── BadRequest         INVALID_ARGUMENT     a field is invalid; names the field
+     ├── UnknownSaga        NOT_FOUND            no saga has this (or a malformed) id
+     ├── KeyReused          ALREADY_EXISTS       key already used for another request
+     └── StorageUnavailable UNAVAILABLE          the database cannot be reached; retry
+    engine.WrongState       FAILED_PRECONDITION  not allowed in the saga's current state
+
+The names say what the server refuses, and differ from the SDK's
+(``sagaplane.errors``), whose names are public API and describe the same refusals as
+a client receives them: ``BadRequest`` arrives as ``InvalidArgument``, ``UnknownSaga``
+as ``SagaNotFound``, ``KeyReused`` as ``IdempotencyConflict`` and ``WrongState`` as
+``IllegalTransition``. One name per class across both packages keeps a traceback or an
+import unambiguous. ``WrongState`` is the engine's (the engine imports nothing from
+here), so it is not a ServiceError; :data:`Refusal` names both.
 
 Each class's docstring is its default message.
 """
 
 from __future__ import annotations
 
+from coordinator.engine.errors import WrongState
 
-class SagaplaneError(Exception):
-    """Sagaplane failed."""
+__all__ = [
+    "BadRequest",
+    "KeyReused",
+    "Refusal",
+    "ServiceError",
+    "StorageUnavailable",
+    "UnknownSaga",
+]
+
+
+class ServiceError(Exception):
+    """The coordinator cannot do what was asked."""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
 
 
-class InvalidArgument(SagaplaneError):
+class BadRequest(ServiceError):
     """The request is invalid."""
 
     def __init__(self, field: str, problem: str) -> None:
@@ -28,7 +47,7 @@ class InvalidArgument(SagaplaneError):
         self.field = field
 
 
-class SagaNotFound(SagaplaneError):
+class UnknownSaga(ServiceError):
     """No saga has this id."""
 
     def __init__(self, saga_id: str) -> None:
@@ -36,13 +55,13 @@ class SagaNotFound(SagaplaneError):
         self.saga_id = saga_id
 
 
-class IdempotencyConflict(SagaplaneError):
+class KeyReused(ServiceError):
     """The idempotency key was already used for a different request."""
 
 
-class IllegalTransition(SagaplaneError):
-    """The request is not allowed in the saga's current state."""
-
-
-class StorageUnavailable(SagaplaneError):
+class StorageUnavailable(ServiceError):
     """The database cannot be reached right now; retry later."""
+
+
+Refusal = ServiceError | WrongState
+"""Every error the API maps to a status code of its own."""

@@ -1,4 +1,5 @@
-"""Domain errors -> gRPC status codes, in one place; internals never leak."""
+"""The coordinator's refusals (coordinator.errors) -> gRPC status codes, in one place;
+internals never leak."""
 
 from __future__ import annotations
 
@@ -9,27 +10,28 @@ from typing import Any, cast
 import grpc
 
 from coordinator import errors
+from coordinator.engine import WrongState
 
 log = logging.getLogger(__name__)
 
-_CODES: dict[type[errors.SagaplaneError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.SagaNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    errors.IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,
+_CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
+    errors.BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnknownSaga: grpc.StatusCode.NOT_FOUND,
+    errors.KeyReused: grpc.StatusCode.ALREADY_EXISTS,
+    WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
-def status_for(exc: errors.SagaplaneError) -> grpc.StatusCode:
-    """The status code of a domain error (INTERNAL for one not in the table)."""
+def status_for(exc: errors.Refusal) -> grpc.StatusCode:
+    """The status code of a refusal (INTERNAL for one not in the table)."""
     for cls in type(exc).__mro__:
         if cls in _CODES:
             return _CODES[cls]
     return grpc.StatusCode.INTERNAL
 
 
-class _Undecodable:
+class _UndecodableRequest:
     """Stands in for a request protobuf could not parse (e.g. nested past its depth limit)."""
 
     def __init__(self, error: Exception) -> None:
@@ -45,13 +47,14 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         try:
             return deserialize(data)
         except Exception as exc:
-            return _Undecodable(exc)
+            return _UndecodableRequest(exc)
 
     return parse
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns SagaplaneError into its status code and anything else into a logged INTERNAL."""
+    """Turns a refusal (see coordinator.errors) into its status code, and anything else
+    into a logged INTERNAL."""
 
     async def intercept_service(
         self,
@@ -67,14 +70,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _Undecodable):
+            if isinstance(request, _UndecodableRequest):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"request: cannot be decoded (JSON nested too deep?): {request.error}",
                 )
             try:
                 return await inner(request, cast(grpc.ServicerContext, context))
-            except errors.SagaplaneError as exc:
+            except (errors.ServiceError, WrongState) as exc:
                 await context.abort(status_for(exc), str(exc))
             except grpc.aio.AbortError:
                 raise

@@ -15,7 +15,7 @@ import binascii
 import hashlib
 import hmac
 
-from coordinator.errors import InvalidArgument
+from coordinator.errors import BadRequest
 
 MAX_TOKEN_CHARS = 128
 """Longer page tokens are refused unread (a real one has 68 characters)."""
@@ -41,25 +41,25 @@ class PageTokens:
         return base64.urlsafe_b64encode(raw + self._mac(raw)).decode("ascii").rstrip("=")
 
     def decode(self, token: str, name: str) -> str | None:
-        """The id to continue after (None for the first page); InvalidArgument otherwise."""
+        """The id to continue after (None for the first page); BadRequest otherwise."""
         if not token:
             return None
         if len(token) > MAX_TOKEN_CHARS:
-            raise InvalidArgument("page_token", "is not a token returned by ListActive")
+            raise BadRequest("page_token", "is not a token returned by ListActive")
         try:
             data = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise InvalidArgument("page_token", "is not a token returned by ListActive") from exc
+            raise BadRequest("page_token", "is not a token returned by ListActive") from exc
         raw, mac = data[:-_MAC_BYTES], data[-_MAC_BYTES:]
         if (
             len(data) != _SIZE
             or not raw.startswith(_VERSION)
             or not hmac.compare_digest(mac, self._mac(raw))
         ):
-            raise InvalidArgument("page_token", "is not a token returned by ListActive")
+            raise BadRequest("page_token", "is not a token returned by ListActive")
         after = raw[len(_VERSION) : len(_VERSION) + _ID_BYTES].decode("ascii")
         if raw[-_FILTER_BYTES:] != _filter(name):
-            raise InvalidArgument("page_token", "was issued for a different name filter")
+            raise BadRequest("page_token", "was issued for a different name filter")
         return after
 
     def _mac(self, raw: bytes) -> bytes:

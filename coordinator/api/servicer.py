@@ -36,10 +36,10 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         self, request: coordinator_pb2.StartSagaRequest, context: Context
     ) -> coordinator_pb2.StartSagaResponse:
         """Record a saga and dispatch its first step (idempotent with a key)."""
-        new = validation.start_request(request)
-        started = await self._store.start(new)
+        spec = validation.start_request(request)
+        started = await self._store.start(spec, request=validation.canonical(request))
         if started.created:
-            log.info("saga %s started (%s, %d steps)", started.saga.id, new.name, len(new.steps))
+            log.info("saga %s started (%s, %d steps)", started.saga.id, spec.name, len(spec.steps))
         return coordinator_pb2.StartSagaResponse(saga=convert.saga_to_proto(started.saga))
 
     async def GetSaga(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import timedelta
 
 from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
-from coordinator.errors import InvalidArgument, SagaNotFound
-from coordinator.store.repository import NewSaga, is_id
+from coordinator.errors import BadRequest, UnknownSaga
+from coordinator.store.repository import is_id
 from sagaplane import structs
 from sagaplane.limits import MAX_JSON_DEPTH
 from sagaplane.v1 import coordinator_pb2, saga_pb2
@@ -34,19 +33,19 @@ _ACTION = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 def _text(value: str, field: str, *, required: bool, limit: int = MAX_NAME) -> str:
     if required and not value.strip():
-        raise InvalidArgument(field, "is required")
+        raise BadRequest(field, "is required")
     if len(value) > limit:
-        raise InvalidArgument(field, f"is longer than {limit} characters")
+        raise BadRequest(field, f"is longer than {limit} characters")
     if "\x00" in value:
         # PostgreSQL's text cannot hold it.
-        raise InvalidArgument(field, "must not contain a NUL character")
+        raise BadRequest(field, "must not contain a NUL character")
     return value
 
 
 def _action(value: str, field: str, *, required: bool) -> str:
     _text(value, field, required=required)
     if value and not _ACTION.fullmatch(value):
-        raise InvalidArgument(
+        raise BadRequest(
             field, "must be words of letters, digits, '_' or '-' joined by dots, e.g. orders.create"
         )
     return value
@@ -54,11 +53,11 @@ def _action(value: str, field: str, *, required: bool) -> str:
 
 def _payload(struct: struct_pb2.Struct, field: str) -> engine.JsonObject:
     if struct.ByteSize() > MAX_PAYLOAD_BYTES:
-        raise InvalidArgument(field, f"is larger than {MAX_PAYLOAD_BYTES} bytes")
+        raise BadRequest(field, f"is larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
         return structs.decode(struct, field, max_depth=MAX_JSON_DEPTH)
     except structs.InvalidJson as exc:
-        raise InvalidArgument(exc.path, exc.problem) from exc
+        raise BadRequest(exc.path, exc.problem) from exc
 
 
 _NANOS = 1_000_000_000
@@ -74,16 +73,16 @@ def _duration(
     below a millisecond counts as one millisecond, and others are rounded up to one.
     """
     if value.seconds < 0 or value.nanos < 0:
-        raise InvalidArgument(field, "must not be negative")
+        raise BadRequest(field, "must not be negative")
     if value.nanos >= _NANOS:
-        raise InvalidArgument(f"{field}.nanos", "must be less than 1000000000")
+        raise BadRequest(f"{field}.nanos", "must be less than 1000000000")
     # Python's integers do not overflow, unlike Duration.ToTimedelta().
     total = value.seconds * _NANOS + value.nanos
     if positive and total == 0:
-        raise InvalidArgument(field, "must be positive")
+        raise BadRequest(field, "must be positive")
     ms = -(-total // _NANOS_PER_MS)
     if ms > limit // timedelta(milliseconds=1):
-        raise InvalidArgument(field, f"must be at most {limit}")
+        raise BadRequest(field, f"must be at most {limit}")
     return timedelta(milliseconds=ms)
 
 
@@ -94,10 +93,10 @@ def _retry_policy(
     if not has:
         return default
     if policy.max_attempts > MAX_ATTEMPTS:
-        raise InvalidArgument(f"{field}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
+        raise BadRequest(f"{field}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
     coefficient = policy.backoff_coefficient or default.backoff_coefficient
     if not 1.0 <= coefficient <= 10.0:
-        raise InvalidArgument(f"{field}.backoff_coefficient", "must be between 1 and 10")
+        raise BadRequest(f"{field}.backoff_coefficient", "must be between 1 and 10")
     initial = default.initial_interval
     if policy.HasField("initial_interval"):
         initial = _duration(
@@ -111,10 +110,10 @@ def _retry_policy(
     if maximum < initial:
         # Name the field the caller set: the other one is a default they may not know.
         if policy.HasField("max_interval"):
-            raise InvalidArgument(
+            raise BadRequest(
                 f"{field}.max_interval", f"must not be less than initial_interval ({initial})"
             )
-        raise InvalidArgument(
+        raise BadRequest(
             f"{field}.initial_interval",
             f"must not be more than max_interval ({maximum} unless given)",
         )
@@ -126,15 +125,15 @@ def _retry_policy(
     )
 
 
-def start_request(request: coordinator_pb2.StartSagaRequest) -> NewSaga:
-    """A validated StartSaga request, or InvalidArgument naming the first bad field."""
+def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
+    """A validated StartSaga request, or BadRequest naming the first bad field."""
     if request.ByteSize() > MAX_REQUEST_BYTES:
-        raise InvalidArgument("request", f"is larger than {MAX_REQUEST_BYTES} bytes")
+        raise BadRequest("request", f"is larger than {MAX_REQUEST_BYTES} bytes")
     name = _text(request.name, "name", required=True)
     if not request.steps:
-        raise InvalidArgument("steps", "at least one step is required")
+        raise BadRequest("steps", "at least one step is required")
     if len(request.steps) > MAX_STEPS:
-        raise InvalidArgument("steps", f"at most {MAX_STEPS} steps are allowed")
+        raise BadRequest("steps", f"at most {MAX_STEPS} steps are allowed")
     retry = _retry_policy(
         request.HasField("retry_policy"), request.retry_policy, "retry_policy", engine.DEFAULT_RETRY
     )
@@ -155,7 +154,7 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> NewSaga:
     for i, spec in enumerate(request.steps):
         step_name = _text(spec.name, f"steps[{i}].name", required=True)
         if step_name in seen:
-            raise InvalidArgument(f"steps[{i}].name", f"duplicate step name {step_name!r}")
+            raise BadRequest(f"steps[{i}].name", f"duplicate step name {step_name!r}")
         seen.add(step_name)
         steps.append(
             engine.StepSpec(
@@ -181,22 +180,27 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> NewSaga:
                 else step_timeout,
             )
         )
-    return NewSaga(
+    return engine.SagaSpec(
         name=name,
         steps=tuple(steps),
         context=_payload(request.context, "context"),
         idempotency_key=_text(request.idempotency_key, "idempotency_key", required=False) or None,
-        request_hash=hashlib.sha256(request.SerializeToString(deterministic=True)).digest(),
         timeout=saga_timeout,
     )
+
+
+def canonical(request: coordinator_pb2.StartSagaRequest) -> bytes:
+    """The request's bytes as the store fingerprints them for its idempotency key: the
+    same whenever the request is (deterministic serialization, map keys sorted)."""
+    return request.SerializeToString(deterministic=True)
 
 
 def saga_id(value: str) -> str:
     """A well-formed saga id; a malformed one cannot exist, so it is NOT_FOUND."""
     if not value:
-        raise InvalidArgument("id", "is required")
+        raise BadRequest("id", "is required")
     if not is_id(value):
-        raise SagaNotFound(value[:64])
+        raise UnknownSaga(value[:64])
     return value
 
 
@@ -221,7 +225,7 @@ def resolution(value: coordinator_pb2.CompensationResolution.ValueType) -> engin
         ),
     }
     if value not in choices:
-        raise InvalidArgument("resolution", "must be RETRY or MARK_COMPENSATED")
+        raise BadRequest("resolution", "must be RETRY or MARK_COMPENSATED")
     return choices[value]
 
 
@@ -233,7 +237,7 @@ def required_reason(value: str) -> str:
 def page_size(value: int) -> int:
     """0 means the default; larger than the maximum is treated as the maximum."""
     if value < 0:
-        raise InvalidArgument("page_size", "must not be negative")
+        raise BadRequest("page_size", "must not be negative")
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 

@@ -19,10 +19,11 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 
 from coordinator.cli.errors import CliError, ExitCode
+from sagaplane import defaults
 
 __all__ = ["CliError", "ExitCode", "build_parser", "main"]
 
-DEFAULT_COORDINATOR = "127.0.0.1:50051"
+DEFAULT_COORDINATOR = defaults.COORDINATOR_ADDRESS
 DEFAULT_TIMEOUT = 10.0
 
 Command = Callable[[argparse.Namespace], int]

@@ -18,7 +18,7 @@ from sagaplane.urls import redact
 
 
 def add_serve(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """``serve`` takes every coordinator setting (the same as ``python -m coordinator``)."""
+    """``serve`` takes every coordinator setting (``python -m coordinator`` runs ``serve``)."""
     config.add_arguments(parser, env)
     _log_level(parser, env)
 

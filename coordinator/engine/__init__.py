@@ -1,5 +1,6 @@
 """The pure saga state machine: no I/O, no clock, no protobuf."""
 
+from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
     CompensationResolved,
@@ -22,6 +23,7 @@ from coordinator.engine.model import (
     JsonObject,
     RetryPolicy,
     Saga,
+    SagaSpec,
     SagaState,
     Step,
     StepSpec,
@@ -29,7 +31,6 @@ from coordinator.engine.model import (
     Transition,
 )
 from coordinator.engine.transitions import TokenFactory, apply, backoff, start
-from coordinator.errors import IllegalTransition
 
 __all__ = [
     "ACTIVE_STATES",
@@ -44,12 +45,12 @@ __all__ = [
     "CompensationResolved",
     "Event",
     "HistoryEntry",
-    "IllegalTransition",
     "JsonObject",
     "Resolution",
     "RetryPolicy",
     "Saga",
     "SagaDeadlinePassed",
+    "SagaSpec",
     "SagaState",
     "Step",
     "StepReplied",
@@ -58,6 +59,7 @@ __all__ = [
     "TimerFired",
     "TokenFactory",
     "Transition",
+    "WrongState",
     "apply",
     "backoff",
     "start",

@@ -31,7 +31,8 @@ class SagaState(StrEnum):
 ACTIVE_STATES = frozenset(
     {SagaState.STARTED, SagaState.COMPENSATING, SagaState.COMPENSATION_FAILED}
 )
-"""States listed by ListActive: the saga still needs something to happen."""
+"""States listed by ListActive: the saga still needs something to happen. The database
+says the same in ``sagaplane_saga_is_active`` (``store/sql/0004_active_states.sql``)."""
 
 FINAL_STATES = frozenset({SagaState.FAILED, SagaState.COMPENSATED})
 """States from which nothing can ever happen again."""
@@ -77,7 +78,8 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
-"""For step actions: 3 attempts, 1 s, doubling, at most 60 s apart."""
+"""For step actions: 3 attempts, 1 s, doubling, at most 60 s apart. Changing a default
+changes only sagas started afterwards: each step stores the policies it started with."""
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=10)
 """For compensations, which must finish: 10 attempts (about 8 minutes with jitter's upper bound)."""
 DEFAULT_STEP_TIMEOUT = timedelta(seconds=30)
@@ -179,6 +181,19 @@ class StepSpec:
     retry: RetryPolicy = DEFAULT_RETRY
     compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
     timeout: timedelta = DEFAULT_STEP_TIMEOUT
+
+
+@dataclass(frozen=True, kw_only=True)
+class SagaSpec:
+    """A saga as asked for by StartSaga, validated (the API builds it, the store starts it)."""
+
+    name: str
+    steps: tuple[StepSpec, ...]
+    context: JsonObject
+    idempotency_key: str | None = None
+    """Makes starting safe to repeat: a second start with this key returns the first saga."""
+    timeout: timedelta | None = None
+    """The saga's deadline, counted from its start; None for no deadline."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
     CompensationResolved,
@@ -48,7 +49,6 @@ from coordinator.engine.model import (
     StepStatus,
     Transition,
 )
-from coordinator.errors import IllegalTransition
 from sagaplane.limits import MAX_OUTPUT_BYTES, MAX_SAGA_OUTPUT_BYTES
 
 TokenFactory = Callable[[], str]
@@ -106,7 +106,7 @@ def start(
 def apply(saga: Saga, event: Event, *, now: datetime, new_token: TokenFactory) -> Transition:
     """Apply ``event`` to ``saga``.
 
-    Raises :class:`IllegalTransition` when the event may not happen in the saga's
+    Raises :class:`WrongState` when the event may not happen in the saga's
     state (Compensate on a compensation_failed saga, resolving a saga whose
     compensation did not fail). An event that merely no longer applies (a
     duplicate or stale reply, a timer already handled) returns a transition with
@@ -253,7 +253,7 @@ def _on_compensate(
         # Already undone, or being undone: asking again is a no-op, so clients may retry.
         return Transition(saga=saga, ignored=f"saga is already {saga.state}")
     if saga.state is SagaState.COMPENSATION_FAILED:
-        raise IllegalTransition(
+        raise WrongState(
             "saga is compensation_failed: a compensation failed and needs a person; "
             "use ResolveCompensation"
         )
@@ -275,9 +275,7 @@ def _on_resolved(
     saga: Saga, ev: CompensationResolved, now: datetime, new_token: TokenFactory
 ) -> Transition:
     if saga.state is not SagaState.COMPENSATION_FAILED:
-        raise IllegalTransition(
-            f"saga is {saga.state}: only a compensation_failed saga can be resolved"
-        )
+        raise WrongState(f"saga is {saga.state}: only a compensation_failed saga can be resolved")
     step = next(s for s in saga.steps if s.status is StepStatus.COMPENSATION_FAILED)
     b = _Builder(saga, now, new_token)
     b.move(SagaState.COMPENSATING, step.name, f"compensation_resolved_{ev.resolution}", ev.reason)

@@ -27,7 +27,7 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from coordinator.engine import Event
-from coordinator.errors import SagaNotFound, StorageUnavailable
+from coordinator.errors import StorageUnavailable, UnknownSaga
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
 from sagaplane import backoff, wire
@@ -158,7 +158,7 @@ class ReplyConsumer:
                 await self._dead.requeue(message, f"{type(exc).__name__}: {exc}")
                 return
         for (message, _), result in zip(decoded, results, strict=True):
-            if isinstance(result.error, SagaNotFound):
+            if isinstance(result.error, UnknownSaga):
                 # Can never apply: no such saga here. The dead-letter queue keeps it for a person.
                 await self._dead.send(message, str(result.error), cause="unknown_saga")
                 continue

@@ -7,11 +7,12 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,25 +26,20 @@ from ulid import ULID
 
 from coordinator import engine
 from coordinator.engine import (
-    DEFAULT_COMPENSATION_RETRY,
-    DEFAULT_RETRY,
     Command,
     Event,
     HistoryEntry,
     RetryPolicy,
     Saga,
     SagaDeadlinePassed,
+    SagaSpec,
     SagaState,
     Step,
     StepStatus,
     TimerFired,
+    WrongState,
 )
-from coordinator.errors import (
-    IdempotencyConflict,
-    SagaNotFound,
-    SagaplaneError,
-    StorageUnavailable,
-)
+from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga
 from coordinator.store.queries import q
 from sagaplane import batch
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
@@ -70,18 +66,14 @@ def new_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-@dataclass(frozen=True, kw_only=True)
-class NewSaga:
-    """A validated StartSaga request."""
+def _request_hash(request: bytes) -> bytes:
+    """The fingerprint stored with an idempotency key: SHA-256 of the request's bytes.
 
-    name: str
-    steps: tuple[engine.StepSpec, ...]
-    context: engine.JsonObject
-    idempotency_key: str | None
-    request_hash: bytes
-    """Fingerprint of the request, to tell a replay from a conflicting key reuse."""
-    timeout: timedelta | None = None
-    """The saga's deadline, counted from its start; None for no deadline."""
+    A start that reuses the key is a replay when its fingerprint is the same, and a
+    conflict otherwise. Sagas stored earlier keep their fingerprints, so this must stay
+    the function of the same bytes (the API's deterministic serialization of StartSaga).
+    """
+    return hashlib.sha256(request).digest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +83,6 @@ class Started:
     saga: Saga
     created: bool
     """False when an idempotent replay returned the saga started earlier."""
-    commands: tuple[Command, ...]
-    """The commands written to the outbox (empty for a replay)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +92,8 @@ class Applied:
     saga_id: str
     transition: engine.Transition | None
     """None when the event failed; see ``error``."""
-    error: SagaplaneError | None = None
-    """SagaNotFound or IllegalTransition; the other events of the batch still apply."""
+    error: UnknownSaga | WrongState | None = None
+    """UnknownSaga or WrongState; the other events of the batch still apply."""
 
 
 @asynccontextmanager
@@ -122,55 +112,60 @@ class SagaStore:
         self._pool = pool
         self._encode = encode
 
-    async def start(self, new: NewSaga) -> Started:
+    async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
         """Record a new saga and the command of its first step.
 
-        With an idempotency key already used, returns the saga started then when
-        the request is the same, and raises IdempotencyConflict when it differs.
+        ``request`` is the StartSaga request as bytes that are the same whenever the
+        request is (protobuf's deterministic serialization): with an idempotency key
+        already used, the saga started then is returned when they are the same, and
+        KeyReused raised when they differ.
         """
+        fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
             transition = engine.start(
                 saga_id=new_id(),
-                name=new.name,
-                steps=new.steps,
-                step_ids=[new_id() for _ in new.steps],
-                context=new.context,
-                idempotency_key=new.idempotency_key,
+                name=spec.name,
+                steps=spec.steps,
+                step_ids=[new_id() for _ in spec.steps],
+                context=spec.context,
+                idempotency_key=spec.idempotency_key,
                 now=row["now"],
                 new_token=new_token,
-                timeout=new.timeout,
+                timeout=spec.timeout,
             )
             saga = transition.saga
-            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": new.request_hash})
-            if new.idempotency_key is None:
+            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
+            if spec.idempotency_key is None:
                 # A fresh id cannot conflict: the saga goes in the one batch with the rest.
                 await self._write_and_commit(cur, [transition], new=True, first=[insert])
             else:
                 # The key may be taken (a replay): see before writing anything else.
                 if not (await batch.run(cur, [insert]))[0]:
-                    return await self._replay(cur, new)
+                    return await self._replay(cur, spec.idempotency_key, fingerprint)
                 await self._write_and_commit(cur, [transition], new=True)
-            return Started(saga=saga, created=True, commands=transition.commands)
+            return Started(saga=saga, created=True)
 
-    async def _replay(self, cur: AsyncClientCursor[DictRow], new: NewSaga) -> Started:
-        await cur.execute(q("find_by_idempotency_key"), {"key": new.idempotency_key})
+    async def _replay(
+        self, cur: AsyncClientCursor[DictRow], key: str, fingerprint: bytes
+    ) -> Started:
+        await cur.execute(q("find_by_idempotency_key"), {"key": key})
         found = await cur.fetchone()
         assert found is not None, "the conflicting insert has committed"
-        if bytes(found["request_hash"]) != new.request_hash:
-            raise IdempotencyConflict(
-                f"idempotency_key {new.idempotency_key!r} was already used for a different "
+        if bytes(found["request_hash"]) != fingerprint:
+            raise KeyReused(
+                f"idempotency_key {key!r} was already used for a different "
                 f"request (saga {found['id']})"
             )
         sagas = await self._load(cur, [found["id"]])
-        return Started(saga=sagas[found["id"]], created=False, commands=())
+        return Started(saga=sagas[found["id"]], created=False)
 
     async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
-        """The saga with this id, and its history when asked; raises SagaNotFound."""
+        """The saga with this id, and its history when asked; raises UnknownSaga."""
         async with self._reading() as cur:
             sagas = await self._load(cur, [saga_id])
             if saga_id not in sagas:
-                raise SagaNotFound(saga_id)
+                raise UnknownSaga(saga_id)
             entries: list[HistoryEntry] = []
             if history:
                 await cur.execute(q("select_history"), {"saga_id": saga_id})
@@ -204,7 +199,7 @@ class SagaStore:
             return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
 
     async def apply(self, saga_id: str, event: Event) -> engine.Transition:
-        """Apply one event in its own transaction; raises SagaNotFound or IllegalTransition."""
+        """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
         (result,) = await self.apply_many([(saga_id, event)])
         if result.error is not None:
             raise result.error
@@ -268,13 +263,13 @@ class SagaStore:
             saga = sagas.get(saga_id)
             if saga is None:
                 results.append(
-                    Applied(saga_id=saga_id, transition=None, error=SagaNotFound(saga_id))
+                    Applied(saga_id=saga_id, transition=None, error=UnknownSaga(saga_id))
                 )
                 continue
             try:
                 # lock_sagas reads now() with the rows: the transaction's one clock.
                 t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
-            except SagaplaneError as exc:
+            except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
             sagas[saga_id] = t.saga
@@ -384,9 +379,22 @@ def _saga_row(saga: Saga) -> dict[str, Any]:
     }
 
 
-def _policy_json(policy: RetryPolicy, default: RetryPolicy) -> Jsonb | None:
-    if policy == default:
-        return None
+# What a NULL policy column means: the defaults up to 0.1, when a policy equal to the
+# default was stored as NULL. Rows are written with their policy now (and migration
+# 0005 filled the NULLs in), but a replica of the previous version may still write NULL
+# during a rolling upgrade. Never change these, whatever engine.DEFAULT_RETRY becomes.
+_NULL_RETRY = RetryPolicy(
+    max_attempts=3,
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    max_interval=timedelta(seconds=60),
+)
+_NULL_COMPENSATION_RETRY = replace(_NULL_RETRY, max_attempts=10)
+
+
+def _policy_json(policy: RetryPolicy) -> Jsonb:
+    # Always the policy itself: a saga keeps the one it was started with even after the
+    # defaults change.
     return Jsonb(
         {
             "max_attempts": policy.max_attempts,
@@ -397,9 +405,9 @@ def _policy_json(policy: RetryPolicy, default: RetryPolicy) -> Jsonb | None:
     )
 
 
-def _policy(data: dict[str, Any] | None, default: RetryPolicy) -> RetryPolicy:
+def _policy(data: dict[str, Any] | None, null: RetryPolicy) -> RetryPolicy:
     if data is None:
-        return default
+        return null
     return RetryPolicy(
         max_attempts=data["max_attempts"],
         initial_interval=timedelta(milliseconds=data["initial_interval_ms"]),
@@ -425,10 +433,8 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
         "token": step.token,
         "executed_at": step.executed_at,
         "compensated_at": step.compensated_at,
-        "retry_policy": _policy_json(step.retry, DEFAULT_RETRY),
-        "compensation_retry_policy": _policy_json(
-            step.compensation_retry, DEFAULT_COMPENSATION_RETRY
-        ),
+        "retry_policy": _policy_json(step.retry),
+        "compensation_retry_policy": _policy_json(step.compensation_retry),
         "timeout_ms": step.timeout // timedelta(milliseconds=1),
         "deadline_at": step.deadline_at,
         "outcome_unknown": step.outcome_unknown,
@@ -477,8 +483,8 @@ def _step_from_row(row: DictRow) -> Step:
         token=row["token"],
         executed_at=row["executed_at"],
         compensated_at=row["compensated_at"],
-        retry=_policy(row["retry_policy"], DEFAULT_RETRY),
-        compensation_retry=_policy(row["compensation_retry_policy"], DEFAULT_COMPENSATION_RETRY),
+        retry=_policy(row["retry_policy"], _NULL_RETRY),
+        compensation_retry=_policy(row["compensation_retry_policy"], _NULL_COMPENSATION_RETRY),
         timeout=timedelta(milliseconds=row["timeout_ms"]),
         deadline_at=row["deadline_at"],
         outcome_unknown=row["outcome_unknown"],

@@ -10,9 +10,9 @@ import os
 import signal
 import sys
 
-from coordinator import config
 from examples.shop import demo
 from examples.shop.services import BUILDERS, create_tables
+from sagaplane import defaults
 from sagaplane.runtime import run
 
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     for service in sorted(BUILDERS):
         sub = commands.add_parser(service, help=f"run the {service} participant until SIGTERM")
         sub.add_argument(
-            "--amqp-url", default=os.environ.get("SAGAPLANE_AMQP_URL", config.DEFAULT_AMQP_URL)
+            "--amqp-url", default=os.environ.get("SAGAPLANE_AMQP_URL", defaults.AMQP_URL)
         )
         sub.add_argument("--database-url", required=True, help="the service's own database")
     demo.add_arguments(

@@ -43,7 +43,7 @@ from coordinator.cli.client import connect, follow
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.store.migrate import migrate
 from examples.shop import services as shop
-from sagaplane import topology
+from sagaplane import defaults, topology
 from sagaplane.client import SagaClient
 from sagaplane.sagas import Saga, SagaState, StepStatus
 from sagaplane.testing import (
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         help="the demo coordinator's database; the participants' are named after it "
         f"[SAGAPLANE_DEMO_DATABASE_URL; default {config.shown(database_url)}]",
     )
-    amqp_url = env.get("SAGAPLANE_AMQP_URL", config.DEFAULT_AMQP_URL)
+    amqp_url = env.get("SAGAPLANE_AMQP_URL", defaults.AMQP_URL)
     parser.add_argument(
         "--amqp-url",
         default=amqp_url,
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
     parser.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
-        default=env.get("SAGAPLANE_COORDINATOR") or config.DEFAULT_LISTEN,
+        default=env.get("SAGAPLANE_COORDINATOR") or defaults.COORDINATOR_ADDRESS,
         help="with --attach: the coordinator [SAGAPLANE_COORDINATOR; default %(default)s]",
     )
     parser.add_argument(

@@ -125,6 +125,19 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
         assert "[SAGAPLANE_COORDINATOR;" in out.replace("\n", " ").replace("  ", " ")
 
 
+async def test_python_m_coordinator_is_sagaplane_serve() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", "--help",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")},
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    serve = await sagaplane("serve", "--help")
+    assert out.decode() == serve.out
+    assert "--log-level" in serve.out
+
+
 # -- serve and migrate ------------------------------------------------------------------
 
 

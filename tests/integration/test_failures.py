@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -11,8 +13,10 @@ import pytest
 from google.protobuf import duration_pb2
 from helpers.database import create_database, drop_database, server_url, unique_name
 
+from coordinator import engine
 from coordinator.app import Coordinator
 from coordinator.config import Settings
+from coordinator.engine import RetryPolicy
 from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -349,6 +353,54 @@ async def test_retry_settings_are_recorded_on_each_step(stub: Stub) -> None:
     assert a.compensation_retry_policy.max_attempts == 10
     assert a.timeout.ToSeconds() == 12
     assert a.HasField("deadline_at") and not b.HasField("deadline_at")
+
+
+def change_default(monkeypatch: pytest.MonkeyPatch, name: str, policy: RetryPolicy) -> None:
+    """What a release with another default does: every module of the coordinator that
+    holds the engine's ``name`` (DEFAULT_RETRY, DEFAULT_COMPENSATION_RETRY) sees ``policy``."""
+    old = getattr(engine, name)
+    for module_name, module in list(sys.modules.items()):
+        if module_name.split(".")[0] == "coordinator" and getattr(module, name, None) is old:
+            monkeypatch.setattr(module, name, policy)
+
+
+def policy_of(policy: model.RetryPolicy) -> tuple[int, int, float, int]:
+    return (
+        policy.max_attempts,
+        policy.initial_interval.ToMilliseconds(),
+        policy.backoff_coefficient,
+        policy.max_interval.ToMilliseconds(),
+    )
+
+
+async def test_a_saga_keeps_the_retry_policies_it_started_with_when_the_defaults_change(
+    stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def start() -> str:
+        request = api.StartSagaRequest(name="x", steps=[step("a", "x.y")])
+        return (await stub.StartSaga(request)).saga.id
+
+    async def stored(saga_id: str) -> model.Step:
+        (got,) = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga.steps
+        return got
+
+    then = (3, 1000, 2.0, 60000), (10, 1000, 2.0, 60000)
+    before = await start()
+    a = await stored(before)
+    assert (policy_of(a.retry_policy), policy_of(a.compensation_retry_policy)) == then
+
+    change_default(monkeypatch, "DEFAULT_RETRY", RetryPolicy(max_attempts=4))
+    change_default(
+        monkeypatch,
+        "DEFAULT_COMPENSATION_RETRY",
+        RetryPolicy(max_attempts=20, max_interval=timedelta(seconds=30)),
+    )
+    b = await stored(await start())
+    assert policy_of(b.retry_policy) == (4, 1000, 2.0, 60000)
+    assert policy_of(b.compensation_retry_policy) == (20, 1000, 2.0, 30000)
+
+    a = await stored(before)
+    assert (policy_of(a.retry_policy), policy_of(a.compensation_retry_policy)) == then
 
 
 async def test_resolving_a_saga_that_needs_no_resolution_is_refused(

@@ -70,7 +70,9 @@ async def _start(store: SagaStore, **fields: Any) -> tuple[str, str]:
     request = api.StartSagaRequest(
         name="order", steps=[api.StepSpec(name="create", action="orders.create")], **fields
     )
-    started = await store.start(validation.start_request(request))
+    started = await store.start(
+        validation.start_request(request), request=validation.canonical(request)
+    )
     return started.saga.id, started.saga.steps[0].id
 
 

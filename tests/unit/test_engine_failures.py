@@ -13,13 +13,13 @@ from coordinator.engine import (
     CommandKind,
     CompensateRequested,
     CompensationResolved,
-    IllegalTransition,
     Resolution,
     RetryPolicy,
     SagaDeadlinePassed,
     SagaState,
     StepStatus,
     TimerFired,
+    WrongState,
     apply,
     backoff,
 )
@@ -588,7 +588,7 @@ def test_compensation_exhausting_its_attempts_is_compensation_failed(how: str) -
     assert_ignored(d, reply_to(last))
     assert_ignored(d, reply_to(last, ok=False, retryable=True))
     assert_ignored(d, SagaDeadlinePassed())
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(WrongState):
         apply(d.saga, CompensateRequested(), now=at(999), new_token=d.tokens)
     assert d.saga.state is S.COMPENSATION_FAILED
 
@@ -732,7 +732,7 @@ def test_resolving_a_saga_whose_compensation_did_not_fail_is_illegal(
                 d.succeed()
     assert d.saga.state is target
     before = d.saga
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(WrongState):
         apply(
             before,
             CompensationResolved(resolution=resolution, reason="x"),

@@ -20,7 +20,6 @@ from coordinator.engine import (
     CompensationResolved,
     Event,
     HistoryEntry,
-    IllegalTransition,
     Resolution,
     RetryPolicy,
     Saga,
@@ -32,6 +31,7 @@ from coordinator.engine import (
     StepStatus,
     TimerFired,
     Transition,
+    WrongState,
     apply,
     start,
 )
@@ -238,7 +238,7 @@ class Run:
     def compensate(self) -> None:
         before = self.saga
         if before.state is S.COMPENSATION_FAILED:
-            with pytest.raises(IllegalTransition):
+            with pytest.raises(WrongState):
                 apply(before, CompensateRequested(reason="r"), now=at(0), new_token=self.tokens)
             return
         t = self.apply(CompensateRequested(reason="r"))
@@ -551,7 +551,7 @@ class FailureRun:
         if isinstance(event, CompensateRequested):
             return before.state in (S.STARTED, S.COMPLETED)
         assert isinstance(event, CompensationResolved)
-        return True  # or IllegalTransition, checked by resolve()
+        return True  # or WrongState, checked by resolve()
 
     def _check_saga(self, saga: Saga) -> None:
         flying = in_flight_steps(saga)
@@ -604,7 +604,7 @@ class FailureRun:
                 assert t.ignored is not None and t.saga is saga, "a timer without a deadline"
         if saga.state is not S.COMPENSATION_FAILED:
             for resolution in Resolution:
-                with pytest.raises(IllegalTransition):
+                with pytest.raises(WrongState):
                     apply(
                         saga,
                         CompensationResolved(resolution=resolution, reason="probe"),
@@ -799,7 +799,7 @@ class FailureRun:
     def resolve(self, resolution: Resolution) -> None:
         ev = CompensationResolved(resolution=resolution, reason="operator")
         if self.saga.state is not S.COMPENSATION_FAILED:
-            with pytest.raises(IllegalTransition):
+            with pytest.raises(WrongState):
                 apply(self.saga, ev, now=self.now, new_token=self.tokens)
             return
         t = self.apply(ev)
@@ -825,7 +825,7 @@ class FailureRun:
     def compensate(self) -> None:
         before = self.saga
         if before.state is S.COMPENSATION_FAILED:
-            with pytest.raises(IllegalTransition):
+            with pytest.raises(WrongState):
                 apply(before, CompensateRequested(reason="r"), now=self.now, new_token=self.tokens)
             return
         t = self.apply(CompensateRequested(reason="r"))

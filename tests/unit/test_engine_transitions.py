@@ -10,10 +10,10 @@ from engine_helpers import T0, Driver, Tokens, at, reply_to, spec, specs, start_
 from coordinator.engine import (
     CommandKind,
     CompensateRequested,
-    IllegalTransition,
     SagaState,
     StepReplied,
     StepStatus,
+    WrongState,
     apply,
     start,
 )
@@ -341,7 +341,7 @@ def test_compensate_on_compensation_failed_is_illegal() -> None:
     d.fail()
     assert d.saga.state is S.COMPENSATION_FAILED
     before = d.saga
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(WrongState):
         apply(before, CompensateRequested(reason="again"), now=at(99), new_token=d.tokens)
     assert d.saga is before
 

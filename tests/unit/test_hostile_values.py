@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from coordinator.api import validation
 from coordinator.api.page_tokens import PageTokens
 from coordinator.engine import CommandKind
-from coordinator.errors import InvalidArgument, SagaNotFound
+from coordinator.errors import BadRequest, UnknownSaga
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from sagaplane import structs
 from sagaplane.limits import MAX_JSON_DEPTH, MAX_OUTPUT_BYTES, clean_text
@@ -137,52 +137,52 @@ def test_any_duration_is_accepted_or_refused_by_name(seconds: int, nanos: int) -
         request = _request(**{field: duration_pb2.Duration(seconds=seconds, nanos=nanos)})
         try:
             validation.start_request(request)
-        except InvalidArgument as exc:
+        except BadRequest as exc:
             assert exc.field in (field, f"{field}.nanos"), exc
 
 
 def test_duration_edges() -> None:
     one_ns = _request(step_timeout=duration_pb2.Duration(nanos=1))
     assert validation.start_request(one_ns).steps[0].timeout.total_seconds() == 0.001
-    with pytest.raises(InvalidArgument, match=r"^step_timeout\.nanos: must be less than"):
+    with pytest.raises(BadRequest, match=r"^step_timeout\.nanos: must be less than"):
         validation.start_request(_request(step_timeout=duration_pb2.Duration(nanos=10**9)))
-    with pytest.raises(InvalidArgument, match=r"^step_timeout: must be positive"):
+    with pytest.raises(BadRequest, match=r"^step_timeout: must be positive"):
         validation.start_request(_request(step_timeout=duration_pb2.Duration()))
-    with pytest.raises(InvalidArgument, match=r"^timeout: must be at most"):
+    with pytest.raises(BadRequest, match=r"^timeout: must be at most"):
         validation.start_request(_request(timeout=duration_pb2.Duration(seconds=2**62)))
 
 
 def test_a_retry_policy_error_names_the_field_the_caller_set() -> None:
     day = duration_pb2.Duration(seconds=86400)
     request = _request(retry_policy=model.RetryPolicy(initial_interval=day))
-    with pytest.raises(InvalidArgument, match=r"^retry_policy\.initial_interval: must not be more"):
+    with pytest.raises(BadRequest, match=r"^retry_policy\.initial_interval: must not be more"):
         validation.start_request(request)
     request = _request(
         retry_policy=model.RetryPolicy(max_interval=duration_pb2.Duration(nanos=1000))
     )
-    with pytest.raises(InvalidArgument, match=r"^retry_policy\.max_interval: must not be less"):
+    with pytest.raises(BadRequest, match=r"^retry_policy\.max_interval: must not be less"):
         validation.start_request(request)
 
 
 @pytest.mark.parametrize("field", ["name", "idempotency_key"])
 def test_nul_in_a_text_field_is_refused_by_name(field: str) -> None:
     request = _request(**{field: "a\x00b"})
-    with pytest.raises(InvalidArgument, match=f"^{field}: must not contain a NUL"):
+    with pytest.raises(BadRequest, match=f"^{field}: must not contain a NUL"):
         validation.start_request(request)
 
 
 def test_nul_in_a_step_name_or_reason_is_refused_by_name() -> None:
     request = api.StartSagaRequest(name="o", steps=[api.StepSpec(name="a\x00", action="a")])
-    with pytest.raises(InvalidArgument, match=r"^steps\[0\]\.name: must not contain a NUL"):
+    with pytest.raises(BadRequest, match=r"^steps\[0\]\.name: must not contain a NUL"):
         validation.start_request(request)
-    with pytest.raises(InvalidArgument, match=r"^reason: must not contain a NUL"):
+    with pytest.raises(BadRequest, match=r"^reason: must not contain a NUL"):
         validation.reason("x\x00")
-    with pytest.raises(InvalidArgument, match=r"^name: must not contain a NUL"):
+    with pytest.raises(BadRequest, match=r"^name: must not contain a NUL"):
         validation.name_filter("x\x00")
 
 
 def test_an_id_with_a_trailing_newline_is_no_saga_id() -> None:
-    with pytest.raises(SagaNotFound):
+    with pytest.raises(UnknownSaga):
         validation.saga_id(ULID + "\n")
 
 
@@ -195,7 +195,7 @@ TOKENS = PageTokens(b"k" * 32)
 def test_any_page_token_is_refused_by_name_unless_issued(token: str, name: str) -> None:
     try:
         after = TOKENS.decode(token, name)
-    except InvalidArgument as exc:
+    except BadRequest as exc:
         assert exc.field == "page_token"
     else:
         assert after is None and token == ""
@@ -211,15 +211,15 @@ def test_a_tampered_page_token_is_refused(name: str, data: st.DataObject) -> Non
     )
     tampered = token[:i] + replacement + token[i + 1 :]
     if tampered != token:
-        with pytest.raises(InvalidArgument, match=r"^page_token: "):
+        with pytest.raises(BadRequest, match=r"^page_token: "):
             TOKENS.decode(tampered, name)
 
 
 def test_a_page_token_is_bound_to_its_filter_and_key() -> None:
     token = TOKENS.encode(ULID, "order")
-    with pytest.raises(InvalidArgument, match="different name filter"):
+    with pytest.raises(BadRequest, match="different name filter"):
         TOKENS.decode(token, "refund")
-    with pytest.raises(InvalidArgument, match="not a token returned by ListActive"):
+    with pytest.raises(BadRequest, match="not a token returned by ListActive"):
         PageTokens(b"o" * 32).decode(token, "order")
 
 
@@ -268,7 +268,7 @@ def test_a_failure_reply_is_cleaned_and_cut_never_refused() -> None:
 
 def test_field_names_in_messages_look_like_fields() -> None:
     # The convention the API fuzz test relies on: "<field path>: <problem>".
-    exc = InvalidArgument("steps[3].input.a", "is not a finite number")
+    exc = BadRequest("steps[3].input.a", "is not a finite number")
     assert re.match(r"^[a-z_]+(\[\d+\])?\.", str(exc))
 
 

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from coordinator.config import parse
+from coordinator import config
+from coordinator.cli import build_parser, main
 from sagaplane.runtime import run
 
 
@@ -27,15 +28,23 @@ def test_unknown_event_loop_is_refused_by_name() -> None:
         run(_loop_module(), event_loop="trio")
 
 
+def _serve(argv: list[str], env: dict[str, str]) -> config.Settings:
+    """The settings ``sagaplane serve`` (and ``python -m coordinator``) would run with."""
+    return config.from_args(build_parser(env).parse_args(["serve", *argv]))
+
+
 def test_coordinator_setting_from_flag_and_environment() -> None:
-    assert parse([]).event_loop == "uvloop"
-    assert parse(["--event-loop", "asyncio"]).event_loop == "asyncio"
-    assert parse([], env={"SAGAPLANE_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    assert _serve([], {}).event_loop == "uvloop"
+    assert _serve(["--event-loop", "asyncio"], {}).event_loop == "asyncio"
+    assert _serve([], {"SAGAPLANE_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
 
 
-def test_a_bad_event_loop_variable_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_event_loop_variable_is_refused_by_name(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAGAPLANE_EVENT_LOOP", "trio")
     with pytest.raises(SystemExit) as exit_:
-        parse([], env={"SAGAPLANE_EVENT_LOOP": "trio"})
+        main(["serve"])
     assert exit_.value.code == 2
     assert (
         "SAGAPLANE_EVENT_LOOP must be one of uvloop, asyncio, not 'trio'" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sagaplane import structs
+from sagaplane import defaults, structs
 from sagaplane.errors import CoordinatorError, InvalidArgument, WaitTimeout, from_rpc_error
 from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, to_duration
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -42,7 +42,7 @@ __all__ = [
     "StepSpec",
 ]
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TARGET = defaults.COORDINATOR_ADDRESS
 """Where the coordinator listens unless ``SAGAPLANE_COORDINATOR`` says otherwise."""
 
 _R = TypeVar("_R")

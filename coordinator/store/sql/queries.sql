@@ -58,15 +58,16 @@ SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s ORDER BY id;
 
 -- name: list_active
 -- "after" is the last id of the previous page, or '~' (sorts after every ULID) for the first.
+-- sagaplane_saga_is_active (0004_active_states.sql) is the partial indexes' predicate.
 SELECT * FROM sagaplane_sagas
-WHERE state IN ('started', 'compensating', 'compensation_failed') AND id < %(after)s
+WHERE sagaplane_saga_is_active(state) AND id < %(after)s
   AND updated_at <= now() - %(stale_for)s::interval
 ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: list_active_by_name
 SELECT * FROM sagaplane_sagas
-WHERE state IN ('started', 'compensating', 'compensation_failed') AND name = %(name)s
+WHERE sagaplane_saga_is_active(state) AND name = %(name)s
   AND id < %(after)s AND updated_at <= now() - %(stale_for)s::interval
 ORDER BY id DESC
 LIMIT %(limit)s;
