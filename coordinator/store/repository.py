@@ -7,6 +7,7 @@ database clock (``now()``) is the only clock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -408,11 +409,25 @@ def _policy_json(policy: RetryPolicy) -> Jsonb:
 def _policy(data: dict[str, Any] | None, null: RetryPolicy) -> RetryPolicy:
     if data is None:
         return null
+    return _cached_policy(
+        data["max_attempts"],
+        data["initial_interval_ms"],
+        data["backoff_coefficient"],
+        data["max_interval_ms"],
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_policy(
+    max_attempts: int, initial_ms: int, coefficient: float, max_ms: int
+) -> RetryPolicy:
+    # Every step row carries its two policies and every transition reads them back; most
+    # sagas share a handful of policies, and RetryPolicy is frozen, so they are shared.
     return RetryPolicy(
-        max_attempts=data["max_attempts"],
-        initial_interval=timedelta(milliseconds=data["initial_interval_ms"]),
-        backoff_coefficient=data["backoff_coefficient"],
-        max_interval=timedelta(milliseconds=data["max_interval_ms"]),
+        max_attempts=max_attempts,
+        initial_interval=timedelta(milliseconds=initial_ms),
+        backoff_coefficient=coefficient,
+        max_interval=timedelta(milliseconds=max_ms),
     )
 
 

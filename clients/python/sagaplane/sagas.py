@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -130,115 +131,235 @@ class RetryPolicy:
         )
 
 
-@dataclass(frozen=True, kw_only=True)
-class Step:
+class _View:
+    """A read-only view of one protobuf message; fields are converted when first read
+    (a caller that only wants ``saga.id`` pays for nothing else)."""
+
+    __slots__ = ("__dict__", "proto")
+
+    def __init__(self, proto: Any) -> None:
+        self.proto = proto
+        """The protobuf message, as the coordinator sent it."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _View) and type(other) is type(self) and other.proto == self.proto
+
+    def __hash__(self) -> int:
+        return hash(self.proto.SerializeToString(deterministic=True))
+
+
+class Step(_View):
     """One step of a saga, as the coordinator last recorded it."""
 
-    id: str
-    name: str
-    action: str
-    compensation: str | None
-    """None when the step has nothing to undo."""
-    status: StepStatus
-    input: dict[str, Any]
-    output: dict[str, Any] | None
-    """What the action returned (None until it succeeded)."""
-    error: str
-    """The last failure, empty if none."""
-    attempts: int
-    compensation_attempts: int
-    executed_at: datetime | None
-    compensated_at: datetime | None
-    retry_policy: RetryPolicy | None
-    compensation_retry_policy: RetryPolicy | None
-    timeout: timedelta | None
-    """Each attempt's time limit, or None."""
-    deadline_at: datetime | None
-    """When the attempt in flight times out."""
-    outcome_unknown: bool
-    """The action may have happened although the step failed (e.g. it timed out)."""
     proto: saga_pb2.Step
 
     @classmethod
     def from_proto(cls, step: saga_pb2.Step) -> Step:
         """The view of a wire step."""
-        return cls(
-            id=step.id,
-            name=step.name,
-            action=step.action,
-            compensation=step.compensation or None,
-            status=StepStatus.from_proto(step.status),
-            input=structs.to_dict(step.input),
-            output=structs.to_dict(step.output) if step.HasField("output") else None,
-            error=step.error,
-            attempts=step.attempts,
-            compensation_attempts=step.compensation_attempts,
-            executed_at=_time(step, "executed_at"),
-            compensated_at=_time(step, "compensated_at"),
-            retry_policy=(
-                RetryPolicy.from_proto(step.retry_policy) if step.HasField("retry_policy") else None
-            ),
-            compensation_retry_policy=(
-                RetryPolicy.from_proto(step.compensation_retry_policy)
-                if step.HasField("compensation_retry_policy")
-                else None
-            ),
-            timeout=_duration(step, "timeout"),
-            deadline_at=_time(step, "deadline_at"),
-            outcome_unknown=step.outcome_unknown,
-            proto=step,
-        )
+        return cls(step)
+
+    @property
+    def id(self) -> str:
+        """Stable across attempts."""
+        return self.proto.id
+
+    @property
+    def name(self) -> str:
+        """Unique within the saga."""
+        return self.proto.name
+
+    @property
+    def action(self) -> str:
+        """The action that executes the step."""
+        return self.proto.action
+
+    @property
+    def compensation(self) -> str | None:
+        """The action that undoes it; None when the step has nothing to undo."""
+        return self.proto.compensation or None
+
+    @property
+    def status(self) -> StepStatus:
+        """Where the step is in its lifecycle."""
+        return StepStatus.from_proto(self.proto.status)
+
+    @cached_property
+    def input(self) -> dict[str, Any]:
+        """The JSON object handed to the action."""
+        return structs.to_dict(self.proto.input)
+
+    @cached_property
+    def output(self) -> dict[str, Any] | None:
+        """What the action returned (None until it succeeded)."""
+        return structs.to_dict(self.proto.output) if self.proto.HasField("output") else None
+
+    @property
+    def error(self) -> str:
+        """The last failure, empty if none."""
+        return self.proto.error
+
+    @property
+    def attempts(self) -> int:
+        """Attempts of the action so far."""
+        return self.proto.attempts
+
+    @property
+    def compensation_attempts(self) -> int:
+        """Attempts of the compensation so far."""
+        return self.proto.compensation_attempts
+
+    @property
+    def executed_at(self) -> datetime | None:
+        """When the action succeeded."""
+        return _time(self.proto, "executed_at")
+
+    @property
+    def compensated_at(self) -> datetime | None:
+        """When the compensation succeeded."""
+        return _time(self.proto, "compensated_at")
+
+    @cached_property
+    def retry_policy(self) -> RetryPolicy | None:
+        """How the action is retried."""
+        return _policy(self.proto, "retry_policy")
+
+    @cached_property
+    def compensation_retry_policy(self) -> RetryPolicy | None:
+        """How the compensation is retried."""
+        return _policy(self.proto, "compensation_retry_policy")
+
+    @property
+    def timeout(self) -> timedelta | None:
+        """Each attempt's time limit, or None."""
+        return _duration(self.proto, "timeout")
+
+    @property
+    def deadline_at(self) -> datetime | None:
+        """When the attempt in flight times out."""
+        return _time(self.proto, "deadline_at")
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """The action may have happened although the step failed (e.g. it timed out)."""
+        return self.proto.outcome_unknown
+
+    def __repr__(self) -> str:
+        return f"Step(name={self.name!r}, action={self.action!r}, status={self.status.value!r})"
 
 
-@dataclass(frozen=True, kw_only=True)
-class HistoryEntry:
+class HistoryEntry(_View):
     """One transition of a saga: what happened, to which step, and the state it left."""
 
-    from_state: SagaState
-    to_state: SagaState
-    step_name: str
-    """Empty for a transition of the whole saga (started, compensate requested, ...)."""
-    event: str
-    reason: str
-    at: datetime | None
     proto: saga_pb2.HistoryEntry
 
     @classmethod
     def from_proto(cls, entry: saga_pb2.HistoryEntry) -> HistoryEntry:
         """The view of a wire history entry."""
-        return cls(
-            from_state=SagaState.from_proto(entry.from_state),
-            to_state=SagaState.from_proto(entry.to_state),
-            step_name=entry.step_name,
-            event=entry.event,
-            reason=entry.reason,
-            at=_time(entry, "at"),
-            proto=entry,
-        )
+        return cls(entry)
+
+    @property
+    def from_state(self) -> SagaState:
+        """The saga's state before."""
+        return SagaState.from_proto(self.proto.from_state)
+
+    @property
+    def to_state(self) -> SagaState:
+        """The saga's state after."""
+        return SagaState.from_proto(self.proto.to_state)
+
+    @property
+    def step_name(self) -> str:
+        """Empty for a transition of the whole saga (started, compensate requested, ...)."""
+        return self.proto.step_name
+
+    @property
+    def event(self) -> str:
+        """What happened, e.g. ``step_completed``."""
+        return self.proto.event
+
+    @property
+    def reason(self) -> str:
+        """Why, when someone or something said so."""
+        return self.proto.reason
+
+    @property
+    def at(self) -> datetime | None:
+        """When (the database's clock)."""
+        return _time(self.proto, "at")
+
+    def __repr__(self) -> str:
+        return f"HistoryEntry(event={self.event!r}, step_name={self.step_name!r})"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Saga:
+class Saga(_View):
     """A saga as the coordinator answered it."""
 
-    id: str
-    name: str
-    state: SagaState
-    steps: tuple[Step, ...]
-    context: dict[str, Any]
-    created_at: datetime | None
-    updated_at: datetime | None
-    completed_at: datetime | None
-    deadline_at: datetime | None
-    idempotency_key: str | None
-    history: tuple[HistoryEntry, ...]
-    """Empty unless asked for (``include_history``)."""
     proto: saga_pb2.Saga
+
+    @classmethod
+    def from_proto(cls, saga: saga_pb2.Saga) -> Saga:
+        """The view of a wire saga."""
+        return cls(saga)
+
+    @property
+    def id(self) -> str:
+        """The saga's id (a ULID)."""
+        return self.proto.id
+
+    @property
+    def name(self) -> str:
+        """The saga's type name."""
+        return self.proto.name
+
+    @property
+    def state(self) -> SagaState:
+        """Where the saga is in its lifecycle."""
+        return SagaState.from_proto(self.proto.state)
 
     @property
     def ended(self) -> bool:
         """Whether the saga is in :data:`TERMINAL_STATES`."""
         return self.state in TERMINAL_STATES
+
+    @cached_property
+    def steps(self) -> tuple[Step, ...]:
+        """Its steps, in order."""
+        return tuple(Step(s) for s in self.proto.steps)
+
+    @cached_property
+    def context(self) -> dict[str, Any]:
+        """The JSON object given at start, handed to every step."""
+        return structs.to_dict(self.proto.context)
+
+    @property
+    def created_at(self) -> datetime | None:
+        """When it started."""
+        return _time(self.proto, "created_at")
+
+    @property
+    def updated_at(self) -> datetime | None:
+        """Its last transition."""
+        return _time(self.proto, "updated_at")
+
+    @property
+    def completed_at(self) -> datetime | None:
+        """When it reached a final state."""
+        return _time(self.proto, "completed_at")
+
+    @property
+    def deadline_at(self) -> datetime | None:
+        """When it is compensated if not ended by then."""
+        return _time(self.proto, "deadline_at")
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The key it was started with, if any."""
+        return self.proto.idempotency_key or None
+
+    @cached_property
+    def history(self) -> tuple[HistoryEntry, ...]:
+        """Its transitions; empty unless asked for (``include_history``)."""
+        return tuple(HistoryEntry(e) for e in self.proto.history)
 
     def step(self, name: str) -> Step:
         """The step called ``name``; KeyError if there is none."""
@@ -247,23 +368,8 @@ class Saga:
                 return step
         raise KeyError(name)
 
-    @classmethod
-    def from_proto(cls, saga: saga_pb2.Saga) -> Saga:
-        """The view of a wire saga."""
-        return cls(
-            id=saga.id,
-            name=saga.name,
-            state=SagaState.from_proto(saga.state),
-            steps=tuple(Step.from_proto(s) for s in saga.steps),
-            context=structs.to_dict(saga.context),
-            created_at=_time(saga, "created_at"),
-            updated_at=_time(saga, "updated_at"),
-            completed_at=_time(saga, "completed_at"),
-            deadline_at=_time(saga, "deadline_at"),
-            idempotency_key=saga.idempotency_key or None,
-            history=tuple(HistoryEntry.from_proto(e) for e in saga.history),
-            proto=saga,
-        )
+    def __repr__(self) -> str:
+        return f"Saga(id={self.id!r}, name={self.name!r}, state={self.state.value!r})"
 
 
 def to_duration(value: float | timedelta) -> duration_pb2.Duration:
@@ -281,6 +387,10 @@ def _time(message: Any, field: str) -> datetime | None:
         return None
     stamp: timestamp_pb2.Timestamp = getattr(message, field)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _policy(message: Any, field: str) -> RetryPolicy | None:
+    return RetryPolicy.from_proto(getattr(message, field)) if message.HasField(field) else None
 
 
 def _duration(message: Any, field: str) -> timedelta | None:
