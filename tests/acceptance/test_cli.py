@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -21,6 +20,7 @@ from helpers.shop import Shop, shop, shop_databases
 from coordinator.app import Coordinator
 from coordinator.cli import main
 from sagaplane import NonRetryableError, Participant, StepContext
+from sagaplane.testing import Child
 
 __all__ = ["shop", "shop_databases"]  # fixtures, imported for pytest
 
@@ -144,29 +144,25 @@ async def test_python_m_coordinator_is_sagaplane_serve() -> None:
 async def test_serve_runs_a_coordinator_until_sigterm(database_url: str, amqp_url: str) -> None:
     listen = f"127.0.0.1:{free_port()}"
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
-    proc = await asyncio.create_subprocess_exec(
-        SAGAPLANE, "serve", "--amqp-url", amqp_url, "--listen", listen, "--grace", "1",
+    serve = Child(
+        "serve",
+        [SAGAPLANE, "serve", "--amqp-url", amqp_url, "--listen", listen, "--grace", "1"],
         # The database from the environment, the rest from flags.
         env=clean | {"SAGAPLANE_DATABASE_URL": database_url},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        tail_lines=1000,
+    )
+    await serve.start()
     try:
         for _ in range(300):
             health = await sagaplane("health", "--coordinator", listen)
             if health.status == 0:
                 break
-            assert proc.returncode is None, "serve exited during start-up"
+            serve.check_alive()
             await asyncio.sleep(0.1)
         assert health.out.strip() == "SERVING"
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(20):
-            status = await proc.wait()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.stderr is not None
-    logs = (await proc.stderr.read()).decode()
+        status = await serve.stop(grace=20)
+    logs = serve.tail(1000)
     assert status == 0, logs
     assert "coordinator stopped" in logs
     assert (await sagaplane("health", "--coordinator", listen)).status == 3

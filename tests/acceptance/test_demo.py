@@ -25,6 +25,7 @@ from test_readme import ROOT, fresh_shell_env, quick_start_commands
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import SERVICES
+from sagaplane.testing import Child
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -201,20 +202,14 @@ async def test_the_compose_services_run_the_same_demo(amqp_url: str) -> None:
             command(service), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
         )
 
-    running: list[asyncio.subprocess.Process] = []
+    running: list[Child] = []
     try:
         setup = await asyncio.to_thread(run, "setup")
         assert setup.returncode == 0, setup.stderr
         for service in ("coordinator", *SERVICES):
-            running.append(
-                await asyncio.create_subprocess_exec(
-                    *command(service),
-                    env=env,
-                    cwd=ROOT,
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-            )
+            child = Child(service, command(service), env=env, cwd=ROOT)
+            await child.start()
+            running.append(child)
         demo = await asyncio.to_thread(run, "demo")
         assert demo.returncode == 0, demo.stdout + demo.stderr
         check_demo_output(demo.stdout)
@@ -226,13 +221,10 @@ async def test_the_compose_services_run_the_same_demo(amqp_url: str) -> None:
         )
         assert healthy.returncode == 0, shlex.join(check)
     finally:
-        for proc in running:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        statuses = [await proc.wait() for proc in running]
+        statuses = await asyncio.gather(*(child.stop() for child in running))
         for db in (name, *(f"{name}_{s}" for s in SERVICES)):
             await drop_database(db)
-    assert statuses == [0] * len(running)
+    assert statuses == [0] * len(running), [c.tail() for c in running]
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ from helpers.broker import rabbitmqctl
 from helpers.processes import free_port
 
 from sagaplane import InvalidArgument, SagaClient, StepSpec
+from sagaplane.testing import Child
 
 SAGAPLANE = str(Path(sys.executable).parent / "sagaplane")
 PG_SECRET = f"pg-Secret-{uuid.uuid4().hex[:8]}"
@@ -85,13 +85,9 @@ async def test_a_coordinators_logs_hold_no_password(database_url: str, amqp_url:
         assert status == 0, out
         output.append(out)
 
-        proc = await asyncio.create_subprocess_exec(
-            SAGAPLANE,
-            "serve",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-        )
+        # Every line it writes is kept, to be searched for the password.
+        serve = Child("serve", [SAGAPLANE, "serve"], env=env, tail_lines=1_000_000)
+        await serve.start()
         try:
             async with SagaClient(f"127.0.0.1:{port}") as client:
                 saga = None
@@ -110,9 +106,8 @@ async def test_a_coordinators_logs_hold_no_password(database_url: str, amqp_url:
                     await client.start_saga("", [])
                 await asyncio.sleep(1)  # the relay's publish and its logs
         finally:
-            proc.send_signal(signal.SIGTERM)
-            out_bytes, _ = await proc.communicate()
-            output.append(out_bytes.decode())
+            await serve.stop()
+            output.append(serve.tail(1_000_000))
 
         # And a start that fails: the error names where it connects, without the password.
         wrong = _with_password(amqp_url, user, AMQP_SECRET + "-wrong")
