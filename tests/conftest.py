@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from helpers.broker import fresh_vhost
-from helpers.database import create_database, drop_database, server_url, unique_name
 
 from coordinator.app import Coordinator
 from coordinator.config import Settings
 from coordinator.store.migrate import migrate
+from helpers.broker import fresh_vhost
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane.v1 import coordinator_pb2_grpc
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.database import create_database, drop_database, server_url, unique_name
-from helpers.processes import free_port
-from helpers.shop import Shop, shop, shop_databases
 
 from coordinator.app import Coordinator
 from coordinator.cli import main
+from helpers.database import create_database, drop_database, server_url, unique_name
+from helpers.processes import free_port
+from helpers.shop import Shop, shop, shop_databases
 from sagaplane import NonRetryableError, Participant, StepContext
 from sagaplane.testing import Child
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import psycopg
 import yaml
-from helpers.broker import rabbitmqctl
-from helpers.database import drop_database, server_url, unique_name
-from helpers.processes import free_port
 from test_readme import ROOT, fresh_shell_env, quick_start_commands
 
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import SERVICES
+from helpers.broker import rabbitmqctl
+from helpers.database import drop_database, server_url, unique_name
+from helpers.processes import free_port
 from sagaplane.testing import Child
 
 VENV_BIN = Path(sys.executable).parent

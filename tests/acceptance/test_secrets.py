@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from helpers.broker import rabbitmqctl
 from helpers.processes import free_port
-
 from sagaplane import InvalidArgument, SagaClient, StepSpec
 from sagaplane.testing import Child
 

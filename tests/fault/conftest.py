@@ -16,11 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from _pytest.terminal import TerminalReporter
-from helpers.database import create_database, drop_database, server_url, unique_name
 
 from fault.harness import TOTALS, Rig, totals_table
 from fault.schema import SERVICES, TABLES
 from fault.services import ensure_all_running_sync
+from helpers.database import create_database, drop_database, server_url, unique_name
 
 TOTALS_FILE = Path(__file__).parent / ".last-totals.txt"
 RESTARTS_MODULE = Path(__file__).parent / "test_service_restarts.py"

@@ -45,8 +45,8 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from fault.schema import PAYMENT_LIMIT
 
+from fault.schema import PAYMENT_LIMIT
 from sagaplane import topology
 from sagaplane.client import SagaClient, StepSpec
 from sagaplane.errors import CoordinatorError, SagaNotFound

@@ -44,10 +44,10 @@ from typing import Any
 
 import psycopg
 from aio_pika.abc import AbstractIncomingMessage
-from fault.schema import PAYMENT_LIMIT
 from google.protobuf.message import DecodeError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from fault.schema import PAYMENT_LIMIT
 from sagaplane import (
     CallNext,
     Delivery,

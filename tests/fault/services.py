@@ -16,8 +16,8 @@ import time
 
 import aio_pika
 import psycopg
-from helpers.database import server_url
 
+from helpers.database import server_url
 from sagaplane.testing import RabbitmqctlFailed, rabbitmqctl
 
 log = logging.getLogger("fault.services")

@@ -18,7 +18,6 @@ from typing import Any
 import aio_pika
 import psycopg
 import pytest
-from helpers.broker import rabbitmqctl
 
 from fault.harness import (
     CHAOS_EXCHANGE,
@@ -29,6 +28,7 @@ from fault.harness import (
     retry_policy,
     saga_request,
 )
+from helpers.broker import rabbitmqctl
 from sagaplane import structs, topology
 from sagaplane.client import Resolution
 from sagaplane.consuming import REASON_HEADER

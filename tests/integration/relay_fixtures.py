@@ -23,11 +23,11 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from helpers.broker import amqp_url_for, fresh_vhost, rabbitmqctl
-from helpers.database import create_database, drop_database, server_url, unique_name
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from helpers.broker import amqp_url_for, fresh_vhost, rabbitmqctl
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import migrations
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.relay import OutboxRelay

@@ -9,11 +9,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers.database import server_url
 from psycopg import AsyncClientCursor
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
+from helpers.database import server_url
 from sagaplane import batch
 
 

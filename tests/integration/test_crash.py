@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+
 from helpers.processes import CoordinatorProcess, free_port
 from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
-
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model

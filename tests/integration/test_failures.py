@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from helpers.database import create_database, drop_database, server_url, unique_name
 
 from coordinator import engine
 from coordinator.app import Coordinator
 from coordinator.config import Settings
 from coordinator.engine import RetryPolicy
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc

@@ -20,11 +20,11 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
-from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.app import Coordinator
+from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
 from sagaplane import structs, topology
 from sagaplane.consuming import QUEUE_HEADER, REASON_HEADER
 from sagaplane.limits import MAX_MESSAGE_BYTES

@@ -19,9 +19,9 @@ import aio_pika
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
 from helpers.broker import fresh_vhost
 from helpers.database import create_database, drop_database, server_url, unique_name
-
 from sagaplane import (
     CallNext,
     Delivery,

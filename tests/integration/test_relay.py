@@ -12,7 +12,6 @@ import aiormq
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from helpers.database import unique_name
 from psycopg_pool import AsyncConnectionPool
 from relay_fixtures import (
     amqp,
@@ -34,6 +33,7 @@ from relay_fixtures import (
     wait_for_listener,
 )
 
+from helpers.database import unique_name
 from sagaplane import topology
 from sagaplane.outbox import enqueue
 from sagaplane.relay import OutboxRelay

@@ -6,8 +6,8 @@ import asyncio
 from collections import Counter
 
 import psycopg
-from helpers.shop import Shop, order_request, settle, shop, shop_databases, wait_terminal
 
+from helpers.shop import Shop, order_request, settle, shop, shop_databases, wait_terminal
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model

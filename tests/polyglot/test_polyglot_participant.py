@@ -14,7 +14,6 @@ from typing import Any
 import aio_pika
 import psycopg
 import pytest
-from helpers.database import create_database, drop_database, server_url, unique_name
 from polyglot_tools import (
     NodeParticipant,
     by_name,
@@ -26,6 +25,7 @@ from polyglot_tools import (
 
 from coordinator.app import Coordinator
 from examples.shop.services import create_tables, orders
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import structs, topology
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
