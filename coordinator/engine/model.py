@@ -15,13 +15,13 @@ class SagaState(StrEnum):
     """Where a saga is in its lifecycle (see ``proto/sagaplane/v1/saga.proto``)."""
 
     STARTED = "started"
-    """Steps run forward, one at a time."""
+    """Steps run forward, each once the steps it depends on are done."""
     COMPLETED = "completed"
     """Every step completed. Compensate can still undo it."""
     FAILED = "failed"
     """A forward step failed and no completed step had anything to undo."""
     COMPENSATING = "compensating"
-    """Compensations of completed steps run, newest first."""
+    """Compensations of completed steps run, dependents before what they depend on."""
     COMPENSATED = "compensated"
     """Every completed step with a compensation was compensated."""
     COMPENSATION_FAILED = "compensation_failed"
@@ -100,7 +100,8 @@ class Step:
     id: str
     """Unique id (ULID)."""
     position: int
-    """0-based place in the saga; steps run in this order."""
+    """0-based place in the saga (steps run in this order unless ``depends_on`` says
+    otherwise)."""
     name: str
     """Unique within the saga."""
     action: str
@@ -138,6 +139,9 @@ class Step:
     """An attempt of the action timed out and no later attempt succeeded: the action
     may have taken effect without a reply, so a compensation must undo it even though
     the step is not completed."""
+    depends_on: tuple[int, ...] | None = None
+    """Positions of the steps this one waits for; None: the step before it (none for the
+    first), which makes a saga of such steps run one after another."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +157,7 @@ class Saga:
     context: JsonObject
     """Shared with every command."""
     steps: tuple[Step, ...]
-    """In execution order."""
+    """In the order given at start (``Step.position``)."""
     created_at: datetime
     """When it was started."""
     updated_at: datetime
@@ -181,6 +185,8 @@ class StepSpec:
     retry: RetryPolicy = DEFAULT_RETRY
     compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
     timeout: timedelta = DEFAULT_STEP_TIMEOUT
+    depends_on: tuple[str, ...] | None = None
+    """Names of the steps this one waits for; None: the step before it; (): none."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,16 +4,21 @@ Pure: no I/O, no clock (``now`` is passed in) and no randomness of its own
 (command tokens come from the ``new_token`` callable the caller passes; retry
 jitter is a hash of the step, kind and attempt).
 
-Steps run forward one at a time. A failed attempt is retried after a backoff
+Steps run forward as a graph (:mod:`coordinator.engine.graph`): every step whose
+dependencies are all completed is dispatched in the same transition, so a step
+that says nothing about its dependencies waits for the step before it and a
+plain saga runs one step at a time. A failed attempt is retried after a backoff
 while its retry policy allows and the participant called the error retryable;
 an attempt without a reply by its deadline is a failed, retryable attempt whose
 outcome is unknown. A step that finally fails, a Compensate request or the
-saga's deadline turns the saga to COMPENSATING: the compensation of every
-completed step (and of every step whose outcome is unknown) runs, newest
-first, one at a time, each with its own retries. A step whose command is in
-flight when compensation starts is waited for: if it then succeeds, it is
-compensated first. A compensation that exhausts its retries, or fails
-non-retryably, stops the saga in COMPENSATION_FAILED until a person resolves it.
+saga's deadline turns the saga to COMPENSATING: no step is dispatched forward
+any more, steps whose command is in flight are waited for (and compensated if
+they then succeed), and the compensation of every completed step (and of every
+step whose outcome is unknown) runs, each with its own retries, once every step
+that depends on it has been undone; independent branches are undone at the same
+time, a plain saga newest first, one at a time. A compensation that exhausts
+its retries, or fails non-retryably, stops the saga in COMPENSATION_FAILED until
+a person resolves it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from coordinator.engine import graph
 from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
@@ -36,7 +42,6 @@ from coordinator.engine.events import (
     TimerFired,
 )
 from coordinator.engine.model import (
-    IN_FLIGHT,
     Command,
     CommandKind,
     HistoryEntry,
@@ -73,6 +78,7 @@ def start(
         raise ValueError("one unique step id per step")
     if len({spec.name for spec in steps}) != len(steps):
         raise ValueError("step names must be unique")
+    depends_on = graph.resolve(steps)
     saga = Saga(
         id=saga_id,
         name=name,
@@ -89,6 +95,7 @@ def start(
                 retry=spec.retry,
                 compensation_retry=spec.compensation_retry,
                 timeout=spec.timeout,
+                depends_on=depends_on[i],
             )
             for i, (spec, step_id) in enumerate(zip(steps, step_ids, strict=True))
         ),
@@ -99,7 +106,7 @@ def start(
     )
     b = _Builder(saga, now, new_token)
     b.record(None, SagaState.STARTED, None, "saga_started")
-    b.dispatch(0, CommandKind.EXECUTE)
+    b.advance()
     return b.build()
 
 
@@ -173,10 +180,7 @@ def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactor
             )
             b.record_step(step, "step_completed")
             if b.saga.state is SagaState.STARTED:
-                if i + 1 < len(saga.steps):
-                    b.dispatch(i + 1, CommandKind.EXECUTE)
-                else:
-                    b.finish(SagaState.COMPLETED, "saga_completed")
+                b.advance()
             else:
                 b.continue_compensation()
         else:
@@ -352,7 +356,20 @@ class _Builder:
                 self.record_step(s, "step_failed", "retry cancelled: the saga compensates")
 
     def has_something_to_compensate(self) -> bool:
-        return any(_needs_compensation(s) for s in self.steps)
+        # A step still in flight forward (a parallel branch) may yet complete: wait for it.
+        return any(_needs_compensation(s) or s.status is StepStatus.STARTED for s in self.steps)
+
+    def advance(self) -> None:
+        """Dispatch every pending step whose dependencies all completed; finish the saga
+        when every step has."""
+        for i, s in enumerate(self.steps):
+            if s.status is StepStatus.PENDING and all(
+                self.steps[d].status is StepStatus.COMPLETED
+                for d in graph.dependencies(self.steps, i)
+            ):
+                self.dispatch(i, CommandKind.EXECUTE)
+        if all(s.status is StepStatus.COMPLETED for s in self.steps):
+            self.finish(SagaState.COMPLETED, "saga_completed")
 
     def attempt_failed(
         self, i: int, kind: CommandKind, error: str | None, retryable: bool, *, unknown: bool
@@ -434,14 +451,28 @@ class _Builder:
         self.record_step(step, event, f"attempt {attempt}" if attempt > 1 else None)
 
     def continue_compensation(self) -> None:
-        """Dispatch the next compensation, or finish when none is left."""
-        waiting = (*IN_FLIGHT, StepStatus.COMPENSATION_RETRYING)
-        if any(s.status in waiting for s in self.steps):
-            return  # a reply or a retry is awaited; it will call us again
+        """Dispatch every compensation whose dependents are all undone; finish when none
+        is left, or stop in COMPENSATION_FAILED while one waits for a person."""
+        if self.saga.state is SagaState.COMPENSATION_FAILED:
+            return  # a person decides first (ResolveCompensation calls us again)
+        if any(s.status is StepStatus.STARTED for s in self.steps):
+            return  # forward steps in flight are awaited: they may need undoing too
+        below = graph.descendants(self.steps)
         for i in reversed(range(len(self.steps))):
-            if _needs_compensation(self.steps[i]):
+            if _needs_compensation(self.steps[i]) and all(
+                _settled(self.steps[j]) for j in below[i]
+            ):
                 self.dispatch(i, CommandKind.COMPENSATE)
-                return
+        undoing = (StepStatus.COMPENSATING, StepStatus.COMPENSATION_RETRYING)
+        if any(s.status in undoing for s in self.steps):
+            return  # a reply or a retry is awaited; it will call us again
+        stuck = next((s for s in self.steps if s.status is StepStatus.COMPENSATION_FAILED), None)
+        if stuck is not None:
+            # Another branch's compensation failed for good while this one was undone.
+            self.move(
+                SagaState.COMPENSATION_FAILED, stuck.name, "saga_compensation_failed", stuck.error
+            )
+            return
         self.finish(SagaState.COMPENSATED, "saga_compensated")
 
     def _command(
@@ -460,6 +491,16 @@ class _Builder:
             context=self.saga.context,
             token=token,
         )
+
+
+def _settled(step: Step) -> bool:
+    """Nothing of the step is left to undo or being undone (its ancestors may go)."""
+    undoing = (
+        StepStatus.COMPENSATING,
+        StepStatus.COMPENSATION_RETRYING,
+        StepStatus.COMPENSATION_FAILED,
+    )
+    return step.status not in undoing and not _needs_compensation(step)
 
 
 def _needs_compensation(step: Step) -> bool:
