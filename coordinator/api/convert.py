@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from coordinator.engine import HistoryEntry, RetryPolicy, Saga, SagaState, Step, StepStatus
+from coordinator.engine import HistoryEntry, RetryPolicy, Saga, SagaState, Step, StepStatus, graph
 from sagaplane import structs
 from sagaplane.v1 import saga_pb2
 
@@ -56,8 +56,8 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def step_to_proto(step: Step) -> saga_pb2.Step:
-    """The API view of a step (its command token stays secret)."""
+def step_to_proto(step: Step, steps: Sequence[Step]) -> saga_pb2.Step:
+    """The API view of a step of ``steps`` (its command token stays secret)."""
     return saga_pb2.Step(
         id=step.id,
         name=step.name,
@@ -76,6 +76,7 @@ def step_to_proto(step: Step) -> saga_pb2.Step:
         timeout=_duration(step.timeout),
         deadline_at=_timestamp(step.deadline_at),
         outcome_unknown=step.outcome_unknown,
+        depends_on=[steps[d].name for d in graph.dependencies(steps, step.position)],
     )
 
 
@@ -99,7 +100,7 @@ def saga_to_proto(saga: Saga, history: Sequence[HistoryEntry] = ()) -> saga_pb2.
         id=saga.id,
         name=saga.name,
         state=_SAGA_STATES[saga.state],
-        steps=[step_to_proto(s) for s in saga.steps],
+        steps=[step_to_proto(s, saga.steps) for s in saga.steps],
         context=structs.to_struct(saga.context),
         created_at=_timestamp(saga.created_at),
         updated_at=_timestamp(saga.updated_at),

@@ -8,6 +8,7 @@ from datetime import timedelta
 from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
+from coordinator.engine import graph
 from coordinator.errors import BadRequest, UnknownSaga
 from coordinator.store.repository import is_id
 from sagaplane import structs
@@ -178,8 +179,13 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
                 timeout=_duration(spec.timeout, f"steps[{i}].timeout", limit=MAX_STEP_TIMEOUT)
                 if spec.HasField("timeout")
                 else step_timeout,
+                depends_on=_depends_on(spec, i),
             )
         )
+    try:
+        graph.resolve(steps)
+    except graph.InvalidGraph as exc:
+        raise BadRequest(exc.field, exc.problem) from exc
     return engine.SagaSpec(
         name=name,
         steps=tuple(steps),
@@ -187,6 +193,20 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
         idempotency_key=_text(request.idempotency_key, "idempotency_key", required=False) or None,
         timeout=saga_timeout,
     )
+
+
+def _depends_on(spec: coordinator_pb2.StepSpec, i: int) -> tuple[str, ...] | None:
+    if spec.depends_on_nothing:
+        if spec.depends_on:
+            raise BadRequest(
+                f"steps[{i}].depends_on_nothing", "must not be set together with depends_on"
+            )
+        return ()
+    names = tuple(
+        _text(name, f"steps[{i}].depends_on[{j}]", required=True)
+        for j, name in enumerate(spec.depends_on)
+    )
+    return names or None
 
 
 def canonical(request: coordinator_pb2.StartSagaRequest) -> bytes:

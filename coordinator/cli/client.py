@@ -47,6 +47,8 @@ as YAML, which also reads JSON). Its fields are the request's, as grpcurl -d tak
     - {name: charge, action: payment.charge, compensation: payment.refund,
        input: {amount: 42}}
 
+A step waits for the one before it unless it names others (depends_on: [create]) or
+none (depends_on_nothing: true); steps whose dependencies are done run side by side.
 A file holding only a list of steps works too, with --name.
 """
 

@@ -136,7 +136,12 @@ def saga_text(saga: saga_pb2.Saga, *, history: bool = False) -> str:
 
 
 def step_table(saga: saga_pb2.Saga) -> str:
-    """The steps: what they run, where they are, and what they returned or failed with."""
+    """The steps: what they run, where they are, and what they returned or failed with;
+    for a saga whose steps do not simply follow each other, what each waits for."""
+    graph = any(
+        list(step.depends_on) != ([saga.steps[i - 1].name] if i else [])
+        for i, step in enumerate(saga.steps)
+    )
     rows = []
     for i, step in enumerate(saga.steps, 1):
         attempts = str(step.attempts)
@@ -149,12 +154,15 @@ def step_table(saga: saga_pb2.Saga) -> str:
                 step.name,
                 step.action,
                 step.compensation or "-",
+                *([", ".join(step.depends_on) or "-"] if graph else []),
                 step_status(step.status),
                 attempts,
                 result,
             ]
         )
-    return table(["#", "STEP", "ACTION", "COMPENSATION", "STATUS", "ATTEMPTS", "RESULT"], rows)
+    after = ["AFTER"] if graph else []
+    headers = ["#", "STEP", "ACTION", "COMPENSATION", *after, "STATUS", "ATTEMPTS", "RESULT"]
+    return table(headers, rows)
 
 
 def history_table(entries: Iterable[saga_pb2.HistoryEntry]) -> str:

@@ -453,6 +453,7 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
         "timeout_ms": step.timeout // timedelta(milliseconds=1),
         "deadline_at": step.deadline_at,
         "outcome_unknown": step.outcome_unknown,
+        "depends_on": list(step.depends_on) if step.depends_on is not None else None,
     }
 
 
@@ -503,6 +504,7 @@ def _step_from_row(row: DictRow) -> Step:
         timeout=timedelta(milliseconds=row["timeout_ms"]),
         deadline_at=row["deadline_at"],
         outcome_unknown=row["outcome_unknown"],
+        depends_on=tuple(row["depends_on"]) if row["depends_on"] is not None else None,
     )
 
 

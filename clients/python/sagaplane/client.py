@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -69,6 +69,9 @@ class StepSpec:
     """How the compensation is retried (None: the saga's compensation policy)."""
     timeout: Seconds | None = None
     """Each attempt's time limit (None: the saga's ``step_timeout``)."""
+    depends_on: Sequence[str] | None = None
+    """Names of the steps this one waits for; None: the step before it; ``()``: none
+    (it starts with the saga). Steps whose dependencies are done run at the same time."""
 
     def to_proto(self) -> coordinator_pb2.StepSpec:
         """The wire form."""
@@ -84,6 +87,11 @@ class StepSpec:
             spec.compensation_retry_policy.CopyFrom(self.compensation_retry_policy.to_proto())
         if self.timeout is not None:
             spec.timeout.CopyFrom(_duration("timeout", self.timeout))
+        if self.depends_on is not None:
+            if isinstance(self.depends_on, str):
+                raise TypeError("depends_on is a sequence of step names, not one string")
+            spec.depends_on.extend(self.depends_on)
+            spec.depends_on_nothing = not self.depends_on
         return spec
 
 

@@ -243,6 +243,11 @@ class Step(_View):
         """The action may have happened although the step failed (e.g. it timed out)."""
         return self.proto.outcome_unknown
 
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """Names of the steps it waits for (empty: none)."""
+        return tuple(self.proto.depends_on)
+
     def __repr__(self) -> str:
         return f"Step(name={self.name!r}, action={self.action!r}, status={self.status.value!r})"
 

@@ -67,6 +67,8 @@ class StepSpec(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     COMPENSATION_RETRY_POLICY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_NOTHING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required; unique within the saga. At most 200 characters."""
     action: _builtins.str
@@ -75,6 +77,11 @@ class StepSpec(_message.Message):
     """
     compensation: _builtins.str
     """Optional; the action that undoes the step, for example "orders.delete"."""
+    depends_on_nothing: _builtins.bool
+    """Optional; true: the step waits for no other step and is dispatched when
+    the saga starts (proto3 cannot tell an empty depends_on from an absent
+    one). Not together with depends_on.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Optional JSON object handed to the action."""
@@ -95,6 +102,17 @@ class StepSpec(_message.Message):
         step_timeout. At most 1 day.
         """
 
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional; names of the steps this one waits for: it is dispatched once
+        every one of them has completed, and steps whose dependencies are all
+        done run at the same time. Empty (and depends_on_nothing false): the step
+        before it, so that steps saying nothing run one after another. No step
+        may depend on itself, name a step twice, or close a cycle. While the saga
+        compensates, a step is undone only after every step that depends on it
+        (directly or not) has been undone.
+        """
+
     def __init__(
         self,
         *,
@@ -105,10 +123,12 @@ class StepSpec(_message.Message):
         retry_policy: _saga_pb2.RetryPolicy | None = ...,
         compensation_retry_policy: _saga_pb2.RetryPolicy | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        depends_on_nothing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry_policy", b"compensation_retry_policy", "input", b"input", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry_policy", b"compensation_retry_policy", "input", b"input", "name", b"name", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry_policy", b"compensation_retry_policy", "depends_on", b"depends_on", "depends_on_nothing", b"depends_on_nothing", "input", b"input", "name", b"name", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

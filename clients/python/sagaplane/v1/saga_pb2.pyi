@@ -222,6 +222,7 @@ class Step(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     DEADLINE_AT_FIELD_NUMBER: _builtins.int
     OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id of the step (a ULID)."""
     name: _builtins.str
@@ -283,6 +284,12 @@ class Step(_message.Message):
         the next attempt is sent. Unset when nothing is awaited.
         """
 
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the steps this one waits for (for a step that said nothing at
+        start: the step before it; empty for a step that waits for none).
+        """
+
     def __init__(
         self,
         *,
@@ -303,10 +310,11 @@ class Step(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         deadline_at: _timestamp_pb2.Timestamp | None = ...,
         outcome_unknown: _builtins.bool = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "executed_at", b"executed_at", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "depends_on", b"depends_on", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

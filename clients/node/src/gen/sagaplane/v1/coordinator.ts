@@ -101,7 +101,25 @@ export interface StepSpec {
    * Optional; how long one attempt may take. Default: the saga's
    * step_timeout. At most 1 day.
    */
-  timeout: Duration | undefined;
+  timeout:
+    | Duration
+    | undefined;
+  /**
+   * Optional; names of the steps this one waits for: it is dispatched once
+   * every one of them has completed, and steps whose dependencies are all
+   * done run at the same time. Empty (and depends_on_nothing false): the step
+   * before it, so that steps saying nothing run one after another. No step
+   * may depend on itself, name a step twice, or close a cycle. While the saga
+   * compensates, a step is undone only after every step that depends on it
+   * (directly or not) has been undone.
+   */
+  dependsOn: string[];
+  /**
+   * Optional; true: the step waits for no other step and is dispatched when
+   * the saga starts (proto3 cannot tell an empty depends_on from an absent
+   * one). Not together with depends_on.
+   */
+  dependsOnNothing: boolean;
 }
 
 /** Request of StartSaga. */
@@ -224,6 +242,8 @@ function createBaseStepSpec(): StepSpec {
     retryPolicy: undefined,
     compensationRetryPolicy: undefined,
     timeout: undefined,
+    dependsOn: [],
+    dependsOnNothing: false,
   };
 }
 
@@ -249,6 +269,12 @@ export const StepSpec: MessageFns<StepSpec> = {
     }
     if (message.timeout !== undefined) {
       Duration.encode(message.timeout, writer.uint32(58).fork()).join();
+    }
+    for (const v of message.dependsOn) {
+      writer.uint32(66).string(v!);
+    }
+    if (message.dependsOnNothing !== false) {
+      writer.uint32(72).bool(message.dependsOnNothing);
     }
     return writer;
   },
@@ -322,6 +348,22 @@ export const StepSpec: MessageFns<StepSpec> = {
             message.timeout = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.dependsOn.push(reader.string());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.dependsOnNothing = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -351,6 +393,16 @@ export const StepSpec: MessageFns<StepSpec> = {
         ? RetryPolicy.fromJSON(object.compensation_retry_policy)
         : undefined,
       timeout: isSet(object.timeout) ? Duration.fromJSON(object.timeout) : undefined,
+      dependsOn: globalThis.Array.isArray(object?.dependsOn)
+        ? object.dependsOn.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.depends_on)
+        ? object.depends_on.map((e: any) => globalThis.String(e))
+        : [],
+      dependsOnNothing: isSet(object.dependsOnNothing)
+        ? globalThis.Boolean(object.dependsOnNothing)
+        : isSet(object.depends_on_nothing)
+        ? globalThis.Boolean(object.depends_on_nothing)
+        : false,
     };
   },
 
@@ -377,6 +429,12 @@ export const StepSpec: MessageFns<StepSpec> = {
     if (message.timeout !== undefined) {
       obj.timeout = Duration.toJSON(message.timeout);
     }
+    if (message.dependsOn?.length) {
+      obj.dependsOn = message.dependsOn;
+    }
+    if (message.dependsOnNothing !== false) {
+      obj.dependsOnNothing = message.dependsOnNothing;
+    }
     return obj;
   },
 
@@ -399,6 +457,8 @@ export const StepSpec: MessageFns<StepSpec> = {
     message.timeout = (object.timeout !== undefined && object.timeout !== null)
       ? Duration.fromPartial(object.timeout)
       : undefined;
+    message.dependsOn = object.dependsOn?.map((e) => e) || [];
+    message.dependsOnNothing = object.dependsOnNothing ?? false;
     return message;
   },
 };

@@ -296,6 +296,11 @@ export interface Step {
    * like a completed one.
    */
   outcomeUnknown: boolean;
+  /**
+   * Names of the steps this one waits for (for a step that said nothing at
+   * start: the step before it; empty for a step that waits for none).
+   */
+  dependsOn: string[];
 }
 
 /** One recorded transition of a saga. The history is append-only. */
@@ -510,6 +515,7 @@ function createBaseStep(): Step {
     timeout: undefined,
     deadlineAt: undefined,
     outcomeUnknown: false,
+    dependsOn: [],
   };
 }
 
@@ -565,6 +571,9 @@ export const Step: MessageFns<Step> = {
     }
     if (message.outcomeUnknown !== false) {
       writer.uint32(136).bool(message.outcomeUnknown);
+    }
+    for (const v of message.dependsOn) {
+      writer.uint32(146).string(v!);
     }
     return writer;
   },
@@ -718,6 +727,14 @@ export const Step: MessageFns<Step> = {
             message.outcomeUnknown = reader.bool();
             continue;
           }
+          case 18: {
+            if (tag !== 146) {
+              break;
+            }
+
+            message.dependsOn.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -777,6 +794,11 @@ export const Step: MessageFns<Step> = {
         : isSet(object.outcome_unknown)
         ? globalThis.Boolean(object.outcome_unknown)
         : false,
+      dependsOn: globalThis.Array.isArray(object?.dependsOn)
+        ? object.dependsOn.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.depends_on)
+        ? object.depends_on.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -833,6 +855,9 @@ export const Step: MessageFns<Step> = {
     if (message.outcomeUnknown !== false) {
       obj.outcomeUnknown = message.outcomeUnknown;
     }
+    if (message.dependsOn?.length) {
+      obj.dependsOn = message.dependsOn;
+    }
     return obj;
   },
 
@@ -865,6 +890,7 @@ export const Step: MessageFns<Step> = {
       : undefined;
     message.deadlineAt = object.deadlineAt ?? undefined;
     message.outcomeUnknown = object.outcomeUnknown ?? false;
+    message.dependsOn = object.dependsOn?.map((e) => e) || [];
     return message;
   },
 };
