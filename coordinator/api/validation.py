@@ -8,7 +8,6 @@ from datetime import timedelta
 from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
-from coordinator.engine import graph
 from coordinator.errors import BadRequest, UnknownSaga
 from coordinator.store.repository import is_id
 from sagaplane import structs
@@ -183,8 +182,8 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
             )
         )
     try:
-        graph.resolve(steps)
-    except graph.InvalidGraph as exc:
+        engine.plan(steps)
+    except engine.InvalidSpec as exc:
         raise BadRequest(exc.field, exc.problem) from exc
     return engine.SagaSpec(
         name=name,

@@ -1,6 +1,6 @@
 """The pure saga state machine: no I/O, no clock, no protobuf."""
 
-from coordinator.engine.errors import WrongState
+from coordinator.engine.errors import InvalidSpec, WrongState
 from coordinator.engine.events import (
     CompensateRequested,
     CompensationResolved,
@@ -30,7 +30,7 @@ from coordinator.engine.model import (
     StepStatus,
     Transition,
 )
-from coordinator.engine.transitions import TokenFactory, apply, backoff, start
+from coordinator.engine.transitions import TokenFactory, apply, backoff, plan, start
 
 __all__ = [
     "ACTIVE_STATES",
@@ -45,6 +45,7 @@ __all__ = [
     "CompensationResolved",
     "Event",
     "HistoryEntry",
+    "InvalidSpec",
     "JsonObject",
     "Resolution",
     "RetryPolicy",
@@ -62,5 +63,6 @@ __all__ = [
     "WrongState",
     "apply",
     "backoff",
+    "plan",
     "start",
 ]

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from coordinator.engine.errors import InvalidSpec
 from coordinator.engine.model import Step, StepSpec
 
 
-class InvalidGraph(ValueError):
+class InvalidGraph(InvalidSpec):
     """The steps' dependencies are not a graph the engine can run; the message names the
     field (``steps[2].depends_on[0]: no step named "x"``)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 def resolve(specs: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
@@ -75,6 +71,22 @@ def descendants(steps: Sequence[Step]) -> list[frozenset[int]]:
         return known
 
     return [below(i) for i in range(len(steps))]
+
+
+def ancestors(resolved: Sequence[tuple[int, ...] | None]) -> list[frozenset[int]]:
+    """For each step (its dependencies as :func:`resolve` gives them), every step it
+    depends on, directly or through others."""
+    found: list[frozenset[int] | None] = [None] * len(resolved)
+
+    def above(i: int) -> frozenset[int]:
+        known = found[i]
+        if known is None:
+            parents = _deps(resolved, i)
+            known = frozenset(parents).union(*(above(p) for p in parents))
+            found[i] = known
+        return known
+
+    return [above(i) for i in range(len(resolved))]
 
 
 def _deps(resolved: Sequence[tuple[int, ...] | None], i: int) -> tuple[int, ...]:

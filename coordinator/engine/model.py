@@ -217,6 +217,9 @@ class Command:
     output: JsonObject | None
     context: JsonObject
     token: str
+    results: dict[str, JsonObject] = field(default_factory=dict)
+    """The outputs of the completed steps this one depends on (directly or not), by
+    step name."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from coordinator.engine import graph
+from coordinator.engine import graph, references
 from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
@@ -78,7 +78,7 @@ def start(
         raise ValueError("one unique step id per step")
     if len({spec.name for spec in steps}) != len(steps):
         raise ValueError("step names must be unique")
-    depends_on = graph.resolve(steps)
+    depends_on = plan(steps)
     saga = Saga(
         id=saga_id,
         name=name,
@@ -108,6 +108,20 @@ def start(
     b.record(None, SagaState.STARTED, None, "saga_started")
     b.advance()
     return b.build()
+
+
+def plan(steps: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
+    """Check the steps' dependencies and the references in their inputs; each step's
+    dependencies as positions (see :func:`coordinator.engine.graph.resolve`).
+
+    Raises :class:`~coordinator.engine.errors.InvalidSpec` naming the field.
+    """
+    depends_on = graph.resolve(steps)
+    names = {spec.name for spec in steps}
+    for i, above in enumerate(graph.ancestors(depends_on)):
+        known = {steps[j].name for j in above}
+        references.check(f"steps[{i}].input", steps[i].input, known, names)
+    return depends_on
 
 
 def apply(saga: Saga, event: Event, *, now: datetime, new_token: TokenFactory) -> Transition:
@@ -362,8 +376,10 @@ class _Builder:
     def advance(self) -> None:
         """Dispatch every pending step whose dependencies all completed; finish the saga
         when every step has."""
-        for i, s in enumerate(self.steps):
-            if s.status is StepStatus.PENDING and all(
+        for i in range(len(self.steps)):
+            if self.saga.state is not SagaState.STARTED:
+                return  # a step failed at dispatch (a reference to nothing)
+            if self.steps[i].status is StepStatus.PENDING and all(
                 self.steps[d].status is StepStatus.COMPLETED
                 for d in graph.dependencies(self.steps, i)
             ):
@@ -428,6 +444,16 @@ class _Builder:
     def dispatch(self, i: int, kind: CommandKind) -> None:
         """Send attempt n+1 of the step's action or compensation."""
         step = self.steps[i]
+        results = self.results(i)
+        resolved = None
+        if kind is CommandKind.EXECUTE and step.attempts == 0 and references.has_any(step.input):
+            # Resolved once, at the first dispatch; the step keeps (and shows) the result.
+            try:
+                resolved = references.resolve(step.input, self.saga.context, results)
+            except references.MissingValue as exc:
+                self.attempt_failed(i, kind, str(exc), retryable=False, unknown=False)
+                return
+            step = self.steps[i] = replace(step, input=resolved)
         token = self.new_token()
         deadline = self.now + step.timeout
         if kind is CommandKind.EXECUTE:
@@ -447,8 +473,20 @@ class _Builder:
                 deadline_at=deadline,
             )
             event = "compensation_dispatched"
-        self.commands.append(self._command(self.steps[i], kind, action, attempt, token))
-        self.record_step(step, event, f"attempt {attempt}" if attempt > 1 else None)
+        self.commands.append(self._command(self.steps[i], kind, action, attempt, token, results))
+        reason = f"attempt {attempt}" if attempt > 1 else None
+        if resolved is not None:
+            reason = "input: " + json.dumps(resolved, separators=(",", ":"), ensure_ascii=False)
+        self.record_step(step, event, reason)
+
+    def results(self, i: int) -> dict[str, JsonObject]:
+        """The outputs of the completed steps step ``i`` depends on, directly or not."""
+        above = graph.ancestors([s.depends_on for s in self.steps])[i]
+        return {
+            self.steps[j].name: self.steps[j].output or {}
+            for j in sorted(above)
+            if self.steps[j].status is StepStatus.COMPLETED or self.steps[j].output is not None
+        }
 
     def continue_compensation(self) -> None:
         """Dispatch every compensation whose dependents are all undone; finish when none
@@ -476,7 +514,13 @@ class _Builder:
         self.finish(SagaState.COMPENSATED, "saga_compensated")
 
     def _command(
-        self, step: Step, kind: CommandKind, action: str, attempt: int, token: str
+        self,
+        step: Step,
+        kind: CommandKind,
+        action: str,
+        attempt: int,
+        token: str,
+        results: dict[str, JsonObject],
     ) -> Command:
         return Command(
             saga_id=self.saga.id,
@@ -490,6 +534,7 @@ class _Builder:
             output=step.output if kind is CommandKind.COMPENSATE else None,
             context=self.saga.context,
             token=token,
+            results=results,
         )
 
 

@@ -45,6 +45,8 @@ def encode_command(command: Command) -> OutboundMessage:
     )
     if command.output is not None:
         envelope.output.CopyFrom(structs.to_struct(command.output))
+    for name, output in command.results.items():
+        envelope.results[name].CopyFrom(structs.to_struct(output))
     return OutboundMessage(
         message_id=wire.command_id(command.step_id, command.kind.value, command.attempt),
         exchange=topology.COMMANDS_EXCHANGE,

@@ -319,8 +319,11 @@ class SagaStore:
             for step in saga.steps:
                 if new:
                     statements.append((q("insert_step"), _step_row(saga.id, step)))
-                elif before.get(step.position) != step:
-                    statements.append((q("update_step"), _step_row(saga.id, step)))
+                elif (previous := before.get(step.position)) != step:
+                    row = _step_row(saga.id, step)
+                    statements.append((q("update_step"), row))
+                    if previous is not None and previous.input != step.input:
+                        statements.append((q("update_step_input"), row))
         statements += [
             (q("insert_history"), _history_row(t.saga.id, entry))
             for t in changed

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from coordinator.app import Coordinator
 from helpers.database import create_database, drop_database, server_url, unique_name
@@ -25,7 +26,8 @@ from sagaplane.v1 import coordinator_pb2
 EFFECTS = """
 CREATE TABLE graph_effects (
     saga_id text NOT NULL, step text NOT NULL, kind text NOT NULL,
-    started_at timestamptz NOT NULL, ended_at timestamptz NOT NULL
+    started_at timestamptz NOT NULL, ended_at timestamptz NOT NULL,
+    input jsonb NOT NULL, results jsonb NOT NULL
 )"""
 
 ONCE = RetryPolicy(max_attempts=1)
@@ -44,8 +46,9 @@ async def graph_db() -> AsyncIterator[str]:
 async def _effect(ctx: StepContext) -> None:
     # Long enough that two branches dispatched together visibly overlap.
     await ctx.tx.execute(
-        "INSERT INTO graph_effects VALUES (%s, %s, %s, clock_timestamp(), clock_timestamp())",
-        (ctx.saga_id, ctx.step_name, ctx.kind.value),
+        "INSERT INTO graph_effects"
+        " VALUES (%s, %s, %s, clock_timestamp(), clock_timestamp(), %s, %s)",
+        (ctx.saga_id, ctx.step_name, ctx.kind.value, Jsonb(ctx.input), Jsonb(dict(ctx.results))),
     )
     await ctx.tx.execute("SELECT pg_sleep(%s)", (float(ctx.input.get("sleep", 0.3)),))
     await ctx.tx.execute(
@@ -66,7 +69,8 @@ async def graph_participant(
         await _effect(ctx)
         if ctx.input.get("fail"):
             raise NonRetryableError(f"{ctx.step_name} refuses")
-        return {"done": ctx.step_name}
+        returns: dict[str, Any] = ctx.input.get("returns", {"done": ctx.step_name})
+        return returns
 
     @participant.compensation("graph.undo")
     async def undo(ctx: StepContext) -> None:
@@ -179,6 +183,11 @@ async def test_a_failing_branch_waits_for_the_other_then_both_and_the_root_are_u
             "steps: the dependencies form a cycle (each needs the next): a -> b -> a",
         ),
         ([step("a"), step("b", "")], "steps[1].depends_on[0]: is required"),
+        (
+            [step("a", root=True), step("b", root=True, v="${steps.a.output.x}")],
+            'steps[1].input.v: ${steps.a.output.x}: "a" is not a step this one depends on '
+            "(directly or not), so its output may not exist yet",
+        ),
     ],
 )
 async def test_bad_dependencies_are_invalid_argument_naming_the_field_and_write_nothing(
@@ -222,3 +231,67 @@ async def test_a_graph_saga_survives_a_reload_from_the_database(
     saga = await client.wait(started.id, timeout=30)
     assert saga.state == "completed"
     assert saga.step("join").depends_on == ("left", "right")
+
+
+async def inputs_and_results(url: str, saga_id: str) -> dict[str, tuple[Any, Any]]:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute(
+            "SELECT step, input, results FROM graph_effects WHERE saga_id = %s AND kind = %s",
+            (saga_id, "execute"),
+        )
+        return {name: (given, results) for name, given, results in await cur.fetchall()}
+
+
+async def test_a_later_step_gets_an_earlier_ones_output_by_reference_and_in_its_results(
+    client: SagaClient, graph_participant: Participant, graph_db: str
+) -> None:
+    started = await client.start_saga(
+        "graph.order",
+        [
+            step("create", returns={"order_id": 17, "ref": "o-17"}, sleep=0),
+            step("reserve", sleep=0),
+            step(
+                "charge",
+                sleep=0,
+                order_id="${steps.create.output.order_id}",
+                ref="${steps.create.output.ref}",
+                customer="${context.customer}",
+            ),
+        ],
+        context={"customer": "c-9"},
+    )
+    saga = await client.wait(started.id, timeout=30)
+    assert saga.state == "completed"
+    seen = await inputs_and_results(graph_db, saga.id)
+    given, results = seen["charge"]
+    # As a number and as a string, as create returned them.
+    assert given == {"sleep": 0, "order_id": 17, "ref": "o-17", "customer": "c-9"}
+    assert results == {"create": {"order_id": 17, "ref": "o-17"}, "reserve": {"done": "reserve"}}
+    assert seen["reserve"][1] == {"create": {"order_id": 17, "ref": "o-17"}}
+    # GetSaga shows the input as it was sent, and the history records it.
+    shown = await client.get_saga(saga.id, include_history=True)
+    assert shown.step("charge").input == given
+    assert any(
+        h.event == "step_dispatched" and h.step_name == "charge" and '"order_id":17' in h.reason
+        for h in shown.history
+    )
+
+
+async def test_a_reference_to_a_missing_value_fails_the_step_and_compensates_the_rest(
+    client: SagaClient, graph_participant: Participant, graph_db: str
+) -> None:
+    started = await client.start_saga(
+        "graph.order",
+        [
+            step("create", returns={"order_id": 17}, sleep=0),
+            step("charge", sleep=0, order_id="${steps.create.output.order.id}"),
+        ],
+    )
+    saga = await client.wait(started.id, timeout=30)
+    assert saga.state == "compensated"
+    charge = saga.step("charge")
+    assert charge.status == "failed" and charge.attempts == 0
+    assert charge.error == (
+        'input.order_id: ${steps.create.output.order.id}: the output of "create" has no order'
+    )
+    assert "charge" not in await inputs_and_results(graph_db, saga.id)

@@ -16,6 +16,7 @@ from coordinator.engine import (
     CommandKind,
     CompensateRequested,
     CompensationResolved,
+    InvalidSpec,
     Resolution,
     Saga,
     SagaState,
@@ -393,3 +394,111 @@ def test_random_graphs_end_and_keep_the_order_of_dependencies(
             assert not (s.compensation and s.status is StepStatus.COMPLETED), s
             assert not (s.compensation and s.status is StepStatus.FAILED and s.outcome_unknown)
             assert s.status is not StepStatus.PENDING
+
+
+# -- data between steps ----------------------------------------------------------------------
+
+
+def test_each_command_carries_the_outputs_of_the_completed_steps_it_depends_on() -> None:
+    g = Graph(node("create"), node("left", "create"), node("right", "create"),
+              node("join", "left", "right"))  # fmt: skip
+    fanned = g.answer("create", output={"order_id": 17})
+    assert {c.step_name: c.results for c in fanned.commands} == {
+        "left": {"create": {"order_id": 17}},
+        "right": {"create": {"order_id": 17}},
+    }
+    g.answer("left", output={"side": "l"})
+    (joined,) = g.answer("right", output={"side": "r"}).commands
+    assert joined.results == {
+        "create": {"order_id": 17},
+        "left": {"side": "l"},
+        "right": {"side": "r"},
+    }
+
+
+def test_a_reference_in_an_input_is_replaced_by_the_value_at_dispatch() -> None:
+    charge = replace(
+        node("charge"),
+        input={
+            "order_id": "${steps.create.output.order_id}",
+            "ref": "${steps.create.output.ref}",
+            "who": "${context.customer}",
+            "all": "${steps.create.output}",
+            "said": "order ${steps.create.output.order_id}",  # not exactly a reference
+            "nested": [{"id": "${steps.create.output.order_id}"}],
+        },
+    )
+    g = Graph(node("create"), charge)
+    t = g.answer("create", output={"order_id": 17, "ref": "o-17"})
+    (command,) = t.commands
+    resolved = {
+        "order_id": 17,
+        "ref": "o-17",
+        "who": "c1",
+        "all": {"order_id": 17, "ref": "o-17"},
+        "said": "order ${steps.create.output.order_id}",
+        "nested": [{"id": 17}],
+    }
+    assert command.input == resolved
+    assert g.saga.steps[1].input == resolved  # what GetSaga shows from now on
+    dispatched = [h for h in t.history if h.event == "step_dispatched"]
+    assert dispatched[0].reason is not None and dispatched[0].reason.startswith(
+        'input: {"order_id":17'
+    )
+
+
+def test_a_reference_to_a_missing_value_fails_the_step_for_good_and_compensates() -> None:
+    charge = replace(node("charge"), input={"order_id": "${steps.create.output.order.id}"})
+    g = Graph(node("create"), charge)
+    t = g.answer("create", output={"order": {"number": 17}})
+    assert names(t.commands) == [("create", COMP)]
+    step = g.saga.steps[1]
+    assert step.status is StepStatus.FAILED and step.attempts == 0
+    assert step.error == (
+        'input.order_id: ${steps.create.output.order.id}: the output of "create" has no order.id'
+    )
+    assert g.saga.state is S.COMPENSATING
+
+
+def test_a_missing_context_value_fails_the_first_step_at_start() -> None:
+    t = start_saga([replace(node("a"), input={"x": "${context.nothing}"})])
+    assert t.saga.state is S.FAILED and t.commands == ()
+    assert t.saga.steps[0].error == "input.x: ${context.nothing}: the context has no nothing"
+
+
+@pytest.mark.parametrize(
+    ("step_specs", "message"),
+    [
+        (
+            [
+                node("a"),
+                node("b", root=True),
+                replace(node("c", "b"), input={"v": "${steps.a.output.x}"}),
+            ],
+            'steps[2].input.v: ${steps.a.output.x}: "a" is not a step this one depends on '
+            "(directly or not), so its output may not exist yet",
+        ),
+        (
+            [node("a"), replace(node("b"), input={"v": ["${steps.zz.output}"]})],
+            'steps[1].input.v[0]: ${steps.zz.output}: no step named "zz"',
+        ),
+        (
+            [replace(node("a"), input={"v": "${steps.a.output.x}"})],
+            'steps[0].input.v: ${steps.a.output.x}: "a" is not a step this one depends on '
+            "(directly or not), so its output may not exist yet",
+        ),
+    ],
+)
+def test_references_to_steps_that_may_not_have_run_are_refused_at_start(
+    step_specs: list[StepSpec], message: str
+) -> None:
+    with pytest.raises(InvalidSpec) as refused:
+        start_saga(step_specs)
+    assert str(refused.value) == message
+
+
+def test_a_transitive_ancestor_may_be_referred_to() -> None:
+    g = Graph(node("a"), node("b"), replace(node("c"), input={"v": "${steps.a.output.x}"}))
+    g.answer("a", output={"x": [1, 2]})
+    (command,) = g.answer("b").commands
+    assert command.input == {"v": [1, 2]}

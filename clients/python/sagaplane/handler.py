@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -44,6 +44,9 @@ class StepContext:
     do not commit or roll back: the SDK commits your writes with the inbox row and the
     reply (a handler that ends the transaction is a bug: its command is requeued). To
     publish domain events atomically, :func:`sagaplane.outbox.enqueue` them on it."""
+    results: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    """What the completed steps this one depends on (directly or not) returned, by step
+    name: ``ctx.results["create"]["order_id"]``."""
 
 
 Handler = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]

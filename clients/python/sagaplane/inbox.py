@@ -311,6 +311,7 @@ def _context(
         output=output,
         message_id=message_id,
         tx=conn,
+        results=wire.results(command),
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "decode_command",
     "payloads",
     "reply_id",
+    "results",
 ]
 
 
@@ -112,8 +113,12 @@ def decode_command(body: bytes, message_type: str | None) -> messages_pb2.StepCo
             raise Undecodable(f"{field} is longer than {limit} characters")
         if "\x00" in value:
             raise Undecodable(f"{field} contains a NUL character")
+    for name in command.results:
+        if len(name) > MAX_TEXT_CHARS or "\x00" in name:
+            raise Undecodable("results holds a key that is no step name")
     try:
         payloads(command)
+        results(command)
     except structs.InvalidJson as exc:
         raise Undecodable(str(exc)) from exc
     return command
@@ -131,3 +136,11 @@ def payloads(
         structs.decode(command.context, "context"),
         output,
     )
+
+
+def results(command: messages_pb2.StepCommand) -> dict[str, dict[str, Any]]:
+    """The outputs of the completed steps the command's step depends on, by step name;
+    raises InvalidJson."""
+    return {
+        name: structs.decode(output, f"results.{name}") for name, output in command.results.items()
+    }

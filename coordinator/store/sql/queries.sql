@@ -33,6 +33,11 @@ SET output = %(output)s, status = %(status)s, error = %(error)s, attempts = %(at
     deadline_at = %(deadline_at)s, outcome_unknown = %(outcome_unknown)s
 WHERE saga_id = %(saga_id)s AND position = %(position)s;
 
+-- name: update_step_input
+-- Only when the input changed: references to earlier steps' outputs, resolved at dispatch.
+UPDATE sagaplane_steps SET input = %(input)s
+WHERE saga_id = %(saga_id)s AND position = %(position)s;
+
 -- name: update_saga
 UPDATE sagaplane_sagas
 SET state = %(state)s, updated_at = %(updated_at)s, completed_at = %(completed_at)s,

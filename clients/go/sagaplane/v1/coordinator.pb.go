@@ -92,7 +92,12 @@ type StepSpec struct {
 	Action string `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
 	// Optional; the action that undoes the step, for example "orders.delete".
 	Compensation string `protobuf:"bytes,3,opt,name=compensation,proto3" json:"compensation,omitempty"`
-	// Optional JSON object handed to the action.
+	// Optional JSON object handed to the action. A string value that is exactly
+	// "${steps.<name>.output.<path>}" or "${context.<path>}" is replaced, when
+	// the step is dispatched, by the value found there (any JSON type; the path
+	// is dot-separated keys, and may be left out). <name> must be a step this
+	// one depends on, directly or not; a path that finds nothing at dispatch
+	// fails the step for good, naming it. GetSaga shows the input as sent.
 	Input *structpb.Struct `protobuf:"bytes,4,opt,name=input,proto3" json:"input,omitempty"`
 	// Optional; retries of the action. Default: the saga's retry_policy.
 	RetryPolicy *RetryPolicy `protobuf:"bytes,5,opt,name=retry_policy,json=retryPolicy,proto3" json:"retry_policy,omitempty"`

@@ -84,7 +84,13 @@ class StepSpec(_message.Message):
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
-        """Optional JSON object handed to the action."""
+        """Optional JSON object handed to the action. A string value that is exactly
+        "${steps.<name>.output.<path>}" or "${context.<path>}" is replaced, when
+        the step is dispatched, by the value found there (any JSON type; the path
+        is dot-separated keys, and may be left out). <name> must be a step this
+        one depends on, directly or not; a path that finds nothing at dispatch
+        fails the step for good, naming it. GetSaga shows the input as sent.
+        """
 
     @_builtins.property
     def retry_policy(self) -> _saga_pb2.RetryPolicy:

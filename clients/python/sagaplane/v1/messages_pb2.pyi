@@ -10,9 +10,11 @@ message is persistent, has an AMQP message_id, and carries content type
 full name (for example "sagaplane.v1.StepCommand").
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -79,6 +81,27 @@ class StepCommand(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ResultsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SAGA_ID_FIELD_NUMBER: _builtins.int
     STEP_ID_FIELD_NUMBER: _builtins.int
     STEP_NAME_FIELD_NUMBER: _builtins.int
@@ -90,6 +113,7 @@ class StepCommand(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     """The saga the step belongs to."""
     step_id: _builtins.str
@@ -120,6 +144,13 @@ class StepCommand(_message.Message):
     def context(self) -> _struct_pb2.Struct:
         """The saga's context."""
 
+    @_builtins.property
+    def results(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Struct]:
+        """The outputs of the completed steps this one depends on, directly or not,
+        keyed by step name (for a step that says nothing about its dependencies:
+        every step before it).
+        """
+
     def __init__(
         self,
         *,
@@ -134,10 +165,11 @@ class StepCommand(_message.Message):
         output: _struct_pb2.Struct | None = ...,
         context: _struct_pb2.Struct | None = ...,
         token: _builtins.str = ...,
+        results: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "input", b"input", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempt", b"attempt", "context", b"context", "input", b"input", "kind", b"kind", "output", b"output", "saga_id", b"saga_id", "saga_name", b"saga_name", "step_id", b"step_id", "step_name", b"step_name", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempt", b"attempt", "context", b"context", "input", b"input", "kind", b"kind", "output", b"output", "results", b"results", "saga_id", b"saga_id", "saga_name", b"saga_name", "step_id", b"step_id", "step_name", b"step_name", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

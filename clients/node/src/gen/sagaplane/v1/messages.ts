@@ -127,6 +127,17 @@ export interface StepCommand {
     | undefined;
   /** A random token the reply must echo; a reply without it is ignored. */
   token: string;
+  /**
+   * The outputs of the completed steps this one depends on, directly or not,
+   * keyed by step name (for a step that says nothing about its dependencies:
+   * every step before it).
+   */
+  results: { [key: string]: { [key: string]: any } | undefined };
+}
+
+export interface StepCommand_ResultsEntry {
+  key: string;
+  value: { [key: string]: any } | undefined;
 }
 
 /** Why an action or compensation failed. */
@@ -176,6 +187,7 @@ function createBaseStepCommand(): StepCommand {
     output: undefined,
     context: undefined,
     token: "",
+    results: {},
   };
 }
 
@@ -214,6 +226,11 @@ export const StepCommand: MessageFns<StepCommand> = {
     if (message.token !== "") {
       writer.uint32(90).string(message.token);
     }
+    globalThis.Object.entries(message.results).forEach(([key, value]: [string, { [key: string]: any } | undefined]) => {
+      if (value !== undefined) {
+        StepCommand_ResultsEntry.encode({ key: key as any, value }, writer.uint32(98).fork()).join();
+      }
+    });
     return writer;
   },
 
@@ -318,6 +335,17 @@ export const StepCommand: MessageFns<StepCommand> = {
             message.token = reader.string();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            const entry12 = StepCommand_ResultsEntry.decode(reader, reader.uint32());
+            if (entry12.value !== undefined) {
+              message.results[entry12.key] = entry12.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -359,6 +387,20 @@ export const StepCommand: MessageFns<StepCommand> = {
       output: isObject(object.output) ? object.output : undefined,
       context: isObject(object.context) ? object.context : undefined,
       token: isSet(object.token) ? globalThis.String(object.token) : "",
+      results: isObject(object.results)
+        ? (globalThis.Object.entries(object.results) as [string, any][]).reduce(
+          (acc: { [key: string]: { [key: string]: any } | undefined }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: value as { [key: string]: any } | undefined,
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -397,6 +439,15 @@ export const StepCommand: MessageFns<StepCommand> = {
     if (message.token !== "") {
       obj.token = message.token;
     }
+    if (message.results) {
+      const entries = globalThis.Object.entries(message.results) as [string, { [key: string]: any } | undefined][];
+      if (entries.length > 0) {
+        obj.results = {};
+        entries.forEach(([k, v]) => {
+          obj.results[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -416,6 +467,104 @@ export const StepCommand: MessageFns<StepCommand> = {
     message.output = object.output ?? undefined;
     message.context = object.context ?? undefined;
     message.token = object.token ?? "";
+    message.results =
+      (globalThis.Object.entries(object.results ?? {}) as [string, { [key: string]: any } | undefined][]).reduce(
+        (
+          acc: { [key: string]: { [key: string]: any } | undefined },
+          [key, value]: [string, { [key: string]: any } | undefined],
+        ) => {
+          if (value !== undefined) {
+            acc[key] = value;
+          }
+          return acc;
+        },
+        {},
+      );
+    return message;
+  },
+};
+
+function createBaseStepCommand_ResultsEntry(): StepCommand_ResultsEntry {
+  return { key: "", value: undefined };
+}
+
+export const StepCommand_ResultsEntry: MessageFns<StepCommand_ResultsEntry> = {
+  encode(message: StepCommand_ResultsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== undefined) {
+      Struct.encode(Struct.wrap(message.value), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StepCommand_ResultsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStepCommand_ResultsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StepCommand_ResultsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isObject(object.value) ? object.value : undefined,
+    };
+  },
+
+  toJSON(message: StepCommand_ResultsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== undefined) {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StepCommand_ResultsEntry>, I>>(base?: I): StepCommand_ResultsEntry {
+    return StepCommand_ResultsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StepCommand_ResultsEntry>, I>>(object: I): StepCommand_ResultsEntry {
+    const message = createBaseStepCommand_ResultsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? undefined;
     return message;
   },
 };

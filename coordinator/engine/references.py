@@ -1,0 +1,111 @@
+"""References in a step's input to what earlier steps returned (pure; no I/O).
+
+A string value of a step's input that is exactly ``${steps.<name>.output.<path>}`` or
+``${context.<path>}`` is replaced, when the step is dispatched, by the value found
+there (any JSON type: a number stays a number). ``<path>`` is dot-separated keys,
+and may be left out (``${steps.create.output}`` is the whole output). Only the outputs
+of steps this one depends on, directly or not, can be referred to: they are the ones
+known to have completed when it runs. A string that merely contains such text is left
+as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.engine.errors import InvalidSpec
+
+_REFERENCE = re.compile(
+    r"\$\{(?:steps\.(?P<step>.+?)\.output|(?P<context>context))(?P<path>(?:\.[^.{}]+)*)\}"
+)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One ``${...}`` of an input, and where in the input it stands."""
+
+    where: str
+    """Its place in the input, e.g. ``input.order.id``."""
+    text: str
+    """As written, e.g. ``${steps.create.output.order_id}``."""
+    step: str | None
+    """The step whose output it names; None for the context."""
+    path: tuple[str, ...]
+    """The keys to follow from there."""
+
+
+class MissingValue(ValueError):
+    """A reference names a value that is not there (the step fails for good)."""
+
+
+def find(value: Any, where: str = "input") -> Iterator[Reference]:
+    """Every reference in a JSON value, depth first."""
+    if isinstance(value, str):
+        match = _REFERENCE.fullmatch(value)
+        if match is not None:
+            path = tuple(match["path"].split(".")[1:]) if match["path"] else ()
+            yield Reference(where, value, match["step"], path)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from find(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from find(item, f"{where}[{i}]")
+
+
+def check(field: str, value: Any, known: set[str], step_names: set[str]) -> None:
+    """Raise :class:`InvalidSpec` (naming the place under ``field``) for a reference to
+    a step that is not in ``known`` (the steps this one depends on, directly or not)."""
+    for ref in find(value, field):
+        if ref.step is None:
+            continue
+        if ref.step not in step_names:
+            raise InvalidSpec(ref.where, f'{ref.text}: no step named "{ref.step}"')
+        if ref.step not in known:
+            raise InvalidSpec(
+                ref.where,
+                f'{ref.text}: "{ref.step}" is not a step this one depends on (directly or '
+                "not), so its output may not exist yet",
+            )
+
+
+def resolve(
+    value: Any, context: Mapping[str, Any], outputs: Mapping[str, Any], where: str = "input"
+) -> Any:
+    """``value`` with every reference replaced; :class:`MissingValue` names the first
+    that points at nothing. ``outputs`` are the completed steps' outputs, by name."""
+    if isinstance(value, str):
+        refs = list(find(value, where))
+        if not refs:
+            return value
+        (ref,) = refs
+        if ref.step is None:
+            found: Any = context
+            origin = "the context"
+        elif ref.step in outputs:
+            found = outputs[ref.step]
+            origin = f'the output of "{ref.step}"'
+        else:
+            raise MissingValue(f'{where}: {value}: "{ref.step}" has not completed')
+        walked = []
+        for key in ref.path:
+            walked.append(key)
+            if not isinstance(found, Mapping) or key not in found:
+                raise MissingValue(f"{where}: {value}: {origin} has no {'.'.join(walked)}")
+            found = found[key]
+        return found
+    if isinstance(value, Mapping):
+        return {
+            key: resolve(item, context, outputs, f"{where}.{key}") for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [resolve(item, context, outputs, f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def has_any(value: Any) -> bool:
+    """Whether the value holds a reference (most inputs hold none)."""
+    return next(find(value), None) is not None
