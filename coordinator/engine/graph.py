@@ -8,7 +8,9 @@ depends on it, directly or not, has been undone (or had nothing to undo).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from coordinator.engine.errors import InvalidSpec
 from coordinator.engine.model import Step, StepSpec
@@ -25,6 +27,8 @@ def resolve(specs: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
     Raises :class:`InvalidGraph` for an unknown name, a step depending on itself, a
     name given twice, or a cycle (the message names the steps on it).
     """
+    if all(spec.depends_on is None for spec in specs):
+        return (None,) * len(specs)  # one after another: no graph to check
     positions = {spec.name: i for i, spec in enumerate(specs)}
     resolved: list[tuple[int, ...] | None] = []
     for i, spec in enumerate(specs):
@@ -49,44 +53,67 @@ def resolve(specs: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
     return tuple(resolved)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The dependency structure of a saga's steps, by position."""
+
+    deps: tuple[tuple[int, ...], ...]
+    """The steps each one waits for."""
+    ancestors: tuple[frozenset[int], ...]
+    """Every step each one depends on, directly or through others."""
+    descendants: tuple[frozenset[int], ...]
+    """Every step that depends on each one, directly or through others."""
+
+
+def shape(steps: Sequence[Step]) -> Shape:
+    """The shape of ``steps`` (computed once per distinct shape: sagas of one kind share
+    it, and every transition asks)."""
+    return _shape(tuple(s.depends_on for s in steps))
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape(resolved: tuple[tuple[int, ...] | None, ...]) -> Shape:
+    deps = tuple(_deps(resolved, i) for i in range(len(resolved)))
+    children: list[set[int]] = [set() for _ in deps]
+    for i, parents in enumerate(deps):
+        for d in parents:
+            children[d].add(i)
+    return Shape(
+        deps=deps,
+        ancestors=tuple(_closure([set(p) for p in deps])),
+        descendants=tuple(_closure(children)),
+    )
+
+
 def dependencies(steps: Sequence[Step], i: int) -> tuple[int, ...]:
     """The positions step ``i`` waits for."""
-    return _deps([s.depends_on for s in steps], i)
+    return shape(steps).deps[i]
 
 
 def descendants(steps: Sequence[Step]) -> list[frozenset[int]]:
     """For each step, every step that depends on it, directly or through others."""
-    children: list[set[int]] = [set() for _ in steps]
-    for i in range(len(steps)):
-        for d in dependencies(steps, i):
-            children[d].add(i)
-    found: list[frozenset[int] | None] = [None] * len(steps)
-
-    def below(i: int) -> frozenset[int]:
-        known = found[i]
-        if known is None:
-            # Acyclic (checked at start), so the recursion ends; sagas are small.
-            known = frozenset(children[i]).union(*(below(c) for c in children[i]))
-            found[i] = known
-        return known
-
-    return [below(i) for i in range(len(steps))]
+    return list(shape(steps).descendants)
 
 
 def ancestors(resolved: Sequence[tuple[int, ...] | None]) -> list[frozenset[int]]:
     """For each step (its dependencies as :func:`resolve` gives them), every step it
     depends on, directly or through others."""
-    found: list[frozenset[int] | None] = [None] * len(resolved)
+    return list(_shape(tuple(resolved)).ancestors)
 
-    def above(i: int) -> frozenset[int]:
+
+def _closure(edges: Sequence[set[int]]) -> list[frozenset[int]]:
+    """For each node, every node reachable from it along ``edges``."""
+    found: list[frozenset[int] | None] = [None] * len(edges)
+
+    def reach(i: int) -> frozenset[int]:
         known = found[i]
         if known is None:
-            parents = _deps(resolved, i)
-            known = frozenset(parents).union(*(above(p) for p in parents))
+            # Acyclic (checked at start), so the recursion ends; sagas are small.
+            known = frozenset(edges[i]).union(*(reach(j) for j in edges[i]))
             found[i] = known
         return known
 
-    return [above(i) for i in range(len(resolved))]
+    return [reach(i) for i in range(len(edges))]
 
 
 def _deps(resolved: Sequence[tuple[int, ...] | None], i: int) -> tuple[int, ...]:

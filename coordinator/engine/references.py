@@ -59,6 +59,8 @@ def find(value: Any, where: str = "input") -> Iterator[Reference]:
 def check(field: str, value: Any, known: set[str], step_names: set[str]) -> None:
     """Raise :class:`InvalidSpec` (naming the place under ``field``) for a reference to
     a step that is not in ``known`` (the steps this one depends on, directly or not)."""
+    if not has_any(value):
+        return
     for ref in find(value, field):
         if ref.step is None:
             continue
@@ -107,5 +109,17 @@ def resolve(
 
 
 def has_any(value: Any) -> bool:
-    """Whether the value holds a reference (most inputs hold none)."""
-    return next(find(value), None) is not None
+    """Whether the value holds a reference (most inputs hold none: this is the cheap
+    look every dispatch makes, so it walks plain JSON without recursion or ABCs)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is str:
+            if item.startswith("${") and _REFERENCE.fullmatch(item) is not None:
+                return True
+        elif kind is dict:
+            pending.extend(item.values())
+        elif kind is list:
+            pending.extend(item)
+    return False

@@ -315,6 +315,8 @@ class _Builder:
         self.steps = list(saga.steps)
         self.commands: list[Command] = []
         self.history: list[HistoryEntry] = []
+        # Dependencies never change during a saga: one look for the whole transition.
+        self.shape = graph.shape(saga.steps)
 
     def build(self) -> Transition:
         saga = replace(self.saga, steps=tuple(self.steps), updated_at=self.now)
@@ -376,12 +378,12 @@ class _Builder:
     def advance(self) -> None:
         """Dispatch every pending step whose dependencies all completed; finish the saga
         when every step has."""
+        deps = self.shape.deps
         for i in range(len(self.steps)):
             if self.saga.state is not SagaState.STARTED:
                 return  # a step failed at dispatch (a reference to nothing)
             if self.steps[i].status is StepStatus.PENDING and all(
-                self.steps[d].status is StepStatus.COMPLETED
-                for d in graph.dependencies(self.steps, i)
+                self.steps[d].status is StepStatus.COMPLETED for d in deps[i]
             ):
                 self.dispatch(i, CommandKind.EXECUTE)
         if all(s.status is StepStatus.COMPLETED for s in self.steps):
@@ -481,7 +483,7 @@ class _Builder:
 
     def results(self, i: int) -> dict[str, JsonObject]:
         """The outputs of the completed steps step ``i`` depends on, directly or not."""
-        above = graph.ancestors([s.depends_on for s in self.steps])[i]
+        above = self.shape.ancestors[i]
         return {
             self.steps[j].name: self.steps[j].output or {}
             for j in sorted(above)
@@ -495,7 +497,7 @@ class _Builder:
             return  # a person decides first (ResolveCompensation calls us again)
         if any(s.status is StepStatus.STARTED for s in self.steps):
             return  # forward steps in flight are awaited: they may need undoing too
-        below = graph.descendants(self.steps)
+        below = self.shape.descendants
         for i in reversed(range(len(self.steps))):
             if _needs_compensation(self.steps[i]) and all(
                 _settled(self.steps[j]) for j in below[i]
