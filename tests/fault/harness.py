@@ -196,6 +196,8 @@ class StepDef:
     action: str
     compensation: str
     input: dict[str, Any]
+    depends_on: tuple[str, ...] | None = None
+    """None: the step before it."""
 
 
 def order_steps(amount: float) -> list[StepDef]:
@@ -205,6 +207,34 @@ def order_steps(amount: float) -> list[StepDef]:
         StepDef("reserve", "inventory.reserve", "inventory.release", {"sku": "book", "qty": 1}),
         StepDef("charge", "payment.charge", "payment.refund", {"amount": amount}),
     ]
+
+
+def graph_order_steps(amount: float) -> list[StepDef]:
+    """The order as a graph: create, then reserve, hold and charge side by side (fan-out
+    3), then confirm once all three are done (join); the charge fails above the limit."""
+    after_create = ("create",)
+    return [
+        StepDef("create", "orders.create", "orders.delete", {"sku": "book", "qty": 1}),
+        StepDef("reserve", "inventory.reserve", "inventory.release", {"qty": 1}, after_create),
+        StepDef("hold", "flaky.hold", "flaky.release", {}, after_create),
+        StepDef("charge", "payment.charge", "payment.refund", {"amount": amount}, after_create),
+        StepDef("confirm", "orders.confirm", "orders.unconfirm", {}, ("reserve", "hold", "charge")),
+    ]
+
+
+def descendants_of(steps: Sequence[StepDef]) -> dict[int, set[int]]:
+    """For each position, the positions that depend on it, directly or not."""
+    position = {s.name: i for i, s in enumerate(steps)}
+    parents = [
+        {position[n] for n in s.depends_on} if s.depends_on is not None else ({i - 1} - {-1})
+        for i, s in enumerate(steps)
+    ]
+    below: dict[int, set[int]] = {i: set() for i in range(len(steps))}
+    for i in reversed(range(len(steps))):
+        for j in range(len(steps)):
+            if i in parents[j]:
+                below[i] |= {j} | below[j]
+    return below
 
 
 def order_amount(i: int) -> float:
@@ -232,7 +262,13 @@ class SagaRequest:
             self.name,
             [
                 # The position goes with the input, so effects say which step they undo.
-                StepSpec(s.name, s.action, s.compensation, s.input | {"position": i})
+                StepSpec(
+                    s.name,
+                    s.action,
+                    s.compensation,
+                    s.input | {"position": i},
+                    depends_on=s.depends_on,
+                )
                 for i, s in enumerate(self.steps)
             ],
             context={"key": self.key},
@@ -260,6 +296,8 @@ class Started:
     key: str
     saga_id: str
     expected: SagaState
+    descendants: dict[int, set[int]] | None = None
+    """For a graph saga: who depends on each step (None: every later step)."""
 
 
 @dataclass
@@ -361,6 +399,8 @@ class Rig:
         self.notes: list[str] = []
         """What the fault did, for the totals table."""
         self._client: SagaClient | None = None
+        self.graph = False
+        """Start orders as graphs (:func:`graph_order_steps`) rather than in a line."""
         self._t0 = time.monotonic()
 
     # processes
@@ -447,15 +487,22 @@ class Rig:
         key = request.key
         assert key and key not in self.started
         saga = await self.rpc(request.start)
-        started = Started(key=key, saga_id=saga.id, expected=expected)
+        graph = any(s.depends_on is not None for s in request.steps)
+        started = Started(
+            key=key,
+            saga_id=saga.id,
+            expected=expected,
+            descendants=descendants_of(request.steps) if graph else None,
+        )
         self.started[key] = started
         return started
 
     async def start_order(self, i: int, **request_kw: Any) -> Started:
         amount = order_amount(i)
         key = f"{self.fault}-{i:04d}"
+        steps = graph_order_steps(amount) if self.graph else order_steps(amount)
         return await self.start_saga(
-            saga_request(key, order_steps(amount), **request_kw), expected_order_state(amount)
+            saga_request(key, steps, **request_kw), expected_order_state(amount)
         )
 
     async def load(
@@ -619,7 +666,8 @@ class Rig:
             details.append(
                 "duplicated: " + ", ".join(f"{k}x{n}" for k, n in counts.items() if n > 1)
             )
-        disorder = _compensations_out_of_order(effects)
+        shapes = {s.saga_id: s.descendants for s in self.started.values()}
+        disorder = _compensations_out_of_order(effects, shapes)
         if disorder:
             details.append("out of order: " + "; ".join(disorder[:10]))
         phantoms = await self.coordinator_saga_count() - len(self.started)
@@ -654,25 +702,35 @@ def _state_name(state: SagaState | None) -> str:
     return "NOT_FOUND" if state is None else state.name
 
 
-def _compensations_out_of_order(effects: Sequence[tuple[str, str, str, int, Any]]) -> list[str]:
-    """Compensations recorded before an effect of a later step, or before their own action.
+def _compensations_out_of_order(
+    effects: Sequence[tuple[str, str, str, int, Any]],
+    shapes: dict[str, dict[int, set[int]] | None],
+) -> list[str]:
+    """Compensations recorded before an effect of a step that depends on theirs, or
+    before their own action.
 
-    Compensations run newest step first, one at a time, each only after the previous
-    one's reply: so a compensation's row must be later than every row of every later
-    step, and later than its own step's action.
+    A step is undone only after every step that depends on it (for a saga in a line:
+    every later step) has been undone, and each compensation is sent only after the
+    replies it waits for: so a compensation's row must be later than every row of every
+    step that depends on its step, and later than its own step's action.
     """
     by_saga: dict[str, list[tuple[str, str, int, Any]]] = defaultdict(list)
     for saga, action, kind, position, at in effects:
         by_saga[saga].append((action, kind, position, at))
     bad: list[str] = []
     for saga, rows in by_saga.items():
+        below = shapes.get(saga)
         for action, kind, position, at in rows:
             if kind != "compensate":
                 continue
             for other, other_kind, other_position, other_at in rows:
-                later_step = other_position > position
+                dependent = (
+                    other_position > position
+                    if below is None
+                    else other_position in below.get(position, set())
+                )
                 own_action = other_position == position and other_kind == "execute"
-                if (later_step or own_action) and other_at > at:
+                if (dependent or own_action) and other_at > at:
                     bad.append(f"{saga}: {action} at {at} before {other} at {other_at}")
                     break
     return bad

@@ -221,6 +221,7 @@ def register(p: Participant, service: str) -> None:
     """Register the handlers of ``service`` on ``p``."""
     if service == "orders":
         _simple(p, "orders.create", "orders.delete", {"order": "created"})
+        _simple(p, "orders.confirm", "orders.unconfirm", {"order": "confirmed"})
     elif service == "inventory":
         _simple(p, "inventory.reserve", "inventory.release", {"reserved": 1})
     elif service == "payment":

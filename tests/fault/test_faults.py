@@ -50,8 +50,11 @@ SHORT: dict[str, Any] = {
 }
 
 
-async def test_coordinator_sigkill(rig: Rig) -> None:
-    """The coordinator SIGKILLed at random moments under load, 10 times, restarted each time."""
+@pytest.mark.parametrize("shape", ["line", "graph"])
+async def test_coordinator_sigkill(rig: Rig, shape: str) -> None:
+    """The coordinator SIGKILLed at random moments under load, 10 times, restarted each
+    time; sagas in a line, or as graphs (fan-out 3, then a join)."""
+    rig.graph = shape == "graph"
     await rig.start_coordinator()
     await rig.start_participants()
     kills_done = asyncio.Event()
@@ -221,8 +224,11 @@ class Reorder:
             await asyncio.sleep(0.05)
 
 
-async def test_replies_delayed_reordered_and_stale(rig: Rig) -> None:
-    """Replies delayed, shuffled, overtaken by their retry's reply, and republished stale."""
+@pytest.mark.parametrize("shape", ["line", "graph"])
+async def test_replies_delayed_reordered_and_stale(rig: Rig, shape: str) -> None:
+    """Replies delayed, shuffled, overtaken by their retry's reply, and republished stale
+    (duplicated); sagas in a line, or as graphs (fan-out 3, then a join)."""
+    rig.graph = shape == "graph"
     reorder = Reorder()
     await rig.start_coordinator()
     forwarder = ReplyForwarder(rig.amqp_url, reorder)
