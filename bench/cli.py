@@ -52,7 +52,7 @@ from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.testing import Child, free_port, rabbitmqctl, wait_for_consumers
 from sagaplane.topology import participant_queue
 
-PHASES = ("baselines", "throughput", "latency", "sweep", "scaling", "stored")
+PHASES = ("baselines", "throughput", "latency", "fanout", "sweep", "scaling", "stored")
 
 DEFAULTS: dict[str, Any] = {
     "sagas": 5000,
@@ -442,13 +442,14 @@ async def measured_open_loop(
     *,
     rate: float,
     duration: float,
+    shape: str = "standard",
 ) -> dict[str, Any]:
     pids = {p.name: p.pid for p in system.coordinators}
     meter = Meter(pids)
     watched = [*system.coordinators, *system.participants.values()]
     offsets = log_offsets(watched)
     meter.start()
-    async with Load(system.targets[:1], fail_rate=args.fail_rate) as load:
+    async with Load(system.targets[:1], fail_rate=args.fail_rate, shape=shape) as load:
         samples = await open_loop(
             load, watcher, rate=rate, duration=duration, drain_timeout=args.drain_timeout
         )
@@ -511,6 +512,25 @@ async def _system_runs(
             results["latency"] = await measured_open_loop(
                 env, system, args, watcher, rate=args.rate, duration=args.duration
             )
+        if "fanout" in phases:
+            # Below capacity, so that the latency is the saga's depth, not queueing.
+            rate = max(1.0, min(args.rate, 20.0))
+            runs = {}
+            for shape in ("fanout", "line4"):
+                _progress(f"fanout: {shape} sagas, {rate:g}/s for {args.duration:g} s")
+                runs[shape] = await measured_open_loop(
+                    env, system, args, watcher, rate=rate, duration=args.duration, shape=shape
+                )
+            results["fanout"] = {
+                **runs,
+                "ratio": {
+                    q: _ratio(
+                        runs["fanout"]["start_to_terminal_ms"].get(q),
+                        runs["line4"]["start_to_terminal_ms"].get(q),
+                    )
+                    for q in ("p50", "p99")
+                },
+            }
         fractions = [float(x) for x in str(args.sweep).split(",") if x.strip()]
         if "sweep" in phases and fractions:
             top = results.get("throughput", {}).get("sagas_per_s") or args.rate * 2
@@ -540,6 +560,10 @@ async def _system_runs(
             )
             figures["resources"] = used
             results["scaling"] = figures
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
 
 
 async def stored_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -743,7 +767,7 @@ async def run(args: argparse.Namespace) -> int:
         if await phase("setup", env.create_vhost):
             if "baselines" in args.phase_set:
                 await phase("baselines", run_baselines)
-            if args.phase_set & {"throughput", "latency", "sweep", "scaling"}:
+            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling"}:
                 await phase("system", lambda: system_phases(env, args, results))
             if "stored" in args.phase_set:
                 await phase("stored", lambda: stored_phase(env, args, results))

@@ -217,6 +217,29 @@ def render(results: dict[str, Any]) -> str:
         lines += _disturbed("latency run", lat)
         lines += _breakdown("latency run", lat)
 
+    fan = results.get("fanout")
+    if fan:
+        graph, line = fan["fanout"], fan["line4"]
+        lines += [
+            "",
+            f"Steps side by side (open loop, {graph['rate']} sagas/s for {graph['duration_s']} s"
+            " each): one step then 3 independent ones (2 deep) against the same 4 steps in a "
+            "line (4 deep)",
+        ]
+        lines += _table(
+            [
+                _lat_row("fan-out, 2 deep", graph["start_to_terminal_ms"]),
+                _lat_row("line, 4 deep", line["start_to_terminal_ms"]),
+            ],
+            _LAT_HEADER,
+        )
+        ratio = fan["ratio"]
+        lines.append(
+            f"  start->terminal fan-out / line: p50 {_f(ratio['p50'], 3)}, p99 "
+            f"{_f(ratio['p99'], 3)} (the depth alone would make it 0.5)"
+        )
+        lines += _disturbed("fan-out run", graph) + _disturbed("line run", line)
+
     sweep = results.get("sweep")
     if sweep:
         lines += ["", "Latency against offered load (open loop)"]

@@ -58,27 +58,34 @@ def make_context(size: int = CONTEXT_BYTES) -> dict[str, Any]:
     return ctx
 
 
-def start_request(*, fail: bool = False) -> StartSagaRequest:
-    """The StartSaga request of the standard workload: 3 steps, each with a compensation.
+SHAPES = ("standard", "fanout", "line4")
+"""The sagas the load can start: the standard 3 steps in a line; one step, then 3
+independent ones (4 steps, 2 deep); the same 4 steps in a line (4 deep)."""
+
+
+def start_request(*, fail: bool = False, shape: str = "standard") -> StartSagaRequest:
+    """The StartSaga request of the workload (:data:`SHAPES`); every step has a
+    compensation, and the charge fails when ``fail``.
 
     Parsed once from its JSON form, then sent as is with
     :meth:`~sagaplane.SagaClient.start_saga_request`: building it for every saga would
     add the harness's CPU to what is measured."""
-    steps: list[tuple[str, str, str, dict[str, Any]]] = [
-        ("create", "orders.create", "orders.cancel", {"sku": "bench-sku-1", "qty": 1}),
-        ("reserve", "inventory.reserve", "inventory.release", {"sku": "bench-sku-1", "qty": 1}),
-        ("charge", "payment.charge", "payment.refund", {"amount": 42, "fail": fail}),
+    steps: list[dict[str, Any]] = [
+        step("create", "orders.create", "orders.cancel", {"sku": "bench-sku-1", "qty": 1}),
+        step("reserve", "inventory.reserve", "inventory.release", {"sku": "bench-sku-1", "qty": 1}),
+        step("charge", "payment.charge", "payment.refund", {"amount": 42, "fail": fail}),
     ]
-    return parse_start_request(
-        {
-            "name": SAGA_NAME,
-            "steps": [
-                {"name": name, "action": action, "compensation": undo, "input": inp}
-                for name, action, undo, inp in steps
-            ],
-            "context": make_context(),
-        }
-    )
+    if shape != "standard":
+        steps.append(step("note", "orders.create", "orders.cancel", {"sku": "bench-sku-1"}))
+    if shape == "fanout":
+        for s in steps[1:]:
+            s["depends_on"] = ["create"]
+    return parse_start_request({"name": SAGA_NAME, "steps": steps, "context": make_context()})
+
+
+def step(name: str, action: str, undo: str, given: dict[str, Any]) -> dict[str, Any]:
+    """One step of the request, in its JSON form."""
+    return {"name": name, "action": action, "compensation": undo, "input": given}
 
 
 @dataclass(frozen=True)
@@ -263,11 +270,17 @@ class Load:
     targets: Sequence[str]
     fail_rate: float = 0.0
     rpc_timeout: float = 30.0
+    shape: str = "standard"
+    """Which saga it starts (:data:`SHAPES`)."""
     _clients: list[SagaClient] = field(default_factory=list)
-    _ok: StartSagaRequest = field(default_factory=start_request)
-    _fail: StartSagaRequest = field(default_factory=lambda: start_request(fail=True))
+    _ok: StartSagaRequest = field(init=False)
+    _fail: StartSagaRequest = field(init=False)
     _rng: random.Random = field(default_factory=lambda: random.Random(6))
     _next: int = 0
+
+    def __post_init__(self) -> None:
+        self._ok = start_request(shape=self.shape)
+        self._fail = start_request(fail=True, shape=self.shape)
 
     async def __aenter__(self) -> Load:
         self._clients = [SagaClient(t, timeout=self.rpc_timeout) for t in self.targets]
