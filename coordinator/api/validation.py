@@ -15,6 +15,7 @@ from sagaplane.limits import MAX_JSON_DEPTH
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 MAX_STEPS = 100
+MAX_CONDITION = 1000
 MAX_NAME = 200
 MAX_REASON = 1000
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -179,6 +180,8 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
                 if spec.HasField("timeout")
                 else step_timeout,
                 depends_on=_depends_on(spec, i),
+                when=_text(spec.when, f"steps[{i}].when", required=False, limit=MAX_CONDITION)
+                or None,
             )
         )
     try:

@@ -49,6 +49,7 @@ as YAML, which also reads JSON). Its fields are the request's, as grpcurl -d tak
 
 A step waits for the one before it unless it names others (depends_on: [create]) or
 none (depends_on_nothing: true); steps whose dependencies are done run side by side.
+when: "context.gift == true" (CEL) runs a step only when it holds; false skips it.
 A file holding only a list of steps works too, with --name.
 """
 

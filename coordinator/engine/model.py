@@ -142,6 +142,8 @@ class Step:
     depends_on: tuple[int, ...] | None = None
     """Positions of the steps this one waits for; None: the step before it (none for the
     first), which makes a saga of such steps run one after another."""
+    when: str | None = None
+    """A CEL condition (:mod:`coordinator.engine.conditions`): false skips the step."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +189,8 @@ class StepSpec:
     timeout: timedelta = DEFAULT_STEP_TIMEOUT
     depends_on: tuple[str, ...] | None = None
     """Names of the steps this one waits for; None: the step before it; (): none."""
+    when: str | None = None
+    """A CEL condition evaluated when the step is ready; false skips it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from coordinator.engine import graph, references
+from coordinator.engine import conditions, graph, references
 from coordinator.engine.errors import WrongState
 from coordinator.engine.events import (
     CompensateRequested,
@@ -96,6 +96,7 @@ def start(
                 compensation_retry=spec.compensation_retry,
                 timeout=spec.timeout,
                 depends_on=depends_on[i],
+                when=spec.when,
             )
             for i, (spec, step_id) in enumerate(zip(steps, step_ids, strict=True))
         ),
@@ -121,6 +122,9 @@ def plan(steps: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
     for i, above in enumerate(graph.ancestors(depends_on)):
         known = {steps[j].name for j in above}
         references.check(f"steps[{i}].input", steps[i].input, known, names)
+        when = steps[i].when
+        if when is not None:
+            conditions.check(f"steps[{i}].when", when)
     return depends_on
 
 
@@ -376,18 +380,41 @@ class _Builder:
         return any(_needs_compensation(s) or s.status is StepStatus.STARTED for s in self.steps)
 
     def advance(self) -> None:
-        """Dispatch every pending step whose dependencies all completed; finish the saga
-        when every step has."""
+        """Dispatch every pending step whose dependencies are all done (completed, or
+        skipped by their condition); finish the saga when every step is."""
         deps = self.shape.deps
-        for i in range(len(self.steps)):
-            if self.saga.state is not SagaState.STARTED:
-                return  # a step failed at dispatch (a reference to nothing)
-            if self.steps[i].status is StepStatus.PENDING and all(
-                self.steps[d].status is StepStatus.COMPLETED for d in deps[i]
-            ):
-                self.dispatch(i, CommandKind.EXECUTE)
-        if all(s.status is StepStatus.COMPLETED for s in self.steps):
+        done = (StepStatus.COMPLETED, StepStatus.SKIPPED)
+        moved = True
+        while moved:  # a skipped step may make others ready, before or after it
+            moved = False
+            for i in range(len(self.steps)):
+                if self.saga.state is not SagaState.STARTED:
+                    return  # a step failed before its dispatch (reference, condition)
+                if self.steps[i].status is StepStatus.PENDING and all(
+                    self.steps[d].status in done for d in deps[i]
+                ):
+                    moved |= self.start_step(i)
+        if all(s.status in done for s in self.steps):
             self.finish(SagaState.COMPLETED, "saga_completed")
+
+    def start_step(self, i: int) -> bool:
+        """Dispatch a ready step, or skip it when its condition is false; True if it
+        was skipped (its dependents may now be ready)."""
+        step = self.steps[i]
+        if step.when is not None:
+            try:
+                go = conditions.holds(step.when, self.saga.context, self.results(i))
+            except conditions.ConditionFailed as exc:
+                self.attempt_failed(
+                    i, CommandKind.EXECUTE, str(exc), retryable=False, unknown=False
+                )
+                return False
+            if not go:
+                self.steps[i] = replace(step, status=StepStatus.SKIPPED)
+                self.record_step(step, "step_skipped", f"when {step.when!r} is false")
+                return True
+        self.dispatch(i, CommandKind.EXECUTE)
+        return False
 
     def attempt_failed(
         self, i: int, kind: CommandKind, error: str | None, retryable: bool, *, unknown: bool

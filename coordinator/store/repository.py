@@ -457,6 +457,7 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
         "deadline_at": step.deadline_at,
         "outcome_unknown": step.outcome_unknown,
         "depends_on": list(step.depends_on) if step.depends_on is not None else None,
+        "condition": step.when,
     }
 
 
@@ -508,6 +509,7 @@ def _step_from_row(row: DictRow) -> Step:
         deadline_at=row["deadline_at"],
         outcome_unknown=row["outcome_unknown"],
         depends_on=tuple(row["depends_on"]) if row["depends_on"] is not None else None,
+        when=row["condition"],
     )
 
 

@@ -86,7 +86,9 @@ async def client(coordinator: Coordinator) -> AsyncIterator[SagaClient]:
         yield client
 
 
-def step(name: str, *depends_on: str, root: bool = False, **input: Any) -> StepSpec:
+def step(
+    name: str, *depends_on: str, root: bool = False, when: str | None = None, **input: Any
+) -> StepSpec:
     return StepSpec(
         name,
         "graph.do",
@@ -94,6 +96,7 @@ def step(name: str, *depends_on: str, root: bool = False, **input: Any) -> StepS
         input,
         retry_policy=ONCE,
         depends_on=() if root else (depends_on or None),
+        when=when,
     )
 
 
@@ -184,6 +187,10 @@ async def test_a_failing_branch_waits_for_the_other_then_both_and_the_root_are_u
         ),
         ([step("a"), step("b", "")], "steps[1].depends_on[0]: is required"),
         (
+            [step("a"), step("b", when="context.gift ==")],
+            "steps[1].when: is not a CEL expression: Failed to parse expression",
+        ),
+        (
             [step("a", root=True), step("b", root=True, v="${steps.a.output.x}")],
             'steps[1].input.v: ${steps.a.output.x}: "a" is not a step this one depends on '
             "(directly or not), so its output may not exist yet",
@@ -196,7 +203,7 @@ async def test_bad_dependencies_are_invalid_argument_naming_the_field_and_write_
     with pytest.raises(InvalidArgument) as refused:
         await client.start_saga("graph.bad", steps)
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.message == f"INVALID_ARGUMENT: {message}"
+    assert refused.value.message.startswith(f"INVALID_ARGUMENT: {message}"), refused.value.message
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute("SELECT count(*) FROM sagaplane_sagas")
         assert await cur.fetchone() == (0,)
@@ -295,3 +302,29 @@ async def test_a_reference_to_a_missing_value_fails_the_step_and_compensates_the
         'input.order_id: ${steps.create.output.order.id}: the output of "create" has no order'
     )
     assert "charge" not in await inputs_and_results(graph_db, saga.id)
+
+
+async def test_a_step_whose_condition_is_false_is_skipped_and_the_join_still_runs(
+    client: SagaClient, graph_participant: Participant, graph_db: str
+) -> None:
+    started = await client.start_saga(
+        "graph.order",
+        [
+            step("create", sleep=0),
+            step("gift_wrap", "create", when="context.gift == true", sleep=0),
+            step("ship", "create", sleep=0),
+            step("charge", "gift_wrap", "ship", when="steps.create.output.done == 'create'"),
+        ],
+        context={"gift": False},
+    )
+    saga = await client.wait(started.id, timeout=30)
+    assert saga.state == "completed"
+    assert {s.name: s.status for s in saga.steps} == {
+        "create": "completed",
+        "gift_wrap": "skipped",
+        "ship": "completed",
+        "charge": "completed",
+    }
+    assert saga.step("gift_wrap").when == "context.gift == true"
+    ran = await inputs_and_results(graph_db, saga.id)
+    assert "gift_wrap" not in ran and set(ran) == {"create", "ship", "charge"}

@@ -299,9 +299,12 @@ class Run:
         for c in t.commands:
             i = next(s.position for s in steps if s.id == c.step_id)
             if c.kind is EXEC:
-                assert saga.state is S.STARTED
+                # Sent from a saga running forward (a sibling that then failed before its
+                # dispatch, in the same transition, may have turned it to compensating).
+                assert previous is None or previous.state is S.STARTED
                 for d in dependencies(steps, i):
-                    assert steps[d].status is StepStatus.COMPLETED, (
+                    # Skipped (by a false condition) counts as done.
+                    assert steps[d].status in (StepStatus.COMPLETED, StepStatus.SKIPPED), (
                         f"{c.step_name} dispatched before its dependency {steps[d].name} is done"
                     )
             else:
@@ -502,3 +505,100 @@ def test_a_transitive_ancestor_may_be_referred_to() -> None:
     g.answer("a", output={"x": [1, 2]})
     (command,) = g.answer("b").commands
     assert command.input == {"v": [1, 2]}
+
+
+# -- conditional steps -----------------------------------------------------------------------
+
+
+def test_a_false_condition_skips_the_step_and_its_dependents_go_on() -> None:
+    g = Graph(
+        node("create"),
+        replace(node("wrap", "create"), when="context.customer == 'vip'"),
+        node("ship", "create"),
+        node("done", "wrap", "ship"),
+    )
+    fanned = g.answer("create", output={"total": 42})
+    assert names(fanned.commands) == [("ship", EXEC)]
+    assert g.status("wrap") is StepStatus.SKIPPED
+    skipped = [h for h in fanned.history if h.event == "step_skipped"]
+    assert [(h.step_name, h.reason) for h in skipped] == [
+        ("wrap", "when \"context.customer == 'vip'\" is false")
+    ]
+    assert names(g.answer("ship").commands) == [("done", EXEC)]
+    g.answer("done")
+    assert g.saga.state is S.COMPLETED
+    # Undone later, a skipped step has nothing to undo.
+    order = []
+    t = g.compensate()
+    while t.commands:
+        order += [c.step_name for c in t.commands]
+        t = g.answer(t.commands[0].step_name, COMP)
+    assert "wrap" not in order and g.status("wrap") is StepStatus.SKIPPED
+
+
+def test_a_true_condition_over_an_earlier_output_dispatches_the_step() -> None:
+    g = Graph(node("create"), replace(node("approve"), when="steps.create.output.total > 100"))
+    assert names(g.answer("create", output={"total": 500}).commands) == [("approve", EXEC)]
+
+
+def test_a_saga_whose_last_steps_are_skipped_completes() -> None:
+    g = Graph(node("a"), replace(node("b"), when="false"), replace(node("c"), when="false"))
+    done = g.answer("a")
+    assert done.commands == () and g.saga.state is S.COMPLETED
+    assert [s.status for s in g.saga.steps] == [
+        StepStatus.COMPLETED,
+        StepStatus.SKIPPED,
+        StepStatus.SKIPPED,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("when", "error"),
+    [
+        ("context.nothing == 1", "when 'context.nothing == 1': "),
+        ("context.customer", "when 'context.customer': is str 'c1', not true or false"),
+    ],
+)
+def test_a_condition_that_cannot_be_decided_fails_the_step_for_good(when: str, error: str) -> None:
+    g = Graph(node("a"), replace(node("b"), when=when))
+    t = g.answer("a")
+    step = g.saga.steps[1]
+    assert step.status is StepStatus.FAILED and step.attempts == 0
+    assert (step.error or "").startswith(error), step.error
+    assert names(t.commands) == [("a", COMP)]
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        ("context.gift ==", "steps[1].when: is not a CEL expression: "),
+        ("order.total > 1", "steps[1].when: uses order: only context and steps are known"),
+    ],
+)
+def test_a_condition_that_does_not_compile_is_refused_at_start(when: str, message: str) -> None:
+    with pytest.raises(InvalidSpec) as refused:
+        start_saga([node("a"), replace(node("b"), when=when)])
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), step_specs=graphs(), budget=st.integers(0, 40))
+def test_random_graphs_with_conditions_end_and_never_run_or_undo_a_skipped_step(
+    data: st.DataObject, step_specs: list[StepSpec], budget: int
+) -> None:
+    conditioned = [
+        replace(s, when=data.draw(st.sampled_from([None, "true", "false", "context.flag"])))
+        for s in step_specs
+    ]
+    run = Run(conditioned)
+    context_flag = run.saga.context.get("flag")
+    drive(data, run, budget)
+    saga = run.saga
+    assert saga.state in (S.COMPLETED, S.FAILED, S.COMPENSATED)
+    for spec, s in zip(conditioned, saga.steps, strict=True):
+        if spec.when == "false":
+            assert s.status is StepStatus.SKIPPED and s.attempts == 0
+        if s.status is StepStatus.SKIPPED:
+            assert s.attempts == 0 and s.compensation_attempts == 0
+        if spec.when == "context.flag" and context_flag is None and s.attempts:
+            raise AssertionError("a step whose condition errs is never dispatched")

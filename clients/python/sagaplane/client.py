@@ -72,6 +72,9 @@ class StepSpec:
     depends_on: Sequence[str] | None = None
     """Names of the steps this one waits for; None: the step before it; ``()``: none
     (it starts with the saga). Steps whose dependencies are done run at the same time."""
+    when: str | None = None
+    """A CEL condition over ``context`` and ``steps.<name>.output``; false skips the step
+    (e.g. ``"context.gift == true"``)."""
 
     def to_proto(self) -> coordinator_pb2.StepSpec:
         """The wire form."""
@@ -87,6 +90,8 @@ class StepSpec:
             spec.compensation_retry_policy.CopyFrom(self.compensation_retry_policy.to_proto())
         if self.timeout is not None:
             spec.timeout.CopyFrom(_duration("timeout", self.timeout))
+        if self.when is not None:
+            spec.when = self.when
         if self.depends_on is not None:
             if isinstance(self.depends_on, str):
                 raise TypeError("depends_on is a sequence of step names, not one string")

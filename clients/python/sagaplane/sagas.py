@@ -248,6 +248,11 @@ class Step(_View):
         """Names of the steps it waits for (empty: none)."""
         return tuple(self.proto.depends_on)
 
+    @property
+    def when(self) -> str | None:
+        """The condition it runs under; None: always."""
+        return self.proto.when or None
+
     def __repr__(self) -> str:
         return f"Step(name={self.name!r}, action={self.action!r}, status={self.status.value!r})"
 

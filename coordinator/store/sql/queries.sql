@@ -19,11 +19,11 @@ SELECT id, request_hash FROM sagaplane_sagas WHERE idempotency_key = %(key)s;
 INSERT INTO sagaplane_steps
     (saga_id, position, id, name, action, compensation, input, output, status, error,
      attempts, compensation_attempts, token, executed_at, compensated_at, retry_policy,
-     compensation_retry_policy, timeout_ms, deadline_at, outcome_unknown, depends_on)
+     compensation_retry_policy, timeout_ms, deadline_at, outcome_unknown, depends_on, condition)
 VALUES (%(saga_id)s, %(position)s, %(id)s, %(name)s, %(action)s, %(compensation)s, %(input)s,
         %(output)s, %(status)s, %(error)s, %(attempts)s, %(compensation_attempts)s, %(token)s,
         %(executed_at)s, %(compensated_at)s, %(retry_policy)s, %(compensation_retry_policy)s,
-        %(timeout_ms)s, %(deadline_at)s, %(outcome_unknown)s, %(depends_on)s);
+        %(timeout_ms)s, %(deadline_at)s, %(outcome_unknown)s, %(depends_on)s, %(condition)s);
 
 -- name: update_step
 UPDATE sagaplane_steps

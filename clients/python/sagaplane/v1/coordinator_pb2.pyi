@@ -69,6 +69,7 @@ class StepSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_NOTHING_FIELD_NUMBER: _builtins.int
+    WHEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required; unique within the saga. At most 200 characters."""
     action: _builtins.str
@@ -81,6 +82,15 @@ class StepSpec(_message.Message):
     """Optional; true: the step waits for no other step and is dispatched when
     the saga starts (proto3 cannot tell an empty depends_on from an absent
     one). Not together with depends_on.
+    """
+    when: _builtins.str
+    """Optional; a condition in the Common Expression Language, over `context`
+    (the saga's) and `steps.<name>.output` (completed steps this one depends
+    on), evaluated when the step is ready, for example
+    "context.gift == true". False: the step is skipped (never run, never
+    compensated, done for the steps that depend on it). An error or a value
+    that is not a boolean fails the step for good. A syntax error, or another
+    variable, is INVALID_ARGUMENT at start. At most 1000 characters.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
@@ -131,10 +141,11 @@ class StepSpec(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         depends_on_nothing: _builtins.bool = ...,
+        when: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensation_retry_policy", b"compensation_retry_policy", "input", b"input", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry_policy", b"compensation_retry_policy", "depends_on", b"depends_on", "depends_on_nothing", b"depends_on_nothing", "input", b"input", "name", b"name", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compensation", b"compensation", "compensation_retry_policy", b"compensation_retry_policy", "depends_on", b"depends_on", "depends_on_nothing", b"depends_on_nothing", "input", b"input", "name", b"name", "retry_policy", b"retry_policy", "timeout", b"timeout", "when", b"when"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

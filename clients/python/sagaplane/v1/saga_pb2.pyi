@@ -223,6 +223,7 @@ class Step(_message.Message):
     DEADLINE_AT_FIELD_NUMBER: _builtins.int
     OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    WHEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id of the step (a ULID)."""
     name: _builtins.str
@@ -248,6 +249,8 @@ class Step(_message.Message):
     action may have taken effect without a reply; such a step is compensated
     like a completed one.
     """
+    when: _builtins.str
+    """The condition the step runs under (empty: always); see StepSpec.when."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The JSON object handed to the action."""
@@ -311,10 +314,11 @@ class Step(_message.Message):
         deadline_at: _timestamp_pb2.Timestamp | None = ...,
         outcome_unknown: _builtins.bool = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        when: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "executed_at", b"executed_at", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "depends_on", b"depends_on", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "depends_on", b"depends_on", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout", "when", b"when"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -127,6 +127,16 @@ export interface StepSpec {
    * one). Not together with depends_on.
    */
   dependsOnNothing: boolean;
+  /**
+   * Optional; a condition in the Common Expression Language, over `context`
+   * (the saga's) and `steps.<name>.output` (completed steps this one depends
+   * on), evaluated when the step is ready, for example
+   * "context.gift == true". False: the step is skipped (never run, never
+   * compensated, done for the steps that depend on it). An error or a value
+   * that is not a boolean fails the step for good. A syntax error, or another
+   * variable, is INVALID_ARGUMENT at start. At most 1000 characters.
+   */
+  when: string;
 }
 
 /** Request of StartSaga. */
@@ -251,6 +261,7 @@ function createBaseStepSpec(): StepSpec {
     timeout: undefined,
     dependsOn: [],
     dependsOnNothing: false,
+    when: "",
   };
 }
 
@@ -282,6 +293,9 @@ export const StepSpec: MessageFns<StepSpec> = {
     }
     if (message.dependsOnNothing !== false) {
       writer.uint32(72).bool(message.dependsOnNothing);
+    }
+    if (message.when !== "") {
+      writer.uint32(82).string(message.when);
     }
     return writer;
   },
@@ -371,6 +385,14 @@ export const StepSpec: MessageFns<StepSpec> = {
             message.dependsOnNothing = reader.bool();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.when = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -410,6 +432,7 @@ export const StepSpec: MessageFns<StepSpec> = {
         : isSet(object.depends_on_nothing)
         ? globalThis.Boolean(object.depends_on_nothing)
         : false,
+      when: isSet(object.when) ? globalThis.String(object.when) : "",
     };
   },
 
@@ -442,6 +465,9 @@ export const StepSpec: MessageFns<StepSpec> = {
     if (message.dependsOnNothing !== false) {
       obj.dependsOnNothing = message.dependsOnNothing;
     }
+    if (message.when !== "") {
+      obj.when = message.when;
+    }
     return obj;
   },
 
@@ -466,6 +492,7 @@ export const StepSpec: MessageFns<StepSpec> = {
       : undefined;
     message.dependsOn = object.dependsOn?.map((e) => e) || [];
     message.dependsOnNothing = object.dependsOnNothing ?? false;
+    message.when = object.when ?? "";
     return message;
   },
 };

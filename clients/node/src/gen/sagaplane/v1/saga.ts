@@ -301,6 +301,8 @@ export interface Step {
    * start: the step before it; empty for a step that waits for none).
    */
   dependsOn: string[];
+  /** The condition the step runs under (empty: always); see StepSpec.when. */
+  when: string;
 }
 
 /** One recorded transition of a saga. The history is append-only. */
@@ -516,6 +518,7 @@ function createBaseStep(): Step {
     deadlineAt: undefined,
     outcomeUnknown: false,
     dependsOn: [],
+    when: "",
   };
 }
 
@@ -574,6 +577,9 @@ export const Step: MessageFns<Step> = {
     }
     for (const v of message.dependsOn) {
       writer.uint32(146).string(v!);
+    }
+    if (message.when !== "") {
+      writer.uint32(154).string(message.when);
     }
     return writer;
   },
@@ -735,6 +741,14 @@ export const Step: MessageFns<Step> = {
             message.dependsOn.push(reader.string());
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.when = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -799,6 +813,7 @@ export const Step: MessageFns<Step> = {
         : globalThis.Array.isArray(object?.depends_on)
         ? object.depends_on.map((e: any) => globalThis.String(e))
         : [],
+      when: isSet(object.when) ? globalThis.String(object.when) : "",
     };
   },
 
@@ -858,6 +873,9 @@ export const Step: MessageFns<Step> = {
     if (message.dependsOn?.length) {
       obj.dependsOn = message.dependsOn;
     }
+    if (message.when !== "") {
+      obj.when = message.when;
+    }
     return obj;
   },
 
@@ -891,6 +909,7 @@ export const Step: MessageFns<Step> = {
     message.deadlineAt = object.deadlineAt ?? undefined;
     message.outcomeUnknown = object.outcomeUnknown ?? false;
     message.dependsOn = object.dependsOn?.map((e) => e) || [];
+    message.when = object.when ?? "";
     return message;
   },
 };
