@@ -137,11 +137,13 @@ def saga_text(saga: saga_pb2.Saga, *, history: bool = False) -> str:
 
 def step_table(saga: saga_pb2.Saga) -> str:
     """The steps: what they run, where they are, and what they returned or failed with;
-    for a saga whose steps do not simply follow each other, what each waits for."""
+    for a saga whose steps do not simply follow each other, what each waits for, and
+    for one with conditional steps, their conditions."""
     graph = any(
         list(step.depends_on) != ([saga.steps[i - 1].name] if i else [])
         for i, step in enumerate(saga.steps)
     )
+    conditional = any(step.when for step in saga.steps)
     rows = []
     for i, step in enumerate(saga.steps, 1):
         attempts = str(step.attempts)
@@ -155,13 +157,14 @@ def step_table(saga: saga_pb2.Saga) -> str:
                 step.action,
                 step.compensation or "-",
                 *([", ".join(step.depends_on) or "-"] if graph else []),
+                *([step.when or "-"] if conditional else []),
                 step_status(step.status),
                 attempts,
                 result,
             ]
         )
-    after = ["AFTER"] if graph else []
-    headers = ["#", "STEP", "ACTION", "COMPENSATION", *after, "STATUS", "ATTEMPTS", "RESULT"]
+    extra = (["AFTER"] if graph else []) + (["WHEN"] if conditional else [])
+    headers = ["#", "STEP", "ACTION", "COMPENSATION", *extra, "STATUS", "ATTEMPTS", "RESULT"]
     return table(headers, rows)
 
 
