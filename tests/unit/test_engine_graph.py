@@ -19,6 +19,7 @@ from coordinator.engine import (
     InvalidSpec,
     Resolution,
     Saga,
+    SagaDeadlinePassed,
     SagaState,
     StepSpec,
     StepStatus,
@@ -276,9 +277,11 @@ class Run:
     """Commands sent and not answered yet, by token."""
     compensated: dict[int, int] = field(default_factory=dict)
     """How many times each step became COMPENSATED."""
+    deadline: timedelta | None = None
+    """The saga's own time limit (``StartSaga.timeout``), if any."""
 
     def __post_init__(self) -> None:
-        t = start_saga(self.step_specs, tokens=self.tokens)
+        t = start_saga(self.step_specs, tokens=self.tokens, timeout=self.deadline)
         self.saga = t.saga
         self._check(t, previous=None)
 
@@ -350,6 +353,8 @@ def drive(data: st.DataObject, run: Run, budget: int) -> None:
             choices.append("timer")
         if run.saga.state is S.COMPENSATION_FAILED:
             choices.append("resolve")
+        if run.saga.deadline_at is not None:
+            choices.append("deadline")
         what = data.draw(st.sampled_from(choices))
         if what == "reply":
             token = data.draw(st.sampled_from(sorted(run.flying)))
@@ -359,6 +364,9 @@ def drive(data: st.DataObject, run: Run, budget: int) -> None:
         elif what == "timer":
             deadline, step_id = run.timers()[0]
             run.apply(TimerFired(step_id=step_id), now=max(run.now, deadline))
+        elif what == "deadline":
+            assert run.saga.deadline_at is not None
+            run.apply(SagaDeadlinePassed(), now=max(run.now, run.saga.deadline_at))
         elif what == "resolve":
             resolution = data.draw(st.sampled_from(list(Resolution)))
             run.apply(CompensationResolved(resolution=resolution, reason="test"))
@@ -379,11 +387,18 @@ def drive(data: st.DataObject, run: Run, budget: int) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), step_specs=graphs(), budget=st.integers(0, 40))
+@given(
+    data=st.data(),
+    step_specs=graphs(),
+    budget=st.integers(0, 40),
+    deadline=st.none() | st.integers(5, 120).map(lambda s: timedelta(seconds=s)),
+)
 def test_random_graphs_end_and_keep_the_order_of_dependencies(
-    data: st.DataObject, step_specs: list[StepSpec], budget: int
+    data: st.DataObject, step_specs: list[StepSpec], budget: int, deadline: timedelta | None
 ) -> None:
-    run = Run(step_specs)
+    """Random replies, failures, timers, Compensate calls, resolutions and (when the saga
+    has a time limit) its deadline passing."""
+    run = Run(step_specs, deadline=deadline)
     drive(data, run, budget)
     saga = run.saga
     assert saga.state in (S.COMPLETED, S.FAILED, S.COMPENSATED)
