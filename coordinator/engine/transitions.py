@@ -54,7 +54,12 @@ from coordinator.engine.model import (
     StepStatus,
     Transition,
 )
-from sagaplane.limits import MAX_OUTPUT_BYTES, MAX_SAGA_OUTPUT_BYTES
+from sagaplane.limits import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_OUTPUT_BYTES,
+    MAX_SAGA_OUTPUT_BYTES,
+    clean_text,
+)
 
 TokenFactory = Callable[[], str]
 
@@ -406,7 +411,7 @@ class _Builder:
                 go = conditions.holds(step.when, self.saga.context, self.results(i))
             except conditions.ConditionFailed as exc:
                 self.attempt_failed(
-                    i, CommandKind.EXECUTE, str(exc), retryable=False, unknown=False
+                    i, CommandKind.EXECUTE, _message(exc), retryable=False, unknown=False
                 )
                 return False
             if not go:
@@ -480,7 +485,7 @@ class _Builder:
             try:
                 resolved = references.resolve(step.input, self.saga.context, results)
             except references.MissingValue as exc:
-                self.attempt_failed(i, kind, str(exc), retryable=False, unknown=False)
+                self.attempt_failed(i, kind, _message(exc), retryable=False, unknown=False)
                 return
             step = self.steps[i] = replace(step, input=resolved)
         token = self.new_token()
@@ -505,7 +510,9 @@ class _Builder:
         self.commands.append(self._command(self.steps[i], kind, action, attempt, token, results))
         reason = f"attempt {attempt}" if attempt > 1 else None
         if resolved is not None:
-            reason = "input: " + json.dumps(resolved, separators=(",", ":"), ensure_ascii=False)
+            # Cut like any recorded text: GetSaga shows the whole input on the step.
+            shown = json.dumps(resolved, separators=(",", ":"), ensure_ascii=False)
+            reason = clean_text("input: " + shown, MAX_ERROR_MESSAGE_CHARS)
         self.record_step(step, event, reason)
 
     def results(self, i: int) -> dict[str, JsonObject]:
@@ -565,6 +572,12 @@ class _Builder:
             token=token,
             results=results,
         )
+
+
+def _message(exc: Exception) -> str:
+    """The error text of a failure the engine decides on (a reference or condition that
+    names what is in the saga): bounded like a participant's."""
+    return clean_text(str(exc), MAX_ERROR_MESSAGE_CHARS)
 
 
 def _settled(step: Step) -> bool:

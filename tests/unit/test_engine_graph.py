@@ -617,3 +617,18 @@ def test_random_graphs_with_conditions_end_and_never_run_or_undo_a_skipped_step(
             assert s.attempts == 0 and s.compensation_attempts == 0
         if spec.when == "context.flag" and context_flag is None and s.attempts:
             raise AssertionError("a step whose condition errs is never dispatched")
+
+
+def test_what_the_engine_records_of_a_condition_or_an_input_is_bounded() -> None:
+    big = {"blob": "x" * 10_000}
+    g = Graph(node("a"), replace(node("b"), when="steps.a.output"))
+    g.answer("a", output=big)
+    error = g.saga.steps[1].error or ""
+    assert error.startswith("when 'steps.a.output': is dict") and len(error) == 2000
+    assert error.endswith("\N{HORIZONTAL ELLIPSIS}")
+    h = Graph(node("a"), replace(node("b"), input={"all": "${steps.a.output}"}))
+    dispatched = h.answer("a", output=big)
+    (command,) = dispatched.commands
+    assert command.input == {"all": big}  # sent whole
+    (entry,) = [e for e in dispatched.history if e.event == "step_dispatched"]
+    assert entry.reason is not None and len(entry.reason) == 2000
