@@ -280,8 +280,9 @@ async def follow(
                     show(f"{indent}saga {saga.id} ({saga.name})")
                 if history and start is None:
                     start = render.timestamp(history[0].at)
+                width = max((len(s.name) for s in saga.proto.steps), default=0)
                 for entry in history[seen:]:
-                    show(indent + history_line(entry, start))
+                    show(indent + history_line(entry, start, step_width=width))
             seen = len(history)
     assert saga is not None and saga.ended  # watch ends with the saga's end
     if show is not None:
@@ -289,13 +290,16 @@ async def follow(
     return saga
 
 
-def history_line(entry: saga_pb2.HistoryEntry, start: datetime | None) -> str:
+def history_line(
+    entry: saga_pb2.HistoryEntry, start: datetime | None, *, step_width: int = 10
+) -> str:
     """One transition on one line, as ``watch`` prints it while it happens: the time
-    since the saga started, the event, its step, the saga's state when it changed, and
-    the reason given."""
+    since the saga started, the event, its step (in a column as wide as the saga's
+    longest step name), the saga's state when it changed, and the reason given."""
     changed = entry.from_state != entry.to_state
+    width = max(step_width, 10)
     parts = [
-        f"  {render.elapsed(entry, start):>9}  {entry.event:<24} {entry.step_name or '':<10}",
+        f"  {render.elapsed(entry, start):>9}  {entry.event:<24} {entry.step_name or '':<{width}}",
         render.transition(entry) if changed else "",
         f"({entry.reason})" if entry.reason else "",
     ]

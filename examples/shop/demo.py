@@ -2,9 +2,9 @@
 
 A plain run needs only the local PostgreSQL and RabbitMQ. It creates
 its own databases (the coordinator's, and one per participant) and RabbitMQ vhost,
-named after a run id so that runs never collide; starts the coordinator and the three
+named after a run id so that runs never collide; starts the coordinator and the four
 participants of ``examples/shop`` as child processes; runs one order that completes
-and one whose payment is refused, so that its first two steps are compensated; prints
+and one whose payment is refused, so that what was done is compensated; prints
 each transition as it happens, then each saga's final state and history, and what the
 services' own databases hold; stops every process with SIGTERM; and drops what it
 created (unless ``--keep``). Exit status 0 only if everything ended as it should.
@@ -66,8 +66,9 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane_demo"
 
 EPILOG = """\
 Databases: the coordinator uses the database of --database-url, and each participant
-one named after it with _orders, _inventory or _payment appended. A plain run appends
-a run id to the name, creates them all, and drops them at the end (--keep keeps them).
+one named after it with _orders, _inventory, _shipping or _payment appended. A plain
+run appends a run id to the name, creates them all, and drops them at the end (--keep
+keeps them).
 
 RabbitMQ: a plain run creates a vhost sagaplane-demo-<run id> with rabbitmqctl when the
 broker is on this machine and rabbitmqctl works (deleted at the end unless --keep);
@@ -495,27 +496,34 @@ class Demo:
     async def play(self, target: str) -> int:
         """Run both sagas, show them, check them and the services' databases."""
         limit = shop.PAYMENT_LIMIT
+        done, undone = StepStatus.COMPLETED, StepStatus.COMPENSATED
         plans = [
             (
-                "Saga 1: an order of 42. Every step completes.",
+                "Saga 1: a gift order of 42. The reservation and the address check run side\n"
+                "        by side, the gift wrap runs (context.gift is true), then the charge,\n"
+                "        with the order id that create returned.",
+                shop.order_context(gift=True),
                 shop.order_steps(amount=42),
                 SagaState.COMPLETED,
-                (StepStatus.COMPLETED,) * 3,
+                (done,) * 5,
             ),
             (
-                f"Saga 2: an order of 5000. Payment refuses amounts over {limit}, so the charge "
-                "fails\n        and the steps done so far are undone, newest first.",
+                f"Saga 2: an order of 5000, no gift. The gift wrap is skipped; payment refuses\n"
+                f"        amounts over {limit}, so the charge fails and what was done is undone,\n"
+                "        each step after the steps that depend on it (the address check has\n"
+                "        nothing to undo).",
+                shop.order_context(gift=False),
                 shop.order_steps(amount=5000),
                 SagaState.COMPENSATED,
-                (StepStatus.COMPENSATED, StepStatus.COMPENSATED, StepStatus.FAILED),
+                (undone, undone, done, StepStatus.SKIPPED, StepStatus.FAILED),
             ),
         ]
         outcomes: list[Outcome] = []
         async with connect(target, 10.0) as client:
-            for title, steps, state, statuses in plans:
+            for title, context, steps, state, statuses in plans:
                 self.say("")
                 self.say(title)
-                saga = await self.run_saga(client, steps)
+                saga = await self.run_saga(client, steps, context)
                 outcomes.append(Outcome(title.split(":")[0], saga, state, statuses))
         self.say("\nFinal state and history")
         for outcome in outcomes:
@@ -526,9 +534,11 @@ class Demo:
         self.outcomes, self.problems = outcomes, problems
         return ExitCode.OK if not problems else ExitCode.ERROR
 
-    async def run_saga(self, client: SagaClient, steps: list[dict[str, Any]]) -> Saga:
+    async def run_saga(
+        self, client: SagaClient, steps: list[dict[str, Any]], context: dict[str, Any]
+    ) -> Saga:
         """Start one order saga and follow it, transition by transition, until it ends."""
-        saga = await client.start_saga("order.place", steps, context={"customer": "demo"})
+        saga = await client.start_saga("order.place", steps, context=context)
         try:
             return await follow(
                 client, saga.id, interval=0.02, max_wait=60, show=self.say, indent="  "
@@ -539,24 +549,42 @@ class Demo:
     async def show_services(self, saga_ids: list[str]) -> list[str]:
         """What each service's own database says about both sagas; problems found."""
         first, second = saga_ids
+        # (service, table, its column of the order id, saga 1's status, saga 2's): None
+        # is "no row".
         checks = [
-            ("orders", "shop_orders", "created", "cancelled"),
-            ("inventory", "shop_reservations", "reserved", "released"),
-            ("payment", "shop_payments", "charged", None),
+            ("orders", "shop_orders", "id", "created", "cancelled"),
+            ("inventory", "shop_reservations", None, "reserved", "released"),
+            ("shipping", "shop_addresses", "order_id", "valid", "valid"),
+            ("shipping", "shop_gift_wraps", "order_id", "wrapped", None),
+            ("payment", "shop_payments", "order_id", "charged", None),
         ]
         urls = self.participant_urls()
         rows, problems = [], []
-        for service, table, ok, undone in checks:
+        order_ids: dict[str, set[Any]] = {first: set(), second: set()}
+        for service, table, order_column, ok, undone in checks:
             async with await psycopg.AsyncConnection.connect(urls[service]) as conn:
-                query = sql.SQL("SELECT saga_id, status FROM {} WHERE saga_id = ANY(%s)").format(
-                    sql.Identifier(table)
+                query = sql.SQL(
+                    "SELECT saga_id, status, {} FROM {} WHERE saga_id = ANY(%s)"
+                ).format(
+                    sql.Identifier(order_column) if order_column else sql.NULL,
+                    sql.Identifier(table),
                 )
                 cur = await conn.execute(query, (saga_ids,))
-                found = {saga_id: status for saga_id, status in await cur.fetchall()}
+                found = {}
+                for saga_id, status, order_id in await cur.fetchall():
+                    found[saga_id] = status
+                    if order_column:
+                        order_ids[saga_id].add(order_id)
             got = (found.get(first), found.get(second))
             rows.append([service, table, got[0] or "(no row)", got[1] or "(no row)"])
             if got != (ok, undone):
                 problems.append(f"{service}: {table} says {got}, expected {(ok, undone)}")
+        for saga_id, ids in order_ids.items():
+            # Every service got the id that orders.create returned, by reference.
+            if len(ids) != 1 or None in ids:
+                problems.append(
+                    f"saga {saga_id}: the services hold order ids {sorted(map(str, ids))}"
+                )
         self.say("\nIn the services' own databases (each wrote in its own local transaction)")
         self.say(render.table(["SERVICE", "TABLE", "SAGA 1", "SAGA 2"], rows, indent="  "))
         return problems

@@ -1,7 +1,18 @@
-"""The three demo services. Every handler does its business write and records an
+"""The four demo services. Every handler does its business write and records an
 effect row in the SDK's local transaction, so both commit (or roll back) with the
 inbox row and the reply. The tables have no unique constraints on purpose: a
-duplicated effect would stay visible."""
+duplicated effect would stay visible.
+
+The shop's order saga (:func:`order_steps`) is a graph::
+
+                ┌─> reserve ──> gift_wrap? ─┐
+      create ───┤                           ├──> charge
+                └─> validate_address ───────┘
+
+``charge`` takes the order id from ``create``'s output by reference, and ``gift_wrap``
+runs only when the saga's context says ``gift: true``. :func:`line_order_steps` is the
+same order as a plain line of three steps.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +23,7 @@ from sagaplane import NonRetryableError, Participant, StepContext
 PAYMENT_LIMIT = 1000
 """payment.charge fails (non-retryable) for amounts above this."""
 
-SERVICES = ("orders", "inventory", "payment")
+SERVICES = ("orders", "inventory", "shipping", "payment")
 
 SCHEMAS = {
     "orders": """
@@ -27,11 +38,23 @@ SCHEMAS = {
             saga_id text NOT NULL, sku text NOT NULL, qty integer NOT NULL,
             status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
     """,
+    "shipping": """
+        CREATE TABLE IF NOT EXISTS shop_addresses (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            saga_id text NOT NULL, order_id bigint, address text NOT NULL,
+            status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE IF NOT EXISTS shop_gift_wraps (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            saga_id text NOT NULL, order_id bigint, status text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now());
+    """,
     "payment": """
         CREATE TABLE IF NOT EXISTS shop_payments (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            saga_id text NOT NULL, amount numeric NOT NULL,
+            saga_id text NOT NULL, order_id bigint, amount numeric NOT NULL,
             status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+        -- A database of an earlier demo (docker compose keeps its volume) lacks it.
+        ALTER TABLE shop_payments ADD COLUMN IF NOT EXISTS order_id bigint;
     """,
 }
 
@@ -102,6 +125,49 @@ def inventory(amqp_url: str, database_url: str) -> Participant:
     return p
 
 
+def shipping(amqp_url: str, database_url: str) -> Participant:
+    """The shipping service: checks the address (nothing to undo) and gift-wraps the
+    order (unwrapped on compensation)."""
+    p = Participant("shipping", amqp_url=amqp_url, database_url=database_url)
+
+    @p.step("shipping.validate_address")
+    async def validate_address(ctx: StepContext) -> dict[str, Any]:
+        address = str(ctx.input.get("address", "")).strip()
+        if not address:
+            raise NonRetryableError("no address to ship to")
+        await ctx.tx.execute(
+            "INSERT INTO shop_addresses (saga_id, order_id, address, status)"
+            " VALUES (%s, %s, %s, 'valid')",
+            (ctx.saga_id, _order_id(ctx), address),
+        )
+        await _effect(ctx)
+        return {"address": address}
+
+    @p.step("shipping.gift_wrap")
+    async def gift_wrap(ctx: StepContext) -> dict[str, Any]:
+        await ctx.tx.execute(
+            "INSERT INTO shop_gift_wraps (saga_id, order_id, status) VALUES (%s, %s, 'wrapped')",
+            (ctx.saga_id, _order_id(ctx)),
+        )
+        await _effect(ctx)
+        return {"wrapped": True}
+
+    @p.compensation("shipping.unwrap")
+    async def unwrap(ctx: StepContext) -> None:
+        await ctx.tx.execute(
+            "UPDATE shop_gift_wraps SET status = 'unwrapped' WHERE saga_id = %s", (ctx.saga_id,)
+        )
+        await _effect(ctx)
+
+    return p
+
+
+def _order_id(ctx: StepContext) -> int | None:
+    """The order id the step's input was given (by reference to create's output)."""
+    value = ctx.input.get("order_id")
+    return None if value is None else int(value)
+
+
 def payment(amqp_url: str, database_url: str) -> Participant:
     """The payment service: charges, refunds on compensation; refuses big amounts."""
     p = Participant("payment", amqp_url=amqp_url, database_url=database_url)
@@ -112,8 +178,9 @@ def payment(amqp_url: str, database_url: str) -> Participant:
         if amount > PAYMENT_LIMIT:
             raise NonRetryableError(f"amount {amount:g} is over the limit of {PAYMENT_LIMIT}")
         await ctx.tx.execute(
-            "INSERT INTO shop_payments (saga_id, amount, status) VALUES (%s, %s, 'charged')",
-            (ctx.saga_id, amount),
+            "INSERT INTO shop_payments (saga_id, order_id, amount, status)"
+            " VALUES (%s, %s, %s, 'charged')",
+            (ctx.saga_id, _order_id(ctx), amount),
         )
         await _effect(ctx)
         return {"charged": amount}
@@ -128,7 +195,7 @@ def payment(amqp_url: str, database_url: str) -> Participant:
     return p
 
 
-BUILDERS = {"orders": orders, "inventory": inventory, "payment": payment}
+BUILDERS = {"orders": orders, "inventory": inventory, "shipping": shipping, "payment": payment}
 
 
 async def create_tables(service: str, database_url: str) -> None:
@@ -140,8 +207,51 @@ async def create_tables(service: str, database_url: str) -> None:
         await conn.execute(EFFECTS.encode())
 
 
-def order_steps(*, sku: str = "book", qty: int = 1, amount: float = 42) -> list[dict[str, Any]]:
-    """The steps of one order saga, as StartSaga takes them."""
+ORDER_ID = "${steps.create.output.order_id}"
+"""A reference the coordinator replaces, at dispatch, by the id ``create`` returned."""
+
+
+def order_steps(
+    *, sku: str = "book", qty: int = 1, amount: float = 42, address: str = "1 Main St"
+) -> list[dict[str, Any]]:
+    """The steps of one order saga, as StartSaga takes them: the graph in this module's
+    docstring. Its context must say ``gift`` (:func:`order_context`)."""
+    create, reserve, charge = line_order_steps(sku=sku, qty=qty, amount=amount)
+    return [
+        create,
+        reserve,  # after create: the step before it
+        {
+            "name": "validate_address",
+            "action": "shipping.validate_address",
+            "depends_on": ["create"],  # beside reserve, not after it
+            "input": {"address": address, "order_id": ORDER_ID},
+        },
+        {
+            "name": "gift_wrap",
+            "action": "shipping.gift_wrap",
+            "compensation": "shipping.unwrap",
+            "depends_on": ["reserve"],
+            "when": "context.gift == true",
+            "input": {"order_id": ORDER_ID},
+        },
+        {
+            **charge,
+            "depends_on": ["reserve", "validate_address", "gift_wrap"],
+            "input": {**charge["input"], "order_id": ORDER_ID},
+        },
+    ]
+
+
+def order_context(*, customer: str = "demo", gift: bool = False) -> dict[str, Any]:
+    """The context of an order saga of :func:`order_steps`."""
+    return {"customer": customer, "gift": gift}
+
+
+def line_order_steps(
+    *, sku: str = "book", qty: int = 1, amount: float = 42
+) -> list[dict[str, Any]]:
+    """The order as three steps in a line (create, reserve, charge), as StartSaga takes
+    them."""
     return [
         {
             "name": "create",

@@ -62,11 +62,26 @@ def check_demo_output(out: str) -> None:
     """One saga completed, one compensated, told as it happened, and checked."""
     assert out.count("\n  -> completed after ") == 1, out
     assert out.count("\n  -> compensated after ") == 1, out
-    assert "step_failed              charge" in out
+    # Both sagas: reserve and validate_address dispatched together, when create completed.
+    side_by_side = re.findall(
+        r"\+([\d.]+)s\s+step_completed\s+create\s*\n\s+\+\1s\s+step_dispatched\s+reserve\s*\n"
+        r"\s+\+\1s\s+step_dispatched\s+validate_address ",
+        out,
+    )
+    assert len(side_by_side) == 2, out
+    # The charge got the order id create returned, a number, by reference.
+    assert re.search(
+        r"step_dispatched\s+charge\s+\(input: \{\"amount\":42,\"order_id\":\d+\}\)", out
+    )
+    assert re.search(r"step_dispatched\s+gift_wrap\s+\(input: \{\"order_id\":\d+\}\)", out)
+    assert re.search(r"step_skipped\s+gift_wrap\s+\(when 'context.gift == true' is false\)", out)
+    assert re.search(r"step_failed\s+charge\s+\(NonRetryableError: amount 5000", out)
     assert re.search(r"step_compensated\s+reserve.*\n.*\n.*step_compensated\s+create", out)
     assert "\nFinal state and history\n" in out
     assert "state     completed" in out and "state     compensated" in out
     assert re.search(r"orders\s+shop_orders\s+created\s+cancelled", out)
+    assert re.search(r"shipping\s+shop_addresses\s+valid\s+valid", out)
+    assert re.search(r"shipping\s+shop_gift_wraps\s+wrapped\s+\(no row\)", out)
     assert re.search(r"payment\s+shop_payments\s+charged\s+\(no row\)", out)
     assert re.search(r"Demo OK in [\d.]+s: saga \w{26} completed, saga \w{26} compensated\.", out)
 
@@ -94,7 +109,7 @@ async def test_the_readme_demo_command_runs_the_demo_end_to_end() -> None:
         assert step in out
     assert re.search(
         r"stopped coordinator \(exit 0\), orders \(exit 0\), inventory \(exit 0\), "
-        r"payment \(exit 0\)",
+        r"shipping \(exit 0\), payment \(exit 0\)",
         out,
     )
     assert session_processes(proc.pid) == []
@@ -283,7 +298,7 @@ async def test_demo_setup_only_creates_what_is_missing_and_migrates() -> None:
     try:
         first = await shop_demo("--setup-only", SAGAPLANE_DEMO_DATABASE_URL=url)
         assert first.status == 0, first.err
-        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
+        for db in (name, *(f"{name}_{s}" for s in SERVICES)):
             assert f"database {db} created" in first.out
         assert "coordinator/0001_sagas" in first.out
         again = await shop_demo("--setup-only", "--database-url", url)
@@ -294,5 +309,5 @@ async def test_demo_setup_only_creates_what_is_missing_and_migrates() -> None:
             cur = await conn.execute("SELECT count(*) FROM sagaplane_sagas")
             assert await cur.fetchone() == (0,)
     finally:
-        for db in (name, f"{name}_orders", f"{name}_inventory", f"{name}_payment"):
+        for db in (name, *(f"{name}_{s}" for s in SERVICES)):
             await drop_database(db)

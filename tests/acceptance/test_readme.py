@@ -21,6 +21,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
+from examples.shop.services import order_steps
 from sagaplane import Delivery, NonRetryableError, Processed, StepContext, StepKind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -256,9 +257,23 @@ async def test_the_readme_saga_file_starts_that_saga(
     assert ids[0] == ids[1]
     assert saga["name"] == "order.place"
     assert saga["idempotency_key"] == "order-1001"
-    assert [s["name"] for s in saga["steps"]] == ["create", "charge"]
-    assert saga["steps"][1]["timeout"] == "10s"
-    assert saga["steps"][1]["input"] == {"amount": 42}
+    steps = saga["steps"]
+    assert [s.get("depends_on", []) for s in steps] == [
+        [],
+        ["create"],
+        ["create"],
+        ["reserve"],
+        ["reserve", "validate_address", "gift_wrap"],
+    ]
+    assert steps[3]["when"] == "context.gift == true"
+    assert steps[4]["timeout"] == "10s"
+    # Not dispatched yet (no participant runs here): the reference is as written.
+    assert steps[4]["input"] == {"amount": 42, "order_id": "${steps.create.output.order_id}"}
+    # It is the demo shop's order saga, step for step.
+    shop = order_steps(qty=2, amount=42)
+    assert [(s["name"], s["action"], s.get("compensation", ""), s["input"]) for s in steps] == [
+        (s["name"], s["action"], s.get("compensation", ""), s["input"]) for s in shop
+    ]
 
 
 # -- the Python section -------------------------------------------------------------------

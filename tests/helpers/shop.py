@@ -1,4 +1,4 @@
-"""A running demo shop for end-to-end tests: three participants, each with its own
+"""A running demo shop for end-to-end tests: four participants, each with its own
 database, on the test's vhost. The tables have no unique constraints, so a
 duplicated effect shows up as a second row."""
 
@@ -14,9 +14,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from examples.shop.services import BUILDERS, SERVICES, create_tables, order_steps
+from examples.shop.services import (
+    BUILDERS,
+    SERVICES,
+    create_tables,
+    line_order_steps,
+    order_context,
+    order_steps,
+)
 from helpers.database import create_database, drop_database, server_url, unique_name
-from sagaplane import structs
+from sagaplane import StepSpec, structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
@@ -65,7 +72,7 @@ class Shop:
 
 @pytest.fixture
 async def shop_databases(amqp_url: str) -> AsyncIterator[Shop]:
-    """Three fresh participant databases with the shop's tables (participants not running)."""
+    """Fresh participant databases with the shop's tables (participants not running)."""
     shop = Shop(amqp_url=amqp_url)
     names = {service: unique_name(f"sagaplane_{service}") for service in SERVICES}
     try:
@@ -81,7 +88,7 @@ async def shop_databases(amqp_url: str) -> AsyncIterator[Shop]:
 
 @pytest.fixture
 async def shop(shop_databases: Shop) -> AsyncIterator[Shop]:
-    """The three demo participants running in this process."""
+    """The demo participants running in this process."""
     async with AsyncExitStack() as stack:
         for service in SERVICES:
             participant = BUILDERS[service](
@@ -92,18 +99,28 @@ async def shop(shop_databases: Shop) -> AsyncIterator[Shop]:
 
 
 def order_request(*, amount: float = 42, qty: int = 1) -> api.StartSagaRequest:
-    steps = [
-        api.StepSpec(
-            name=s["name"],
-            action=s["action"],
-            compensation=s["compensation"],
-            input=structs.to_struct(s["input"]),
-        )
-        for s in order_steps(qty=qty, amount=amount)
-    ]
+    """The shop's order as three steps in a line: create, reserve, charge."""
     return api.StartSagaRequest(
-        name="order.place", steps=steps, context=structs.to_struct({"customer": "c-1"})
+        name="order.place",
+        steps=[_spec(s) for s in line_order_steps(qty=qty, amount=amount)],
+        context=structs.to_struct({"customer": "c-1"}),
     )
+
+
+def graph_order_request(
+    *, amount: float = 42, qty: int = 1, gift: bool = False
+) -> api.StartSagaRequest:
+    """The shop's order saga: create, then reserve beside validate_address, gift_wrap
+    when the context says so, then charge (see examples/shop/services.py)."""
+    return api.StartSagaRequest(
+        name="order.place",
+        steps=[_spec(s) for s in order_steps(qty=qty, amount=amount)],
+        context=structs.to_struct(order_context(customer="c-1", gift=gift)),
+    )
+
+
+def _spec(step: dict[str, Any]) -> api.StepSpec:
+    return StepSpec(**step).to_proto()
 
 
 async def wait_terminal(
