@@ -67,7 +67,14 @@ const handlers = {
       const address = command.input?.address;
       if (!address) throw new StepFailed("input.address is required", { type: "InvalidInput" });
       // Derived from the step id, so a redelivered command schedules the same shipment.
-      return { shipment_id: `shp-${command.stepId}`, address, sku: command.input.sku ?? null };
+      // order_id: the input's, which the saga may take from an earlier step's output
+      // by reference (the coordinator resolves it before sending the command).
+      return {
+        shipment_id: `shp-${command.stepId}`,
+        address,
+        sku: command.input.sku ?? null,
+        order_id: command.input.order_id ?? null,
+      };
     },
   },
   [CommandKind.COMMAND_KIND_COMPENSATE]: {

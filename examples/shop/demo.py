@@ -66,7 +66,7 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sagaplane_demo"
 
 EPILOG = """\
 Databases: the coordinator uses the database of --database-url, and each participant
-one named after it with _orders, _inventory, _shipping or _payment appended. A plain
+one named after it with _orders, _inventory, _fulfillment or _payment appended. A plain
 run appends a run id to the name, creates them all, and drops them at the end (--keep
 keeps them).
 
@@ -554,8 +554,8 @@ class Demo:
         checks = [
             ("orders", "shop_orders", "id", "created", "cancelled"),
             ("inventory", "shop_reservations", None, "reserved", "released"),
-            ("shipping", "shop_addresses", "order_id", "valid", "valid"),
-            ("shipping", "shop_gift_wraps", "order_id", "wrapped", None),
+            ("fulfillment", "shop_addresses", "order_id", "valid", "valid"),
+            ("fulfillment", "shop_gift_wraps", "order_id", "wrapped", None),
             ("payment", "shop_payments", "order_id", "charged", None),
         ]
         urls = self.participant_urls()

@@ -23,7 +23,7 @@ from sagaplane import NonRetryableError, Participant, StepContext
 PAYMENT_LIMIT = 1000
 """payment.charge fails (non-retryable) for amounts above this."""
 
-SERVICES = ("orders", "inventory", "shipping", "payment")
+SERVICES = ("orders", "inventory", "fulfillment", "payment")
 
 SCHEMAS = {
     "orders": """
@@ -38,7 +38,7 @@ SCHEMAS = {
             saga_id text NOT NULL, sku text NOT NULL, qty integer NOT NULL,
             status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
     """,
-    "shipping": """
+    "fulfillment": """
         CREATE TABLE IF NOT EXISTS shop_addresses (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             saga_id text NOT NULL, order_id bigint, address text NOT NULL,
@@ -125,12 +125,15 @@ def inventory(amqp_url: str, database_url: str) -> Participant:
     return p
 
 
-def shipping(amqp_url: str, database_url: str) -> Participant:
-    """The shipping service: checks the address (nothing to undo) and gift-wraps the
-    order (unwrapped on compensation)."""
-    p = Participant("shipping", amqp_url=amqp_url, database_url=database_url)
+def fulfillment(amqp_url: str, database_url: str) -> Participant:
+    """The fulfillment service: checks the address (nothing to undo) and gift-wraps the
+    order (unwrapped on compensation).
 
-    @p.step("shipping.validate_address")
+    Not "shipping": that service is the Node.js participant of examples/node-participant,
+    and two services must not share a queue."""
+    p = Participant("fulfillment", amqp_url=amqp_url, database_url=database_url)
+
+    @p.step("fulfillment.validate_address")
     async def validate_address(ctx: StepContext) -> dict[str, Any]:
         address = str(ctx.input.get("address", "")).strip()
         if not address:
@@ -143,7 +146,7 @@ def shipping(amqp_url: str, database_url: str) -> Participant:
         await _effect(ctx)
         return {"address": address}
 
-    @p.step("shipping.gift_wrap")
+    @p.step("fulfillment.gift_wrap")
     async def gift_wrap(ctx: StepContext) -> dict[str, Any]:
         await ctx.tx.execute(
             "INSERT INTO shop_gift_wraps (saga_id, order_id, status) VALUES (%s, %s, 'wrapped')",
@@ -152,7 +155,7 @@ def shipping(amqp_url: str, database_url: str) -> Participant:
         await _effect(ctx)
         return {"wrapped": True}
 
-    @p.compensation("shipping.unwrap")
+    @p.compensation("fulfillment.unwrap")
     async def unwrap(ctx: StepContext) -> None:
         await ctx.tx.execute(
             "UPDATE shop_gift_wraps SET status = 'unwrapped' WHERE saga_id = %s", (ctx.saga_id,)
@@ -195,7 +198,12 @@ def payment(amqp_url: str, database_url: str) -> Participant:
     return p
 
 
-BUILDERS = {"orders": orders, "inventory": inventory, "shipping": shipping, "payment": payment}
+BUILDERS = {
+    "orders": orders,
+    "inventory": inventory,
+    "fulfillment": fulfillment,
+    "payment": payment,
+}
 
 
 async def create_tables(service: str, database_url: str) -> None:
@@ -222,14 +230,14 @@ def order_steps(
         reserve,  # after create: the step before it
         {
             "name": "validate_address",
-            "action": "shipping.validate_address",
+            "action": "fulfillment.validate_address",
             "depends_on": ["create"],  # beside reserve, not after it
             "input": {"address": address, "order_id": ORDER_ID},
         },
         {
             "name": "gift_wrap",
-            "action": "shipping.gift_wrap",
-            "compensation": "shipping.unwrap",
+            "action": "fulfillment.gift_wrap",
+            "compensation": "fulfillment.unwrap",
             "depends_on": ["reserve"],
             "when": "context.gift == true",
             "input": {"order_id": ORDER_ID},

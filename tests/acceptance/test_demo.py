@@ -80,8 +80,8 @@ def check_demo_output(out: str) -> None:
     assert "\nFinal state and history\n" in out
     assert "state     completed" in out and "state     compensated" in out
     assert re.search(r"orders\s+shop_orders\s+created\s+cancelled", out)
-    assert re.search(r"shipping\s+shop_addresses\s+valid\s+valid", out)
-    assert re.search(r"shipping\s+shop_gift_wraps\s+wrapped\s+\(no row\)", out)
+    assert re.search(r"fulfillment\s+shop_addresses\s+valid\s+valid", out)
+    assert re.search(r"fulfillment\s+shop_gift_wraps\s+wrapped\s+\(no row\)", out)
     assert re.search(r"payment\s+shop_payments\s+charged\s+\(no row\)", out)
     assert re.search(r"Demo OK in [\d.]+s: saga \w{26} completed, saga \w{26} compensated\.", out)
 
@@ -109,7 +109,7 @@ async def test_the_readme_demo_command_runs_the_demo_end_to_end() -> None:
         assert step in out
     assert re.search(
         r"stopped coordinator \(exit 0\), orders \(exit 0\), inventory \(exit 0\), "
-        r"shipping \(exit 0\), payment \(exit 0\)",
+        r"fulfillment \(exit 0\), payment \(exit 0\)",
         out,
     )
     assert session_processes(proc.pid) == []

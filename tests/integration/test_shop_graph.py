@@ -22,7 +22,7 @@ async def order_ids(shop: Shop, saga_id: str) -> dict[str, list[object]]:
     """The order id each service's table holds for the saga."""
     tables = {
         "orders": "SELECT id FROM shop_orders",
-        "shipping": "SELECT order_id FROM shop_addresses",
+        "fulfillment": "SELECT order_id FROM shop_addresses",
         "payment": "SELECT order_id FROM shop_payments",
     }
     found = {}
@@ -33,7 +33,7 @@ async def order_ids(shop: Shop, saga_id: str) -> dict[str, list[object]]:
     found["gift_wraps"] = [
         r[0]
         for r in await shop.rows(
-            "shipping", "SELECT order_id FROM shop_gift_wraps WHERE saga_id = %s", saga_id
+            "fulfillment", "SELECT order_id FROM shop_gift_wraps WHERE saga_id = %s", saga_id
         )
     ]
     return found
@@ -61,7 +61,7 @@ async def test_a_gift_order_runs_every_step_and_passes_the_order_id(stub: Stub, 
     # ...and each service stored the id orders.create returned.
     assert await order_ids(shop, saga_id) == {
         "orders": [order_id],
-        "shipping": [order_id],
+        "fulfillment": [order_id],
         "payment": [order_id],
         "gift_wraps": [order_id],
     }
@@ -87,9 +87,9 @@ async def test_a_refused_payment_skips_the_gift_wrap_and_undoes_what_was_done(
         ("gift_wrap", "when 'context.gift == true' is false")
     ]
     actions = [action for _, action, _ in await shop.effects(saga_id)]
-    assert sorted(actions[1:3]) == ["inventory.reserve", "shipping.validate_address"]
+    assert sorted(actions[1:3]) == ["fulfillment.validate_address", "inventory.reserve"]
     assert [actions[0], *actions[3:]] == ["orders.create", "inventory.release", "orders.delete"]
-    assert await shop.rows("shipping", "SELECT * FROM shop_gift_wraps") == []
+    assert await shop.rows("fulfillment", "SELECT * FROM shop_gift_wraps") == []
     assert await shop.rows("payment", "SELECT * FROM shop_payments") == []
     assert await shop.rows("orders", "SELECT status FROM shop_orders") == [("cancelled",)]
 
@@ -108,11 +108,11 @@ async def test_compensating_a_gift_order_undoes_each_step_after_its_dependents(
     actions = [action for _, action, _ in effects]
     assert actions[5:] == [
         "payment.refund",
-        "shipping.unwrap",
+        "fulfillment.unwrap",
         "inventory.release",
         "orders.delete",
     ]
     assert Counter(actions).most_common(1)[0][1] == 1, "an effect happened twice"
-    assert await shop.rows("shipping", "SELECT status FROM shop_gift_wraps") == [("unwrapped",)]
+    assert await shop.rows("fulfillment", "SELECT status FROM shop_gift_wraps") == [("unwrapped",)]
     # The address check has no compensation: it stays as it was.
     assert saga.steps[2].status == model.STEP_STATUS_COMPLETED

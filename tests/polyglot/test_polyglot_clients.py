@@ -40,6 +40,7 @@ async def check_tour(ops: dict[str, dict[str, Any]], stub: Stub, *, source: str)
     assert steps["create"]["input"] == {"sku": "book", "qty": 1}
     assert steps["create"]["status"] == "STEP_STATUS_STARTED"
     assert steps["ship"]["status"] == "STEP_STATUS_PENDING"
+    assert steps["ship"]["dependsOn"] == ["create"]
     assert started["idempotencyKey"].startswith("quickstart-")
 
     got = ops["get"]["saga"]
@@ -58,7 +59,13 @@ async def check_tour(ops: dict[str, dict[str, Any]], stub: Stub, *, source: str)
     recorded = (await stub.GetSaga(api.GetSagaRequest(id=saga_id, include_history=True))).saga
     assert recorded.state == model.SAGA_STATE_COMPENSATING
     assert structs.to_dict(recorded.context) == {"customer": "c-1", "source": source}
-    assert structs.to_dict(recorded.steps[1].input) == {"address": "1 Main St", "sku": "book"}
+    # Never dispatched: the reference is as the client wrote it.
+    assert structs.to_dict(recorded.steps[1].input) == {
+        "address": "1 Main St",
+        "sku": "book",
+        "order_id": "${steps.create.output.order_id}",
+    }
+    assert list(recorded.steps[1].depends_on) == ["create"]
     assert any(
         h.event == "compensation_requested" and h.reason.startswith("quickstart")
         for h in recorded.history

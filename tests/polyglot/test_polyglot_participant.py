@@ -103,6 +103,8 @@ async def test_a_saga_runs_a_python_step_then_a_node_step_and_completes(
         "shipment_id": f"shp-{steps['ship']['id']}",
         "address": "1 Main St",
         "sku": "book",
+        # Python's output, passed to the Node.js step by the coordinator, by reference.
+        "order_id": steps["create"]["output"]["order_id"],
     }
     saga_id = ended["id"]
     assert await order_rows(orders_participant, saga_id) == [("book", 1, "created")]

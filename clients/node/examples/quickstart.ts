@@ -41,7 +41,10 @@ async function main(): Promise<void> {
           name: "ship",
           action: "shipping.schedule",
           compensation: "shipping.cancel",
-          input: { address: "1 Main St", sku: "book" },
+          // After create (as the step before it, but said outright); the coordinator
+          // replaces the reference by the order id create returned when it sends ship.
+          dependsOn: ["create"],
+          input: { address: "1 Main St", sku: "book", order_id: "${steps.create.output.order_id}" },
         },
       ],
     });

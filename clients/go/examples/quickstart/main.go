@@ -125,7 +125,11 @@ func orderRequest() (*sagaplanev1.StartSagaRequest, error) {
 	if err != nil {
 		return nil, err
 	}
-	shipInput, err := structpb.NewStruct(map[string]interface{}{"address": "1 Main St", "sku": "book"})
+	// The coordinator replaces the reference by the order id create returned when it
+	// sends ship.
+	shipInput, err := structpb.NewStruct(map[string]interface{}{
+		"address": "1 Main St", "sku": "book", "order_id": "${steps.create.output.order_id}",
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -140,7 +144,8 @@ func orderRequest() (*sagaplanev1.StartSagaRequest, error) {
 		Context:        context,
 		Steps: []*sagaplanev1.StepSpec{
 			{Name: "create", Action: "orders.create", Compensation: "orders.delete", Input: createInput},
-			{Name: "ship", Action: "shipping.schedule", Compensation: "shipping.cancel", Input: shipInput},
+			// DependsOn: after create (as the step before it, but said outright).
+			{Name: "ship", Action: "shipping.schedule", Compensation: "shipping.cancel", DependsOn: []string{"create"}, Input: shipInput},
 		},
 	}, nil
 }
