@@ -13,7 +13,8 @@ not a boolean — fails the step for good with the message.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import cel
@@ -34,9 +35,36 @@ def _program(expression: str) -> cel.Program:
     return cel.compile(expression)
 
 
-def check(field: str, expression: str) -> None:
-    """Raise :class:`InvalidSpec` naming ``field`` if the expression cannot be compiled
-    or refers to a variable other than ``context`` and ``steps``."""
+# A string literal (skipped, so that "steps.x" in quotes is no reference), or a step
+# named after ``steps`` as a field (steps.create) or an index (steps["create"]).
+_STEP_NAMES = re.compile(
+    r"""(?P<string>[rRbB]{0,2}(?P<quote>"{3}|'{3}|"|')(?:\\.|(?!(?P=quote)).)*?(?P=quote))"""
+    r"""|(?<![.\w])steps\s*\.\s*(?P<field>[A-Za-z_]\w*)"""
+    r"""|(?<![.\w])steps\s*\[\s*(?P<q>["'])(?P<index>(?:\\.|(?!(?P=q)).)*)(?P=q)\s*\]""",
+    re.DOTALL,
+)
+
+
+def step_names(expression: str) -> list[str]:
+    """The steps the expression names (``steps.create``, ``steps["create"]``), in order."""
+    found = []
+    for match in _STEP_NAMES.finditer(expression):
+        name = match.group("field") or match.group("index")
+        if name is not None:
+            found.append(name)
+    return found
+
+
+def check(
+    field: str,
+    expression: str,
+    known: Collection[str] | None = None,
+    all_steps: Collection[str] = (),
+) -> None:
+    """Raise :class:`InvalidSpec` naming ``field`` if the expression cannot be compiled,
+    refers to a variable other than ``context`` and ``steps``, or (given ``known``, the
+    steps this one depends on, directly or not) names a step outside ``known``: its
+    output could not be there when the condition is evaluated."""
     try:
         program = _program(expression)
     except (ValueError, RuntimeError) as exc:
@@ -44,6 +72,17 @@ def check(field: str, expression: str) -> None:
     unknown = sorted(set(program.variables()) - VARIABLES)
     if unknown:
         raise InvalidSpec(field, f"uses {', '.join(unknown)}: only context and steps are known")
+    if known is None:
+        return
+    for name in step_names(expression):
+        if name not in all_steps:
+            raise InvalidSpec(field, f'steps.{name}: no step named "{name}"')
+        if name not in known:
+            raise InvalidSpec(
+                field,
+                f'steps.{name}: "{name}" is not a step this one depends on (directly or '
+                "not), so its output may not exist yet",
+            )
 
 
 def holds(expression: str, context: Mapping[str, Any], outputs: Mapping[str, Any]) -> bool:

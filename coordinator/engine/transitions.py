@@ -129,7 +129,7 @@ def plan(steps: Sequence[StepSpec]) -> tuple[tuple[int, ...] | None, ...]:
         references.check(f"steps[{i}].input", steps[i].input, known, names)
         when = steps[i].when
         if when is not None:
-            conditions.check(f"steps[{i}].when", when)
+            conditions.check(f"steps[{i}].when", when, known, names)
     return depends_on
 
 

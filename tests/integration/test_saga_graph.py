@@ -191,6 +191,10 @@ async def test_a_failing_branch_waits_for_the_other_then_both_and_the_root_are_u
             "steps[1].when: is not a CEL expression: Failed to parse expression",
         ),
         (
+            [step("a", root=True), step("b", root=True, when="steps.a.output.ok")],
+            'steps[1].when: steps.a: "a" is not a step this one depends on',
+        ),
+        (
             [step("a", root=True), step("b", root=True, v="${steps.a.output.x}")],
             'steps[1].input.v: ${steps.a.output.x}: "a" is not a step this one depends on '
             "(directly or not), so its output may not exist yet",

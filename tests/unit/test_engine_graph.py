@@ -26,6 +26,7 @@ from coordinator.engine import (
     TimerFired,
     Transition,
     apply,
+    conditions,
 )
 from coordinator.engine.graph import InvalidGraph, dependencies, descendants, resolve
 
@@ -588,12 +589,36 @@ def test_a_condition_that_cannot_be_decided_fails_the_step_for_good(when: str, e
     [
         ("context.gift ==", "steps[1].when: is not a CEL expression: "),
         ("order.total > 1", "steps[1].when: uses order: only context and steps are known"),
+        ("steps.b.output.x == 1", 'steps[1].when: steps.b: "b" is not a step this one depends'),
+        ("steps['zz'].output.x == 1", 'steps[1].when: steps.zz: no step named "zz"'),
+        ("has(steps.nope.output)", 'steps[1].when: steps.nope: no step named "nope"'),
     ],
 )
 def test_a_condition_that_does_not_compile_is_refused_at_start(when: str, message: str) -> None:
     with pytest.raises(InvalidSpec) as refused:
         start_saga([node("a"), replace(node("b"), when=when)])
     assert str(refused.value).startswith(message), str(refused.value)
+
+
+def test_a_condition_may_name_any_step_above_its_own_and_quote_any_text() -> None:
+    when = "steps.a.output.ok && steps['b'].output.n > 1 && context.note != 'steps.zz'"
+    steps = [node("a"), node("b"), replace(node("c"), when=when)]
+    assert start_saga(steps).saga.steps[2].when == when
+
+
+@pytest.mark.parametrize(
+    ("expression", "names"),
+    [
+        ('steps.a.output.x == steps [ "b" ].output.y', ["a", "b"]),
+        ("context.steps.a == 1 || mysteps.b", []),
+        ("'steps.a' + \"steps.b\" + '''steps.c''' + r'steps.d' == ''", []),
+        ("'it\\'s' == steps.e.output.s", ["e"]),
+    ],
+)
+def test_the_steps_a_condition_names_are_found_outside_string_literals(
+    expression: str, names: list[str]
+) -> None:
+    assert conditions.step_names(expression) == names
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

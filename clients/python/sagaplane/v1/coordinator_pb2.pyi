@@ -89,8 +89,9 @@ class StepSpec(_message.Message):
     on), evaluated when the step is ready, for example
     "context.gift == true". False: the step is skipped (never run, never
     compensated, done for the steps that depend on it). An error or a value
-    that is not a boolean fails the step for good. A syntax error, or another
-    variable, is INVALID_ARGUMENT at start. At most 1000 characters.
+    that is not a boolean fails the step for good. A syntax error, another
+    variable, or a step this one does not depend on (directly or not) is
+    INVALID_ARGUMENT at start. At most 1000 characters.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
