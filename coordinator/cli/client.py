@@ -22,6 +22,7 @@ import yaml
 
 from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
+from sagaplane import durations
 from sagaplane.client import Resolution, SagaClient, parse_start_request
 from sagaplane.errors import (
     CoordinatorError,
@@ -50,7 +51,9 @@ as YAML, which also reads JSON). Its fields are the request's, as grpcurl -d tak
 A step waits for the one before it unless it names others (depends_on: [create]) or
 none (depends_on_nothing: true); steps whose dependencies are done run side by side.
 when: "context.gift == true" (CEL) runs a step only when it holds; false skips it.
-A file holding only a list of steps works too, with --name.
+Durations (timeout, step_timeout, a retry policy's intervals) are 10s, 1m30s,
+10 seconds, 500ms or a number of seconds. A file holding only a list of steps works
+too, with --name.
 """
 
 
@@ -130,10 +133,27 @@ def start_request(
         data["name"] = args.name
     if args.idempotency_key is not None:
         data["idempotency_key"] = args.idempotency_key
+    _require_name(data, args.file)
     try:
         return parse_start_request(data)
     except InvalidArgument as exc:
         raise CliError(f"{args.file}: {exc.message}", ExitCode.USAGE) from exc
+
+
+def _require_name(data: dict[str, Any], path: str) -> None:
+    """A saga needs a name; say where to give it rather than the coordinator's
+    ``name: is required``."""
+    if data.get("name"):
+        return
+    if set(data) == {"steps"}:
+        raise CliError(
+            f"{path} holds only a list of steps, and a saga needs a name: add `name: ...` "
+            "(with the steps under `steps:`), or pass --name NAME",
+            ExitCode.USAGE,
+        )
+    raise CliError(
+        f"{path} gives the saga no name: add `name: ...`, or pass --name NAME", ExitCode.USAGE
+    )
 
 
 def start(args: argparse.Namespace) -> int:
@@ -331,21 +351,13 @@ async def _resolve(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``2h``, ``1d`` or plain seconds, as argparse ``type``."""
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    """A duration as :func:`sagaplane.durations.parse_duration` reads it (``90s``, ``15m``,
+    ``2h``, ``1d``, ``1m30s``, plain seconds), as argparse ``type``."""
     try:
-        seconds = float(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (e.g. 90s, 15m, 2h, 1d)"
-        ) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return timedelta(seconds=seconds)
+        return durations.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- health -----------------------------------------------------------------------------

@@ -283,6 +283,46 @@ async def test_start_refuses_bad_files_with_status_2(
     assert "the coordinator refused the request: INVALID_ARGUMENT: steps" in refused.err
 
 
+async def test_saga_files_take_common_durations_and_explain_their_mistakes(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    target = address(coordinator)
+    path = tmp_path / "saga.yaml"
+    path.write_text(
+        "name: x\ntimeout: 10 seconds\nstep_timeout: 1m30s\n"
+        "steps:\n  - {name: a, action: a.do, timeout: 1.5}\n"
+    )
+    saga = (await sagaplane("start", str(path), "--json", "--coordinator", target)).json()
+    assert saga["steps"][0]["timeout"] == "1.500s"
+
+    cases = {
+        "timeout: 10 sekunden\nsteps: [{name: a, action: a.do}]": (
+            "timeout: '10 sekunden' is not a duration; use a number of seconds (10, 1.5) "
+            "or amounts with units (10s, 1m30s, 2h, 1d, 500ms, 10 seconds)"
+        ),
+        "steps: [{name: a, action: a.do, retry: {max_attempts: 2}}]": (
+            "steps[0].retry: no such field; did you mean retry_policy?"
+        ),
+        "stepTimeOut: 3s\nsteps: [{name: a, action: a.do}]": (
+            "stepTimeOut: no such field; did you mean step_timeout?"
+        ),
+    }
+    for body, message in cases.items():
+        path.write_text("name: x\n" + body)
+        result = await sagaplane("start", str(path), "--coordinator", target)
+        assert (result.status, result.err.strip()) == (2, f"sagaplane: error: {path}: {message}")
+
+    steps_only = tmp_path / "steps.yaml"
+    steps_only.write_text("- {name: a, action: a.do}\n")
+    nameless = await sagaplane("start", str(steps_only), "--coordinator", target)
+    assert nameless.status == 2
+    assert "holds only a list of steps" in nameless.err
+    assert "add `name: ...`" in nameless.err and "--name" in nameless.err
+    assert "Traceback" not in nameless.err
+    named = await sagaplane("start", str(steps_only), "--name", "y", "--coordinator", target)
+    assert named.status == 0, named.err
+
+
 async def test_start_watch_follows_the_saga_to_its_end(
     coordinator: Coordinator, shop: Shop, tmp_path: Path
 ) -> None:

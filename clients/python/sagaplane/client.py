@@ -25,9 +25,10 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sagaplane import defaults, structs
+from sagaplane import defaults, jsonform, structs
+from sagaplane.durations import to_duration
 from sagaplane.errors import CoordinatorError, InvalidArgument, WaitTimeout, from_rpc_error
-from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, to_duration
+from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 __all__ = [
@@ -396,9 +397,16 @@ class SagaClient:
 
 
 def parse_start_request(data: Mapping[str, Any]) -> coordinator_pb2.StartSagaRequest:
-    """The StartSaga request of its JSON form; InvalidArgument naming what does not fit."""
+    """The StartSaga request of its JSON form; InvalidArgument naming what does not fit.
+
+    Field names are the proto's (``step_timeout``; protobuf's camelCase works too), and
+    durations take the forms people write (``10s``, ``1m30s``, ``10 seconds``, a number
+    of seconds): see :mod:`sagaplane.jsonform`.
+    """
+    request = coordinator_pb2.StartSagaRequest()
+    prepared = jsonform.prepare(data, request.DESCRIPTOR)
     try:
-        return json_format.ParseDict(dict(data), coordinator_pb2.StartSagaRequest())
+        return json_format.ParseDict(prepared, request)
     except json_format.ParseError as exc:
         raise InvalidArgument(str(exc)) from exc
 

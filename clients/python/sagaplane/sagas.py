@@ -17,6 +17,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from sagaplane import structs
+from sagaplane.durations import to_duration
 from sagaplane.v1 import saga_pb2
 
 __all__ = [
@@ -380,16 +381,6 @@ class Saga(_View):
 
     def __repr__(self) -> str:
         return f"Saga(id={self.id!r}, name={self.name!r}, state={self.state.value!r})"
-
-
-def to_duration(value: float | timedelta) -> duration_pb2.Duration:
-    """A protobuf Duration of seconds or a timedelta (ValueError if negative)."""
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta < timedelta(0):
-        raise ValueError(f"a duration must not be negative, not {delta}")
-    duration = duration_pb2.Duration()
-    duration.FromTimedelta(delta)
-    return duration
 
 
 def _time(message: Any, field: str) -> datetime | None:
