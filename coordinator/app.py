@@ -69,6 +69,10 @@ class Coordinator:
             raise
 
     async def _start(self) -> None:
+        # The address first: a coordinator that cannot serve must not migrate, consume
+        # replies or fire timers (a second one on a taken port would take replies that
+        # belong to the first one's sagas).
+        self._api = await ApiServer.bind(self.settings.listen)
         if self.settings.migrate:
             applied = await migrate(self.settings.database_url)
             for m in applied:
@@ -94,8 +98,7 @@ class Coordinator:
         self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
         await self._timers.start()
         tokens = PageTokens(await self.store.secret("page_tokens"))
-        self._api = ApiServer(SagaCoordinatorServicer(self.store, tokens), self.settings.listen)
-        await self._api.start()
+        await self._api.start(SagaCoordinatorServicer(self.store, tokens))
         log.info("coordinator listening on port %d", self._api.port)
 
     def tasks(self) -> list[asyncio.Task[None]]:

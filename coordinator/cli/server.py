@@ -47,6 +47,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: config.Settings) -> int:
+    from coordinator.api.server import ListenError
     from coordinator.app import serve as run_coordinator
 
     stop = asyncio.Event()
@@ -65,8 +66,9 @@ async def _serve(settings: config.Settings) -> int:
             f"cannot use RabbitMQ at {redact(settings.amqp_url)}: {_first_line(exc)}",
             ExitCode.UNAVAILABLE,
         ) from exc
+    except ListenError as exc:
+        raise CliError(str(exc), ExitCode.UNAVAILABLE) from exc
     except OSError as exc:
-        # For one: the gRPC address is taken.
         raise CliError(f"cannot start: {_first_line(exc)}", ExitCode.UNAVAILABLE) from exc
     return ExitCode.OK if healthy else ExitCode.ERROR
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from coordinator.app import Coordinator
@@ -182,6 +183,45 @@ async def test_serve_says_which_service_it_cannot_reach(amqp_url: str, database_
     assert no_mq.status == 3
     assert "cannot use RabbitMQ at amqp://guest:***@127.0.0.1:1/" in no_mq.err
     assert "secret" not in no_mq.err
+
+
+async def python_m_coordinator(*args: str, **env: str) -> Result:
+    """``python -m coordinator ARGS`` to its end, with no SAGAPLANE_* setting but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean | env,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def test_a_second_coordinator_on_a_taken_address_is_refused(
+    coordinator: Coordinator, amqp_url: str
+) -> None:
+    taken = address(coordinator)
+    # Its own, empty database: refused before it touches anything, it migrates nothing.
+    name = unique_name("sagaplane_cli_second")
+    await create_database(name)
+    try:
+        second = await python_m_coordinator(
+            "--listen", taken, "--amqp-url", amqp_url, SAGAPLANE_DATABASE_URL=server_url(name)
+        )
+        assert second.status == 3, second.err
+        assert second.err.strip().splitlines()[-1] == (
+            f"sagaplane: error: cannot listen on {taken}: address in use (is another "
+            "coordinator running there? Two coordinators on one address would split the "
+            "calls between them)"
+        )
+        assert "Traceback" not in second.err
+        async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
+            cur = await conn.execute(b"SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert await cur.fetchone() == (0,)
+    finally:
+        await drop_database(name)
+    # The first one serves on, alone.
+    assert (await sagaplane("health", "--coordinator", taken)).out.strip() == "SERVING"
 
 
 async def test_migrate_applies_once_then_is_up_to_date() -> None:
