@@ -7,7 +7,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
@@ -22,7 +21,7 @@ from coordinator.store.migrate import migrate
 from coordinator.store.pool import open_pool
 from coordinator.store.repository import SagaStore
 from coordinator.timers import TimerLoop
-from sagaplane import topology
+from sagaplane import amqp, topology
 from sagaplane.consuming import DeadLetters
 from sagaplane.relay import OutboxRelay
 
@@ -79,9 +78,7 @@ class Coordinator:
                 log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
         self._pool = await open_pool(self.settings.database_url, size=self.settings.pool_size)
         self.store = SagaStore(self._pool, encode_command)
-        self._amqp = await aio_pika.connect_robust(
-            self.settings.amqp_url, client_properties={"connection_name": "sagaplane-coordinator"}
-        )
+        self._amqp = await amqp.connect(self.settings.amqp_url, name="sagaplane-coordinator")
         channel = await self._amqp.channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         await topology.declare_core(channel)

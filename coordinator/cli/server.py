@@ -13,7 +13,9 @@ from aiormq.exceptions import AMQPConnectionError
 
 from coordinator import config
 from coordinator.cli.errors import CliError, ExitCode
+from sagaplane.errors import BrokerUnavailable
 from sagaplane.runtime import run
+from sagaplane.topology import UnsupportedBrokerError
 from sagaplane.urls import redact
 
 
@@ -60,6 +62,12 @@ async def _serve(settings: config.Settings) -> int:
         raise CliError(
             f"cannot use PostgreSQL at {redact(settings.database_url)}: {_first_line(exc)}",
             ExitCode.UNAVAILABLE,
+        ) from exc
+    except BrokerUnavailable as exc:
+        raise CliError(str(exc), ExitCode.UNAVAILABLE) from exc
+    except UnsupportedBrokerError as exc:
+        raise CliError(
+            f"cannot use RabbitMQ at {redact(settings.amqp_url)}: {exc}", ExitCode.UNAVAILABLE
         ) from exc
     except AMQPConnectionError as exc:
         raise CliError(

@@ -170,19 +170,41 @@ async def test_serve_runs_a_coordinator_until_sigterm(database_url: str, amqp_ur
 
 
 async def test_serve_says_which_service_it_cannot_reach(amqp_url: str, database_url: str) -> None:
+    anywhere = ("--listen", "127.0.0.1:0")
     no_pg = await sagaplane(
-        "serve", "--database-url", "postgresql://postgres@127.0.0.1:1/sagaplane"
+        "serve", *anywhere, "--database-url", "postgresql://postgres@127.0.0.1:1/sagaplane"
     )
     assert no_pg.status == 3
     assert "cannot use PostgreSQL at postgresql://postgres@127.0.0.1:1/sagaplane" in no_pg.err
     assert "Traceback" not in no_pg.err
 
-    no_mq = await sagaplane(
-        "serve", "--database-url", database_url, "--amqp-url", "amqp://guest:secret@127.0.0.1:1/"
-    )
-    assert no_mq.status == 3
-    assert "cannot use RabbitMQ at amqp://guest:***@127.0.0.1:1/" in no_mq.err
-    assert "secret" not in no_mq.err
+    # Every way of not getting to RabbitMQ: one line naming the broker and the vhost.
+    vhost = amqp_url.rsplit("/", 1)[1]
+    broker = amqp_url.split("@", 1)[1].rsplit("/", 1)[0]
+    cases = {
+        f"amqp://guest:secret@{broker}/{vhost}": (
+            f"cannot connect to RabbitMQ at amqp://guest:***@{broker}/{vhost} (vhost "
+            f"'{vhost}'): login refused for user 'guest' (wrong user name or password?)"
+        ),
+        f"amqp://guest:guest@{broker}/{vhost}-missing": (
+            f"cannot connect to RabbitMQ at amqp://guest:***@{broker}/{vhost}-missing (vhost "
+            f"'{vhost}-missing'): the broker refused vhost '{vhost}-missing': it does not "
+            "exist, or user 'guest' may not use it (see `rabbitmqctl list_vhosts`, "
+            f"`rabbitmqctl list_permissions -p {vhost}-missing`)"
+        ),
+        "amqp://guest:secret@127.0.0.1:1/": (
+            "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/ (vhost '/'): "
+            "connection refused (is it running, on this port?)"
+        ),
+    }
+    for url, message in cases.items():
+        result = await sagaplane(
+            "serve", *anywhere, "--database-url", database_url, "--amqp-url", url
+        )
+        assert result.status == 3, result.err
+        assert f"sagaplane: error: {message}\n" in result.err
+        assert "Traceback" not in result.err and "InvalidFrameError" not in result.err
+        assert "secret" not in result.err
 
 
 async def python_m_coordinator(*args: str, **env: str) -> Result:

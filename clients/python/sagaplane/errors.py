@@ -5,6 +5,7 @@
     │   ├── RetryableError           ... and retrying may succeed
     │   └── NonRetryableError        ... and retrying cannot help
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
+    ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
         ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field
         ├── SagaNotFound             NOT_FOUND
@@ -29,6 +30,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
@@ -91,6 +93,10 @@ class NonRetryableError(StepFailed):
 
 class ConfigurationError(SagaplaneError):
     """The SDK was set up wrongly."""
+
+
+class BrokerUnavailable(SagaplaneError, ConnectionError):
+    """RabbitMQ cannot be reached, or refused the connection."""
 
 
 class CoordinatorError(SagaplaneError):

@@ -48,7 +48,7 @@ from psycopg import AsyncClientCursor, sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import backoff, batch
+from sagaplane import amqp, backoff, batch
 from sagaplane.queries import q
 from sagaplane.runtime import log_crash
 from sagaplane.topology import CONTENT_TYPE
@@ -488,9 +488,10 @@ class OutboxRelay:
                     if "reconnect_interval" not in parse_qs(urlsplit(self._amqp_url).query):
                         # aio-pika waits 5 s by default; rows wait for the reconnect.
                         options["reconnect_interval"] = 1.0
-                    self._connection = await aio_pika.connect_robust(
+                    self._connection = await amqp.connect(
                         self._amqp_url,
-                        client_properties={"connection_name": self._connection_name},
+                        name=self._connection_name,
+                        timeout=self._confirm_timeout,
                         **options,
                     )
                 await self._connection.ready()
