@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq
 import psycopg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -907,6 +908,47 @@ async def test_undecodable_and_unknown_commands_are_dead_lettered_and_work_goes_
     await broker.send(action=action, saga_id=_uid(), step_id=_uid())
     assert (await broker.reply()).outcome == SUCCEEDED
     await broker.no_more_replies()
+
+
+async def test_a_participant_restarted_without_a_handler_unbinds_its_action(
+    amqp_url: str, database_url: str, broker: Broker
+) -> None:
+    service, kept, removed = f"svc-{_uid()}", _action("orders.create"), _action("orders.old")
+
+    def build(*actions: str) -> Participant:
+        participant = Participant(service, amqp_url=amqp_url, database_url=database_url)
+        for action in actions:
+
+            @participant.step(action)
+            async def handle(ctx: StepContext) -> dict[str, Any]:
+                return {"ok": True}
+
+        return participant
+
+    async with build(kept, removed):
+        pass
+    async with build(kept) as restarted:
+        # The removed action reaches no queue any more: the publisher is told at once
+        # (NO_ROUTE), instead of the command being dead-lettered by a service that
+        # cannot handle it while its saga waits out its timeouts.
+        strict = await broker.connection.channel(on_return_raises=True)
+        commands = await strict.get_exchange(topology.COMMANDS_EXCHANGE, ensure=False)
+        with pytest.raises(aiormq.exceptions.DeliveryError) as refused:
+            await commands.publish(aio_pika.Message(b"x"), routing_key=removed, mandatory=True)
+        assert "NO_ROUTE" in str(refused.value)
+        await strict.close()
+        await broker.send(action=kept, saga_id=_uid(), step_id=_uid())
+        assert (await broker.reply()).outcome == SUCCEEDED
+        assert restarted.dead_lettered == {}
+
+    # Registered again, it is bound again; a start with the same handlers changes nothing.
+    for _ in range(2):
+        async with build(kept, removed):
+            await broker.send(action=removed, saga_id=_uid(), step_id=_uid())
+            assert (await broker.reply()).outcome == SUCCEEDED
+    # One record of the bindings is left, whatever the number of starts.
+    ledger = await broker.channel.declare_queue(topology.bindings_queue(service), passive=True)
+    assert ledger.declaration_result.message_count == 1
 
 
 async def test_stop_lets_in_flight_handlers_finish_and_publishes_their_replies(

@@ -3,16 +3,33 @@
 Everything here is declared idempotently, so every process may (and should) declare
 what it uses at start-up, in any order. The publishers (:mod:`sagaplane.relay`) never
 declare anything: they only publish, and an unroutable message is a failed publish.
+
+A participant's queue is bound to exactly the actions it registers: at start, the
+actions it no longer registers are unbound, so that their commands are not delivered
+to a service that can only dead-letter them. AMQP cannot list a queue's bindings (only
+RabbitMQ's management plugin can, and it may not be there), so the bound actions are
+recorded beside the queue, in the broker that holds the bindings: the service's
+bindings queue (:func:`bindings_queue`) holds one message, the JSON list of the actions
+bound by the last start. A start takes that record (unacked), binds what it registers,
+unbinds what the record lists beyond that, publishes the new record (confirmed), and
+only then acks the old one: a start that dies half way leaves the old record in place,
+and the next start reads every record it finds. Replicas of one service that register
+different actions (say, during a rolling deploy that removes a handler) end with the
+bindings of the last one to start.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
-from aio_pika import ExchangeType
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika import DeliveryMode, ExchangeType, Message
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+log = logging.getLogger(__name__)
 
 COMMANDS_EXCHANGE = "sagaplane.commands"
 """Topic exchange; step commands are routed by their action name."""
@@ -43,6 +60,12 @@ class UnsupportedBrokerError(RuntimeError):
 def participant_queue(service: str) -> str:
     """The durable queue of a participant service."""
     return f"sagaplane.participant.{service}"
+
+
+def bindings_queue(service: str) -> str:
+    """Where a participant service records the actions its queue is bound to (see the
+    module docstring)."""
+    return f"{participant_queue(service)}.bindings"
 
 
 def work_queue_arguments() -> dict[str, Any]:
@@ -91,19 +114,71 @@ async def declare_core(channel: AbstractChannel) -> None:
 async def declare_participant_queue(
     channel: AbstractChannel, service: str, actions: Iterable[str]
 ) -> AbstractQueue:
-    """Declare the queue of ``service``, bound to each of its ``actions`` (idempotent).
+    """Declare the queue of ``service``, bound to each of its ``actions`` and to no
+    other action it was bound to before (idempotent; see the module docstring).
 
     Declares the core topology first, so a participant that starts before the
-    coordinator can still bind its queue and publish its replies.
+    coordinator can still bind its queue and publish its replies. ``channel`` must be
+    in publisher-confirm mode (aio-pika's default), as the record of the bindings is
+    published on it.
     """
     await declare_core(channel)
     commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
     queue = await channel.declare_queue(
         participant_queue(service), durable=True, arguments=work_queue_arguments()
     )
-    for action in dict.fromkeys(actions):
+    wanted = list(dict.fromkeys(actions))
+    for action in wanted:
         await queue.bind(commands, routing_key=action)
+    await _unbind_unregistered(channel, commands, queue, service, wanted)
     return queue
+
+
+async def _unbind_unregistered(
+    channel: AbstractChannel,
+    commands: AbstractExchange,
+    queue: AbstractQueue,
+    service: str,
+    wanted: list[str],
+) -> None:
+    ledger = await channel.declare_queue(
+        bindings_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    records = []
+    while (record := await ledger.get(no_ack=False, fail=False)) is not None:
+        records.append(record)
+    bound: set[str] = set()
+    for record in records:
+        bound |= _actions_of(record.body, service)
+    for action in sorted(bound - set(wanted)):
+        await queue.unbind(commands, routing_key=action)
+        log.info(
+            "participant %s: unbound action %s from %s (no handler registered for it)",
+            service,
+            action,
+            queue.name,
+        )
+    await channel.default_exchange.publish(
+        Message(
+            json.dumps(wanted).encode(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+        ),
+        routing_key=ledger.name,
+    )
+    for record in records:
+        await record.ack()
+
+
+def _actions_of(body: bytes, service: str) -> set[str]:
+    try:
+        actions = json.loads(body)
+    except ValueError:
+        actions = None
+    if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+        log.warning("participant %s: ignoring a malformed bindings record %r", service, body[:200])
+        return set()
+    return set(actions)
 
 
 async def _check_broker(channel: AbstractChannel) -> None:
