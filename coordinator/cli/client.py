@@ -32,7 +32,7 @@ from sagaplane.errors import (
     InvalidArgument,
     SagaNotFound,
 )
-from sagaplane.sagas import Saga, SagaState
+from sagaplane.sagas import Saga, SagaState, StepStatus
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 START_EPILOG = """\
@@ -237,11 +237,33 @@ def compensate(args: argparse.Namespace) -> int:
 
 async def _compensate(args: argparse.Namespace) -> int:
     async with connect(args.coordinator, args.timeout, args.id) as client:
-        saga = await client.compensate(args.id, args.reason)
+        try:
+            saga = await client.compensate(args.id, args.reason)
+        except IllegalTransition:
+            await _explain_compensation_failed(client, args.id)
+            raise
         if not args.watch:
             _show(saga, args)
             return ExitCode.OK
         return await _follow(client, saga.id, args, hoped=SagaState.COMPENSATED)
+
+
+async def _explain_compensation_failed(client: SagaClient, saga_id: str) -> None:
+    """Compensate refused a saga in compensation_failed: the coordinator's message names
+    its RPC (ResolveCompensation); say what to type instead."""
+    saga = await client.get_saga(saga_id)
+    if saga.state is not SagaState.COMPENSATION_FAILED:
+        return
+    stuck = next((s.name for s in saga.steps if s.status is StepStatus.COMPENSATION_FAILED), None)
+    where = f" (step {stuck!r})" if stuck else ""
+    raise CliError(
+        f"refused: saga {saga_id} is compensation_failed: a compensation failed{where} and "
+        "needs a person. Once its cause is fixed, retry it with\n"
+        f"  sagaplane resolve {saga_id} --retry --reason WHY\n"
+        "or, if it was undone by hand, go on with the older steps' compensations with\n"
+        f"  sagaplane resolve {saga_id} --mark-compensated --reason WHY",
+        ExitCode.REFUSED,
+    )
 
 
 def watch(args: argparse.Namespace) -> int:

@@ -599,7 +599,14 @@ async def test_resolve_a_saga_whose_compensation_failed(
 
     refused = await sagaplane("compensate", saga_id, "--coordinator", target)
     assert refused.status == 5
-    assert "refused: FAILED_PRECONDITION" in refused.err
+    assert refused.err.strip().splitlines() == [
+        f"sagaplane: error: refused: saga {saga_id} is compensation_failed: a compensation "
+        "failed (step 'do') and needs a person. Once its cause is fixed, retry it with",
+        f"  sagaplane resolve {saga_id} --retry --reason WHY",
+        "or, if it was undone by hand, go on with the older steps' compensations with",
+        f"  sagaplane resolve {saga_id} --mark-compensated --reason WHY",
+    ]
+    assert "ResolveCompensation" not in refused.err and "Traceback" not in refused.err
 
     no_reason = await sagaplane("resolve", saga_id, "--mark-compensated", "--coordinator", target)
     assert no_reason.status == 2 and "--reason" in no_reason.err
