@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 
 from coordinator.cli.errors import CliError, ExitCode
+from coordinator.cli.output import silence_stdout
 from sagaplane import defaults
 
 __all__ = ["CliError", "ExitCode", "build_parser", "main"]
@@ -62,20 +63,22 @@ def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return common
 
 
-def _watch_options(parser: argparse.ArgumentParser) -> None:
+def _watch_options(parser: argparse.ArgumentParser, *, after: str = "") -> None:
+    # Defaults of None: start and compensate refuse them without --watch, so a given
+    # flag must be told from an absent one (the values used are in client.follow_args).
+    only = f" (with {after})" if after else ""
     parser.add_argument(
         "--max-wait",
         metavar="SECONDS",
         type=float,
-        default=0.0,
-        help="give up waiting after this long, with exit status 7 (default: wait until it ends)",
+        help=f"give up waiting after this long, with exit status 7{only} "
+        "(default: wait until it ends)",
     )
     parser.add_argument(
         "--interval",
         metavar="SECONDS",
         type=float,
-        default=0.2,
-        help="how often to ask the coordinator (default %(default)s)",
+        help=f"how often to ask the coordinator{only} (default 0.2)",
     )
 
 
@@ -142,7 +145,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="starting again with the same key returns the same saga (overrides the file's)",
     )
     start.add_argument("--watch", action="store_true", help="then follow it until it ends")
-    _watch_options(start)
+    _watch_options(start, after="--watch")
 
     get = add("get", client.get, "Show one saga: its state and steps.", parents=[common])
     get.add_argument("id", metavar="ID", help="the saga's id")
@@ -177,7 +180,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     compensate.add_argument("id", metavar="ID", help="the saga's id")
     compensate.add_argument("--reason", default="", help="why; recorded in the history")
     compensate.add_argument("--watch", action="store_true", help="then follow it until it ends")
-    _watch_options(compensate)
+    _watch_options(compensate, after="--watch")
 
     watch = add(
         "watch",
@@ -242,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:
-        # The reader of our output went away (`| head`): not worth a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The commands print through output.say, which carries on when the reader goes
+        # away (`| head`); this is for output that does not, and whose command stopped
+        # half way: no traceback, but not a success either.
+        silence_stdout()
         code = ExitCode.ERROR
     sys.exit(code)

@@ -22,7 +22,8 @@ import yaml
 
 from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
-from sagaplane import durations
+from coordinator.cli.output import say
+from sagaplane import backoff, durations
 from sagaplane.client import Resolution, SagaClient, parse_start_request
 from sagaplane.errors import (
     CoordinatorError,
@@ -91,10 +92,6 @@ def _translate(exc: CoordinatorError, target: str, saga_id: str) -> CliError:
     return CliError(f"the coordinator answered with an error: {exc.message}")
 
 
-def _print(text: str) -> None:
-    print(text, flush=True)
-
-
 # -- start ------------------------------------------------------------------------------
 
 
@@ -158,6 +155,7 @@ def _require_name(data: dict[str, Any], path: str) -> None:
 
 def start(args: argparse.Namespace) -> int:
     """``sagaplane start FILE``."""
+    _watch_flags_need_watch(args)
     request = start_request(load_saga_file(args.file), args)
     return _run(_start(args, request))
 
@@ -169,15 +167,15 @@ async def _start(args: argparse.Namespace, request: coordinator_pb2.StartSagaReq
             _show(saga, args)
             return ExitCode.OK
         if not args.json:
-            _print(f"started saga {saga.id} ({saga.name})")
+            say(f"started saga {saga.id} ({saga.name})")
         return await _follow(client, saga.id, args, hoped=SagaState.COMPLETED)
 
 
 def _show(saga: Saga, args: argparse.Namespace, *, history: bool = False) -> None:
     if args.json:
-        _print(render.dumps(render.to_json(saga.proto)))
+        say(render.dumps(render.to_json(saga.proto)))
     else:
-        _print(render.saga_text(saga.proto, history=history))
+        say(render.saga_text(saga.proto, history=history))
 
 
 # -- get, list --------------------------------------------------------------------------
@@ -217,11 +215,11 @@ async def _list(args: argparse.Namespace) -> int:
                 break
         more = bool(token)
     if args.json:
-        _print(render.dumps([render.to_json(s) for s in sagas]))
+        say(render.dumps([render.to_json(s) for s in sagas]))
     elif sagas:
-        _print(render.sagas_table(sagas, datetime.now(UTC)))
+        say(render.sagas_table(sagas, datetime.now(UTC)))
     else:
-        _print("no active sagas" + (f" named {args.name!r}" if args.name else ""))
+        say("no active sagas" + (f" named {args.name!r}" if args.name else ""))
     if more:
         print(f"(the newest {len(sagas)} only; raise --limit for more)", file=sys.stderr)
     return ExitCode.OK
@@ -230,8 +228,26 @@ async def _list(args: argparse.Namespace) -> int:
 # -- compensate, watch ------------------------------------------------------------------
 
 
+DEFAULT_INTERVAL = 0.2
+"""Seconds between two looks at a followed saga, unless --interval says otherwise."""
+
+
+def _watch_flags_need_watch(args: argparse.Namespace) -> None:
+    """--max-wait and --interval of start and compensate mean nothing without --watch:
+    refuse them rather than ignore them."""
+    given = [flag for flag in ("max_wait", "interval") if getattr(args, flag) is not None]
+    if given and not args.watch:
+        flags = " and ".join("--" + flag.replace("_", "-") for flag in given)
+        raise CliError(
+            f"{flags} only {'apply' if len(given) > 1 else 'applies'} with --watch: "
+            "add --watch, or leave it out",
+            ExitCode.USAGE,
+        )
+
+
 def compensate(args: argparse.Namespace) -> int:
     """``sagaplane compensate ID``."""
+    _watch_flags_need_watch(args)
     return _run(_compensate(args))
 
 
@@ -280,53 +296,83 @@ async def _follow(
     client: SagaClient, saga_id: str, args: argparse.Namespace, *, hoped: SagaState
 ) -> int:
     """Follow until the saga ends; 0 if it ended ``hoped``, else NOT_AS_HOPED."""
-    show = None if args.json else _print
+    show = None if args.json else say
+    interval = DEFAULT_INTERVAL if args.interval is None else args.interval
+    max_wait = args.max_wait or 0.0
     try:
         saga = await follow(
-            client, saga_id, interval=args.interval, max_wait=args.max_wait, show=show
+            client, saga_id, interval=interval, max_wait=max_wait, show=show, notify=_notify
         )
     except TimeoutError:
         raise CliError(
-            f"saga {saga_id} has not ended after {args.max_wait:g}s", ExitCode.TIMEOUT
+            f"saga {saga_id} has not ended after {max_wait:g}s", ExitCode.TIMEOUT
         ) from None
     if args.json:
-        _print(render.dumps(render.to_json(saga.proto)))
+        say(render.dumps(render.to_json(saga.proto)))
     else:
-        _print("")
-        _print(render.step_table(saga.proto))
+        say("")
+        say(render.step_table(saga.proto))
     return ExitCode.OK if saga.state == hoped else ExitCode.NOT_AS_HOPED
+
+
+def _notify(text: str) -> None:
+    print(f"sagaplane: {text}", file=sys.stderr, flush=True)
 
 
 async def follow(
     client: SagaClient,
     saga_id: str,
     *,
-    interval: float = 0.2,
+    interval: float = DEFAULT_INTERVAL,
     max_wait: float = 0.0,
     show: Callable[[str], None] | None = None,
     indent: str = "",
+    notify: Callable[[str], None] | None = None,
 ) -> Saga:
     """Follow the saga (:meth:`SagaClient.watch`) until it ends, showing each new
     transition once.
+
+    Once the saga was seen, a coordinator that cannot be reached (restarted, say) is
+    waited for: the client reconnects after a :func:`sagaplane.backoff.delay`, and
+    ``notify`` is told when the coordinator was lost and when it is back. Before that,
+    CoordinatorUnavailable is raised at once (a wrong address stays an error).
 
     Returns the final saga; raises TimeoutError after ``max_wait`` seconds (0: never).
     """
     seen = 0
     start: datetime | None = None
     saga: Saga | None = None
+    failures = 0
     async with asyncio.timeout(max_wait if max_wait > 0 else None):
-        async for saga in client.watch(saga_id, poll=interval):
-            history = saga.proto.history
-            if show is not None:
-                if seen == 0:
-                    show(f"{indent}saga {saga.id} ({saga.name})")
-                if history and start is None:
-                    start = render.timestamp(history[0].at)
-                width = max((len(s.name) for s in saga.proto.steps), default=0)
-                for entry in history[seen:]:
-                    show(indent + history_line(entry, start, step_width=width))
-            seen = len(history)
-    assert saga is not None and saga.ended  # watch ends with the saga's end
+        while saga is None or not saga.ended:
+            try:
+                async for saga in client.watch(saga_id, poll=interval):
+                    if failures and notify is not None:
+                        notify(f"the coordinator at {client.target} is back")
+                    failures = 0
+                    history = saga.proto.history
+                    if show is not None:
+                        if seen == 0:
+                            show(f"{indent}saga {saga.id} ({saga.name})")
+                        if history and start is None:
+                            start = render.timestamp(history[0].at)
+                        width = max((len(s.name) for s in saga.proto.steps), default=0)
+                        for entry in history[seen:]:
+                            show(indent + history_line(entry, start, step_width=width))
+                    seen = len(history)
+            except CoordinatorUnavailable as exc:
+                if saga is None:
+                    raise
+                failures += 1
+                if failures == 1 and notify is not None:
+                    notify(
+                        f"lost the coordinator at {client.target} ({exc.message}); "
+                        "reconnecting until it is back"
+                    )
+                # A new channel next time: the old one may wait out gRPC's own (long)
+                # reconnection backoff.
+                await client.close()
+                await asyncio.sleep(backoff.delay(failures, initial=interval, maximum=5.0))
     if show is not None:
         show(f"{indent}-> {render.saga_state(saga.proto.state)}{_took(saga.proto, start)}")
     return saga
@@ -393,5 +439,5 @@ def health(args: argparse.Namespace) -> int:
 async def _health(args: argparse.Namespace) -> int:
     async with connect(args.coordinator, args.timeout) as client:
         status = await client.health()
-    _print(render.dumps({"status": status}) if args.json else status)
+    say(render.dumps({"status": status}) if args.json else status)
     return ExitCode.OK if status == "SERVING" else ExitCode.UNAVAILABLE

@@ -13,6 +13,7 @@ from aiormq.exceptions import AMQPConnectionError
 
 from coordinator import config
 from coordinator.cli.errors import CliError, ExitCode
+from coordinator.cli.output import say
 from sagaplane.errors import BrokerUnavailable
 from sagaplane.runtime import run
 from sagaplane.topology import UnsupportedBrokerError
@@ -98,9 +99,9 @@ async def _migrate(database_url: str) -> int:
         ) from exc
     where = redact(database_url)
     if not applied:
-        print(f"{where}: up to date, nothing to apply", flush=True)
+        say(f"{where}: up to date, nothing to apply")
     for m in applied:
-        print(f"{where}: applied {m.component}/{m.version:04d}_{m.name}", flush=True)
+        say(f"{where}: applied {m.component}/{m.version:04d}_{m.name}")
     return ExitCode.OK
 
 

@@ -41,6 +41,7 @@ from coordinator import config
 from coordinator.cli import render
 from coordinator.cli.client import connect, follow
 from coordinator.cli.errors import CliError, ExitCode
+from coordinator.cli.output import say
 from coordinator.store.migrate import migrate
 from examples.shop import services as shop
 from sagaplane import defaults, topology
@@ -205,11 +206,9 @@ class Demo:
 
     def say(self, text: str = "") -> None:
         """A line of output, flushed at once (the demo is watched as it happens)."""
-        try:
-            print(text, flush=True)
-        except BrokenPipeError:
-            # The reader went away (`| head`): carry on quietly, so that the cleanup runs.
-            _silence_stdout()
+        # The reader may go away (`| head`): say() then carries on quietly, so that the
+        # cleanup runs.
+        say(text)
 
     def step(self, text: str) -> None:
         """A progress line, with the time since the demo started."""
@@ -607,9 +606,3 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 
 def _indented(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines()) or "    (nothing)"
-
-
-def _silence_stdout() -> None:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)

@@ -18,7 +18,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.cli import main
 from helpers.database import create_database, drop_database, server_url, unique_name
-from helpers.processes import free_port
+from helpers.processes import CoordinatorProcess, free_port
 from helpers.shop import Shop, shop, shop_databases
 from sagaplane import NonRetryableError, Participant, StepContext
 from sagaplane.testing import Child
@@ -550,6 +550,93 @@ async def test_compensate_and_watch_errors(coordinator: Coordinator, tmp_path: P
 
     compensating = await sagaplane("compensate", saga_id, "--json", "--coordinator", target)
     assert compensating.json()["state"] == "SAGA_STATE_COMPENSATING"
+
+
+async def test_watch_flags_without_watch_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(ORDER_JSON))
+    started = await sagaplane("start", str(path), "--max-wait", "5", "--coordinator", NOWHERE)
+    assert (started.status, started.err.strip()) == (
+        2,
+        "sagaplane: error: --max-wait only applies with --watch: add --watch, or leave it out",
+    )
+    both = await sagaplane(
+        "compensate", "01JZ3C8V9X0M4S2K7Q5R6T1W8Y", "--max-wait", "5", "--interval", "1",
+        "--coordinator", NOWHERE,
+    )  # fmt: skip
+    assert both.status == 2
+    assert "--max-wait and --interval only apply with --watch" in both.err
+    assert "Traceback" not in started.err + both.err
+
+
+async def test_a_reader_that_goes_away_does_not_fail_the_command(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """`sagaplane list | head -1`: the pipe closes before (or while) the table is written."""
+    target = address(coordinator)
+    saga_id = await started_saga(target, tmp_path)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    for args in (["list"], ["get", saga_id, "--history"], ["list", "--json"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line: every write fails
+        proc = await asyncio.create_subprocess_exec(
+            SAGAPLANE, *args, "--coordinator", target,
+            stdout=write, stderr=asyncio.subprocess.PIPE, env=clean,
+        )  # fmt: skip
+        os.close(write)
+        _, err = await proc.communicate()
+        assert (proc.returncode, err.decode()) == (0, ""), args
+
+
+async def test_watch_waits_for_a_restarted_coordinator(
+    database_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    coordinator = CoordinatorProcess(database_url, amqp_url)
+    await coordinator.start()
+    held, name = asyncio.Event(), unique_name("sagaplane_cli_held")
+    await create_database(name)
+    participant = Participant("held", amqp_url=amqp_url, database_url=server_url(name))
+
+    @participant.step("held.do")
+    async def do(ctx: StepContext) -> dict[str, Any]:
+        await held.wait()
+        return {"done": True}
+
+    watch: asyncio.subprocess.Process | None = None
+    try:
+        async with participant:
+            path = tmp_path / "held.yaml"
+            path.write_text("name: held.saga\nsteps:\n  - {name: do, action: held.do}\n")
+            started = await sagaplane(
+                "start", str(path), "--json", "--coordinator", coordinator.address
+            )
+            saga_id = started.json()["id"]
+            watch = await asyncio.create_subprocess_exec(
+                SAGAPLANE, "watch", saga_id, "--coordinator", coordinator.address,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert watch.stdout is not None
+            first = await asyncio.wait_for(watch.stdout.readline(), 30)
+            assert first.decode().strip() == f"saga {saga_id} (held.saga)"
+
+            await coordinator.kill()
+            await asyncio.sleep(1.0)  # the watch notices while it is down
+            await coordinator.start()
+            held.set()
+            out, err = await asyncio.wait_for(watch.communicate(), 60)
+    finally:
+        if watch is not None and watch.returncode is None:
+            watch.kill()
+        await coordinator.terminate()
+        await drop_database(name)
+    assert watch.returncode == 0, err.decode()
+    assert "-> completed" in out.decode()
+    assert out.decode().count("step_dispatched") == 1  # nothing shown twice
+    notes = err.decode().splitlines()
+    assert notes[0].startswith(f"sagaplane: lost the coordinator at {coordinator.address} (")
+    assert notes[0].endswith("reconnecting until it is back")
+    assert notes[1] == f"sagaplane: the coordinator at {coordinator.address} is back"
+    assert "Traceback" not in err.decode()
 
 
 # -- resolve ----------------------------------------------------------------------------
