@@ -40,7 +40,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         started = await self._store.start(spec, request=validation.canonical(request))
         if started.created:
             log.info("saga %s started (%s, %d steps)", started.saga.id, spec.name, len(spec.steps))
-        return coordinator_pb2.StartSagaResponse(saga=convert.saga_to_proto(started.saga))
+        return coordinator_pb2.StartSagaResponse(
+            saga=convert.saga_to_proto(started.saga), replayed=not started.created
+        )
 
     async def GetSaga(
         self, request: coordinator_pb2.GetSagaRequest, context: Context

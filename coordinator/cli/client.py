@@ -162,13 +162,28 @@ def start(args: argparse.Namespace) -> int:
 
 async def _start(args: argparse.Namespace, request: coordinator_pb2.StartSagaRequest) -> int:
     async with connect(args.coordinator, args.timeout) as client:
-        saga = await client.start_saga_request(request)
+        reply = await client.start_saga_reply(request)
+        saga = reply.saga
+        if not args.json:
+            say(_started_line(saga, replayed=reply.replayed))
         if not args.watch:
+            if not args.json:
+                say("")
             _show(saga, args)
             return ExitCode.OK
-        if not args.json:
-            say(f"started saga {saga.id} ({saga.name})")
         return await _follow(client, saga.id, args, hoped=SagaState.COMPLETED)
+
+
+def _started_line(saga: Saga, *, replayed: bool) -> str:
+    """What ``start`` says first: that it started the saga, or that the idempotency key
+    had started it before (nothing new was started), and when, and where it is now."""
+    if not replayed:
+        return f"started saga {saga.id} ({saga.name})"
+    return (
+        f"saga {saga.id} ({saga.name}) was already started with idempotency key "
+        f"{saga.idempotency_key!r}, at {render.when(saga.proto.created_at)}; nothing new "
+        f"was started. It is {saga.state.value}."
+    )
 
 
 def _show(saga: Saga, args: argparse.Namespace, *, history: bool = False) -> None:

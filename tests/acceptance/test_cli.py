@@ -303,6 +303,18 @@ async def test_start_with_an_idempotency_key_starts_once(
     first, again = (await sagaplane(*args)).json(), (await sagaplane(*args)).json()
     assert first["id"] == again["id"]
 
+    # For people: that it was already there, since when, and where it is now.
+    table = await sagaplane(*args[:-3], "--coordinator", target)
+    assert table.status == 0, table.err
+    assert table.out.splitlines()[0] == (
+        f"saga {first['id']} (order.place) was already started with idempotency key 'k-1', "
+        f"at {first['created_at'][:10]} {first['created_at'][11:23]}Z; nothing new was "
+        "started. It is started."
+    )
+    assert "state     started" in table.out
+    fresh = await sagaplane("start", str(path), "--coordinator", target)
+    assert fresh.out.splitlines()[0].startswith("started saga ")
+
     other = await sagaplane(
         "start", str(path), "--name", "other", "--idempotency-key", "k-1", "--coordinator", target
     )

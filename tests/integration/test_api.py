@@ -169,9 +169,11 @@ async def test_compensate_is_recorded_and_idempotent(stub: Stub) -> None:
 async def test_same_idempotency_key_and_request_returns_the_original(
     stub: Stub, database_url: str
 ) -> None:
-    first = (await stub.StartSaga(order_request(idempotency_key="order-77"))).saga
-    second = (await stub.StartSaga(order_request(idempotency_key="order-77"))).saga
+    started = await stub.StartSaga(order_request(idempotency_key="order-77"))
+    replay = await stub.StartSaga(order_request(idempotency_key="order-77"))
+    first, second = started.saga, replay.saga
     assert second.id == first.id
+    assert (started.replayed, replay.replayed) == (False, True)
     assert second.idempotency_key == "order-77"
     assert len(await outbox_commands(database_url, first.id)) == 1
 
@@ -188,6 +190,7 @@ async def test_concurrent_starts_with_one_key_make_one_saga(stub: Stub) -> None:
         *(stub.StartSaga(order_request(idempotency_key="race")) for _ in range(8))
     )
     assert len({r.saga.id for r in results}) == 1
+    assert sorted(r.replayed for r in results) == [False] + [True] * 7
 
 
 def _deep(levels: int) -> struct_pb2.Struct:

@@ -40,6 +40,7 @@ __all__ = [
     "Saga",
     "SagaClient",
     "SagaState",
+    "StartReply",
     "StepSpec",
 ]
 
@@ -112,6 +113,16 @@ class Resolution(StrEnum):
     def to_proto(self) -> coordinator_pb2.CompensationResolution.ValueType:
         """The wire value."""
         return coordinator_pb2.CompensationResolution.Value(f"COMPENSATION_RESOLUTION_{self.name}")
+
+
+@dataclass(frozen=True)
+class StartReply:
+    """What :meth:`SagaClient.start_saga_reply` answers."""
+
+    saga: Saga
+    """The saga, as recorded (for a replay: as it is now)."""
+    replayed: bool
+    """True when the idempotency key had started this saga before: nothing new began."""
 
 
 @dataclass(frozen=True)
@@ -232,10 +243,17 @@ class SagaClient:
         """Start a saga from a whole StartSaga request: the protobuf, or its JSON form
         (the fields as ``grpcurl -d`` takes them, e.g. a saga file). A JSON form that
         does not fit the request raises :class:`~sagaplane.errors.InvalidArgument`."""
+        return (await self.start_saga_reply(request)).saga
+
+    async def start_saga_reply(
+        self, request: coordinator_pb2.StartSagaRequest | Mapping[str, Any]
+    ) -> StartReply:
+        """As :meth:`start_saga_request`, and whether the saga was already there: with an
+        idempotency key used before, nothing new is started (``replayed``)."""
         if not isinstance(request, coordinator_pb2.StartSagaRequest):
             request = parse_start_request(request)
         response = await self._call(self._service().StartSaga, request)
-        return Saga.from_proto(response.saga)
+        return StartReply(saga=Saga.from_proto(response.saga), replayed=response.replayed)
 
     # -- reading ----------------------------------------------------------------------
 

@@ -226,6 +226,12 @@ class StartSagaResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SAGA_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the idempotency key had already started this saga (an idempotent
+    replay): nothing new was started, and saga is the one started then, in its
+    current state.
+    """
     @_builtins.property
     def saga(self) -> _saga_pb2.Saga:
         """The saga as recorded (or as first recorded, for an idempotent replay)."""
@@ -234,10 +240,11 @@ class StartSagaResponse(_message.Message):
         self,
         *,
         saga: _saga_pb2.Saga | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "saga", b"saga"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

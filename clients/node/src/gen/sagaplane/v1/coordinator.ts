@@ -178,7 +178,15 @@ export interface StartSagaRequest {
 /** Response of StartSaga. */
 export interface StartSagaResponse {
   /** The saga as recorded (or as first recorded, for an idempotent replay). */
-  saga: Saga | undefined;
+  saga:
+    | Saga
+    | undefined;
+  /**
+   * True when the idempotency key had already started this saga (an idempotent
+   * replay): nothing new was started, and saga is the one started then, in its
+   * current state.
+   */
+  replayed: boolean;
 }
 
 /** Request of GetSaga. */
@@ -714,13 +722,16 @@ export const StartSagaRequest: MessageFns<StartSagaRequest> = {
 };
 
 function createBaseStartSagaResponse(): StartSagaResponse {
-  return { saga: undefined };
+  return { saga: undefined, replayed: false };
 }
 
 export const StartSagaResponse: MessageFns<StartSagaResponse> = {
   encode(message: StartSagaResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.saga !== undefined) {
       Saga.encode(message.saga, writer.uint32(10).fork()).join();
+    }
+    if (message.replayed !== false) {
+      writer.uint32(16).bool(message.replayed);
     }
     return writer;
   },
@@ -746,6 +757,14 @@ export const StartSagaResponse: MessageFns<StartSagaResponse> = {
             message.saga = Saga.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.replayed = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -759,13 +778,19 @@ export const StartSagaResponse: MessageFns<StartSagaResponse> = {
   },
 
   fromJSON(object: any): StartSagaResponse {
-    return { saga: isSet(object.saga) ? Saga.fromJSON(object.saga) : undefined };
+    return {
+      saga: isSet(object.saga) ? Saga.fromJSON(object.saga) : undefined,
+      replayed: isSet(object.replayed) ? globalThis.Boolean(object.replayed) : false,
+    };
   },
 
   toJSON(message: StartSagaResponse): unknown {
     const obj: any = {};
     if (message.saga !== undefined) {
       obj.saga = Saga.toJSON(message.saga);
+    }
+    if (message.replayed !== false) {
+      obj.replayed = message.replayed;
     }
     return obj;
   },
@@ -776,6 +801,7 @@ export const StartSagaResponse: MessageFns<StartSagaResponse> = {
   fromPartial<I extends Exact<DeepPartial<StartSagaResponse>, I>>(object: I): StartSagaResponse {
     const message = createBaseStartSagaResponse();
     message.saga = (object.saga !== undefined && object.saga !== null) ? Saga.fromPartial(object.saga) : undefined;
+    message.replayed = object.replayed ?? false;
     return message;
   },
 };
