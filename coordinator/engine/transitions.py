@@ -252,12 +252,16 @@ def _on_timer(saga: Saga, ev: TimerFired, now: datetime, new_token: TokenFactory
     seconds = f"{step.timeout.total_seconds():g}"
     if step.status is StepStatus.STARTED:
         error = f"attempt {step.attempts} timed out after {seconds}s"
-        b.attempt_failed(i, CommandKind.EXECUTE, error, retryable=True, unknown=True)
+        b.attempt_failed(
+            i, CommandKind.EXECUTE, error, retryable=True, unknown=True, names_attempt=True
+        )
     elif step.status is StepStatus.COMPENSATING:
         error = f"compensation attempt {step.compensation_attempts} timed out after {seconds}s"
         # The action's outcome is known (it completed); only the undo's is in doubt, and
         # compensations are retried until they are known to have succeeded.
-        b.attempt_failed(i, CommandKind.COMPENSATE, error, retryable=True, unknown=False)
+        b.attempt_failed(
+            i, CommandKind.COMPENSATE, error, retryable=True, unknown=False, names_attempt=True
+        )
     elif step.status is StepStatus.RETRYING:
         b.dispatch(i, CommandKind.EXECUTE)
     elif step.status is StepStatus.COMPENSATION_RETRYING:
@@ -422,9 +426,20 @@ class _Builder:
         return False
 
     def attempt_failed(
-        self, i: int, kind: CommandKind, error: str | None, retryable: bool, *, unknown: bool
+        self,
+        i: int,
+        kind: CommandKind,
+        error: str | None,
+        retryable: bool,
+        *,
+        unknown: bool,
+        names_attempt: bool = False,
     ) -> None:
-        """An attempt failed or timed out: retry it, or give up on the step."""
+        """An attempt failed or timed out: retry it, or give up on the step.
+
+        The history's reason for a retry names the attempt, unless ``error`` already
+        does (``names_attempt``: a timeout's ``attempt 1 timed out after 30s``).
+        """
         step = self.steps[i]
         if kind is CommandKind.EXECUTE:
             policy, attempts = step.retry, step.attempts
@@ -448,8 +463,11 @@ class _Builder:
                 if kind is CommandKind.EXECUTE
                 else "compensation_attempt_failed"
             )
+            retry = f"retry in {wait.total_seconds():.3f}s"
             self.record_step(
-                step, event, f"{error} (attempt {attempts}; retry in {wait.total_seconds():.3f}s)"
+                step,
+                event,
+                f"{error} ({retry})" if names_attempt else f"{error} (attempt {attempts}; {retry})",
             )
             return
         if kind is CommandKind.COMPENSATE:
