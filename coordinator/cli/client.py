@@ -358,6 +358,7 @@ async def follow(
     start: datetime | None = None
     saga: Saga | None = None
     failures = 0
+    events = render.EVENT_WIDTH
     async with asyncio.timeout(max_wait if max_wait > 0 else None):
         while saga is None or not saga.ended:
             try:
@@ -369,11 +370,13 @@ async def follow(
                     if show is not None:
                         if seen == 0:
                             show(f"{indent}saga {saga.id} ({saga.name})")
+                            events = render.event_width(history)
                         if history and start is None:
                             start = render.timestamp(history[0].at)
                         width = max((len(s.name) for s in saga.proto.steps), default=0)
                         for entry in history[seen:]:
-                            show(indent + history_line(entry, start, step_width=width))
+                            line = history_line(entry, start, step_width=width, event_width=events)
+                            show(indent + line)
                     seen = len(history)
             except CoordinatorUnavailable as exc:
                 if saga is None:
@@ -394,15 +397,21 @@ async def follow(
 
 
 def history_line(
-    entry: saga_pb2.HistoryEntry, start: datetime | None, *, step_width: int = 10
+    entry: saga_pb2.HistoryEntry,
+    start: datetime | None,
+    *,
+    step_width: int = 10,
+    event_width: int = render.EVENT_WIDTH,
 ) -> str:
     """One transition on one line, as ``watch`` prints it while it happens: the time
-    since the saga started, the event, its step (in a column as wide as the saga's
-    longest step name), the saga's state when it changed, and the reason given."""
+    since the saga started, the event (in a column ``event_width`` wide), its step (in
+    a column as wide as the saga's longest step name), the saga's state when it
+    changed, and the reason given."""
     changed = entry.from_state != entry.to_state
     width = max(step_width, 10)
     parts = [
-        f"  {render.elapsed(entry, start):>9}  {entry.event:<24} {entry.step_name or '':<{width}}",
+        f"  {render.elapsed(entry, start):>9}  {entry.event:<{event_width}} "
+        f"{entry.step_name or '':<{width}}",
         render.transition(entry) if changed else "",
         f"({entry.reason})" if entry.reason else "",
     ]

@@ -78,6 +78,19 @@ def ago(ts: timestamp_pb2.Timestamp, now: datetime) -> str:
     return f"{seconds // 86400:.0f}d ago"
 
 
+EVENT_WIDTH = len("compensation_attempt_failed")
+"""The event column of transitions printed as they happen (``watch``): as wide as the
+longest event that a saga can record while it is watched. The wider ones, an
+operator's ``compensation_resolved_*``, only follow a ``compensation_failed``, where a
+watch ends, so they are only ever in what a watch finds when it begins, and
+:func:`event_width` makes room for them then."""
+
+
+def event_width(history: Iterable[saga_pb2.HistoryEntry]) -> int:
+    """The event column's width for a watch that begins with ``history``."""
+    return max([EVENT_WIDTH, *(len(entry.event) for entry in history)])
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "") -> str:
     """Columns aligned on the widest cell; the last column is not padded."""
     body = [list(headers), *(list(r) for r in rows)]
@@ -103,15 +116,83 @@ def current_step(saga: saga_pb2.Saga) -> str:
     return "-"
 
 
-def progress(saga: saga_pb2.Saga) -> str:
-    """``2/3``: steps completed (or later undone) out of all."""
-    done = {
-        saga_pb2.STEP_STATUS_COMPLETED,
+_UNDOING = frozenset(
+    {
         saga_pb2.STEP_STATUS_COMPENSATING,
-        saga_pb2.STEP_STATUS_COMPENSATED,
+        saga_pb2.STEP_STATUS_COMPENSATION_RETRYING,
         saga_pb2.STEP_STATUS_COMPENSATION_FAILED,
     }
+)
+_UNDO_STATES = frozenset(
+    {
+        saga_pb2.SAGA_STATE_COMPENSATING,
+        saga_pb2.SAGA_STATE_COMPENSATED,
+        saga_pb2.SAGA_STATE_COMPENSATION_FAILED,
+    }
+)
+
+
+def progress(saga: saga_pb2.Saga) -> str:
+    """The DONE column: ``2/3``, the steps done (completed, or skipped: nothing is left
+    to do for them) out of all; while a saga is undone, ``1/2 undone``, the steps
+    compensated out of those that have something to undo."""
+    if saga.state in _UNDO_STATES:
+        undoable = [s for s in saga.steps if _has_something_to_undo(s)]
+        undone = sum(1 for s in undoable if s.status == saga_pb2.STEP_STATUS_COMPENSATED)
+        return f"{undone}/{len(undoable)} undone"
+    done = {saga_pb2.STEP_STATUS_COMPLETED, saga_pb2.STEP_STATUS_SKIPPED}
     return f"{sum(1 for s in saga.steps if s.status in done)}/{len(saga.steps)}"
+
+
+def _has_something_to_undo(step: saga_pb2.Step) -> bool:
+    """Undone, being undone, or waiting to be: a step with a compensation whose action
+    completed (or failed with an unknown outcome: it may have taken effect)."""
+    if not step.compensation:
+        return False
+    return (
+        step.status in _UNDOING
+        or step.status in (saga_pb2.STEP_STATUS_COMPLETED, saga_pb2.STEP_STATUS_COMPENSATED)
+        or (step.status == saga_pb2.STEP_STATUS_FAILED and step.outcome_unknown)
+    )
+
+
+def attempts(step: saga_pb2.Step) -> str:
+    """The ATTEMPTS column: ``2`` attempts of the action; ``1, undo 3`` once its
+    compensation ran too (3 attempts of it)."""
+    text = str(step.attempts)
+    return f"{text}, undo {step.compensation_attempts}" if step.compensation_attempts else text
+
+
+def result(step: saga_pb2.Step) -> str:
+    """The RESULT column: what happened to the step, in its status's terms.
+
+    The step's ``error`` is its last failure, of the action or of its compensation; it
+    is shown only while it still matters (a compensated step shows that it was undone,
+    not the error of an undo attempt that was then retried).
+    """
+    output = compact(step.output) if step.HasField("output") else ""
+    status = step.status
+    if status == saga_pb2.STEP_STATUS_COMPENSATED:
+        tries = step.compensation_attempts
+        parts = [
+            "undone" if tries <= 1 else f"undone after {tries} attempts",
+            f"output was {output}" if output else "",
+        ]
+        return "; ".join(p for p in parts if p)
+    if status == saga_pb2.STEP_STATUS_COMPENSATION_FAILED:
+        return f"undo failed: {step.error}" if step.error else "undo failed"
+    if status == saga_pb2.STEP_STATUS_COMPENSATION_RETRYING:
+        return f"undo failed, retrying: {step.error}" if step.error else "undo retrying"
+    if status == saga_pb2.STEP_STATUS_COMPENSATING:
+        if step.compensation_attempts > 1 and step.error:
+            return f"undoing (last undo error: {step.error})"
+        return "undoing" + (f"; output {output}" if output else "")
+    if step.error and status in (saga_pb2.STEP_STATUS_FAILED, saga_pb2.STEP_STATUS_RETRYING):
+        return f"error: {step.error}"
+    if step.error and status == saga_pb2.STEP_STATUS_STARTED:
+        return f"last error: {step.error}"
+    # Completed (after retries too: its output, not the error an earlier attempt left).
+    return output
 
 
 def saga_text(saga: saga_pb2.Saga, *, history: bool = False) -> str:
@@ -146,10 +227,6 @@ def step_table(saga: saga_pb2.Saga) -> str:
     conditional = any(step.when for step in saga.steps)
     rows = []
     for i, step in enumerate(saga.steps, 1):
-        attempts = str(step.attempts)
-        if step.compensation_attempts:
-            attempts += f"+{step.compensation_attempts}"
-        result = f"error: {step.error}" if step.error else compact(step.output)
         rows.append(
             [
                 str(i),
@@ -159,8 +236,8 @@ def step_table(saga: saga_pb2.Saga) -> str:
                 *([", ".join(step.depends_on) or "-"] if graph else []),
                 *([step.when or "-"] if conditional else []),
                 step_status(step.status),
-                attempts,
-                result,
+                attempts(step),
+                result(step),
             ]
         )
     extra = (["AFTER"] if graph else []) + (["WHEN"] if conditional else [])
