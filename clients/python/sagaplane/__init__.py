@@ -2,6 +2,7 @@
 
 from sagaplane.client import Resolution, SagaClient, StepSpec
 from sagaplane.errors import (
+    BrokerUnavailable,
     ConfigurationError,
     CoordinatorError,
     CoordinatorUnavailable,
@@ -31,6 +32,7 @@ from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState, StepS
 
 __all__ = [
     "TERMINAL_STATES",
+    "BrokerUnavailable",
     "CallNext",
     "ConfigurationError",
     "CoordinatorError",
