@@ -122,6 +122,10 @@ class ActivePage:
     """Pass on for the next page; empty on the last one."""
 
 
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""The largest answer the client reads (gRPC's default is 4 MiB)."""
+
+
 class SagaClient:
     """A connection to the coordinator; use ``async with SagaClient(...) as client:``.
 
@@ -150,7 +154,9 @@ class SagaClient:
         )
         self._timeout = timeout
         self._wait_for_ready = wait_for_ready
-        self._options = list(options)
+        # A saga of many steps with large outputs is more than gRPC's default 4 MiB
+        # answer (100 outputs of 64 KiB are 6.25 MiB): read up to MAX_ANSWER_BYTES.
+        self._options = [("grpc.max_receive_message_length", MAX_ANSWER_BYTES), *options]
         self._channel: grpc.aio.Channel | None = None
         self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub | None = None
         self._health: health_pb2_grpc.HealthStub | None = None
