@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -47,6 +50,19 @@ class StepContext:
     results: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """What the completed steps this one depends on (directly or not) returned, by step
     name: ``ctx.results["create"]["order_id"]``."""
+    deadline: datetime | None = None
+    """When the handler is cancelled (aware, this host's clock): the attempt's deadline
+    less the SDK's margin (see :mod:`sagaplane.deadlines`). None: the command carries no
+    deadline, and the handler runs as long as it takes."""
+    _cutoff: float | None = field(default=None, repr=False)
+    """:attr:`deadline` on ``time.monotonic()``, which no clock change moves."""
+
+    def time_left(self) -> float:
+        """Seconds until the handler is cancelled (0.0 once it passed; ``math.inf``
+        without a deadline): to skip work that cannot finish in time."""
+        if self._cutoff is None:
+            return math.inf
+        return max(0.0, self._cutoff - time.monotonic())
 
 
 Handler = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]

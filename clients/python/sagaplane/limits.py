@@ -17,6 +17,8 @@ sender checks before sending and the receiver checks again on receipt:
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 __all__ = [
     "MAX_ERROR_MESSAGE_CHARS",
     "MAX_ERROR_TYPE_CHARS",
@@ -25,6 +27,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_OUTPUT_BYTES",
     "MAX_SAGA_OUTPUT_BYTES",
+    "MAX_STEP_TIMEOUT",
     "MAX_TEXT_CHARS",
     "clean_text",
 ]
@@ -46,6 +49,9 @@ MAX_TEXT_CHARS = 200
 """Names and actions on the wire (the gRPC API's own limit)."""
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 """An AMQP command or reply body: the largest valid one is far below."""
+MAX_STEP_TIMEOUT = timedelta(days=1)
+"""A step's per-attempt timeout (StartSaga's ``timeout`` and ``step_timeout``, and a
+StepCommand's ``timeout``)."""
 
 _REPLACEMENT = "\N{REPLACEMENT CHARACTER}"
 
