@@ -23,6 +23,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
+from examples.users.__main__ import build_parser as build_users_parser
 from sagaplane import (
     Delivery,
     NonRetryableError,
@@ -327,8 +328,10 @@ def _parsers(
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:
     readme = README.read_text(encoding="utf-8")
     missing = []
-    parsers = _parsers(build_parser(env={})) | _parsers(
-        build_shop_parser(), "python -m examples.shop"
+    parsers = (
+        _parsers(build_parser(env={}))
+        | _parsers(build_shop_parser(), "python -m examples.shop")
+        | _parsers(build_users_parser(), "python -m examples.users")
     )
     for command, parser in parsers.items():
         for action in parser._actions:

@@ -1,7 +1,13 @@
 """Driving a participant the way the coordinator does, without one: StepCommands
 published to ``sagaplane.commands``, replies read from a private queue bound to
 ``sagaplane.replies`` (:class:`Broker`, :func:`open_broker`); participants made for a
-test and stopped after it (:func:`participants`)."""
+test and stopped after it (:func:`participants`).
+
+It also holds the fixtures a module driving participants needs: ``broker``,
+``make_participant`` and ``db``, over the module's own ``participant_url`` (the
+participants' database) and ``amqp_url`` fixtures. Import them into the test module
+(and name them in its ``__all__``) to use them.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
+import psycopg
+import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import Participant, structs, topology
 from sagaplane.consuming import REASON_HEADER
 from sagaplane.v1 import messages_pb2
@@ -173,6 +182,20 @@ async def open_broker(amqp_url: str, name: str) -> AsyncIterator[Broker]:
         await connection.close()
 
 
+@asynccontextmanager
+async def participant_database(prefix: str, tables: str) -> AsyncIterator[str]:
+    """A fresh database named after ``prefix``, with ``tables`` (SQL statements) created
+    for the handlers; yields its URL, dropped on exit."""
+    name = unique_name(prefix)
+    await create_database(name)
+    try:
+        async with await psycopg.AsyncConnection.connect(server_url(name), autocommit=True) as c:
+            await c.execute(tables.encode())
+        yield server_url(name)
+    finally:
+        await drop_database(name)
+
+
 ParticipantFactory = Callable[..., Participant]
 """``make(**kwargs)``: an unstarted Participant (kwargs as Participant's)."""
 
@@ -196,3 +219,26 @@ async def participants(amqp_url: str, database_url: str) -> AsyncIterator[Partic
     finally:
         for participant in made:
             await participant.stop()
+
+
+@pytest.fixture
+async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """The test's AMQP connection (named after the test), with a private replies queue."""
+    async with open_broker(amqp_url, f"test:{request.node.name}") as broker:
+        yield broker
+
+
+@pytest.fixture
+async def make_participant(
+    amqp_url: str, participant_url: str
+) -> AsyncIterator[ParticipantFactory]:
+    """Unstarted participants with a unique service name; each is stopped at teardown."""
+    async with participants(amqp_url, participant_url) as make:
+        yield make
+
+
+@pytest.fixture
+async def db(participant_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection to the participants' database, for assertions."""
+    async with await psycopg.AsyncConnection.connect(participant_url, autocommit=True) as conn:
+        yield conn

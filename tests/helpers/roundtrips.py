@@ -19,7 +19,6 @@ from typing import Any
 
 from psycopg import AsyncConnection, pq
 
-
 _MESSAGE = re.compile(r"^([FB])\t\d+\t(\w+)")
 
 

@@ -19,19 +19,22 @@ import psycopg
 import pytest
 
 from coordinator.app import Coordinator
-from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.participants import (
     COMPENSATE,
     FAILED,
     SUCCEEDED,
     Broker,
     ParticipantFactory,
-    open_broker,
-    participants,
+    broker,
+    db,
+    make_participant,
+    participant_database,
     uid,
 )
 from sagaplane import RetryPolicy, SagaClient, StepContext, StepSpec, structs
 from sagaplane.v1 import messages_pb2
+
+__all__ = ["broker", "db", "make_participant"]  # fixtures, imported for pytest
 
 SLEEP = 60.0
 """How long a stuck handler would go on if nothing stopped it."""
@@ -42,38 +45,14 @@ SOON = 5.0
 @pytest.fixture(scope="module")
 async def participant_url() -> AsyncIterator[str]:
     """The participants' database for this module, with tables for the handlers."""
-    name = unique_name("sagaplane_deadlines")
-    await create_database(name)
-    async with await psycopg.AsyncConnection.connect(server_url(name), autocommit=True) as c:
-        await c.execute(
+    async with participant_database(
+        "sagaplane_deadlines",
+        (
             "CREATE TABLE orders (id text PRIMARY KEY, step_id text NOT NULL, attempt int);"
             "CREATE TABLE accounts (id text PRIMARY KEY, balance int NOT NULL DEFAULT 0)"
-        )
-    yield server_url(name)
-    await drop_database(name)
-
-
-@pytest.fixture
-async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """The test's AMQP connection (named after the test), with a private replies queue."""
-    async with open_broker(amqp_url, f"test:{request.node.name}") as broker:
-        yield broker
-
-
-@pytest.fixture
-async def make_participant(
-    amqp_url: str, participant_url: str
-) -> AsyncIterator[ParticipantFactory]:
-    """Unstarted participants with a unique service name; each is stopped at teardown."""
-    async with participants(amqp_url, participant_url) as make:
-        yield make
-
-
-@pytest.fixture
-async def db(participant_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection to the participants' database, for assertions."""
-    async with await psycopg.AsyncConnection.connect(participant_url, autocommit=True) as conn:
-        yield conn
+        ),
+    ) as url:
+        yield url
 
 
 async def _rows(db: psycopg.AsyncConnection[Any], query: str, *params: Any) -> list[Any]:

@@ -10,18 +10,21 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.participants import (
     FAILED,
     SUCCEEDED,
     Broker,
     ParticipantFactory,
-    open_broker,
-    participants,
+    broker,
+    db,
+    make_participant,
+    participant_database,
     uid,
 )
 from helpers.roundtrips import round_trips
 from sagaplane import StepContext, structs
+
+__all__ = ["broker", "db", "make_participant"]  # fixtures, imported for pytest
 
 ROWS = 500
 
@@ -29,38 +32,14 @@ ROWS = 500
 @pytest.fixture(scope="module")
 async def participant_url() -> AsyncIterator[str]:
     """The participants' database for this module."""
-    name = unique_name("sagaplane_batch")
-    await create_database(name)
-    async with await psycopg.AsyncConnection.connect(server_url(name), autocommit=True) as c:
-        await c.execute(
+    async with participant_database(
+        "sagaplane_batch",
+        (
             "CREATE TABLE items (step_id text NOT NULL, n int NOT NULL, PRIMARY KEY (step_id, n));"
             "CREATE SEQUENCE ran"
-        )
-    yield server_url(name)
-    await drop_database(name)
-
-
-@pytest.fixture
-async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """The test's AMQP connection (named after the test), with a private replies queue."""
-    async with open_broker(amqp_url, f"test:{request.node.name}") as broker:
-        yield broker
-
-
-@pytest.fixture
-async def make_participant(
-    amqp_url: str, participant_url: str
-) -> AsyncIterator[ParticipantFactory]:
-    """Unstarted participants with a unique service name; each is stopped at teardown."""
-    async with participants(amqp_url, participant_url) as make:
-        yield make
-
-
-@pytest.fixture
-async def db(participant_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection to the participants' database, for assertions."""
-    async with await psycopg.AsyncConnection.connect(participant_url, autocommit=True) as conn:
-        yield conn
+        ),
+    ) as url:
+        yield url
 
 
 async def _count(db: psycopg.AsyncConnection[Any], step_id: str) -> int:

@@ -18,7 +18,6 @@ import psycopg
 import pytest
 
 from helpers.broker import fresh_vhost
-from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.participants import (
     COMPENSATE,
     EXECUTE,
@@ -27,8 +26,10 @@ from helpers.participants import (
     WAIT,
     Broker,
     ParticipantFactory,
-    open_broker,
-    participants,
+    broker,
+    db,
+    make_participant,
+    participant_database,
 )
 from helpers.participants import uid as _uid
 from sagaplane import (
@@ -45,18 +46,24 @@ from sagaplane import (
     topology,
 )
 
+__all__ = ["broker", "db", "make_participant"]  # fixtures, imported for pytest
+
 # -- module fixtures: a fresh database and a fresh vhost ---------------------------------
 
 
 @pytest.fixture(scope="module")
 async def database_url() -> AsyncIterator[str]:
     """A fresh database for this module, with a table for the handlers to write to."""
-    name = unique_name("sagaplane_participant")
-    await create_database(name)
-    async with await psycopg.AsyncConnection.connect(server_url(name), autocommit=True) as c:
-        await c.execute("CREATE TABLE orders (id text PRIMARY KEY, step_id text NOT NULL)")
-    yield server_url(name)
-    await drop_database(name)
+    async with participant_database(
+        "sagaplane_participant", "CREATE TABLE orders (id text PRIMARY KEY, step_id text NOT NULL)"
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def participant_url(database_url: str) -> str:
+    """The participants' database (the helpers' fixtures use it): this module's."""
+    return database_url
 
 
 @pytest.fixture(scope="module")
@@ -67,27 +74,6 @@ async def amqp_url() -> AsyncIterator[str]:
 
 
 # -- per-test helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-async def broker(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    """The test's AMQP connection (named after the test), with a private replies queue."""
-    async with open_broker(amqp_url, f"test:{request.node.name}") as broker:
-        yield broker
-
-
-@pytest.fixture
-async def make_participant(amqp_url: str, database_url: str) -> AsyncIterator[ParticipantFactory]:
-    """Unstarted participants with a unique service name; each is stopped at teardown."""
-    async with participants(amqp_url, database_url) as make:
-        yield make
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection to the participants' database, for assertions."""
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        yield conn
 
 
 async def _scalar(db: psycopg.AsyncConnection[Any], query: str, *params: Any) -> Any:
