@@ -32,7 +32,9 @@ itself at the deadline: ``SET LOCAL statement_timeout`` and
 and later) go in the claim's round trip, so a handler that blocks the event loop or
 ignores its cancellation still cannot keep a connection, a row lock or the inbox claim
 past the attempt (the command is then retried as after a lost connection, and
-answered with the failure at once). A command whose time is up before its handler
+answered with the failure at once). Before PostgreSQL 17 the bound is per statement
+and per idle stretch, each of the time left at the claim: a statement the SDK cannot
+cancel may end later by as much time as the attempt had used when it started. A command whose time is up before its handler
 could start (late from the queue, or after waiting for a copy of itself) is answered
 with that failure without running the handler.
 
