@@ -11,7 +11,7 @@ from coordinator import engine
 from coordinator.errors import BadRequest, UnknownSaga
 from coordinator.store.repository import is_id
 from sagaplane import structs
-from sagaplane.limits import MAX_JSON_DEPTH
+from sagaplane.limits import MAX_JSON_DEPTH, MAX_STEP_TIMEOUT
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 MAX_STEPS = 100
@@ -22,7 +22,6 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 """Per context and per step input, serialized."""
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_ATTEMPTS = 100
-MAX_STEP_TIMEOUT = timedelta(days=1)
 MAX_SAGA_TIMEOUT = timedelta(days=366)
 MAX_INTERVAL = timedelta(days=1)
 DEFAULT_PAGE_SIZE = 50

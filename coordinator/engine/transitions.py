@@ -584,6 +584,9 @@ class _Builder:
             context=self.saga.context,
             token=token,
             results=results,
+            # What the timer acts on: the participant ends its work by the same instant.
+            deadline_at=step.deadline_at,
+            timeout=step.timeout,
         )
 
 

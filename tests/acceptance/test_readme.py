@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shlex
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,15 @@ from coordinator.app import Coordinator
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import order_steps
-from sagaplane import Delivery, NonRetryableError, Processed, StepContext, StepKind
+from examples.users.__main__ import build_parser as build_users_parser
+from sagaplane import (
+    Delivery,
+    NonRetryableError,
+    Processed,
+    RetryableError,
+    StepContext,
+    StepKind,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -280,11 +290,12 @@ async def test_the_readme_saga_file_starts_that_saga(
 
 
 async def test_the_readme_participant_registers_and_refuses_big_amounts() -> None:
-    participant_code, middleware_code, client_code = fenced(
+    participant_code, batch_code, middleware_code, client_code = fenced(
         section("Writing a participant in Python"), "python"
     )
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(participant_code, "README.md", "exec"), namespace)
+    exec(compile(batch_code, "README.md", "exec"), namespace)
     exec(compile(middleware_code, "README.md", "exec"), namespace)
     assert namespace["timed_payment"].service == "payment"
     delivery = Delivery(message=None, command=None, kind=None, refusal=None)  # type: ignore[arg-type]
@@ -296,7 +307,7 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
 
     payment = namespace["payment"]
     assert payment.service == "payment"
-    assert payment.actions == ["payment.charge", "payment.refund"]
+    assert payment.actions == ["payment.charge", "payment.refund", "payment.settle"]
     ctx = StepContext(
         saga_id="s", saga_name="order.place", step_id="st", step_name="charge", attempt=1,
         kind=StepKind.EXECUTE, action="payment.charge", input={"amount": 5000}, context={},
@@ -304,6 +315,12 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
     )  # fmt: skip
     with pytest.raises(NonRetryableError, match="over the limit"):
         await namespace["charge"](ctx)
+    # Past its deadline's cutoff, settle refuses before writing anything.
+    late = dataclasses.replace(
+        ctx, action="payment.settle", input={"payment_ids": [1]}, _cutoff=time.monotonic()
+    )
+    with pytest.raises(RetryableError, match="too little time left"):
+        await namespace["settle"](late)
 
     # The client snippet is the body of a coroutine: it must at least compile as one.
     compile("async def snippet():\n" + textwrap.indent(client_code, "    "), "README.md", "exec")
@@ -326,8 +343,10 @@ def _parsers(
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:
     readme = README.read_text(encoding="utf-8")
     missing = []
-    parsers = _parsers(build_parser(env={})) | _parsers(
-        build_shop_parser(), "python -m examples.shop"
+    parsers = (
+        _parsers(build_parser(env={}))
+        | _parsers(build_shop_parser(), "python -m examples.shop")
+        | _parsers(build_users_parser(), "python -m examples.users")
     )
     for command, parser in parsers.items():
         for action in parser._actions:

@@ -3,6 +3,7 @@
     SagaplaneError                   every error the SDK raises on purpose
     ├── StepFailed                   raised by a handler: the step failed (retryable)
     │   ├── RetryableError           ... and retrying may succeed
+    │   │   └── DeadlineExceeded     the attempt's deadline passed (the SDK's reply)
     │   └── NonRetryableError        ... and retrying cannot help
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
+    "DeadlineExceeded",
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
@@ -81,6 +83,10 @@ class RetryableError(StepFailed):
     """The step failed, and retrying it may succeed."""
 
     retryable = True
+
+
+class DeadlineExceeded(RetryableError):
+    """The attempt's deadline passed before its handler finished."""
 
 
 class NonRetryableError(StepFailed):

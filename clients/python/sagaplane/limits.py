@@ -18,6 +18,8 @@ sender checks before sending and the receiver checks again on receipt:
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 __all__ = [
     "MAX_ERROR_MESSAGE_CHARS",
     "MAX_ERROR_TYPE_CHARS",
@@ -27,6 +29,7 @@ __all__ = [
     "MAX_OUTPUT_BYTES",
     "MAX_SAGA_INPUT_BYTES",
     "MAX_SAGA_OUTPUT_BYTES",
+    "MAX_STEP_TIMEOUT",
     "MAX_TEXT_CHARS",
     "clean_text",
 ]
@@ -54,6 +57,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 compensation of a saga's 100th step that depends on the 99 others: its input with
 references resolved, the context, its own output and 99 outputs of 64 KiB each, 6.6 MiB
 in all (``tests/unit/test_command_size.py`` builds it); a reply is far smaller."""
+MAX_STEP_TIMEOUT = timedelta(days=1)
+"""A step's per-attempt timeout (StartSaga's ``timeout`` and ``step_timeout``, and a
+StepCommand's ``timeout``)."""
 
 _REPLACEMENT = "\N{REPLACEMENT CHARACTER}"
 

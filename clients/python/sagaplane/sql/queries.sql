@@ -91,6 +91,26 @@ ROLLBACK TO SAVEPOINT sagaplane_handler;
 -- name: handler_release
 RELEASE SAVEPOINT sagaplane_handler;
 
+-- == the attempt's deadline (sagaplane.inbox) =========================================
+-- PostgreSQL's own end of the attempt, in milliseconds, set right after the inbox claim:
+-- should the SDK fail to cancel the handler in time (a handler that blocks the event
+-- loop or ignores cancellation, a frozen process), no statement, connection or inbox
+-- row lock outlives the attempt. LOCAL: the pooled connection's next transaction is
+-- not affected.
+
+-- name: deadline_statement_timeout
+-- Each statement at most the attempt's time left (a lock wait included).
+SET LOCAL statement_timeout = %(ms)s;
+
+-- name: deadline_idle_timeout
+-- A transaction left idle that long (the handler awaits something else, and never
+-- comes back) is ended with its session.
+SET LOCAL idle_in_transaction_session_timeout = %(ms)s;
+
+-- name: deadline_transaction_timeout
+-- PostgreSQL 17 and later: the whole transaction, however its time is spent.
+SET LOCAL transaction_timeout = %(ms)s;
+
 -- == migrations (sagaplane.migrations) =================================================
 
 -- name: migrations_lock
