@@ -1,10 +1,11 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
-from sagaplane.client import Resolution, SagaClient, StepSpec
+from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
 from sagaplane.errors import (
     ConfigurationError,
     CoordinatorError,
     CoordinatorUnavailable,
+    FieldViolation,
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
@@ -36,6 +37,7 @@ __all__ = [
     "CoordinatorError",
     "CoordinatorUnavailable",
     "Delivery",
+    "FieldViolation",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
@@ -61,4 +63,5 @@ __all__ = [
     "StepStatus",
     "WaitTimeout",
     "enqueue",
+    "saga_request",
 ]
