@@ -70,6 +70,7 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
             started = await self._store.start_many(specs, requests=requests, accept=fits)
         except KeyReused as exc:
             raise KeyReused(violations=[v.under("sagas") for v in exc.violations]) from None
+        response.replayed.extend(i for i, o in enumerate(started) if not o.created)
         created = sum(o.created for o in started)
         if created:
             log.info("%d sagas started in one batch (%d replayed)", created, len(started) - created)

@@ -237,11 +237,13 @@ async def test_replayed_keys_return_the_original_sagas_in_their_positions(
 
     first = await client.start_sagas(sagas)
     assert first[2].id == single.id  # started by StartSaga, replayed by StartSagas
+    assert first.replayed == {2}
     assert await rows(database_url) == (6, 12, 12, 6)
 
     again = await client.start_sagas(sagas)
     assert [s.id for s in again[:5]] == [s.id for s in first[:5]]
     assert again[5].id != first[5].id
+    assert again.replayed == {0, 1, 2, 3, 4}
     assert [s.context["row"] for s in again] == list(range(6))
     assert await rows(database_url) == (7, 14, 14, 7)
 
@@ -250,6 +252,7 @@ async def test_a_key_twice_in_one_call(stub: Stub, database_url: str) -> None:
     same = [order(0, idempotency_key="twice"), order(1), order(0, idempotency_key="twice")]
     response = await stub.StartSagas(api.StartSagasRequest(sagas=same))
     assert response.sagas[0].id == response.sagas[2].id != response.sagas[1].id
+    assert list(response.replayed) == [2]
     assert await rows(database_url) == (2, 4, 4, 2)
 
     different = [order(0, idempotency_key="again"), order(1, idempotency_key="again")]

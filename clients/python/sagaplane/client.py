@@ -45,6 +45,7 @@ __all__ = [
     "Saga",
     "SagaClient",
     "SagaState",
+    "StartedSagas",
     "StepSpec",
     "saga_request",
 ]
@@ -127,6 +128,16 @@ class ActivePage:
     sagas: list[Saga]
     next_page_token: str
     """Pass on for the next page; empty on the last one."""
+
+
+class StartedSagas(list[Saga]):
+    """The sagas of :meth:`SagaClient.start_sagas`, in the order asked."""
+
+    def __init__(self, sagas: Iterable[Saga], *, replayed: Iterable[int] = ()) -> None:
+        super().__init__(sagas)
+        self.replayed = frozenset(replayed)
+        """Positions whose saga was started before (an idempotency key used before with
+        the same request, or earlier in the same call): an import run again replays."""
 
 
 class SagaClient:
@@ -241,11 +252,12 @@ class SagaClient:
 
     async def start_sagas(
         self, requests: Iterable[coordinator_pb2.StartSagaRequest | Mapping[str, Any]]
-    ) -> list[Saga]:
+    ) -> StartedSagas:
         """Start up to 1000 sagas in one call and one transaction: all of them, or none.
 
         ``requests`` are StartSaga requests (from :func:`saga_request`) or their JSON
-        form. Returns the sagas in the same order; a saga whose idempotency key was used
+        form. Returns the sagas in the same order (a list; its ``replayed`` says which
+        positions were not started by this call); a saga whose idempotency key was used
         before with the same request is the one started then. When any request is bad,
         nothing is started and :class:`~sagaplane.errors.InvalidArgument` is raised, its
         ``.violations`` naming the first bad field of each bad saga
@@ -265,7 +277,9 @@ class SagaClient:
         if violations:
             raise InvalidArgument("; ".join(map(str, violations)), violations=tuple(violations))
         response = await self._call(self._service().StartSagas, batch)
-        return [Saga.from_proto(s) for s in response.sagas]
+        return StartedSagas(
+            (Saga.from_proto(s) for s in response.sagas), replayed=response.replayed
+        )
 
     # -- reading ----------------------------------------------------------------------
 

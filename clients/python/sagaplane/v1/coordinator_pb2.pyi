@@ -279,20 +279,28 @@ class StartSagasResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SAGAS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sagas(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.Saga]:
         """The sagas as recorded, in the order of the request (an idempotent replay in
         its position gets the saga first started with that key).
         """
 
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The positions (0-based, ascending) whose saga was not started by this call: an
+        idempotency key used before with the same request, or given earlier in this call.
+        """
+
     def __init__(
         self,
         *,
         sagas: _abc.Iterable[_saga_pb2.Saga] | None = ...,
+        replayed: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sagas", b"sagas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "sagas", b"sagas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

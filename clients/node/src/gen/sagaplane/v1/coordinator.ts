@@ -200,6 +200,11 @@ export interface StartSagasResponse {
    * its position gets the saga first started with that key).
    */
   sagas: Saga[];
+  /**
+   * The positions (0-based, ascending) whose saga was not started by this call: an
+   * idempotency key used before with the same request, or given earlier in this call.
+   */
+  replayed: number[];
 }
 
 /** Request of GetSaga. */
@@ -871,13 +876,20 @@ export const StartSagasRequest: MessageFns<StartSagasRequest> = {
 };
 
 function createBaseStartSagasResponse(): StartSagasResponse {
-  return { sagas: [] };
+  return { sagas: [], replayed: [] };
 }
 
 export const StartSagasResponse: MessageFns<StartSagasResponse> = {
   encode(message: StartSagasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.sagas) {
       Saga.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.replayed.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.replayed) {
+        writer.int32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -903,6 +915,24 @@ export const StartSagasResponse: MessageFns<StartSagasResponse> = {
             message.sagas.push(Saga.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.replayed.push(reader.int32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.replayed.push(reader.int32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -916,13 +946,19 @@ export const StartSagasResponse: MessageFns<StartSagasResponse> = {
   },
 
   fromJSON(object: any): StartSagasResponse {
-    return { sagas: globalThis.Array.isArray(object?.sagas) ? object.sagas.map((e: any) => Saga.fromJSON(e)) : [] };
+    return {
+      sagas: globalThis.Array.isArray(object?.sagas) ? object.sagas.map((e: any) => Saga.fromJSON(e)) : [],
+      replayed: globalThis.Array.isArray(object?.replayed) ? object.replayed.map((e: any) => globalThis.Number(e)) : [],
+    };
   },
 
   toJSON(message: StartSagasResponse): unknown {
     const obj: any = {};
     if (message.sagas?.length) {
       obj.sagas = message.sagas.map((e) => Saga.toJSON(e));
+    }
+    if (message.replayed?.length) {
+      obj.replayed = message.replayed.map((e) => Math.round(e));
     }
     return obj;
   },
@@ -933,6 +969,7 @@ export const StartSagasResponse: MessageFns<StartSagasResponse> = {
   fromPartial<I extends Exact<DeepPartial<StartSagasResponse>, I>>(object: I): StartSagasResponse {
     const message = createBaseStartSagasResponse();
     message.sagas = object.sagas?.map((e) => Saga.fromPartial(e)) || [];
+    message.replayed = object.replayed?.map((e) => e) || [];
     return message;
   },
 };
