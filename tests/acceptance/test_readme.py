@@ -286,6 +286,41 @@ async def test_the_readme_saga_file_starts_that_saga(
     ]
 
 
+async def test_the_readme_import_runs_as_written(
+    coordinator: Coordinator, database_url: str, tmp_path: Path
+) -> None:
+    text = section("The command line")
+    after = text[text.index("imports the next three blocks") :]
+    template, rows = fenced(after, "yaml")[0], fenced(after, "csv")[0]
+    [command] = commands(fenced(after, "sh")[0])
+    (tmp_path / "order-template.yaml").write_text(template, encoding="utf-8")
+    (tmp_path / "orders.csv").write_text(rows, encoding="utf-8")
+    argv = shlex.split(command)
+    assert argv[0] == "sagaplane"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    env["SAGAPLANE_COORDINATOR"] = f"127.0.0.1:{coordinator.port}"
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(VENV_BIN) / "sagaplane"), *argv[1:], cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "  started      2" in out.decode()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT s.context, st.position, st.input FROM sagaplane_sagas s"
+            " JOIN sagaplane_steps st ON st.saga_id = s.id"
+            " ORDER BY s.context->>'customer', st.position"
+        )
+        found = await cur.fetchall()
+    assert found == [
+        ({"customer": "c-1"}, 0, {"sku": "book", "qty": 2}),
+        ({"customer": "c-1"}, 1, {"order": "${steps.create.output.order_id}", "amount": 42}),
+        ({"customer": "c-2"}, 0, {"sku": "pen", "qty": 10}),
+        ({"customer": "c-2"}, 1, {"order": "${steps.create.output.order_id}", "amount": 15.5}),
+    ]
+
+
 # -- the Python section -------------------------------------------------------------------
 
 

@@ -1,11 +1,12 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
-from sagaplane.client import Resolution, SagaClient, StepSpec
+from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
 from sagaplane.errors import (
     ConfigurationError,
     CoordinatorError,
     CoordinatorUnavailable,
     DeadlineExceeded,
+    FieldViolation,
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
@@ -38,6 +39,7 @@ __all__ = [
     "CoordinatorUnavailable",
     "DeadlineExceeded",
     "Delivery",
+    "FieldViolation",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
@@ -63,4 +65,5 @@ __all__ = [
     "StepStatus",
     "WaitTimeout",
     "enqueue",
+    "saga_request",
 ]

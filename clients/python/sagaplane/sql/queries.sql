@@ -11,6 +11,21 @@ INSERT INTO sagaplane_outbox
 VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
         %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s);
 
+-- name: insert_outbox_messages
+-- Many outbox rows in one statement: %(outbox_rows)s is a JSON array of messages
+-- (sagaplane.outbox.insert_many_params). The rows keep the array's order (their ids,
+-- which the relay publishes in, follow it).
+INSERT INTO sagaplane_outbox
+    (message_id, exchange, routing_key, message_type, body, correlation_id)
+SELECT message_id, exchange, routing_key, message_type, body, correlation_id
+FROM ROWS FROM (
+        jsonb_to_recordset(%(outbox_rows)s::jsonb)
+        AS (message_id text, exchange text, routing_key text, message_type text,
+            body bytea, correlation_id text)
+    ) WITH ORDINALITY
+    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, n)
+ORDER BY n;
+
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
