@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from bench import baselines, report, stored
+from bench import baselines, report, starts, stored
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -52,7 +52,16 @@ from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.testing import Child, free_port, rabbitmqctl, wait_for_consumers
 from sagaplane.topology import participant_queue
 
-PHASES = ("baselines", "throughput", "latency", "fanout", "sweep", "scaling", "stored")
+PHASES = (
+    "baselines",
+    "throughput",
+    "latency",
+    "fanout",
+    "sweep",
+    "scaling",
+    "starts",
+    "stored",
+)
 
 DEFAULTS: dict[str, Any] = {
     "sagas": 5000,
@@ -69,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "broker_messages": 30000,
     "hop_messages": 300,
     "drain_timeout": 60.0,
+    "start_sagas": 5000,
+    "start_chunk": 500,
 }
 QUICK: dict[str, Any] = {
     "sagas": 300,
@@ -85,6 +96,8 @@ QUICK: dict[str, Any] = {
     "broker_messages": 3000,
     "hop_messages": 50,
     "drain_timeout": 20.0,
+    "start_sagas": 600,
+    "start_chunk": 100,
 }
 
 
@@ -143,6 +156,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.02,
         help="seconds between looks at the coordinator DB for ended sagas [0.02]",
     )
+    g = p.add_argument_group("starting sagas (--phases starts)")
+    g.add_argument("--start-sagas", type=int, help="sagas started each way " + _d("start_sagas"))
+    g.add_argument("--start-chunk", type=int, help="sagas per StartSagas call " + _d("start_chunk"))
     g = p.add_argument_group("stored sagas")
     g.add_argument("--stored", help="stored-saga counts to time reads at " + _d("stored"))
     g.add_argument("--active", type=int, default=500, help="active sagas among them [500]")
@@ -566,6 +582,43 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+async def starts_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    url = await env.create_database("starts")
+    coordinator, target = _coordinator(env, args, url, 8)
+    coordinator.name = "coordinator-starts"
+    try:
+        await _start_coordinator(coordinator, target)
+        _progress(
+            f"starts: {args.start_sagas} sagas by StartSaga ({args.concurrency} in flight), "
+            f"then by StartSagas in chunks of {args.start_chunk}"
+        )
+        offsets = log_offsets([coordinator])
+        figures = await starts.measure(
+            target=target,
+            coordinator=coordinator,
+            database_url=url,
+            admin_url=args.database_url,
+            database=env.db_name("starts"),
+            amqp_url=env.amqp_url,
+            sagas=args.start_sagas,
+            chunk=args.start_chunk,
+            concurrency=args.concurrency,
+        )
+        env.check_alive([coordinator])
+        figures["disturbed"] = disturbances([coordinator], offsets)
+        results["starts"] = figures
+        single, batch, ratio = figures["single"], figures["batch"], figures["ratio"]
+        _progress(
+            f"  StartSaga {single['sagas_per_s']} sagas/s, "
+            f"{single['coordinator_cpu_ms_per_saga']} ms CPU per saga; StartSagas "
+            f"{batch['sagas_per_s']} sagas/s, {batch['coordinator_cpu_ms_per_saga']} ms; "
+            f"CPU ratio {ratio['coordinator_cpu_ms_per_saga']}"
+        )
+    finally:
+        await env.stop_processes([coordinator])
+    await env.drop_database("starts")
+
+
 async def stored_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
     url = await env.create_database("stored")
     coordinator, target = _coordinator(env, args, url, 9)
@@ -651,6 +704,15 @@ def targets(results: dict[str, Any]) -> None:
         p50, p99 = lat["start_to_terminal_ms"]["p50"], lat["start_to_terminal_ms"]["p99"]
         add(f"at {lat['rate']:g}/s: p50 <= 15 ms", f"{p50} ms", p50 is not None and p50 <= 15, lat)
         add(f"at {lat['rate']:g}/s: p99 <= 50 ms", f"{p99} ms", p99 is not None and p99 <= 50, lat)
+    starting = results.get("starts")
+    if starting:
+        ratio = starting["ratio"]["coordinator_cpu_ms_per_saga"]
+        add(
+            "StartSagas: coordinator CPU per saga well under half of StartSaga's (< 0.5)",
+            f"ratio {ratio}",
+            ratio is not None and ratio < 0.5,
+            starting,
+        )
     st = results.get("stored", [])
     if len(st) >= 2:
         lo, hi = st[0], st[-1]
@@ -769,6 +831,8 @@ async def run(args: argparse.Namespace) -> int:
                 await phase("baselines", run_baselines)
             if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling"}:
                 await phase("system", lambda: system_phases(env, args, results))
+            if "starts" in args.phase_set:
+                await phase("starts", lambda: starts_phase(env, args, results))
             if "stored" in args.phase_set:
                 await phase("stored", lambda: stored_phase(env, args, results))
     finally:

@@ -240,6 +240,37 @@ def render(results: dict[str, Any]) -> str:
         )
         lines += _disturbed("fan-out run", graph) + _disturbed("line run", line)
 
+    starting = results.get("starts")
+    if starting:
+        single, batch, ratio = starting["single"], starting["batch"], starting["ratio"]
+        lines += [
+            "",
+            f"Starting sagas ({single['sagas']} each way; no participant: until every first "
+            f"command is relayed): StartSaga with {starting['concurrency']} in flight against "
+            f"StartSagas in chunks of {starting['chunk']}, one call at a time",
+        ]
+        lines += _table(
+            [
+                [
+                    label,
+                    run["calls"],
+                    _f(run["sagas_per_s"]),
+                    _f(run["answered_s"], 2),
+                    _f(run["relayed_s"], 2),
+                    _f(run["coordinator_cpu_ms_per_saga"], 3),
+                    _f(run["postgres_cpu_ms_per_saga"], 3),
+                ]
+                for label, run in (("StartSaga", single), ("StartSagas", batch))
+            ],
+            ["", "calls", "sagas/s", "answered s", "relayed s", "coord CPU ms", "PG CPU ms"],
+        )
+        lines.append(
+            f"  StartSagas / StartSaga: sagas/s {_f(ratio['sagas_per_s'], 2)}x, coordinator CPU "
+            f"per saga {_f(ratio['coordinator_cpu_ms_per_saga'], 3)}, PostgreSQL CPU per saga "
+            f"{_f(ratio['postgres_cpu_ms_per_saga'], 3)}"
+        )
+        lines += _disturbed("starts run", starting)
+
     sweep = results.get("sweep")
     if sweep:
         lines += ["", "Latency against offered load (open loop)"]

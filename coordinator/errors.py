@@ -15,10 +15,15 @@ as ``SagaNotFound``, ``KeyReused`` as ``IdempotencyConflict`` and ``WrongState``
 import unambiguous. ``WrongState`` is the engine's (the engine imports nothing from
 here), so it is not a ServiceError; :data:`Refusal` names both.
 
-Each class's docstring is its default message.
+Each class's docstring is its default message. A refusal about fields (BadRequest,
+and KeyReused in a batch) carries them as :class:`Violation` s, which the API also sends
+structurally (``google.rpc.BadRequest`` in the status details).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from coordinator.engine.errors import WrongState
 
@@ -29,11 +34,41 @@ __all__ = [
     "ServiceError",
     "StorageUnavailable",
     "UnknownSaga",
+    "Violation",
 ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Violation:
+    """One bad field of a request."""
+
+    field: str
+    """Its path in the request, e.g. ``sagas[17].steps[0].action``."""
+    problem: str
+    """What is wrong with it, e.g. ``is required``."""
+
+    def under(self, prefix: str) -> Violation:
+        """The same violation with its path inside ``prefix`` (``sagas[3]``)."""
+        # "request" is StartSaga's name for the whole request: inside a batch, the saga.
+        if self.field == "request":
+            return Violation(field=prefix, problem=self.problem)
+        joiner = "" if self.field.startswith("[") else "."
+        return Violation(field=f"{prefix}{joiner}{self.field}", problem=self.problem)
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+
+def describe(violations: Sequence[Violation]) -> str:
+    """One message naming every violation: ``a: is required; b[2]: is too long``."""
+    return "; ".join(map(str, violations))
 
 
 class ServiceError(Exception):
     """The coordinator cannot do what was asked."""
+
+    violations: tuple[Violation, ...] = ()
+    """The fields the refusal is about, when it is about fields."""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -45,6 +80,17 @@ class BadRequest(ServiceError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        """The first bad field."""
+        self.violations = (Violation(field=field, problem=problem),)
+
+    @classmethod
+    def of(cls, violations: Sequence[Violation]) -> BadRequest:
+        """One refusal naming several bad fields (at least one)."""
+        first, *_ = violations
+        exc = cls(first.field, first.problem)
+        exc.args = (describe(violations),)
+        exc.violations = tuple(violations)
+        return exc
 
 
 class UnknownSaga(ServiceError):
@@ -57,6 +103,10 @@ class UnknownSaga(ServiceError):
 
 class KeyReused(ServiceError):
     """The idempotency key was already used for a different request."""
+
+    def __init__(self, message: str | None = None, *, violations: Sequence[Violation] = ()):
+        super().__init__(message or (describe(violations) if violations else None))
+        self.violations = tuple(violations)
 
 
 class StorageUnavailable(ServiceError):

@@ -1,13 +1,23 @@
 """The coordinator's refusals (coordinator.errors) -> gRPC status codes, in one place;
-internals never leak."""
+internals never leak.
+
+A refusal about fields (:attr:`~coordinator.errors.ServiceError.violations`) also carries
+them as ``google.rpc.BadRequest`` field violations in the status details (the
+``grpc-status-details-bin`` trailer of the rich error model), so that a client in any
+language can show them one by one. Trailers are small (gRPC clients refuse more than
+8 KiB of them by default), so the message and the details hold what fits their budgets
+and then say how many more there are.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from coordinator import errors
 from coordinator.engine import WrongState
@@ -29,6 +39,49 @@ def status_for(exc: errors.Refusal) -> grpc.StatusCode:
         if cls in _CODES:
             return _CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+MAX_MESSAGE = 1000
+"""Characters of a status message listing violations (then "; and N more")."""
+MAX_DETAILS = 3000
+"""Bytes of field violations in the details (then one saying how many more)."""
+MAX_PART = 300
+"""Characters of one violation's field, and of its problem (a field's path can hold a
+JSON key of any length)."""
+
+
+def rich_status(code: grpc.StatusCode, violations: Sequence[errors.Violation]) -> grpc.Status:
+    """The status of a refusal about ``violations``: a message naming them, and the
+    same as ``google.rpc.BadRequest`` details, each within its budget."""
+    cut = [
+        errors.Violation(field=_shorten(v.field, MAX_PART), problem=_shorten(v.problem, MAX_PART))
+        for v in violations
+    ]
+    message = ""
+    for n, v in enumerate(cut):
+        part = f"{'; ' if message else ''}{v}"
+        if n and len(message) + len(part) > MAX_MESSAGE:
+            message += f"; and {len(cut) - n} more"
+            break
+        message += part
+    bad = error_details_pb2.BadRequest()
+    for n, v in enumerate(cut):
+        if n and bad.ByteSize() + len(v.field) + len(v.problem) + 8 > MAX_DETAILS:
+            # A violation of the list itself, so that a client listing them per row
+            # still shows that some are missing.
+            bad.field_violations.add(
+                field=v.field.split("[", 1)[0].split(".", 1)[0],
+                description=f"and {len(cut) - n} more not listed here (the answer is limited)",
+            )
+            break
+        bad.field_violations.add(field=v.field, description=v.problem)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(bad)
+    return cast(grpc.Status, rpc_status.to_status(status))
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _UndecodableRequest:
@@ -70,14 +123,20 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if isinstance(request, _UndecodableRequest):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request: cannot be decoded (JSON nested too deep?): {request.error}",
-                )
             try:
+                if isinstance(request, _UndecodableRequest):
+                    raise errors.BadRequest(
+                        "request", f"cannot be decoded (JSON nested too deep?): {request.error}"
+                    )
                 return await inner(request, cast(grpc.ServicerContext, context))
-            except (errors.ServiceError, WrongState) as exc:
+            except errors.ServiceError as exc:
+                if exc.violations:
+                    status = rich_status(status_for(exc), exc.violations)
+                    await context.abort(
+                        status.code, status.details, trailing_metadata=status.trailing_metadata
+                    )
+                await context.abort(status_for(exc), str(exc))
+            except WrongState as exc:
                 await context.abort(status_for(exc), str(exc))
             except grpc.aio.AbortError:
                 raise

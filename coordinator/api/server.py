@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.api.interceptors import ErrorMappingInterceptor
 from coordinator.api.servicer import SagaCoordinatorServicer
-from coordinator.api.validation import MAX_REQUEST_BYTES
+from coordinator.api.validation import MAX_BATCH_BYTES
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["SagaCoordinatorService"].full_name
@@ -60,9 +60,10 @@ class ApiServer:
         server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()],
             options=[
-                # Past the validated limit, so oversize requests get a clear INVALID_ARGUMENT;
-                # far past it, gRPC itself refuses them with RESOURCE_EXHAUSTED.
-                ("grpc.max_receive_message_length", 4 * MAX_REQUEST_BYTES),
+                # Past the validated limits (MAX_REQUEST_BYTES, and twice it for a
+                # StartSagas batch), so oversize requests get a clear INVALID_ARGUMENT;
+                # far past them, gRPC itself refuses them with RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", 2 * MAX_BATCH_BYTES),
                 # One coordinator per address: see the module docstring.
                 ("grpc.so_reuseport", 0),
             ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -10,7 +11,8 @@ import grpc
 from coordinator import engine
 from coordinator.api import convert, validation
 from coordinator.api.page_tokens import PageTokens
-from coordinator.store.repository import SagaStore
+from coordinator.errors import BadRequest, KeyReused
+from coordinator.store.repository import SagaStore, Started
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 """GetSaga's answer stays below this, so that it fits a gRPC client's default 4 MiB (a
 saga's own limits keep it far below; only a long history can reach it)."""
+MAX_BATCH_RESPONSE_BYTES = 3 * 1024 * 1024
+"""StartSagas' answer stays below this (a gRPC client's default limit is 4 MiB); a batch
+whose sagas would not fit is refused before anything is committed."""
 MAX_PAGE_BYTES = 3 * 1024 * 1024
 """A ListActive page ends before the saga that would take it past this size (it always
 holds at least one saga), so that it stays under a gRPC client's default 4 MiB."""
@@ -43,6 +48,35 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         return coordinator_pb2.StartSagaResponse(
             saga=convert.saga_to_proto(started.saga), replayed=not started.created
         )
+
+    async def StartSagas(
+        self, request: coordinator_pb2.StartSagasRequest, context: Context
+    ) -> coordinator_pb2.StartSagasResponse:
+        """Record many sagas in one transaction, all or none, and dispatch their first steps."""
+        specs, requests = validation.start_requests(request)
+        response = coordinator_pb2.StartSagasResponse()
+
+        def fits(outcomes: Sequence[Started]) -> None:
+            # Converted once, before the commit: an answer too large for the client would
+            # otherwise arrive as an error after the sagas were started.
+            response.sagas.extend(convert.saga_to_proto(o.saga) for o in outcomes)
+            size = response.ByteSize()
+            if size > MAX_BATCH_RESPONSE_BYTES:
+                raise BadRequest(
+                    "sagas",
+                    f"the answer (every saga as recorded) would be {size} bytes, more than "
+                    f"{MAX_BATCH_RESPONSE_BYTES}; send fewer sagas per call",
+                )
+
+        try:
+            started = await self._store.start_many(specs, requests=requests, accept=fits)
+        except KeyReused as exc:
+            raise KeyReused(violations=[v.under("sagas") for v in exc.violations]) from None
+        response.replayed.extend(i for i, o in enumerate(started) if not o.created)
+        created = sum(o.created for o in started)
+        if created:
+            log.info("%d sagas started in one batch (%d replayed)", created, len(started) - created)
+        return response
 
     async def GetSaga(
         self, request: coordinator_pb2.GetSagaRequest, context: Context

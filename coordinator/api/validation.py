@@ -8,10 +8,10 @@ from datetime import timedelta
 from google.protobuf import duration_pb2, struct_pb2
 
 from coordinator import engine
-from coordinator.errors import BadRequest, UnknownSaga
+from coordinator.errors import BadRequest, UnknownSaga, Violation
 from coordinator.store.repository import is_id
 from sagaplane import structs
-from sagaplane.limits import MAX_JSON_DEPTH
+from sagaplane.limits import MAX_JSON_DEPTH, MAX_STEP_TIMEOUT
 from sagaplane.v1 import coordinator_pb2, saga_pb2
 
 MAX_STEPS = 100
@@ -21,8 +21,14 @@ MAX_REASON = 1000
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Per context and per step input, serialized."""
 MAX_REQUEST_BYTES = 1024 * 1024
+"""Per StartSaga request (and per saga of a StartSagas request)."""
+MAX_BATCH = 1000
+"""Sagas in one StartSagas request."""
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+"""A whole StartSagas request. Its answer holds every saga as recorded, a little larger
+than the request, and must stay below a gRPC client's default 4 MiB (the servicer checks
+it before anything is committed)."""
 MAX_ATTEMPTS = 100
-MAX_STEP_TIMEOUT = timedelta(days=1)
 MAX_SAGA_TIMEOUT = timedelta(days=366)
 MAX_INTERVAL = timedelta(days=1)
 DEFAULT_PAGE_SIZE = 50
@@ -195,6 +201,51 @@ def start_request(request: coordinator_pb2.StartSagaRequest) -> engine.SagaSpec:
         idempotency_key=_text(request.idempotency_key, "idempotency_key", required=False) or None,
         timeout=saga_timeout,
     )
+
+
+def start_requests(
+    request: coordinator_pb2.StartSagasRequest,
+) -> tuple[list[engine.SagaSpec], list[bytes]]:
+    """The validated sagas of a StartSagas request and their :func:`canonical` bytes.
+
+    Each saga is checked as StartSaga checks it; one BadRequest names the first bad field
+    of every bad saga, by its path in the batch (``sagas[17].steps[0].action``). Sagas
+    sharing an idempotency key must be the same request.
+    """
+    if request.ByteSize() > MAX_BATCH_BYTES:
+        raise BadRequest("request", f"is larger than {MAX_BATCH_BYTES} bytes; send fewer sagas")
+    if not request.sagas:
+        raise BadRequest("sagas", "at least one saga is required")
+    if len(request.sagas) > MAX_BATCH:
+        raise BadRequest("sagas", f"at most {MAX_BATCH} sagas are allowed in one call")
+    specs: list[engine.SagaSpec] = []
+    fingerprints: list[bytes] = []
+    violations: list[Violation] = []
+    first_with_key: dict[str, int] = {}
+    for i, saga in enumerate(request.sagas):
+        at = f"sagas[{i}]"
+        try:
+            spec = start_request(saga)
+        except BadRequest as exc:
+            violations += [v.under(at) for v in exc.violations]
+            continue
+        specs.append(spec)
+        fingerprints.append(canonical(saga))
+        key = spec.idempotency_key
+        if key is None:
+            continue
+        if key not in first_with_key:
+            first_with_key[key] = i
+        elif fingerprints[-1] != canonical(request.sagas[first_with_key[key]]):
+            violations.append(
+                Violation(
+                    field=f"{at}.idempotency_key",
+                    problem=f"is also sagas[{first_with_key[key]}]'s, for a different request",
+                )
+            )
+    if violations:
+        raise BadRequest.of(violations)
+    return specs, fingerprints
 
 
 def _depends_on(spec: coordinator_pb2.StepSpec, i: int) -> tuple[str, ...] | None:

@@ -2,7 +2,8 @@
 
 Server commands run the coordinator (``serve``) and update its schema (``migrate``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
-(``start``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``, ``health``). Settings come
+(``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
+``health``). Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -99,7 +100,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, server
+    from coordinator.cli import client, imports, server
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -146,6 +147,18 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     start.add_argument("--watch", action="store_true", help="then follow it until it ends")
     _watch_options(start, after="--watch")
+
+    imports.add_import(
+        add(
+            "import",
+            imports.run_import,
+            "Start many sagas from a file: JSON Lines, a YAML or JSON list, or CSV rows "
+            "that fill a saga template. Sent as StartSagas chunks, each started whole or "
+            "not at all; running it again resumes it (nothing starts twice).",
+            parents=[common],
+            epilog=imports.IMPORT_EPILOG,
+        )
+    )
 
     get = add("get", client.get, "Show one saga: its state and steps.", parents=[common])
     get.add_argument("id", metavar="ID", help="the saga's id")

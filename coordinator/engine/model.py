@@ -224,6 +224,11 @@ class Command:
     results: dict[str, JsonObject] = field(default_factory=dict)
     """The outputs of the completed steps this one depends on (directly or not), by
     step name."""
+    deadline_at: datetime | None = None
+    """When this attempt times out (the step's ``deadline_at`` at dispatch, on the
+    database clock); None: no deadline."""
+    timeout: timedelta | None = None
+    """How long this attempt may take (the step's timeout); None: no deadline."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,10 +7,15 @@ and may be left out (``${steps.create.output}`` is the whole output). Only the o
 of steps this one depends on, directly or not, can be referred to: they are the ones
 known to have completed when it runs. A string that merely contains such text is left
 as it is.
+
+What the references bring in is bounded (:data:`MAX_RESOLVED_BYTES`, the size an input
+may have): an input of 64 KiB could otherwise name one 64 KiB output two thousand
+times, and make a command, a row and a GetSaga answer of 128 MB.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -37,8 +42,14 @@ class Reference:
     """The keys to follow from there."""
 
 
+MAX_RESOLVED_BYTES = 64 * 1024
+"""What one step's references may bring into its input, as compact UTF-8 JSON: as much
+as an input may hold (a whole output of the usual kind, or many small values)."""
+
+
 class MissingValue(ValueError):
-    """A reference names a value that is not there (the step fails for good)."""
+    """A reference names a value that is not there, or the values come to more than
+    :data:`MAX_RESOLVED_BYTES` (the step fails for good)."""
 
 
 def find(value: Any, where: str = "input") -> Iterator[Reference]:
@@ -75,20 +86,64 @@ def check(field: str, value: Any, known: set[str], step_names: set[str]) -> None
 
 
 def resolve(
-    value: Any, context: Mapping[str, Any], outputs: Mapping[str, Any], where: str = "input"
+    value: Any,
+    context: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    where: str = "input",
+    *,
+    budget: int = MAX_RESOLVED_BYTES,
+    over_budget: str | None = None,
 ) -> Any:
     """``value`` with every reference replaced; :class:`MissingValue` names the first
-    that points at nothing. ``outputs`` are the completed steps' outputs, by name."""
-    if isinstance(value, str):
-        refs = list(find(value, where))
-        if not refs:
-            return value
-        (ref,) = refs
+    that points at nothing, or the one that takes what they bring in past ``budget``
+    bytes (``over_budget`` then says why, instead of naming the budget). ``outputs``
+    are the completed steps' outputs, by name."""
+    return _Resolver(context, outputs, budget, over_budget).resolve(value, where)
+
+
+class _Resolver:
+    """One input's resolution, with what its references may still bring in."""
+
+    def __init__(
+        self,
+        context: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+        budget: int,
+        over_budget: str | None,
+    ) -> None:
+        self.context = context
+        self.outputs = outputs
+        self.left = budget
+        self.over_budget = (
+            over_budget or f"the input's references bring in more than {budget} bytes"
+        )
+
+    def resolve(self, value: Any, where: str) -> Any:
+        if isinstance(value, str):
+            refs = list(find(value, where))
+            if not refs:
+                return value
+            (ref,) = refs
+            found = self.lookup(ref, value, where)
+            # Each value is bounded (a part of one output, or of the context), so
+            # measuring it is too; the budget stops a value named many times.
+            size = len(json.dumps(found, separators=(",", ":"), ensure_ascii=False).encode())
+            self.left -= size
+            if self.left < 0:
+                raise MissingValue(f"{where}: {value}: {self.over_budget}")
+            return found
+        if isinstance(value, Mapping):
+            return {key: self.resolve(item, f"{where}.{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return value
+
+    def lookup(self, ref: Reference, value: str, where: str) -> Any:
         if ref.step is None:
-            found: Any = context
+            found: Any = self.context
             origin = "the context"
-        elif ref.step in outputs:
-            found = outputs[ref.step]
+        elif ref.step in self.outputs:
+            found = self.outputs[ref.step]
             origin = f'the output of "{ref.step}"'
         else:
             raise MissingValue(f'{where}: {value}: "{ref.step}" has not completed')
@@ -99,13 +154,6 @@ def resolve(
                 raise MissingValue(f"{where}: {value}: {origin} has no {'.'.join(walked)}")
             found = found[key]
         return found
-    if isinstance(value, Mapping):
-        return {
-            key: resolve(item, context, outputs, f"{where}.{key}") for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [resolve(item, context, outputs, f"{where}[{i}]") for i, item in enumerate(value)]
-    return value
 
 
 def has_any(value: Any) -> bool:

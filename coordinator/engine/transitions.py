@@ -57,6 +57,7 @@ from coordinator.engine.model import (
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_OUTPUT_BYTES,
+    MAX_SAGA_INPUT_BYTES,
     MAX_SAGA_OUTPUT_BYTES,
     clean_text,
 )
@@ -501,7 +502,10 @@ class _Builder:
         if kind is CommandKind.EXECUTE and step.attempts == 0 and references.has_any(step.input):
             # Resolved once, at the first dispatch; the step keeps (and shows) the result.
             try:
-                resolved = references.resolve(step.input, self.saga.context, results)
+                budget, why = self.input_budget(i)
+                resolved = references.resolve(
+                    step.input, self.saga.context, results, budget=budget, over_budget=why
+                )
             except references.MissingValue as exc:
                 self.attempt_failed(i, kind, _message(exc), retryable=False, unknown=False)
                 return
@@ -541,6 +545,15 @@ class _Builder:
             for j in sorted(above)
             if self.steps[j].status is StepStatus.COMPLETED or self.steps[j].output is not None
         }
+
+    def input_budget(self, i: int) -> tuple[int, str | None]:
+        """What step ``i``'s references may bring in (bytes, and why when it is less than
+        an input's worth): the saga's inputs together stay within
+        :data:`MAX_SAGA_INPUT_BYTES`."""
+        left = MAX_SAGA_INPUT_BYTES - sum(json_size(s.input) for s in self.steps)
+        if left >= references.MAX_RESOLVED_BYTES:
+            return references.MAX_RESOLVED_BYTES, None
+        return max(left, 0), f"the saga's inputs would pass {MAX_SAGA_INPUT_BYTES} bytes"
 
     def continue_compensation(self) -> None:
         """Dispatch every compensation whose dependents are all undone; finish when none
@@ -589,6 +602,9 @@ class _Builder:
             context=self.saga.context,
             token=token,
             results=results,
+            # What the timer acts on: the participant ends its work by the same instant.
+            deadline_at=step.deadline_at,
+            timeout=step.timeout,
         )
 
 

@@ -47,6 +47,9 @@ def encode_command(command: Command) -> OutboundMessage:
         envelope.output.CopyFrom(structs.to_struct(command.output))
     for name, output in command.results.items():
         envelope.results[name].CopyFrom(structs.to_struct(output))
+    if command.deadline_at is not None and command.timeout is not None:
+        envelope.deadline.FromDatetime(command.deadline_at)
+        envelope.timeout.FromTimedelta(command.timeout)
     return OutboundMessage(
         message_id=wire.command_id(command.step_id, command.kind.value, command.attempt),
         exchange=topology.COMMANDS_EXCHANGE,

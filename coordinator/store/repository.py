@@ -11,10 +11,10 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -40,10 +40,16 @@ from coordinator.engine import (
     TimerFired,
     WrongState,
 )
-from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga
+from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga, Violation
 from coordinator.store.queries import q
 from sagaplane import batch
-from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
+from sagaplane.outbox import (
+    INSERT_MANY,
+    INSERT_ONE,
+    OutboundMessage,
+    insert_many_params,
+    insert_params,
+)
 
 CommandEncoder = Callable[[Command], OutboundMessage]
 """Turns an engine command into the outbox row that carries it (see messaging.codec)."""
@@ -124,17 +130,7 @@ class SagaStore:
         fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
-            transition = engine.start(
-                saga_id=new_id(),
-                name=spec.name,
-                steps=spec.steps,
-                step_ids=[new_id() for _ in spec.steps],
-                context=spec.context,
-                idempotency_key=spec.idempotency_key,
-                now=row["now"],
-                new_token=new_token,
-                timeout=spec.timeout,
-            )
+            transition = _begin(spec, row["now"])
             saga = transition.saga
             insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
             if spec.idempotency_key is None:
@@ -146,6 +142,115 @@ class SagaStore:
                     return await self._replay(cur, spec.idempotency_key, fingerprint)
                 await self._write_and_commit(cur, [transition], new=True)
             return Started(saga=saga, created=True)
+
+    async def start_many(
+        self,
+        specs: Sequence[SagaSpec],
+        *,
+        requests: Sequence[bytes],
+        accept: Callable[[Sequence[Started]], None] | None = None,
+    ) -> list[Started]:
+        """Record many sagas and their first commands in ONE transaction: all or none.
+
+        One outcome per spec, in order. ``requests`` are the specs' request bytes, as
+        for :meth:`start`: a key already used with the same request gives the saga
+        started then; a key used with a different one raises KeyReused, whose
+        violations name each such spec by its index (``[17].idempotency_key``), and
+        nothing is written. A key given twice here (with the same request, or KeyReused)
+        is one saga, in both places. ``accept`` sees the outcomes before the commit and
+        may raise to roll everything back.
+
+        Every row goes in a few multi-row statements, in at most three round trips.
+        """
+        fingerprints = [_request_hash(r) for r in requests]
+        async with self._transaction() as cur:
+            [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
+            owner: list[int] = []  # the position whose saga each position gets
+            first: dict[str, int] = {}  # idempotency key -> its first position
+            new: dict[int, engine.Transition] = {}
+            for i, spec in enumerate(specs):
+                key = spec.idempotency_key
+                if key is not None and key in first:
+                    if fingerprints[first[key]] != fingerprints[i]:
+                        raise KeyReused(violations=[_reused(i, key, "an earlier saga here")])
+                    owner.append(first[key])
+                    continue
+                if key is not None:
+                    first[key] = i
+                owner.append(i)
+                new[i] = _begin(spec, row["now"])
+            insert = (
+                q("insert_sagas"),
+                {
+                    "rows": batch.records(
+                        _saga_row(t.saga) | {"request_hash": fingerprints[i]}
+                        for i, t in new.items()
+                    )
+                },
+            )
+            outcomes: dict[int, Started] = {}
+            if first:
+                # Some keys may be taken (replays): see before writing anything else.
+                ids = [t.saga.id for t in new.values()]
+                by_keys = {"keys": list(first), "ids": ids}
+                inserted, saga_rows, step_rows = await batch.run(
+                    cur,
+                    [
+                        insert,
+                        (q("select_sagas_by_keys"), by_keys),
+                        (q("select_steps_by_keys"), by_keys),
+                    ],
+                )
+                created = {r["id"] for r in inserted}
+                steps = _group_steps(step_rows)
+                holders = {r["idempotency_key"]: r for r in saga_rows}
+                conflicts: list[Violation] = []
+                for key, i in first.items():
+                    if new[i].saga.id in created:
+                        continue
+                    held = holders[key]  # the insert found it taken: it has committed
+                    if bytes(held["request_hash"]) != fingerprints[i]:
+                        conflicts.append(
+                            _reused(i, key, f"a different request (saga {held['id']})")
+                        )
+                        continue
+                    del new[i]
+                    outcomes[i] = Started(
+                        saga=_saga_from_row(held, steps.get(held["id"], ())), created=False
+                    )
+                if conflicts:
+                    raise KeyReused(violations=conflicts)
+                prefix: list[batch.Statement] = []
+            else:
+                prefix = [insert]
+            outcomes |= {i: Started(saga=t.saga, created=True) for i, t in new.items()}
+            results = [
+                outcomes[j] if j == i else replace(outcomes[j], created=False)
+                for i, j in enumerate(owner)
+            ]
+            if accept is not None:
+                accept(results)
+            await batch.run(cur, [*prefix, *self._insert_new(new.values()), ("COMMIT", None)])
+            return results
+
+    def _insert_new(self, transitions: Iterable[engine.Transition]) -> list[batch.Statement]:
+        """Multi-row inserts of the steps, history and commands of new sagas (whose saga
+        rows are inserted already)."""
+        steps: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
+        commands: list[OutboundMessage] = []
+        for t in transitions:
+            steps += (_step_row(t.saga.id, step) for step in t.saga.steps)
+            history += (_history_row(t.saga.id, entry) for entry in t.history)
+            commands += (self._encode(command) for command in t.commands)
+        statements: list[batch.Statement] = []
+        if steps:
+            statements.append((q("insert_steps"), {"rows": batch.records(steps)}))
+        if history:
+            statements.append((q("insert_histories"), {"rows": batch.records(history)}))
+        if commands:
+            statements.append((INSERT_MANY, insert_many_params(commands)))
+        return statements
 
     async def _replay(
         self, cur: AsyncClientCursor[DictRow], key: str, fingerprint: bytes
@@ -360,6 +465,28 @@ class SagaStore:
         """A cursor for reads; autocommit, so no BEGIN or COMMIT round trips."""
         async with _storage_errors(), self._pool.connection() as conn:
             yield AsyncClientCursor(conn, row_factory=dict_row)
+
+
+def _begin(spec: SagaSpec, now: datetime) -> engine.Transition:
+    """The engine's start of a new saga, with fresh ids and tokens."""
+    return engine.start(
+        saga_id=new_id(),
+        name=spec.name,
+        steps=spec.steps,
+        step_ids=[new_id() for _ in spec.steps],
+        context=spec.context,
+        idempotency_key=spec.idempotency_key,
+        now=now,
+        new_token=new_token,
+        timeout=spec.timeout,
+    )
+
+
+def _reused(position: int, key: str, what: str) -> Violation:
+    return Violation(
+        field=f"[{position}].idempotency_key",
+        problem=f"{key!r} was already used for {what}",
+    )
 
 
 def _group_steps(rows: Sequence[DictRow]) -> dict[str, tuple[Step, ...]]:

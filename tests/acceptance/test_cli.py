@@ -97,7 +97,7 @@ steps:
 async def test_sagaplane_help_lists_every_command_and_the_exit_statuses() -> None:
     result = await sagaplane("--help")
     assert result.status == 0
-    for command in ("serve", "migrate", "start", "get", "list", "compensate", "watch"):
+    for command in ("serve", "migrate", "start", "import", "get", "list", "compensate", "watch"):
         assert f"    {command}" in result.out
     assert "exit status:" in result.out and "4  no saga has this id" in result.out
 
@@ -113,7 +113,8 @@ async def test_sagaplane_help_lists_every_command_and_the_exit_statuses() -> Non
 
 @pytest.mark.parametrize(
     "command",
-    ["serve", "migrate", "start", "get", "list", "compensate", "watch", "resolve", "health"],
+    ["serve", "migrate", "start", "import", "get", "list", "compensate", "watch", "resolve",
+     "health"],
 )  # fmt: skip
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

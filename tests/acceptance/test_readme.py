@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
 import shlex
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,15 @@ from coordinator.app import Coordinator
 from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import order_steps
-from sagaplane import Delivery, NonRetryableError, Processed, StepContext, StepKind
+from examples.users.__main__ import build_parser as build_users_parser
+from sagaplane import (
+    Delivery,
+    NonRetryableError,
+    Processed,
+    RetryableError,
+    StepContext,
+    StepKind,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -276,15 +286,51 @@ async def test_the_readme_saga_file_starts_that_saga(
     ]
 
 
+async def test_the_readme_import_runs_as_written(
+    coordinator: Coordinator, database_url: str, tmp_path: Path
+) -> None:
+    text = section("The command line")
+    after = text[text.index("imports the next three blocks") :]
+    template, rows = fenced(after, "yaml")[0], fenced(after, "csv")[0]
+    [command] = commands(fenced(after, "sh")[0])
+    (tmp_path / "order-template.yaml").write_text(template, encoding="utf-8")
+    (tmp_path / "orders.csv").write_text(rows, encoding="utf-8")
+    argv = shlex.split(command)
+    assert argv[0] == "sagaplane"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    env["SAGAPLANE_COORDINATOR"] = f"127.0.0.1:{coordinator.port}"
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(VENV_BIN) / "sagaplane"), *argv[1:], cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "  started      2" in out.decode()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT s.context, st.position, st.input FROM sagaplane_sagas s"
+            " JOIN sagaplane_steps st ON st.saga_id = s.id"
+            " ORDER BY s.context->>'customer', st.position"
+        )
+        found = await cur.fetchall()
+    assert found == [
+        ({"customer": "c-1"}, 0, {"sku": "book", "qty": 2}),
+        ({"customer": "c-1"}, 1, {"order": "${steps.create.output.order_id}", "amount": 42}),
+        ({"customer": "c-2"}, 0, {"sku": "pen", "qty": 10}),
+        ({"customer": "c-2"}, 1, {"order": "${steps.create.output.order_id}", "amount": 15.5}),
+    ]
+
+
 # -- the Python section -------------------------------------------------------------------
 
 
 async def test_the_readme_participant_registers_and_refuses_big_amounts() -> None:
-    participant_code, middleware_code, client_code = fenced(
+    participant_code, batch_code, middleware_code, client_code = fenced(
         section("Writing a participant in Python"), "python"
     )
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(participant_code, "README.md", "exec"), namespace)
+    exec(compile(batch_code, "README.md", "exec"), namespace)
     exec(compile(middleware_code, "README.md", "exec"), namespace)
     assert namespace["timed_payment"].service == "payment"
     delivery = Delivery(message=None, command=None, kind=None, refusal=None)  # type: ignore[arg-type]
@@ -296,7 +342,7 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
 
     payment = namespace["payment"]
     assert payment.service == "payment"
-    assert payment.actions == ["payment.charge", "payment.refund"]
+    assert payment.actions == ["payment.charge", "payment.refund", "payment.settle"]
     ctx = StepContext(
         saga_id="s", saga_name="order.place", step_id="st", step_name="charge", attempt=1,
         kind=StepKind.EXECUTE, action="payment.charge", input={"amount": 5000}, context={},
@@ -304,6 +350,12 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
     )  # fmt: skip
     with pytest.raises(NonRetryableError, match="over the limit"):
         await namespace["charge"](ctx)
+    # Past its deadline's cutoff, settle refuses before writing anything.
+    late = dataclasses.replace(
+        ctx, action="payment.settle", input={"payment_ids": [1]}, _cutoff=time.monotonic()
+    )
+    with pytest.raises(RetryableError, match="too little time left"):
+        await namespace["settle"](late)
 
     # The client snippet is the body of a coroutine: it must at least compile as one.
     compile("async def snippet():\n" + textwrap.indent(client_code, "    "), "README.md", "exec")
@@ -326,8 +378,10 @@ def _parsers(
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:
     readme = README.read_text(encoding="utf-8")
     missing = []
-    parsers = _parsers(build_parser(env={})) | _parsers(
-        build_shop_parser(), "python -m examples.shop"
+    parsers = (
+        _parsers(build_parser(env={}))
+        | _parsers(build_shop_parser(), "python -m examples.shop")
+        | _parsers(build_users_parser(), "python -m examples.users")
     )
     for command, parser in parsers.items():
         for action in parser._actions:

@@ -95,3 +95,36 @@ async def test_a_failing_statement_stops_the_batch_and_aborts_the_transaction(
     await conn.rollback()
     count = await (await conn.execute("SELECT count(*) FROM seen")).fetchone()
     assert count == (0,)
+
+
+async def test_records_come_back_unchanged_through_jsonb_to_recordset(
+    conn: psycopg.AsyncConnection[Any],
+) -> None:
+    when = datetime.datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=datetime.UTC)
+    rows = [
+        {
+            "t": 'it\'s 100% \\ "quoted"; é 😀 %(x)s',
+            "j": Jsonb({"a": [1, 2.5, None, "%s"], "b": {"\\": "'"}}),
+            "b": b"\x00\xff'\\%",
+            "w": when,
+            "n": None,
+            "a": [0, 2],
+        },
+        {"t": "", "j": Jsonb({}), "b": b"", "w": None, "n": None, "a": None},
+    ]
+    cur = AsyncClientCursor(conn)
+    [back] = await batch.run(
+        cur,
+        [
+            (
+                "SELECT * FROM ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb)"
+                " AS (t text, j jsonb, b bytea, w timestamptz, n jsonb, a integer[]))"
+                " WITH ORDINALITY AS r (t, j, b, w, n, a, i) ORDER BY i",
+                {"rows": batch.records(rows)},
+            )
+        ],
+    )
+    assert back == [
+        (rows[0]["t"], rows[0]["j"].obj, rows[0]["b"], when, None, [0, 2], 1),
+        ("", {}, b"", None, None, None, 2),
+    ]

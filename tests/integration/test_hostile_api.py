@@ -18,7 +18,9 @@ import grpc
 import psycopg
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,6 +60,7 @@ FIELDS = {
     "page_size",
     "page_token",
     "stale_for",
+    "sagas",
 }
 ROWS = """
 SELECT (SELECT count(*) FROM sagaplane_sagas), (SELECT count(*) FROM sagaplane_steps),
@@ -194,6 +197,8 @@ class Fuzz:
         self.health = health_pb2_grpc.HealthStub(channel)
         self.db = db
         self.codes: dict[str, int] = {}
+        self.violations: list[tuple[str, str]] = []
+        """The google.rpc.BadRequest field violations of the last refusal."""
 
     async def rows(self) -> tuple[int, ...]:
         cur = await self.db.execute(ROWS)
@@ -215,6 +220,7 @@ class Fuzz:
 
     async def check(self, method: str, call: Any, request: Any) -> Any:
         before = await self.rows()
+        self.violations = []
         try:
             response = await call(request, timeout=10)
         except grpc.aio.AioRpcError as exc:
@@ -224,6 +230,8 @@ class Fuzz:
             if code is grpc.StatusCode.INVALID_ARGUMENT:
                 field = re.split(r"[.\[:]", details, maxsplit=1)[0]
                 assert field in FIELDS and ": " in details, f"names no field: {details!r}"
+                self.violations = _violations(exc)
+                assert self.violations, f"no BadRequest details: {details!r}"
             assert await self.rows() == before, f"{method} was refused but wrote rows"
             response = None
         else:
@@ -240,6 +248,33 @@ async def test_start_saga_answers_every_request(fuzz: Fuzz, request: api.StartSa
     if response is not None:
         # What was accepted can be read back, whole.
         await fuzz.call("GetSaga", api.GetSagaRequest(id=response.saga.id, include_history=True))
+
+
+@FUZZ
+@given(
+    sagas=st.lists(st.one_of(start_requests(), st.builds(api.StartSagaRequest)), max_size=4),
+    valid=st.integers(min_value=0, max_value=3),
+    key=st.one_of(st.none(), nasty_text),
+)
+async def test_start_sagas_answers_every_batch(
+    fuzz: Fuzz, sagas: list[api.StartSagaRequest], valid: int, key: str | None
+) -> None:
+    good = [
+        api.StartSagaRequest(name="order.place", steps=[api.StepSpec(name="s", action="a")])
+        for _ in range(valid)
+    ]
+    if key is not None and good:
+        for saga in good:  # one key for several sagas: the same request, or not
+            saga.idempotency_key = key
+        good[-1].name = "order.other"
+    batch = api.StartSagasRequest(sagas=[*good, *sagas])
+    response = await fuzz.call("StartSagas", batch)
+    if response is not None:
+        assert len(response.sagas) == len(batch.sagas)
+    else:
+        # Every field the details name is a field of the batch.
+        for field, _ in fuzz.violations:
+            assert field == "sagas" or field.startswith(("sagas[", "request")), field
 
 
 @FUZZ
@@ -321,6 +356,18 @@ async def test_requests_nested_past_protobufs_limit_are_invalid_argument(fuzz: F
         nested = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields
     body = b"\x0a\x01x" + b"\x1a" + _varint(len(nested)) + nested  # name, context
     await fuzz.call_raw("StartSaga", body)
+
+
+def _violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(exc)
+    if status is None:
+        return []
+    found: list[tuple[str, str]] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found += [(v.field, v.description) for v in bad.field_violations]
+    return found
 
 
 def _varint(n: int) -> bytes:

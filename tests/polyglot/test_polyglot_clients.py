@@ -110,3 +110,29 @@ async def test_node_and_go_clients_report_grpc_errors(
     assert code == 1 and "code 14" in err, err  # 14: UNAVAILABLE
     code, _, err = await run(go_quickstart, "-address", dead, cwd=go_quickstart.parent, check=False)
     assert code == 1 and "Unavailable" in err, err
+
+
+async def test_node_client_starts_a_batch_and_reads_the_bad_sagas_of_a_refused_one(
+    coordinator: Coordinator, stub: Stub, node_quickstart: Path
+) -> None:
+    """clients/node/examples/batch.ts: StartSagas, and a refused batch's BadRequest details
+    read by the Node.js client (fieldViolations)."""
+    batch = node_quickstart.parent / "batch.js"
+    address = ("--address", f"127.0.0.1:{coordinator.port}")
+    _, out, _ = await run(
+        "node", batch, *address, "--count", "1000", "--bad", "617", cwd=batch.parent
+    )
+    refused = json_lines(out)["refused"]
+    assert refused["code"] == 3  # INVALID_ARGUMENT
+    assert refused["details"] == "sagas[617].steps[0].action: is required"
+    assert refused["violations"] == [
+        {"field": "sagas[617].steps[0].action", "description": "is required", "index": 617}
+    ]
+    assert not (await stub.ListActive(api.ListActiveRequest())).sagas  # nothing written
+
+    _, out, _ = await run("node", batch, *address, "--count", "3", cwd=batch.parent)
+    ids = json_lines(out)["started"]["ids"]
+    assert len(set(ids)) == 3
+    for row, saga_id in enumerate(ids):
+        saga = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
+        assert structs.to_dict(saga.context) == {"row": row, "source": "node"}

@@ -17,6 +17,7 @@ import pytest
 from polyglot_tools import (
     NodeParticipant,
     by_name,
+    go_quickstart,
     json_lines,
     node_participant,
     node_quickstart,
@@ -31,7 +32,7 @@ from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
 
-__all__ = ["node_participant", "node_quickstart"]  # fixtures, imported for pytest
+__all__ = ["go_quickstart", "node_participant", "node_quickstart"]  # fixtures, for pytest
 
 Stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub
 
@@ -121,6 +122,28 @@ async def test_a_saga_runs_a_python_step_then_a_node_step_and_completes(
     assert cancel["kind"] == "COMMAND_KIND_COMPENSATE"
     assert cancel["outcome"] == "REPLY_OUTCOME_SUCCEEDED"
     assert await order_rows(orders_participant, saga_id) == [("book", 1, "cancelled")]
+
+
+async def test_the_go_quickstart_runs_its_saga_to_the_end(
+    coordinator: Coordinator,
+    orders_participant: str,
+    node_participant: NodeParticipant,
+    go_quickstart: Path,
+) -> None:
+    """The Go client's quickstart, with the participants it needs, waits for the end."""
+    _, out, _ = await run(
+        go_quickstart,
+        "-address",
+        f"127.0.0.1:{coordinator.port}",
+        "-wait",
+        "60s",
+        cwd=go_quickstart.parent,
+    )
+    ended = json_lines(out)["end"]["saga"]
+    assert ended["state"] == "SAGA_STATE_COMPLETED", ended
+    steps = by_name(ended["steps"])
+    assert steps["ship"]["output"]["order_id"] == steps["create"]["output"]["order_id"]
+    assert await order_rows(orders_participant, ended["id"]) == [("book", 1, "created")]
 
 
 async def test_a_node_step_that_fails_compensates_the_python_step(

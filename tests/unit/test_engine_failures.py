@@ -275,6 +275,25 @@ def test_timeout_is_a_retryable_failure_whose_outcome_is_unknown() -> None:
     assert d.step(0).outcome_unknown is False
 
 
+def test_every_command_carries_the_deadline_its_timer_acts_on() -> None:
+    # Executions, retries and compensations alike: the participant ends its work at the
+    # same instant the coordinator times the attempt out.
+    d = Driver(steps(True, True))
+    first = d.in_flight
+    assert (first.deadline_at, first.timeout) == (T0 + TIMEOUT, TIMEOUT)
+    d.fire(0)
+    d.fire(0)
+    retry = d.in_flight
+    assert retry.attempt == 2
+    assert retry.deadline_at == d.step(0).deadline_at == d.now + TIMEOUT
+    d.succeed()
+    d.fail("no", retryable=False)
+    undo = d.in_flight
+    assert undo.kind is COMP
+    assert (undo.deadline_at, undo.timeout) == (d.step(0).deadline_at, TIMEOUT)
+    assert undo.deadline_at == d.now + TIMEOUT
+
+
 def test_a_reply_after_the_deadline_but_before_the_timer_still_counts() -> None:
     d = Driver(steps(True, True))
     cmd = d.in_flight

@@ -2,6 +2,7 @@
 // the contract: every call is the RPC of the same name, and `raw` is the generated
 // client for the RPCs (and call styles) this file does not wrap.
 import * as grpc from "@grpc/grpc-js";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 
 import {
   CompensateRequest,
@@ -10,6 +11,7 @@ import {
   ListActiveResponse,
   SagaCoordinatorServiceClient,
   StartSagaRequest,
+  StartSagasRequest,
 } from "./gen/sagaplane/v1/coordinator";
 import { Saga, SagaState } from "./gen/sagaplane/v1/saga";
 
@@ -64,6 +66,17 @@ export class SagaplaneClient {
     return response.saga!;
   }
 
+  /**
+   * StartSagas: up to 1000 sagas in one call and one transaction, all or none; resolves
+   * to the sagas in the order given. A bad saga rejects the whole call with
+   * INVALID_ARGUMENT; `fieldViolations(error)` then names each bad saga's first bad field
+   * (`index` is its position).
+   */
+  async startSagas(sagas: Array<DeepPartial<StartSagaRequest>>, options?: CallOptions): Promise<Saga[]> {
+    const response = await this.call(this.raw.startSagas, StartSagasRequest.fromPartial({ sagas }), options);
+    return response.sagas;
+  }
+
   /** GetSaga; NOT_FOUND rejects. */
   async getSaga(id: string, options?: CallOptions & { includeHistory?: boolean }): Promise<Saga> {
     const request = GetSagaRequest.fromPartial({ id, includeHistory: options?.includeHistory ?? false });
@@ -110,4 +123,60 @@ export class SagaplaneClient {
       );
     });
   }
+}
+
+/** One bad field of a refused request: a google.rpc.BadRequest field violation. */
+export interface FieldViolation {
+  /** Its path in the request, e.g. `sagas[17].steps[0].action`. */
+  field: string;
+  /** What is wrong with it, e.g. `is required`. */
+  description: string;
+  /** The saga's position in a StartSagas call (17 for `sagas[17]...`); undefined otherwise. */
+  index?: number;
+}
+
+const STATUS_DETAILS = "grpc-status-details-bin";
+const BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest";
+
+/**
+ * The field violations of a failed call: the google.rpc.BadRequest details of gRPC's
+ * rich error model (the `grpc-status-details-bin` trailer), which the coordinator sends
+ * with every INVALID_ARGUMENT (and with a StartSagas ALREADY_EXISTS). Empty when there
+ * are none. The few fields of google.rpc.Status, Any and BadRequest are read here with
+ * the wire reader the generated code uses, rather than generating all of googleapis.
+ */
+export function fieldViolations(error: unknown): FieldViolation[] {
+  const metadata = (error as { metadata?: grpc.Metadata }).metadata;
+  const found: FieldViolation[] = [];
+  for (const value of metadata?.get(STATUS_DETAILS) ?? []) {
+    if (typeof value === "string") continue;
+    // google.rpc.Status: 3 = repeated google.protobuf.Any details.
+    for (const any of fields(value, 3)) {
+      const [typeUrl] = fields(any, 1);
+      const [bytes] = fields(any, 2);
+      if (!typeUrl || !bytes || utf8.decode(typeUrl) !== BAD_REQUEST) continue;
+      // google.rpc.BadRequest: 1 = repeated FieldViolation {1 = field, 2 = description}.
+      for (const violation of fields(bytes, 1)) {
+        const field = utf8.decode(fields(violation, 1)[0] ?? new Uint8Array());
+        const description = utf8.decode(fields(violation, 2)[0] ?? new Uint8Array());
+        const index = /^\w+\[(\d+)\]/.exec(field);
+        found.push(index ? { field, description, index: Number(index[1]) } : { field, description });
+      }
+    }
+  }
+  return found;
+}
+
+const utf8 = new TextDecoder();
+
+/** The contents of every length-delimited field `number` of a message. */
+function fields(message: Uint8Array, number: number): Uint8Array[] {
+  const reader = new BinaryReader(message);
+  const found: Uint8Array[] = [];
+  while (reader.pos < reader.len) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === number && wireType === WireType.LengthDelimited) found.push(reader.bytes());
+    else reader.skip(wireType);
+  }
+  return found;
 }

@@ -1,11 +1,13 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
-from sagaplane.client import Resolution, SagaClient, StepSpec
+from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
 from sagaplane.errors import (
     BrokerUnavailable,
     ConfigurationError,
     CoordinatorError,
     CoordinatorUnavailable,
+    DeadlineExceeded,
+    FieldViolation,
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
@@ -37,7 +39,9 @@ __all__ = [
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
+    "DeadlineExceeded",
     "Delivery",
+    "FieldViolation",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
@@ -63,4 +67,5 @@ __all__ = [
     "StepStatus",
     "WaitTimeout",
     "enqueue",
+    "saga_request",
 ]

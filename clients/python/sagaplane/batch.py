@@ -6,6 +6,10 @@ query. On a 2-core machine a round trip costs more CPU, in the driver and the ev
 loop, than a small statement costs PostgreSQL to parse, so the SDK and the coordinator
 send ``BEGIN`` with their first statements and ``COMMIT`` with their last ones.
 
+Many rows of one table go in one statement as one parameter: :func:`records` writes
+them as a JSON array, which ``jsonb_to_recordset`` turns back into rows in PostgreSQL
+(one JSON encoding in C instead of binding every value of every row in Python).
+
 The connection must be in autocommit mode: psycopg would otherwise send a ``BEGIN`` of
 its own, in a round trip of its own, before the batch. A statement that fails stops
 the batch there and aborts the transaction; the caller rolls back.
@@ -14,15 +18,18 @@ the batch there and aborts the transaction; the caller rolls back.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime
 from typing import Any, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.abc import Query
 from psycopg.pq import TransactionStatus
+from psycopg.types.json import Jsonb
 
-__all__ = ["Statement", "render", "rollback_after_error", "run"]
+__all__ = ["Statement", "records", "render", "rollback_after_error", "run"]
 
 Row = TypeVar("Row")
 
@@ -64,3 +71,24 @@ async def rollback_after_error(conn: AsyncConnection[Any]) -> None:
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with contextlib.suppress(psycopg.Error):
             await conn.rollback()
+
+
+def records(rows: Iterable[Mapping[str, Any]]) -> str:
+    """``rows`` as one JSON array, the parameter of a ``jsonb_to_recordset`` insert.
+
+    Values are written so that the column types of the record definition read them
+    back: a :class:`~psycopg.types.json.Jsonb` as its JSON, a datetime in ISO 8601 (for
+    ``timestamptz``), bytes as ``\\x`` and hex (for ``bytea``), None as null (SQL NULL).
+    """
+    return json.dumps(list(rows), default=_json_value, separators=(",", ":"))
+
+
+def _json_value(value: object) -> object:
+    # Called by json.dumps only for what JSON has no type for.
+    if isinstance(value, Jsonb):
+        return value.obj
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    raise TypeError(f"{type(value).__name__} cannot be sent in records()")

@@ -27,7 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sagaplane import defaults, jsonform, structs
 from sagaplane.durations import to_duration
-from sagaplane.errors import CoordinatorError, InvalidArgument, WaitTimeout, from_rpc_error
+from sagaplane.errors import (
+    CoordinatorError,
+    FieldViolation,
+    InvalidArgument,
+    WaitTimeout,
+    from_rpc_error,
+)
 from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -40,8 +46,10 @@ __all__ = [
     "Saga",
     "SagaClient",
     "SagaState",
-    "StartReply",
+    "StartedSaga",
+    "StartedSagas",
     "StepSpec",
+    "saga_request",
 ]
 
 DEFAULT_TARGET = defaults.COORDINATOR_ADDRESS
@@ -116,7 +124,7 @@ class Resolution(StrEnum):
 
 
 @dataclass(frozen=True)
-class StartReply:
+class StartedSaga:
     """What :meth:`SagaClient.start_saga_reply` answers."""
 
     saga: Saga
@@ -132,6 +140,20 @@ class ActivePage:
     sagas: list[Saga]
     next_page_token: str
     """Pass on for the next page; empty on the last one."""
+
+
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+"""The largest answer the client reads (gRPC's default is 4 MiB)."""
+
+
+class StartedSagas(list[Saga]):
+    """The sagas of :meth:`SagaClient.start_sagas`, in the order asked."""
+
+    def __init__(self, sagas: Iterable[Saga], *, replayed: Iterable[int] = ()) -> None:
+        super().__init__(sagas)
+        self.replayed = frozenset(replayed)
+        """Positions whose saga was started before (an idempotency key used before with
+        the same request, or earlier in the same call): an import run again replays."""
 
 
 class SagaClient:
@@ -162,7 +184,9 @@ class SagaClient:
         )
         self._timeout = timeout
         self._wait_for_ready = wait_for_ready
-        self._options = list(options)
+        # A saga of many steps with large outputs is more than gRPC's default 4 MiB
+        # answer (100 outputs of 64 KiB are 6.25 MiB): read up to MAX_ANSWER_BYTES.
+        self._options = [("grpc.max_receive_message_length", MAX_ANSWER_BYTES), *options]
         self._channel: grpc.aio.Channel | None = None
         self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub | None = None
         self._health: health_pb2_grpc.HealthStub | None = None
@@ -221,20 +245,16 @@ class SagaClient:
         not set its own; ``step_timeout`` limits each attempt of such a step;
         ``timeout`` limits the whole saga (it is compensated when it passes).
         """
-        request = coordinator_pb2.StartSagaRequest(
-            name=name,
-            steps=[_step(s) for s in steps],
-            context=structs.to_struct(dict(context) if context else None),
-            idempotency_key=idempotency_key or "",
+        request = saga_request(
+            name,
+            steps,
+            context=context,
+            idempotency_key=idempotency_key,
+            retry_policy=retry_policy,
+            compensation_retry_policy=compensation_retry_policy,
+            step_timeout=step_timeout,
+            timeout=timeout,
         )
-        if retry_policy is not None:
-            request.retry_policy.CopyFrom(retry_policy.to_proto())
-        if compensation_retry_policy is not None:
-            request.compensation_retry_policy.CopyFrom(compensation_retry_policy.to_proto())
-        if step_timeout is not None:
-            request.step_timeout.CopyFrom(_duration("step_timeout", step_timeout))
-        if timeout is not None:
-            request.timeout.CopyFrom(_duration("timeout", timeout))
         return await self.start_saga_request(request)
 
     async def start_saga_request(
@@ -247,13 +267,44 @@ class SagaClient:
 
     async def start_saga_reply(
         self, request: coordinator_pb2.StartSagaRequest | Mapping[str, Any]
-    ) -> StartReply:
+    ) -> StartedSaga:
         """As :meth:`start_saga_request`, and whether the saga was already there: with an
         idempotency key used before, nothing new is started (``replayed``)."""
         if not isinstance(request, coordinator_pb2.StartSagaRequest):
             request = parse_start_request(request)
         response = await self._call(self._service().StartSaga, request)
-        return StartReply(saga=Saga.from_proto(response.saga), replayed=response.replayed)
+        return StartedSaga(saga=Saga.from_proto(response.saga), replayed=response.replayed)
+
+    async def start_sagas(
+        self, requests: Iterable[coordinator_pb2.StartSagaRequest | Mapping[str, Any]]
+    ) -> StartedSagas:
+        """Start up to 1000 sagas in one call and one transaction: all of them, or none.
+
+        ``requests`` are StartSaga requests (from :func:`saga_request`) or their JSON
+        form. Returns the sagas in the same order (a list; its ``replayed`` says which
+        positions were not started by this call); a saga whose idempotency key was used
+        before with the same request is the one started then. When any request is bad,
+        nothing is started and :class:`~sagaplane.errors.InvalidArgument` is raised, its
+        ``.violations`` naming the first bad field of each bad saga
+        (``sagas[17].steps[0].action``, ``.index`` 17); a key used before for a
+        different request raises ``IdempotencyConflict``, with the same ``.violations``.
+        """
+        batch = coordinator_pb2.StartSagasRequest()
+        violations: list[FieldViolation] = []
+        for i, request in enumerate(requests):
+            if isinstance(request, coordinator_pb2.StartSagaRequest):
+                batch.sagas.append(request)
+                continue
+            try:
+                batch.sagas.append(parse_start_request(request))
+            except InvalidArgument as exc:
+                violations.append(FieldViolation(f"sagas[{i}]", exc.message))
+        if violations:
+            raise InvalidArgument("; ".join(map(str, violations)), violations=tuple(violations))
+        response = await self._call(self._service().StartSagas, batch)
+        return StartedSagas(
+            (Saga.from_proto(s) for s in response.sagas), replayed=response.replayed
+        )
 
     # -- reading ----------------------------------------------------------------------
 
@@ -412,6 +463,36 @@ class SagaClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def saga_request(
+    name: str,
+    steps: Iterable[StepSpec | Mapping[str, Any]],
+    *,
+    context: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
+    retry_policy: RetryPolicy | None = None,
+    compensation_retry_policy: RetryPolicy | None = None,
+    step_timeout: Seconds | None = None,
+    timeout: Seconds | None = None,
+) -> coordinator_pb2.StartSagaRequest:
+    """The StartSaga request of :meth:`SagaClient.start_saga`'s arguments (one of the
+    sagas to give :meth:`SagaClient.start_sagas`)."""
+    request = coordinator_pb2.StartSagaRequest(
+        name=name,
+        steps=[_step(s) for s in steps],
+        context=structs.to_struct(dict(context) if context else None),
+        idempotency_key=idempotency_key or "",
+    )
+    if retry_policy is not None:
+        request.retry_policy.CopyFrom(retry_policy.to_proto())
+    if compensation_retry_policy is not None:
+        request.compensation_retry_policy.CopyFrom(compensation_retry_policy.to_proto())
+    if step_timeout is not None:
+        request.step_timeout.CopyFrom(_duration("step_timeout", step_timeout))
+    if timeout is not None:
+        request.timeout.CopyFrom(_duration("timeout", timeout))
+    return request
 
 
 def parse_start_request(data: Mapping[str, Any]) -> coordinator_pb2.StartSagaRequest:

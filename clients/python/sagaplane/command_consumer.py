@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 
 import psycopg
 from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import PoolTimeout
 
-from sagaplane import backoff, wire
+from sagaplane import backoff, deadlines, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.handler import Handler
 from sagaplane.inbox import Inbox
@@ -58,6 +60,8 @@ class CommandConsumer:
 
     ``stopping`` is set when the participant stops: messages delivered after it are
     returned to the queue, and a command held through a database outage is requeued.
+    ``clock_tolerance`` is how far a command's deadline is believed (see
+    :func:`sagaplane.deadlines.for_command`).
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class CommandConsumer:
         stopping: asyncio.Event,
         task_prefix: str,
         middleware: Sequence[Middleware] = (),
+        clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
     ) -> None:
         self._service = service
+        self._clock_tolerance = clock_tolerance
         self._handlers = handlers
         self._inbox = inbox
         self._dead_letters = dead_letters
@@ -153,6 +159,8 @@ class CommandConsumer:
 
     def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
         """The message decoded and checked, or with the reason it cannot be processed."""
+        # The attempt's time here counts from now (both clocks read together).
+        arrived_at, arrived = datetime.now(UTC), time.monotonic()
         try:
             command = wire.decode_command(message.body, message.type)
         except wire.Undecodable as exc:
@@ -171,7 +179,12 @@ class CommandConsumer:
             refusal = (
                 f"participant {self._service} has no {kind} handler for action {command.action!r}"
             )
-        return Delivery(message=message, command=command, kind=kind, refusal=refusal)
+        deadline = deadlines.for_command(
+            command, arrived_at=arrived_at, arrived=arrived, clock_tolerance=self._clock_tolerance
+        )
+        return Delivery(
+            message=message, command=command, kind=kind, refusal=refusal, deadline=deadline
+        )
 
     async def _process(self, delivery: Delivery) -> Processed:
         """The innermost call_next: the command's transaction, retried while PostgreSQL
@@ -185,7 +198,11 @@ class CommandConsumer:
         while True:
             try:
                 return await self._inbox.process(
-                    command, kind, handler, message_id=message.message_id
+                    command,
+                    kind,
+                    handler,
+                    message_id=message.message_id,
+                    deadline=delivery.deadline,
                 )
             except _TRANSIENT as exc:
                 failures += 1

@@ -3,11 +3,12 @@
     SagaplaneError                   every error the SDK raises on purpose
     ├── StepFailed                   raised by a handler: the step failed (retryable)
     │   ├── RetryableError           ... and retrying may succeed
+    │   │   └── DeadlineExceeded     the attempt's deadline passed (the SDK's reply)
     │   └── NonRetryableError        ... and retrying cannot help
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
     ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
-        ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field
+        ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field(s)
         ├── SagaNotFound             NOT_FOUND
         ├── IdempotencyConflict      ALREADY_EXISTS: the key was used with a different request
         ├── IllegalTransition        FAILED_PRECONDITION
@@ -21,19 +22,30 @@ retryable**: an unexpected error (a timeout, a lost connection, a bug fixed by t
 deploy) may well go away, and the coordinator's retry policy bounds the attempts. Raise
 :class:`NonRetryableError` (or a subclass, e.g. ``class OutOfStock(NonRetryableError)``)
 for business refusals that will fail the same way every time.
+
+A refusal about fields (every INVALID_ARGUMENT, and a batch's ALREADY_EXISTS) lists them
+in ``.violations`` (:class:`FieldViolation`, read from the status's
+``google.rpc.BadRequest`` details): for ``SagaClient.start_sagas``, one per bad saga,
+with its position in ``.index``.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 __all__ = [
     "BrokerUnavailable",
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
+    "DeadlineExceeded",
+    "FieldViolation",
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
@@ -85,6 +97,10 @@ class RetryableError(StepFailed):
     retryable = True
 
 
+class DeadlineExceeded(RetryableError):
+    """The attempt's deadline passed before its handler finished."""
+
+
 class NonRetryableError(StepFailed):
     """The step failed, and retrying it cannot succeed."""
 
@@ -99,13 +115,44 @@ class BrokerUnavailable(SagaplaneError, ConnectionError):
     """RabbitMQ cannot be reached, or refused the connection."""
 
 
+_INDEX = re.compile(r"\w+\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a refused request."""
+
+    field: str
+    """Its path in the request, e.g. ``sagas[17].steps[0].action``."""
+    description: str
+    """What is wrong with it, e.g. ``is required``."""
+
+    @property
+    def index(self) -> int | None:
+        """The position in the batch (``17`` for ``sagas[17]...``); None for a field of
+        the request as a whole."""
+        found = _INDEX.match(self.field)
+        return int(found.group(1)) if found else None
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
 class CoordinatorError(SagaplaneError):
     """A call to the coordinator failed."""
 
-    def __init__(self, message: str | None = None, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: grpc.StatusCode | None = None,
+        violations: tuple[FieldViolation, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         """The gRPC status code, when the error came from a call."""
+        self.violations = violations
+        """The bad fields, when the refusal is about fields (in the request's order)."""
 
 
 class InvalidArgument(CoordinatorError):
@@ -152,4 +199,22 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> CoordinatorError:
     code = exc.code()
     cls = _BY_CODE.get(code, CoordinatorError)
     details = exc.details()
-    return cls(f"{code.name}: {details}" if details else code.name, code=code)
+    message = f"{code.name}: {details}" if details else code.name
+    return cls(message, code=code, violations=violations_of(exc))
+
+
+def violations_of(exc: grpc.aio.AioRpcError) -> tuple[FieldViolation, ...]:
+    """The field violations in a failed call's ``google.rpc.BadRequest`` details."""
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details that do not match the status: not the coordinator's
+        return ()
+    if status is None:
+        return ()
+    found: list[FieldViolation] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found += (FieldViolation(v.field, v.description) for v in bad.field_violations)
+    return tuple(found)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncClientCursor, AsyncConnection
 
+from sagaplane import batch as batches
 from sagaplane.wire import StepKind
 
 __all__ = ["Handler", "StepContext"]
@@ -47,6 +51,37 @@ class StepContext:
     results: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """What the completed steps this one depends on (directly or not) returned, by step
     name: ``ctx.results["create"]["order_id"]``."""
+    deadline: datetime | None = None
+    """When the handler is cancelled (aware, this host's clock): the attempt's deadline
+    less the SDK's margin (see :mod:`sagaplane.deadlines`). None: the command carries no
+    deadline, and the handler runs as long as it takes."""
+    _cutoff: float | None = field(default=None, repr=False)
+    """:attr:`deadline` on ``time.monotonic()``, which no clock change moves."""
+
+    async def batch(self, statements: Iterable[batches.Statement]) -> list[list[Any]]:
+        """Run ``statements`` on :attr:`tx` in ONE round trip to PostgreSQL; the rows of
+        each statement that returns rows, in order (``[SELECT a, UPDATE, SELECT b]``
+        gives ``[rows a, rows b]``).
+
+        Each statement is ``(query, params)``, as for ``ctx.tx.execute`` (params None:
+        none); the values are bound client-side with the connection's own quoting
+        (:mod:`sagaplane.batch`) and all statements go as one simple-protocol query.
+        Errors are a single statement's: the first statement that fails raises its
+        psycopg error here, the ones after it do not run, and the transaction is
+        aborted. Let it propagate (the step fails and all its writes roll back), or run
+        the batch inside ``async with ctx.tx.transaction():`` to go on without it.
+
+        For ONE statement over many parameter sets, psycopg's ``executemany`` on a
+        cursor of :attr:`tx` is pipelined (one round trip too, server-side binding).
+        """
+        return await batches.run(AsyncClientCursor(self.tx), statements)
+
+    def time_left(self) -> float:
+        """Seconds until the handler is cancelled (0.0 once it passed; ``math.inf``
+        without a deadline): to skip work that cannot finish in time."""
+        if self._cutoff is None:
+            return math.inf
+        return max(0.0, self._cutoff - time.monotonic())
 
 
 Handler = Callable[[StepContext], Awaitable[Mapping[str, Any] | None]]

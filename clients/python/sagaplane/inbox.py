@@ -23,6 +23,22 @@ An execute command for a step whose compensation already ran here is not run: it
 answered with a non-retryable ``StepAlreadyCompensated`` failure, so that an action
 never lands after its undo (a late redelivery, or a retry racing a timeout).
 
+A command with a deadline (:mod:`sagaplane.deadlines`) runs under it twice over. The
+handler is cancelled at the deadline's cutoff: its writes roll back to the savepoint,
+and the outcome is a retryable ``DeadlineExceeded`` failure, ``deadline exceeded after
+2.0s``, committed with the claim and the reply. And PostgreSQL ends the attempt by
+itself at the deadline: ``SET LOCAL statement_timeout`` and
+``idle_in_transaction_session_timeout`` (and ``transaction_timeout`` on PostgreSQL 17
+and later) go in the claim's round trip, so a handler that blocks the event loop or
+ignores its cancellation still cannot keep a connection, a row lock or the inbox claim
+past the attempt (the command is then retried as after a lost connection, and
+answered with the failure at once). Before PostgreSQL 17 the bound is per statement
+and per idle stretch, each of the time left at the claim: a statement the SDK cannot
+cancel may end later by as much time as the attempt had used when it started. A
+command whose time is up before its handler could start (late from the queue, or after
+waiting for a copy of itself) is answered with that failure without running the
+handler.
+
 What a handler produces is checked: an output past
 :data:`~sagaplane.limits.MAX_OUTPUT_BYTES` or holding what the coordinator refuses
 fails the step (non-retryably) and rolls the handler's writes back, and an error
@@ -32,11 +48,14 @@ be stored and sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncClientCursor, AsyncConnection
@@ -44,7 +63,8 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from sagaplane import batch, structs, topology, wire
-from sagaplane.errors import NonRetryableError, StepFailed
+from sagaplane.deadlines import Deadline
+from sagaplane.errors import DeadlineExceeded, NonRetryableError, StepFailed
 from sagaplane.handler import Handler, StepContext
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
@@ -64,6 +84,8 @@ __all__ = ["Inbox"]
 # The participant's log, as one name for everything a participant does.
 log = logging.getLogger("sagaplane.participant")
 
+T = TypeVar("T")
+
 _SAVEPOINT = q("handler_savepoint")
 _ROLLBACK_TO_SAVEPOINT = q("handler_rollback")
 _RELEASE = q("handler_release")
@@ -71,6 +93,12 @@ _CLAIM = q("inbox_claim")
 _LOCK_STORED = q("inbox_lock_stored")
 _STORE = q("inbox_store")
 _REPLAYED = q("inbox_replayed")
+_STATEMENT_TIMEOUT = q("deadline_statement_timeout")
+_IDLE_TIMEOUT = q("deadline_idle_timeout")
+_TRANSACTION_TIMEOUT = q("deadline_transaction_timeout")
+
+_TRANSACTION_TIMEOUT_SINCE = 170000
+"""The server_version_num of the first PostgreSQL with ``transaction_timeout``."""
 
 
 class Inbox:
@@ -91,8 +119,10 @@ class Inbox:
         handler: Handler,
         *,
         message_id: str | None,
+        deadline: Deadline | None = None,
     ) -> Processed:
-        """Handle one command in one transaction: claim, run or replay, store, reply.
+        """Handle one command in one transaction: claim, run or replay, store, reply;
+        the handler and the transaction under ``deadline`` (None: no deadline).
 
         Returns, once the transaction has committed, whether the handler ran
         (:attr:`~Processed.HANDLED`) or the reply was the inbox's stored outcome
@@ -103,7 +133,9 @@ class Inbox:
         Three round trips when the command is new: ``BEGIN; claim; SAVEPOINT``, the
         handler's own statements, ``store; reply; COMMIT``. The statements around the
         handler go as one batch each (client-side bound, simple query protocol): every
-        round trip here costs more CPU than the statement it carries.
+        round trip here costs more CPU than the statement it carries. PostgreSQL's
+        limits for the deadline go in the first one (one more round trip, to renew
+        them, only if the claim waited for a copy of this command).
         """
         key = {"step_id": command.step_id, "kind": kind.value}
         cleaned_id = _message_id(message_id)
@@ -118,8 +150,10 @@ class Inbox:
                     "message_id": cleaned_id,
                     "attempt": command.attempt,
                 }
+                limits_set = time.monotonic()
+                limits = _postgres_limits(deadline, conn)
                 [[(claimed, compensated)]] = await batch.run(
-                    cur, [("BEGIN", None), (_CLAIM, claim), (_SAVEPOINT, None)]
+                    cur, [("BEGIN", None), (_CLAIM, claim), *limits, (_SAVEPOINT, None)]
                 )
                 previous: _Outcome | None = None
                 if not claimed:
@@ -151,9 +185,19 @@ class Inbox:
                             retryable=False,
                         )
                         processed = Processed.REFUSED
+                    elif deadline is not None and deadline.handler_left() <= 0:
+                        outcome = _Outcome.failure(
+                            "DeadlineExceeded", deadline.exceeded_before_start(), retryable=True
+                        )
+                        self._log_failure(command, kind, outcome)
                     else:
-                        ctx = _context(cleaned_id, command, kind, conn)
-                        outcome = await self._run(conn, handler, ctx)
+                        waited = time.monotonic() - limits_set
+                        if deadline is not None and limits and waited > deadline.margin:
+                            # The claim waited (for a copy of this command) longer than the
+                            # margin: PostgreSQL's limits counted from before. Renewed.
+                            await batch.run(cur, _postgres_limits(deadline, conn))
+                        ctx = _context(cleaned_id, command, kind, conn, deadline)
+                        outcome = await self._run(conn, handler, ctx, deadline)
                         if not outcome.succeeded:
                             # The handler's writes go; the claim, outcome and reply stay.
                             finish.append((_ROLLBACK_TO_SAVEPOINT, None))
@@ -163,16 +207,27 @@ class Inbox:
                 # COMMIT releases the handler's savepoint with everything else.
                 finish += [(INSERT_ONE, insert_params(reply)), ("COMMIT", None)]
                 await batch.run(cur, finish)
+            except psycopg.Error as exc:
+                await batch.rollback_after_error(conn)
+                if conn.broken and not isinstance(exc, psycopg.OperationalError):
+                    # PostgreSQL ended the session (the deadline's idle or transaction
+                    # timeout, an operator): the transaction is lost, like a connection.
+                    raise _ConnectionLost(str(exc)) from exc
+                raise
             except BaseException:
                 await batch.rollback_after_error(conn)
                 raise
         return processed
 
     async def _run(
-        self, conn: AsyncConnection[Any], handler: Handler, ctx: StepContext
+        self,
+        conn: AsyncConnection[Any],
+        handler: Handler,
+        ctx: StepContext,
+        deadline: Deadline | None,
     ) -> _Outcome:
         try:
-            returned = await handler(ctx)
+            returned = await _until(deadline, handler(ctx))
             output, output_json = _checked_output(returned)
             status = conn.info.transaction_status
             if status is TransactionStatus.INERROR:
@@ -195,24 +250,85 @@ class Inbox:
                 # Not the step's fault: the transaction is lost. Retried as a whole.
                 raise _ConnectionLost(str(exc)) from exc
             outcome = _Outcome.from_exception(exc)
-            log.log(
-                logging.INFO if isinstance(exc, StepFailed) else logging.WARNING,
-                "participant %s: %s %s of step %s (attempt %d) failed: %s: %s",
-                self._service,
-                ctx.kind,
-                ctx.action,
-                ctx.step_id,
-                ctx.attempt,
-                outcome.error_type,
-                outcome.error_message,
-                exc_info=None if isinstance(exc, StepFailed) else exc,
-            )
+            if isinstance(exc, _AttemptTimedOut):
+                self._log_failure(ctx, ctx.kind, outcome)
+            else:
+                log.log(
+                    logging.INFO if isinstance(exc, StepFailed) else logging.WARNING,
+                    "participant %s: %s %s of step %s (attempt %d) failed: %s: %s",
+                    self._service,
+                    ctx.kind,
+                    ctx.action,
+                    ctx.step_id,
+                    ctx.attempt,
+                    outcome.error_type,
+                    outcome.error_message,
+                    exc_info=None if isinstance(exc, StepFailed) else exc,
+                )
             return outcome
         return _Outcome(succeeded=True, output=output, output_json=output_json)
+
+    def _log_failure(
+        self, command: messages_pb2.StepCommand | StepContext, kind: StepKind, outcome: _Outcome
+    ) -> None:
+        """A failure the SDK decided on (the deadline), without a traceback."""
+        log.warning(
+            "participant %s: %s %s of step %s (attempt %d) failed: %s: %s",
+            self._service,
+            kind,
+            command.action,
+            command.step_id,
+            command.attempt,
+            outcome.error_type,
+            outcome.error_message,
+        )
+
+
+async def _until(deadline: Deadline | None, work: Awaitable[T]) -> T:
+    """``await work``, cancelled at the deadline's cutoff (raising _AttemptTimedOut)."""
+    if deadline is None:
+        return await work
+    timeout = asyncio.timeout(deadline.handler_left())
+    try:
+        async with timeout:
+            result = await work
+    except Exception as exc:
+        if timeout.expired() or deadline.handler_left() <= 0:
+            # Cancelled at the cutoff; or failed after it without being cancelled (its
+            # statement cancelled by PostgreSQL's limit, say): the deadline's failure.
+            raise _AttemptTimedOut(deadline.exceeded()) from exc
+        raise  # the handler's own failure, within its time (its own TimeoutError too)
+    if deadline.handler_left() <= 0:
+        # Returned after the cutoff without being cancelled: it blocked the event loop,
+        # or swallowed the cancellation. Its writes are too late all the same.
+        raise _AttemptTimedOut(deadline.exceeded())
+    return result
+
+
+def _postgres_limits(
+    deadline: Deadline | None, conn: AsyncConnection[Any]
+) -> list[batch.Statement]:
+    """``SET LOCAL`` of PostgreSQL's limits at the attempt's end; none without a
+    deadline, or once the handler's cutoff has passed (it will not run)."""
+    if deadline is None or deadline.handler_left() <= 0:
+        return []
+    # Rounded up: 0 would mean no limit at all.
+    ms = {"ms": max(1, math.ceil(deadline.left() * 1000))}
+    limits: list[batch.Statement] = [(_STATEMENT_TIMEOUT, ms), (_IDLE_TIMEOUT, ms)]
+    if conn.info.server_version >= _TRANSACTION_TIMEOUT_SINCE:
+        limits.append((_TRANSACTION_TIMEOUT, ms))
+    return limits
 
 
 class _ConnectionLost(psycopg.OperationalError):
     """The connection broke while a handler ran."""
+
+
+class _AttemptTimedOut(DeadlineExceeded):
+    """The handler was cancelled at its deadline's cutoff (or returned after it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_type="DeadlineExceeded")
 
 
 class _HandlerSwallowedError(StepFailed):
@@ -296,6 +412,7 @@ def _context(
     command: messages_pb2.StepCommand,
     kind: StepKind,
     conn: AsyncConnection[Any],
+    deadline: Deadline | None,
 ) -> StepContext:
     input, context, output = wire.payloads(command)  # checked by decode_command already
     return StepContext(
@@ -312,6 +429,8 @@ def _context(
         message_id=message_id,
         tx=conn,
         results=wire.results(command),
+        deadline=None if deadline is None else deadline.cutoff_at,
+        _cutoff=None if deadline is None else deadline.cutoff,
     )
 
 

@@ -35,6 +35,7 @@ from enum import StrEnum
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from sagaplane.deadlines import Deadline
 from sagaplane.v1 import messages_pb2
 from sagaplane.wire import StepKind
 
@@ -78,6 +79,10 @@ class Delivery:
     refusal: str | None
     """Why the SDK dead-letters the message instead of processing it (not a valid
     StepCommand, or no handler for its action and kind); None for one it processes."""
+    deadline: Deadline | None = None
+    """When the command's attempt ends here, counted from the message's arrival (see
+    :mod:`sagaplane.deadlines`); None without a deadline. Time a middleware spends
+    before ``call_next()`` is the handler's time too."""
 
     @property
     def action(self) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from psycopg import AsyncConnection
 
+from sagaplane import batch
 from sagaplane.queries import q
 
 
@@ -47,6 +48,28 @@ def insert_params(message: OutboundMessage) -> dict[str, object]:
         "outbox_message_type": message.message_type,
         "outbox_body": message.body,
         "outbox_correlation_id": message.correlation_id,
+    }
+
+
+INSERT_MANY = q("insert_outbox_messages")
+"""Many outbox rows in one statement, in order; its parameters are
+:func:`insert_many_params`."""
+
+
+def insert_many_params(messages: Sequence[OutboundMessage]) -> dict[str, object]:
+    """The parameters of :data:`INSERT_MANY` for ``messages``."""
+    return {
+        "outbox_rows": batch.records(
+            {
+                "message_id": m.message_id,
+                "exchange": m.exchange,
+                "routing_key": m.routing_key,
+                "message_type": m.message_type,
+                "body": m.body,
+                "correlation_id": m.correlation_id,
+            }
+            for m in messages
+        )
     }
 
 

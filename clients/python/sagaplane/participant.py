@@ -38,7 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import migrations, topology
+from sagaplane import deadlines, migrations, topology
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
 from sagaplane.errors import ConfigurationError
@@ -94,6 +94,15 @@ class Participant:
     bound for the routing key) before replies are published, or they count as failed
     publishes.
 
+    Each command runs under its attempt's deadline (the step's timeout, see
+    :mod:`sagaplane.deadlines`): the handler is cancelled shortly before it, its writes
+    are rolled back and the reply is a retryable ``DeadlineExceeded`` failure
+    (``deadline exceeded after 2.0s``); PostgreSQL ends the transaction at the deadline
+    too. ``clock_tolerance`` (seconds) is how far a command's absolute deadline may lie
+    beyond its whole timeout before this host's clock is taken to be behind the
+    coordinator's and the timeout is counted from the command's arrival instead; None
+    always counts from the arrival (for a host whose clock cannot be kept in sync).
+
     ``middleware`` wraps the processing of every delivered command, outermost first
     (see :mod:`sagaplane.middleware`)::
 
@@ -127,6 +136,7 @@ class Participant:
         relay_poll_interval: float = 1.0,
         reply_exchange: str = topology.REPLIES_EXCHANGE,
         middleware: Sequence[Middleware] = (),
+        clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -136,6 +146,9 @@ class Participant:
             raise ConfigurationError("reply_exchange must not be empty")
         if not all(callable(layer) for layer in middleware):
             raise ConfigurationError("every middleware must be a coroutine function")
+        if clock_tolerance is not None and not clock_tolerance >= 0:
+            raise ConfigurationError("clock_tolerance must be a number of seconds >= 0, or None")
+        self._clock_tolerance = clock_tolerance
         self.service = service
         self._amqp_url = amqp_url
         self._database_url = database_url
@@ -272,6 +285,7 @@ class Participant:
                 stopping=self._stop_requested,
                 task_prefix=self._name,
                 middleware=self._middleware,
+                clock_tolerance=self._clock_tolerance,
             )
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
         except BaseException:

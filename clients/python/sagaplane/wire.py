@@ -11,13 +11,14 @@ and the SDK's participant both use this module; it imports nothing of the coordi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 
 from sagaplane import structs
-from sagaplane.limits import MAX_ID_CHARS, MAX_MESSAGE_BYTES, MAX_TEXT_CHARS
+from sagaplane.limits import MAX_ID_CHARS, MAX_MESSAGE_BYTES, MAX_STEP_TIMEOUT, MAX_TEXT_CHARS
 from sagaplane.v1 import messages_pb2
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "StepKind",
     "Undecodable",
     "command_id",
+    "deadline",
     "decode_command",
     "payloads",
     "reply_id",
@@ -121,6 +123,7 @@ def decode_command(body: bytes, message_type: str | None) -> messages_pb2.StepCo
         results(command)
     except structs.InvalidJson as exc:
         raise Undecodable(str(exc)) from exc
+    _check_deadline(command)
     return command
 
 
@@ -144,3 +147,33 @@ def results(command: messages_pb2.StepCommand) -> dict[str, dict[str, Any]]:
     return {
         name: structs.decode(output, f"results.{name}") for name, output in command.results.items()
     }
+
+
+def deadline(command: messages_pb2.StepCommand) -> tuple[datetime, timedelta] | None:
+    """The attempt's deadline (aware, on the coordinator's clock) and timeout; None for
+    a command without them. Checked by :func:`decode_command`."""
+    if not command.HasField("timeout"):
+        return None
+    return command.deadline.ToDatetime(tzinfo=UTC), command.timeout.ToTimedelta()
+
+
+# What a Timestamp may hold (0001-01-01 to 9999-12-31, as datetime can).
+_MIN_SECONDS = -62135596800
+_MAX_SECONDS = 253402300799
+_NANOS = 1_000_000_000
+_MAX_TIMEOUT_NANOS = MAX_STEP_TIMEOUT // timedelta(microseconds=1) * 1000
+
+
+def _check_deadline(command: messages_pb2.StepCommand) -> None:
+    has_deadline, has_timeout = command.HasField("deadline"), command.HasField("timeout")
+    if has_deadline != has_timeout:
+        raise Undecodable("StepCommand has one of deadline and timeout without the other")
+    if not has_timeout:
+        return
+    timeout, at = command.timeout, command.deadline
+    # Checked on the fields, before a conversion can overflow.
+    total = timeout.seconds * _NANOS + timeout.nanos
+    if not 0 <= timeout.nanos < _NANOS or not 0 < total <= _MAX_TIMEOUT_NANOS:
+        raise Undecodable(f"timeout must be positive and at most {MAX_STEP_TIMEOUT}")
+    if not 0 <= at.nanos < _NANOS or not _MIN_SECONDS <= at.seconds <= _MAX_SECONDS:
+        raise Undecodable("deadline is not a valid timestamp")

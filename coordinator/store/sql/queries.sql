@@ -12,6 +12,65 @@ VALUES (%(id)s, %(name)s, %(state)s, %(context)s, %(idempotency_key)s, %(request
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 
+-- == many sagas at once (StartSagas) ================================================
+-- Each takes %(rows)s, a JSON array of the parameters of its one-row counterpart above
+-- or below (sagaplane.batch.records), and inserts every row in one statement.
+
+-- name: insert_sagas
+-- In idempotency key order: two batches that share keys wait for each other's keys in
+-- the same order, so they cannot deadlock. Returns the sagas inserted; a key already
+-- taken inserts nothing (see select_sagas_by_keys).
+INSERT INTO sagaplane_sagas
+    (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
+     completed_at, deadline_at)
+SELECT id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
+       completed_at, deadline_at
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+    AS r (id text, name text, state text, context jsonb, idempotency_key text,
+          request_hash bytea, created_at timestamptz, updated_at timestamptz,
+          completed_at timestamptz, deadline_at timestamptz)
+ORDER BY idempotency_key
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id;
+
+-- name: select_sagas_by_keys
+-- The sagas that already hold these keys (other than %(ids)s, the batch's own new ones).
+SELECT * FROM sagaplane_sagas
+WHERE idempotency_key = ANY(%(keys)s::text[]) AND NOT id = ANY(%(ids)s::text[]);
+
+-- name: select_steps_by_keys
+SELECT st.* FROM sagaplane_steps st JOIN sagaplane_sagas s ON s.id = st.saga_id
+WHERE s.idempotency_key = ANY(%(keys)s::text[]) AND NOT s.id = ANY(%(ids)s::text[])
+ORDER BY st.saga_id, st.position;
+
+-- name: insert_steps
+INSERT INTO sagaplane_steps
+    (saga_id, position, id, name, action, compensation, input, output, status, error,
+     attempts, compensation_attempts, token, executed_at, compensated_at, retry_policy,
+     compensation_retry_policy, timeout_ms, deadline_at, outcome_unknown, depends_on, condition)
+SELECT saga_id, position, id, name, action, compensation, input, output, status, error,
+       attempts, compensation_attempts, token, executed_at, compensated_at, retry_policy,
+       compensation_retry_policy, timeout_ms, deadline_at, outcome_unknown, depends_on,
+       condition
+FROM jsonb_to_recordset(%(rows)s::jsonb)
+    AS r (saga_id text, position smallint, id text, name text, action text,
+          compensation text, input jsonb, output jsonb, status text, error text,
+          attempts integer, compensation_attempts integer, token text,
+          executed_at timestamptz, compensated_at timestamptz, retry_policy jsonb,
+          compensation_retry_policy jsonb, timeout_ms bigint, deadline_at timestamptz,
+          outcome_unknown boolean, depends_on integer[], condition text);
+
+-- name: insert_histories
+-- In the array's order: a saga's history is read back in id order.
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
+SELECT saga_id, from_state, to_state, step_name, event, reason
+FROM ROWS FROM (
+        jsonb_to_recordset(%(rows)s::jsonb)
+        AS (saga_id text, from_state text, to_state text, step_name text, event text,
+            reason text)
+    ) WITH ORDINALITY AS r (saga_id, from_state, to_state, step_name, event, reason, n)
+ORDER BY n;
+
 -- name: find_by_idempotency_key
 SELECT id, request_hash FROM sagaplane_sagas WHERE idempotency_key = %(key)s;
 

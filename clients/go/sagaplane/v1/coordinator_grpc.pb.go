@@ -20,6 +20,15 @@ type SagaCoordinatorServiceClient interface {
 	// Records a new saga and dispatches its first step. With an idempotency key,
 	// repeating the same request returns the saga already started.
 	StartSaga(ctx context.Context, in *StartSagaRequest, opts ...grpc.CallOption) (*StartSagaResponse, error)
+	// Starts up to 1000 sagas in one database transaction: all of them, or none.
+	// Each one is validated as by StartSaga; a bad one fails the whole call with one
+	// INVALID_ARGUMENT naming each bad saga's first bad field by its path
+	// ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+	// field violations in the status details. Idempotency keys work as in StartSaga:
+	// a replayed one returns its original saga in its position; one already used for
+	// a different request fails the whole call with ALREADY_EXISTS naming its index
+	// (with the same details). Nothing is written unless the call succeeds.
+	StartSagas(ctx context.Context, in *StartSagasRequest, opts ...grpc.CallOption) (*StartSagasResponse, error)
 	// Returns one saga, with its history when asked.
 	GetSaga(ctx context.Context, in *GetSagaRequest, opts ...grpc.CallOption) (*GetSagaResponse, error)
 	// Stops forward progress and undoes every completed step, newest first.
@@ -45,6 +54,15 @@ func NewSagaCoordinatorServiceClient(cc grpc.ClientConnInterface) SagaCoordinato
 func (c *sagaCoordinatorServiceClient) StartSaga(ctx context.Context, in *StartSagaRequest, opts ...grpc.CallOption) (*StartSagaResponse, error) {
 	out := new(StartSagaResponse)
 	err := c.cc.Invoke(ctx, "/sagaplane.v1.SagaCoordinatorService/StartSaga", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *sagaCoordinatorServiceClient) StartSagas(ctx context.Context, in *StartSagasRequest, opts ...grpc.CallOption) (*StartSagasResponse, error) {
+	out := new(StartSagasResponse)
+	err := c.cc.Invoke(ctx, "/sagaplane.v1.SagaCoordinatorService/StartSagas", in, out, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -94,6 +112,15 @@ type SagaCoordinatorServiceServer interface {
 	// Records a new saga and dispatches its first step. With an idempotency key,
 	// repeating the same request returns the saga already started.
 	StartSaga(context.Context, *StartSagaRequest) (*StartSagaResponse, error)
+	// Starts up to 1000 sagas in one database transaction: all of them, or none.
+	// Each one is validated as by StartSaga; a bad one fails the whole call with one
+	// INVALID_ARGUMENT naming each bad saga's first bad field by its path
+	// ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+	// field violations in the status details. Idempotency keys work as in StartSaga:
+	// a replayed one returns its original saga in its position; one already used for
+	// a different request fails the whole call with ALREADY_EXISTS naming its index
+	// (with the same details). Nothing is written unless the call succeeds.
+	StartSagas(context.Context, *StartSagasRequest) (*StartSagasResponse, error)
 	// Returns one saga, with its history when asked.
 	GetSaga(context.Context, *GetSagaRequest) (*GetSagaResponse, error)
 	// Stops forward progress and undoes every completed step, newest first.
@@ -115,6 +142,9 @@ type UnimplementedSagaCoordinatorServiceServer struct {
 
 func (UnimplementedSagaCoordinatorServiceServer) StartSaga(context.Context, *StartSagaRequest) (*StartSagaResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method StartSaga not implemented")
+}
+func (UnimplementedSagaCoordinatorServiceServer) StartSagas(context.Context, *StartSagasRequest) (*StartSagasResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method StartSagas not implemented")
 }
 func (UnimplementedSagaCoordinatorServiceServer) GetSaga(context.Context, *GetSagaRequest) (*GetSagaResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetSaga not implemented")
@@ -156,6 +186,24 @@ func _SagaCoordinatorService_StartSaga_Handler(srv interface{}, ctx context.Cont
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(SagaCoordinatorServiceServer).StartSaga(ctx, req.(*StartSagaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _SagaCoordinatorService_StartSagas_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartSagasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SagaCoordinatorServiceServer).StartSagas(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sagaplane.v1.SagaCoordinatorService/StartSagas",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SagaCoordinatorServiceServer).StartSagas(ctx, req.(*StartSagasRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -239,6 +287,10 @@ var _SagaCoordinatorService_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "StartSaga",
 			Handler:    _SagaCoordinatorService_StartSaga_Handler,
+		},
+		{
+			MethodName: "StartSagas",
+			Handler:    _SagaCoordinatorService_StartSagas_Handler,
 		},
 		{
 			MethodName: "GetSaga",

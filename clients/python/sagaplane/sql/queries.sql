@@ -11,6 +11,21 @@ INSERT INTO sagaplane_outbox
 VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
         %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s);
 
+-- name: insert_outbox_messages
+-- Many outbox rows in one statement: %(outbox_rows)s is a JSON array of messages
+-- (sagaplane.outbox.insert_many_params). The rows keep the array's order (their ids,
+-- which the relay publishes in, follow it).
+INSERT INTO sagaplane_outbox
+    (message_id, exchange, routing_key, message_type, body, correlation_id)
+SELECT message_id, exchange, routing_key, message_type, body, correlation_id
+FROM ROWS FROM (
+        jsonb_to_recordset(%(outbox_rows)s::jsonb)
+        AS (message_id text, exchange text, routing_key text, message_type text,
+            body bytea, correlation_id text)
+    ) WITH ORDINALITY
+    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, n)
+ORDER BY n;
+
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
@@ -90,6 +105,26 @@ ROLLBACK TO SAVEPOINT sagaplane_handler;
 
 -- name: handler_release
 RELEASE SAVEPOINT sagaplane_handler;
+
+-- == the attempt's deadline (sagaplane.inbox) =========================================
+-- PostgreSQL's own end of the attempt, in milliseconds, set right after the inbox claim:
+-- should the SDK fail to cancel the handler in time (a handler that blocks the event
+-- loop or ignores cancellation, a frozen process), no statement, connection or inbox
+-- row lock outlives the attempt. LOCAL: the pooled connection's next transaction is
+-- not affected.
+
+-- name: deadline_statement_timeout
+-- Each statement at most the attempt's time left (a lock wait included).
+SET LOCAL statement_timeout = %(ms)s;
+
+-- name: deadline_idle_timeout
+-- A transaction left idle that long (the handler awaits something else, and never
+-- comes back) is ended with its session.
+SET LOCAL idle_in_transaction_session_timeout = %(ms)s;
+
+-- name: deadline_transaction_timeout
+-- PostgreSQL 17 and later: the whole transaction, however its time is spent.
+SET LOCAL transaction_timeout = %(ms)s;
 
 -- == migrations (sagaplane.migrations) =================================================
 

@@ -27,37 +27,41 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from sagaplane.v1 import saga_pb2 as sagaplane_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esagaplane/v1/coordinator.proto\x12\x0csagaplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17sagaplane/v1/saga.proto\"\xbf\x02\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x08 \x03(\t\x12\x1a\n\x12\x64\x65pends_on_nothing\x18\t \x01(\x08\x12\x0c\n\x04when\x18\n \x01(\t\"\xd6\x02\n\x10StartSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.sagaplane.v1.StepSpec\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12/\n\x0cstep_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11StartSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"5\n\x0eGetSagaRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"3\n\x0fGetSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"/\n\x11\x43ompensateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43ompensateResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"v\n\x11ListActiveRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12,\n\tstale_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x12ListActiveResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x1aResolveCompensationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x38\n\nresolution\x18\x02 \x01(\x0e\x32$.sagaplane.v1.CompensationResolution\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x1bResolveCompensationResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga*\x92\x01\n\x16\x43ompensationResolution\x12\'\n#COMPENSATION_RESOLUTION_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATION_RESOLUTION_RETRY\x10\x01\x12,\n(COMPENSATION_RESOLUTION_MARK_COMPENSATED\x10\x02\x32\xbc\x03\n\x16SagaCoordinatorService\x12L\n\tStartSaga\x12\x1e.sagaplane.v1.StartSagaRequest\x1a\x1f.sagaplane.v1.StartSagaResponse\x12\x46\n\x07GetSaga\x12\x1c.sagaplane.v1.GetSagaRequest\x1a\x1d.sagaplane.v1.GetSagaResponse\x12O\n\nCompensate\x12\x1f.sagaplane.v1.CompensateRequest\x1a .sagaplane.v1.CompensateResponse\x12O\n\nListActive\x12\x1f.sagaplane.v1.ListActiveRequest\x1a .sagaplane.v1.ListActiveResponse\x12j\n\x13ResolveCompensation\x12(.sagaplane.v1.ResolveCompensationRequest\x1a).sagaplane.v1.ResolveCompensationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esagaplane/v1/coordinator.proto\x12\x0csagaplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17sagaplane/v1/saga.proto\"\xbf\x02\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x08 \x03(\t\x12\x1a\n\x12\x64\x65pends_on_nothing\x18\t \x01(\x08\x12\x0c\n\x04when\x18\n \x01(\t\"\xd6\x02\n\x10StartSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.sagaplane.v1.StepSpec\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12/\n\x0cstep_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11StartSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"B\n\x11StartSagasRequest\x12-\n\x05sagas\x18\x01 \x03(\x0b\x32\x1e.sagaplane.v1.StartSagaRequest\"I\n\x12StartSagasResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x03(\x05\"5\n\x0eGetSagaRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"3\n\x0fGetSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"/\n\x11\x43ompensateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43ompensateResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"v\n\x11ListActiveRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12,\n\tstale_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x12ListActiveResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x1aResolveCompensationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x38\n\nresolution\x18\x02 \x01(\x0e\x32$.sagaplane.v1.CompensationResolution\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x1bResolveCompensationResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga*\x92\x01\n\x16\x43ompensationResolution\x12\'\n#COMPENSATION_RESOLUTION_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATION_RESOLUTION_RETRY\x10\x01\x12,\n(COMPENSATION_RESOLUTION_MARK_COMPENSATED\x10\x02\x32\x8d\x04\n\x16SagaCoordinatorService\x12L\n\tStartSaga\x12\x1e.sagaplane.v1.StartSagaRequest\x1a\x1f.sagaplane.v1.StartSagaResponse\x12O\n\nStartSagas\x12\x1f.sagaplane.v1.StartSagasRequest\x1a .sagaplane.v1.StartSagasResponse\x12\x46\n\x07GetSaga\x12\x1c.sagaplane.v1.GetSagaRequest\x1a\x1d.sagaplane.v1.GetSagaResponse\x12O\n\nCompensate\x12\x1f.sagaplane.v1.CompensateRequest\x1a .sagaplane.v1.CompensateResponse\x12O\n\nListActive\x12\x1f.sagaplane.v1.ListActiveRequest\x1a .sagaplane.v1.ListActiveResponse\x12j\n\x13ResolveCompensation\x12(.sagaplane.v1.ResolveCompensationRequest\x1a).sagaplane.v1.ResolveCompensationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sagaplane.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPENSATIONRESOLUTION']._serialized_start=1472
-  _globals['_COMPENSATIONRESOLUTION']._serialized_end=1618
+  _globals['_COMPENSATIONRESOLUTION']._serialized_start=1615
+  _globals['_COMPENSATIONRESOLUTION']._serialized_end=1761
   _globals['_STEPSPEC']._serialized_start=136
   _globals['_STEPSPEC']._serialized_end=455
   _globals['_STARTSAGAREQUEST']._serialized_start=458
   _globals['_STARTSAGAREQUEST']._serialized_end=800
   _globals['_STARTSAGARESPONSE']._serialized_start=802
   _globals['_STARTSAGARESPONSE']._serialized_end=873
-  _globals['_GETSAGAREQUEST']._serialized_start=875
-  _globals['_GETSAGAREQUEST']._serialized_end=928
-  _globals['_GETSAGARESPONSE']._serialized_start=930
-  _globals['_GETSAGARESPONSE']._serialized_end=981
-  _globals['_COMPENSATEREQUEST']._serialized_start=983
-  _globals['_COMPENSATEREQUEST']._serialized_end=1030
-  _globals['_COMPENSATERESPONSE']._serialized_start=1032
-  _globals['_COMPENSATERESPONSE']._serialized_end=1086
-  _globals['_LISTACTIVEREQUEST']._serialized_start=1088
-  _globals['_LISTACTIVEREQUEST']._serialized_end=1206
-  _globals['_LISTACTIVERESPONSE']._serialized_start=1208
-  _globals['_LISTACTIVERESPONSE']._serialized_end=1288
-  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_start=1290
-  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_end=1404
-  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_start=1406
-  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_end=1469
-  _globals['_SAGACOORDINATORSERVICE']._serialized_start=1621
-  _globals['_SAGACOORDINATORSERVICE']._serialized_end=2065
+  _globals['_STARTSAGASREQUEST']._serialized_start=875
+  _globals['_STARTSAGASREQUEST']._serialized_end=941
+  _globals['_STARTSAGASRESPONSE']._serialized_start=943
+  _globals['_STARTSAGASRESPONSE']._serialized_end=1016
+  _globals['_GETSAGAREQUEST']._serialized_start=1018
+  _globals['_GETSAGAREQUEST']._serialized_end=1071
+  _globals['_GETSAGARESPONSE']._serialized_start=1073
+  _globals['_GETSAGARESPONSE']._serialized_end=1124
+  _globals['_COMPENSATEREQUEST']._serialized_start=1126
+  _globals['_COMPENSATEREQUEST']._serialized_end=1173
+  _globals['_COMPENSATERESPONSE']._serialized_start=1175
+  _globals['_COMPENSATERESPONSE']._serialized_end=1229
+  _globals['_LISTACTIVEREQUEST']._serialized_start=1231
+  _globals['_LISTACTIVEREQUEST']._serialized_end=1349
+  _globals['_LISTACTIVERESPONSE']._serialized_start=1351
+  _globals['_LISTACTIVERESPONSE']._serialized_end=1431
+  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_start=1433
+  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_end=1547
+  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_start=1549
+  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_end=1612
+  _globals['_SAGACOORDINATORSERVICE']._serialized_start=1764
+  _globals['_SAGACOORDINATORSERVICE']._serialized_end=2289
 # @@protoc_insertion_point(module_scope)

@@ -251,6 +251,70 @@ class StartSagaResponse(_message.Message):
 Global___StartSagaResponse: _TypeAlias = StartSagaResponse  # noqa: Y015
 
 @_typing.final
+class StartSagasRequest(_message.Message):
+    """Request of StartSagas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sagas(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartSagaRequest]:
+        """Required; 1 to 1000 sagas, each a StartSaga request within StartSaga's limits.
+        The whole request may be at most 2 MiB (2097152 bytes), and the answer (every
+        saga as recorded) must fit in 3 MiB: a batch past either limit is
+        INVALID_ARGUMENT, and nothing is written. Two sagas with the same
+        idempotency_key must be the same request (then both positions get the same
+        saga); different requests under one key are INVALID_ARGUMENT naming both.
+        """
+
+    def __init__(
+        self,
+        *,
+        sagas: _abc.Iterable[Global___StartSagaRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartSagasRequest: _TypeAlias = StartSagasRequest  # noqa: Y015
+
+@_typing.final
+class StartSagasResponse(_message.Message):
+    """Response of StartSagas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGAS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sagas(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.Saga]:
+        """The sagas as recorded, in the order of the request (an idempotent replay in
+        its position gets the saga first started with that key).
+        """
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The positions (0-based, ascending) whose saga was not started by this call: an
+        idempotency key used before with the same request, or given earlier in this call.
+        """
+
+    def __init__(
+        self,
+        *,
+        sagas: _abc.Iterable[_saga_pb2.Saga] | None = ...,
+        replayed: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartSagasResponse: _TypeAlias = StartSagasResponse  # noqa: Y015
+
+@_typing.final
 class GetSagaRequest(_message.Message):
     """Request of GetSaga."""
 

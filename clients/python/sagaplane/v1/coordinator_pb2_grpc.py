@@ -45,6 +45,11 @@ class SagaCoordinatorServiceStub:
                 request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagaRequest.SerializeToString,
                 response_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagaResponse.FromString,
                 _registered_method=True)
+        self.StartSagas = channel.unary_unary(
+                '/sagaplane.v1.SagaCoordinatorService/StartSagas',
+                request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagasRequest.SerializeToString,
+                response_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagasResponse.FromString,
+                _registered_method=True)
         self.GetSaga = channel.unary_unary(
                 '/sagaplane.v1.SagaCoordinatorService/GetSaga',
                 request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.GetSagaRequest.SerializeToString,
@@ -79,6 +84,20 @@ class SagaCoordinatorServiceServicer:
     def StartSaga(self, request, context):
         """Records a new saga and dispatches its first step. With an idempotency key,
         repeating the same request returns the saga already started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartSagas(self, request, context):
+        """Starts up to 1000 sagas in one database transaction: all of them, or none.
+        Each one is validated as by StartSaga; a bad one fails the whole call with one
+        INVALID_ARGUMENT naming each bad saga's first bad field by its path
+        ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+        field violations in the status details. Idempotency keys work as in StartSaga:
+        a replayed one returns its original saga in its position; one already used for
+        a different request fails the whole call with ALREADY_EXISTS naming its index
+        (with the same details). Nothing is written unless the call succeeds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +142,11 @@ def add_SagaCoordinatorServiceServicer_to_server(servicer, server):
                     servicer.StartSaga,
                     request_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagaRequest.FromString,
                     response_serializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagaResponse.SerializeToString,
+            ),
+            'StartSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartSagas,
+                    request_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagasRequest.FromString,
+                    response_serializer=sagaplane_dot_v1_dot_coordinator__pb2.StartSagasResponse.SerializeToString,
             ),
             'GetSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSaga,
@@ -178,6 +202,33 @@ class SagaCoordinatorService:
             '/sagaplane.v1.SagaCoordinatorService/StartSaga',
             sagaplane_dot_v1_dot_coordinator__pb2.StartSagaRequest.SerializeToString,
             sagaplane_dot_v1_dot_coordinator__pb2.StartSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagaplane.v1.SagaCoordinatorService/StartSagas',
+            sagaplane_dot_v1_dot_coordinator__pb2.StartSagasRequest.SerializeToString,
+            sagaplane_dot_v1_dot_coordinator__pb2.StartSagasResponse.FromString,
             options,
             channel_credentials,
             insecure,

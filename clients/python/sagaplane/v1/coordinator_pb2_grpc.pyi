@@ -43,6 +43,16 @@ class SagaCoordinatorServiceStub:
     """Records a new saga and dispatches its first step. With an idempotency key,
     repeating the same request returns the saga already started.
     """
+    StartSagas: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.StartSagasRequest, _coordinator_pb2.StartSagasResponse]
+    """Starts up to 1000 sagas in one database transaction: all of them, or none.
+    Each one is validated as by StartSaga; a bad one fails the whole call with one
+    INVALID_ARGUMENT naming each bad saga's first bad field by its path
+    ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+    field violations in the status details. Idempotency keys work as in StartSaga:
+    a replayed one returns its original saga in its position; one already used for
+    a different request fails the whole call with ALREADY_EXISTS naming its index
+    (with the same details). Nothing is written unless the call succeeds.
+    """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetSagaRequest, _coordinator_pb2.GetSagaResponse]
     """Returns one saga, with its history when asked."""
     Compensate: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CompensateRequest, _coordinator_pb2.CompensateResponse]
@@ -73,6 +83,16 @@ class SagaCoordinatorServiceAsyncStub(SagaCoordinatorServiceStub):
     StartSaga: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.StartSagaRequest, _coordinator_pb2.StartSagaResponse]  # type: ignore[assignment]
     """Records a new saga and dispatches its first step. With an idempotency key,
     repeating the same request returns the saga already started.
+    """
+    StartSagas: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.StartSagasRequest, _coordinator_pb2.StartSagasResponse]  # type: ignore[assignment]
+    """Starts up to 1000 sagas in one database transaction: all of them, or none.
+    Each one is validated as by StartSaga; a bad one fails the whole call with one
+    INVALID_ARGUMENT naming each bad saga's first bad field by its path
+    ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+    field violations in the status details. Idempotency keys work as in StartSaga:
+    a replayed one returns its original saga in its position; one already used for
+    a different request fails the whole call with ALREADY_EXISTS naming its index
+    (with the same details). Nothing is written unless the call succeeds.
     """
     GetSaga: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetSagaRequest, _coordinator_pb2.GetSagaResponse]  # type: ignore[assignment]
     """Returns one saga, with its history when asked."""
@@ -107,6 +127,22 @@ class SagaCoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.StartSagaResponse, _abc.Awaitable[_coordinator_pb2.StartSagaResponse]]:
         """Records a new saga and dispatches its first step. With an idempotency key,
         repeating the same request returns the saga already started.
+        """
+
+    @_abc_1.abstractmethod
+    def StartSagas(
+        self,
+        request: _coordinator_pb2.StartSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.StartSagasResponse, _abc.Awaitable[_coordinator_pb2.StartSagasResponse]]:
+        """Starts up to 1000 sagas in one database transaction: all of them, or none.
+        Each one is validated as by StartSaga; a bad one fails the whole call with one
+        INVALID_ARGUMENT naming each bad saga's first bad field by its path
+        ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+        field violations in the status details. Idempotency keys work as in StartSaga:
+        a replayed one returns its original saga in its position; one already used for
+        a different request fails the whole call with ALREADY_EXISTS naming its index
+        (with the same details). Nothing is written unless the call succeeds.
         """
 
     @_abc_1.abstractmethod

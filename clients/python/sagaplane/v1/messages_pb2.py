@@ -22,10 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsagaplane/v1/messages.proto\x12\x0csagaplane.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xab\x03\n\x0bStepCommand\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\x11\n\tsaga_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.sagaplane.v1.CommandKind\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12&\n\x05input\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07\x63ontext\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05token\x18\x0b \x01(\t\x12\x37\n\x07results\x18\x0c \x03(\x0b\x32&.sagaplane.v1.StepCommand.ResultsEntry\x1aG\n\x0cResultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\"=\n\tStepError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xf4\x01\n\tStepReply\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.sagaplane.v1.CommandKind\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.sagaplane.v1.ReplyOutcome\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.sagaplane.v1.StepError\x12\r\n\x05token\x18\x08 \x01(\t*b\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OMMAND_KIND_EXECUTE\x10\x01\x12\x1b\n\x17\x43OMMAND_KIND_COMPENSATE\x10\x02*d\n\x0cReplyOutcome\x12\x1d\n\x19REPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPLY_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n\x14REPLY_OUTCOME_FAILED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsagaplane/v1/messages.proto\x12\x0csagaplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x85\x04\n\x0bStepCommand\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x11\n\tstep_name\x18\x03 \x01(\t\x12\x11\n\tsaga_name\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\'\n\x04kind\x18\x06 \x01(\x0e\x32\x19.sagaplane.v1.CommandKind\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12&\n\x05input\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06output\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07\x63ontext\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05token\x18\x0b \x01(\t\x12\x37\n\x07results\x18\x0c \x03(\x0b\x32&.sagaplane.v1.StepCommand.ResultsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07timeout\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x1aG\n\x0cResultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\"=\n\tStepError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xf4\x01\n\tStepReply\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.sagaplane.v1.CommandKind\x12+\n\x07outcome\x18\x05 \x01(\x0e\x32\x1a.sagaplane.v1.ReplyOutcome\x12\'\n\x06output\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x17.sagaplane.v1.StepError\x12\r\n\x05token\x18\x08 \x01(\t*b\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OMMAND_KIND_EXECUTE\x10\x01\x12\x1b\n\x17\x43OMMAND_KIND_COMPENSATE\x10\x02*d\n\x0cReplyOutcome\x12\x1d\n\x19REPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17REPLY_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n\x14REPLY_OUTCOME_FAILED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPCOMMAND_RESULTSENTRY']._loaded_options = None
   _globals['_STEPCOMMAND_RESULTSENTRY']._serialized_options = b'8\001'
-  _globals['_COMMANDKIND']._serialized_start=815
-  _globals['_COMMANDKIND']._serialized_end=913
-  _globals['_REPLYOUTCOME']._serialized_start=915
-  _globals['_REPLYOUTCOME']._serialized_end=1015
-  _globals['_STEPCOMMAND']._serialized_start=76
-  _globals['_STEPCOMMAND']._serialized_end=503
-  _globals['_STEPCOMMAND_RESULTSENTRY']._serialized_start=432
-  _globals['_STEPCOMMAND_RESULTSENTRY']._serialized_end=503
-  _globals['_STEPERROR']._serialized_start=505
-  _globals['_STEPERROR']._serialized_end=566
-  _globals['_STEPREPLY']._serialized_start=569
-  _globals['_STEPREPLY']._serialized_end=813
+  _globals['_COMMANDKIND']._serialized_start=970
+  _globals['_COMMANDKIND']._serialized_end=1068
+  _globals['_REPLYOUTCOME']._serialized_start=1070
+  _globals['_REPLYOUTCOME']._serialized_end=1170
+  _globals['_STEPCOMMAND']._serialized_start=141
+  _globals['_STEPCOMMAND']._serialized_end=658
+  _globals['_STEPCOMMAND_RESULTSENTRY']._serialized_start=587
+  _globals['_STEPCOMMAND_RESULTSENTRY']._serialized_end=658
+  _globals['_STEPERROR']._serialized_start=660
+  _globals['_STEPERROR']._serialized_end=721
+  _globals['_STEPREPLY']._serialized_start=724
+  _globals['_STEPREPLY']._serialized_end=968
 # @@protoc_insertion_point(module_scope)

@@ -12,8 +12,10 @@ full name (for example "sagaplane.v1.StepCommand").
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -114,6 +116,8 @@ class StepCommand(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     """The saga the step belongs to."""
     step_id: _builtins.str
@@ -151,6 +155,22 @@ class StepCommand(_message.Message):
         every step before it).
         """
 
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the coordinator times this attempt out: the dispatch time plus
+        `timeout`, on the coordinator's database clock. A participant should have
+        answered by then; its work and its transaction are of no use after it.
+        Unset (with `timeout`) when the attempt has no deadline.
+        """
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long this attempt may take: the step's per-attempt timeout (the same
+        for its compensation). Unlike `deadline` it needs no clock in common with
+        the coordinator: a participant whose clock cannot be trusted counts it
+        from the command's arrival. Unset when the attempt has no deadline.
+        """
+
     def __init__(
         self,
         *,
@@ -166,10 +186,12 @@ class StepCommand(_message.Message):
         context: _struct_pb2.Struct | None = ...,
         token: _builtins.str = ...,
         results: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "input", b"input", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "deadline", b"deadline", "input", b"input", "output", b"output", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempt", b"attempt", "context", b"context", "input", b"input", "kind", b"kind", "output", b"output", "results", b"results", "saga_id", b"saga_id", "saga_name", b"saga_name", "step_id", b"step_id", "step_name", b"step_name", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempt", b"attempt", "context", b"context", "deadline", b"deadline", "input", b"input", "kind", b"kind", "output", b"output", "results", b"results", "saga_id", b"saga_id", "saga_name", b"saga_name", "step_id", b"step_id", "step_name", b"step_name", "timeout", b"timeout", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

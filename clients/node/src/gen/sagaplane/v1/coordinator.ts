@@ -189,6 +189,33 @@ export interface StartSagaResponse {
   replayed: boolean;
 }
 
+/** Request of StartSagas. */
+export interface StartSagasRequest {
+  /**
+   * Required; 1 to 1000 sagas, each a StartSaga request within StartSaga's limits.
+   * The whole request may be at most 2 MiB (2097152 bytes), and the answer (every
+   * saga as recorded) must fit in 3 MiB: a batch past either limit is
+   * INVALID_ARGUMENT, and nothing is written. Two sagas with the same
+   * idempotency_key must be the same request (then both positions get the same
+   * saga); different requests under one key are INVALID_ARGUMENT naming both.
+   */
+  sagas: StartSagaRequest[];
+}
+
+/** Response of StartSagas. */
+export interface StartSagasResponse {
+  /**
+   * The sagas as recorded, in the order of the request (an idempotent replay in
+   * its position gets the saga first started with that key).
+   */
+  sagas: Saga[];
+  /**
+   * The positions (0-based, ascending) whose saga was not started by this call: an
+   * idempotency key used before with the same request, or given earlier in this call.
+   */
+  replayed: number[];
+}
+
 /** Request of GetSaga. */
 export interface GetSagaRequest {
   /** Required; the saga's id. */
@@ -802,6 +829,174 @@ export const StartSagaResponse: MessageFns<StartSagaResponse> = {
     const message = createBaseStartSagaResponse();
     message.saga = (object.saga !== undefined && object.saga !== null) ? Saga.fromPartial(object.saga) : undefined;
     message.replayed = object.replayed ?? false;
+    return message;
+  },
+};
+
+function createBaseStartSagasRequest(): StartSagasRequest {
+  return { sagas: [] };
+}
+
+export const StartSagasRequest: MessageFns<StartSagasRequest> = {
+  encode(message: StartSagasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.sagas) {
+      StartSagaRequest.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartSagasRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartSagasRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sagas.push(StartSagaRequest.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartSagasRequest {
+    return {
+      sagas: globalThis.Array.isArray(object?.sagas) ? object.sagas.map((e: any) => StartSagaRequest.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: StartSagasRequest): unknown {
+    const obj: any = {};
+    if (message.sagas?.length) {
+      obj.sagas = message.sagas.map((e) => StartSagaRequest.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StartSagasRequest>, I>>(base?: I): StartSagasRequest {
+    return StartSagasRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StartSagasRequest>, I>>(object: I): StartSagasRequest {
+    const message = createBaseStartSagasRequest();
+    message.sagas = object.sagas?.map((e) => StartSagaRequest.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseStartSagasResponse(): StartSagasResponse {
+  return { sagas: [], replayed: [] };
+}
+
+export const StartSagasResponse: MessageFns<StartSagasResponse> = {
+  encode(message: StartSagasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.sagas) {
+      Saga.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.replayed.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.replayed) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartSagasResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartSagasResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sagas.push(Saga.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag === 16) {
+              message.replayed.push(reader.int32());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.replayed.push(reader.int32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartSagasResponse {
+    return {
+      sagas: globalThis.Array.isArray(object?.sagas) ? object.sagas.map((e: any) => Saga.fromJSON(e)) : [],
+      replayed: globalThis.Array.isArray(object?.replayed) ? object.replayed.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: StartSagasResponse): unknown {
+    const obj: any = {};
+    if (message.sagas?.length) {
+      obj.sagas = message.sagas.map((e) => Saga.toJSON(e));
+    }
+    if (message.replayed?.length) {
+      obj.replayed = message.replayed.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StartSagasResponse>, I>>(base?: I): StartSagasResponse {
+    return StartSagasResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StartSagasResponse>, I>>(object: I): StartSagasResponse {
+    const message = createBaseStartSagasResponse();
+    message.sagas = object.sagas?.map((e) => Saga.fromPartial(e)) || [];
+    message.replayed = object.replayed?.map((e) => e) || [];
     return message;
   },
 };
@@ -1525,6 +1720,25 @@ export const SagaCoordinatorServiceService = {
     responseSerialize: (value: StartSagaResponse): Buffer => Buffer.from(StartSagaResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): StartSagaResponse => StartSagaResponse.decode(value),
   },
+  /**
+   * Starts up to 1000 sagas in one database transaction: all of them, or none.
+   * Each one is validated as by StartSaga; a bad one fails the whole call with one
+   * INVALID_ARGUMENT naming each bad saga's first bad field by its path
+   * ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+   * field violations in the status details. Idempotency keys work as in StartSaga:
+   * a replayed one returns its original saga in its position; one already used for
+   * a different request fails the whole call with ALREADY_EXISTS naming its index
+   * (with the same details). Nothing is written unless the call succeeds.
+   */
+  startSagas: {
+    path: "/sagaplane.v1.SagaCoordinatorService/StartSagas" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartSagasRequest): Buffer => Buffer.from(StartSagasRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartSagasRequest => StartSagasRequest.decode(value),
+    responseSerialize: (value: StartSagasResponse): Buffer => Buffer.from(StartSagasResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StartSagasResponse => StartSagasResponse.decode(value),
+  },
   /** Returns one saga, with its history when asked. */
   getSaga: {
     path: "/sagaplane.v1.SagaCoordinatorService/GetSaga" as const,
@@ -1585,6 +1799,17 @@ export interface SagaCoordinatorServiceServer extends UntypedServiceImplementati
    * repeating the same request returns the saga already started.
    */
   startSaga: handleUnaryCall<StartSagaRequest, StartSagaResponse>;
+  /**
+   * Starts up to 1000 sagas in one database transaction: all of them, or none.
+   * Each one is validated as by StartSaga; a bad one fails the whole call with one
+   * INVALID_ARGUMENT naming each bad saga's first bad field by its path
+   * ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+   * field violations in the status details. Idempotency keys work as in StartSaga:
+   * a replayed one returns its original saga in its position; one already used for
+   * a different request fails the whole call with ALREADY_EXISTS naming its index
+   * (with the same details). Nothing is written unless the call succeeds.
+   */
+  startSagas: handleUnaryCall<StartSagasRequest, StartSagasResponse>;
   /** Returns one saga, with its history when asked. */
   getSaga: handleUnaryCall<GetSagaRequest, GetSagaResponse>;
   /**
@@ -1624,6 +1849,31 @@ export interface SagaCoordinatorServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: StartSagaResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Starts up to 1000 sagas in one database transaction: all of them, or none.
+   * Each one is validated as by StartSaga; a bad one fails the whole call with one
+   * INVALID_ARGUMENT naming each bad saga's first bad field by its path
+   * ("sagas[17].steps[0].action: is required"), also as google.rpc.BadRequest
+   * field violations in the status details. Idempotency keys work as in StartSaga:
+   * a replayed one returns its original saga in its position; one already used for
+   * a different request fails the whole call with ALREADY_EXISTS naming its index
+   * (with the same details). Nothing is written unless the call succeeds.
+   */
+  startSagas(
+    request: StartSagasRequest,
+    callback: (error: ServiceError | null, response: StartSagasResponse) => void,
+  ): ClientUnaryCall;
+  startSagas(
+    request: StartSagasRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: StartSagasResponse) => void,
+  ): ClientUnaryCall;
+  startSagas(
+    request: StartSagasRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: StartSagasResponse) => void,
   ): ClientUnaryCall;
   /** Returns one saga, with its history when asked. */
   getSaga(

@@ -6,7 +6,9 @@
 
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import { Duration } from "../../google/protobuf/duration";
 import { Struct } from "../../google/protobuf/struct";
+import { Timestamp } from "../../google/protobuf/timestamp";
 
 /** Whether a command runs a step forward or undoes it. */
 export enum CommandKind {
@@ -133,6 +135,22 @@ export interface StepCommand {
    * every step before it).
    */
   results: { [key: string]: { [key: string]: any } | undefined };
+  /**
+   * When the coordinator times this attempt out: the dispatch time plus
+   * `timeout`, on the coordinator's database clock. A participant should have
+   * answered by then; its work and its transaction are of no use after it.
+   * Unset (with `timeout`) when the attempt has no deadline.
+   */
+  deadline:
+    | Date
+    | undefined;
+  /**
+   * How long this attempt may take: the step's per-attempt timeout (the same
+   * for its compensation). Unlike `deadline` it needs no clock in common with
+   * the coordinator: a participant whose clock cannot be trusted counts it
+   * from the command's arrival. Unset when the attempt has no deadline.
+   */
+  timeout: Duration | undefined;
 }
 
 export interface StepCommand_ResultsEntry {
@@ -188,6 +206,8 @@ function createBaseStepCommand(): StepCommand {
     context: undefined,
     token: "",
     results: {},
+    deadline: undefined,
+    timeout: undefined,
   };
 }
 
@@ -231,6 +251,12 @@ export const StepCommand: MessageFns<StepCommand> = {
         StepCommand_ResultsEntry.encode({ key: key as any, value }, writer.uint32(98).fork()).join();
       }
     });
+    if (message.deadline !== undefined) {
+      Timestamp.encode(toTimestamp(message.deadline), writer.uint32(106).fork()).join();
+    }
+    if (message.timeout !== undefined) {
+      Duration.encode(message.timeout, writer.uint32(114).fork()).join();
+    }
     return writer;
   },
 
@@ -346,6 +372,22 @@ export const StepCommand: MessageFns<StepCommand> = {
             }
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.deadline = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.timeout = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -401,6 +443,8 @@ export const StepCommand: MessageFns<StepCommand> = {
           {},
         )
         : {},
+      deadline: isSet(object.deadline) ? fromJsonTimestamp(object.deadline) : undefined,
+      timeout: isSet(object.timeout) ? Duration.fromJSON(object.timeout) : undefined,
     };
   },
 
@@ -448,6 +492,12 @@ export const StepCommand: MessageFns<StepCommand> = {
         });
       }
     }
+    if (message.deadline !== undefined) {
+      obj.deadline = message.deadline.toISOString();
+    }
+    if (message.timeout !== undefined) {
+      obj.timeout = Duration.toJSON(message.timeout);
+    }
     return obj;
   },
 
@@ -480,6 +530,10 @@ export const StepCommand: MessageFns<StepCommand> = {
         },
         {},
       );
+    message.deadline = object.deadline ?? undefined;
+    message.timeout = (object.timeout !== undefined && object.timeout !== null)
+      ? Duration.fromPartial(object.timeout)
+      : undefined;
     return message;
   },
 };
@@ -872,6 +926,28 @@ type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function toTimestamp(date: Date): Timestamp {
+  const seconds = Math.trunc(date.getTime() / 1_000);
+  const nanos = (date.getTime() % 1_000) * 1_000_000;
+  return { seconds, nanos };
+}
+
+function fromTimestamp(t: Timestamp): Date {
+  let millis = (t.seconds || 0) * 1_000;
+  millis += (t.nanos || 0) / 1_000_000;
+  return new globalThis.Date(millis);
+}
+
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
 
 function isObject(value: any): boolean {
   return typeof value === "object" && value !== null;
