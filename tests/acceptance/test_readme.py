@@ -25,6 +25,7 @@ from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import order_steps
 from examples.users.__main__ import build_parser as build_users_parser
+from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import (
     Delivery,
     NonRetryableError,
@@ -32,7 +33,9 @@ from sagaplane import (
     RetryableError,
     StepContext,
     StepKind,
+    topology,
 )
+from sagaplane.testing import Child, wait_for_consumers
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -324,10 +327,14 @@ async def test_the_readme_import_runs_as_written(
 # -- the Python section -------------------------------------------------------------------
 
 
-async def test_the_readme_participant_registers_and_refuses_big_amounts() -> None:
+async def test_the_readme_participant_registers_and_refuses_big_amounts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     participant_code, batch_code, middleware_code, client_code = fenced(
         section("Writing a participant in Python"), "python"
     )
+    # The recipe's export (step 1).
+    monkeypatch.setenv("SAGAPLANE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/payment")
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(participant_code, "README.md", "exec"), namespace)
     exec(compile(batch_code, "README.md", "exec"), namespace)
@@ -342,7 +349,12 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
 
     payment = namespace["payment"]
     assert payment.service == "payment"
-    assert payment.actions == ["payment.charge", "payment.refund", "payment.settle"]
+    assert payment.actions == [
+        "payment.charge",
+        "payment.refund",
+        "payment.send_receipt",
+        "payment.settle",
+    ]
     ctx = StepContext(
         saga_id="s", saga_name="order.place", step_id="st", step_name="charge", attempt=1,
         kind=StepKind.EXECUTE, action="payment.charge", input={"amount": 5000}, context={},
@@ -359,6 +371,81 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts() -> Non
 
     # The client snippet is the body of a coroutine: it must at least compile as one.
     compile("async def snippet():\n" + textwrap.indent(client_code, "    "), "README.md", "exec")
+
+
+async def test_the_readme_participant_recipe_runs_as_written(
+    coordinator: Coordinator, amqp_url: str, tmp_path: Path
+) -> None:
+    """The recipe, step by step: its database, its participant file and its saga file as
+    the README gives them, run with its commands; the saga completes, and with the
+    failing input it is compensated; without the database the participant says so."""
+    title = "Writing a participant in Python"
+    (tmp_path / "payment.py").write_text(marked(title, "payment.py", "python"))
+    (tmp_path / "pay.yaml").write_text(marked(title, "starts this saga", "yaml"))
+    run_participant, start = commands(
+        re.search(r"\*\*4\. Run them\*\*.*?```sh\n(.*?)```", section(title), re.S).group(1)
+    )
+    assert shlex.split(run_participant) == [".venv/bin/python", "payment.py"]
+    assert shlex.split(start) == [".venv/bin/sagaplane", "start", "pay.yaml", "--watch"]
+    name = unique_name("sagaplane_recipe")
+    env = {
+        **os.environ,
+        "SAGAPLANE_DATABASE_URL": server_url(name),
+        "SAGAPLANE_AMQP_URL": amqp_url,
+        "SAGAPLANE_COORDINATOR": f"127.0.0.1:{coordinator.port}",
+    }
+
+    # Without its database: one line, exit 3.
+    missing = await asyncio.create_subprocess_exec(
+        sys.executable, "payment.py", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(missing.communicate(), 60)
+    assert missing.returncode == 3, err.decode()
+    assert f"payment: cannot connect to PostgreSQL at {server_url(name)}" in err.decode()
+    assert f'database "{name}" does not exist (create it first' in err.decode()
+    assert "Traceback" not in err.decode()
+
+    await create_database(name)  # step 1 (createdb)
+    participant = Child("payment", [sys.executable, "payment.py"], cwd=str(tmp_path), env=env)
+    try:
+        await participant.start()
+        await wait_for_consumers(
+            amqp_url, [topology.participant_queue("payment")], alive=participant.check_alive
+        )
+
+        async def sagaplane_start() -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(VENV_BIN) / "sagaplane"), *shlex.split(start)[1:],
+                cwd=tmp_path, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode() + err.decode()
+
+        status, out = await sagaplane_start()
+        assert status == 0, out
+        assert "-> completed" in out
+        # With the documented failing input: the receipt fails, the charge is refunded.
+        saga_file = tmp_path / "pay.yaml"
+        saga_file.write_text(saga_file.read_text().replace("ada@example.com", "nobody"))
+        status, out = await sagaplane_start()
+        assert status == 6, out
+        assert "-> compensated" in out and "cannot send a receipt to 'nobody'" in out
+        async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
+            cur = await conn.execute("SELECT amount::float, status FROM payments ORDER BY status")
+            assert await cur.fetchall() == [(42.0, "charged"), (42.0, "refunded")]
+        await participant.stop()
+        assert participant.returncode == 0
+        log = participant.tail()
+        assert (
+            "participant payment consuming sagaplane.participant.payment "
+            "(payment.charge, payment.refund, payment.send_receipt)" in log
+        ), log
+    finally:
+        await participant.stop()
+        await drop_database(name)
 
 
 # -- the configuration reference ---------------------------------------------------------

@@ -44,6 +44,7 @@ __all__ = [
     "ConfigurationError",
     "CoordinatorError",
     "CoordinatorUnavailable",
+    "DatabaseUnavailable",
     "DeadlineExceeded",
     "FieldViolation",
     "IdempotencyConflict",
@@ -113,6 +114,10 @@ class ConfigurationError(SagaplaneError):
 
 class BrokerUnavailable(SagaplaneError, ConnectionError):
     """RabbitMQ cannot be reached, or refused the connection."""
+
+
+class DatabaseUnavailable(SagaplaneError, ConnectionError):
+    """The service's PostgreSQL database cannot be reached, or does not exist."""
 
 
 _INDEX = re.compile(r"\w+\[(\d+)\]")

@@ -27,25 +27,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
-import aio_pika
+import psycopg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import deadlines, migrations, topology
+from sagaplane import amqp, deadlines, defaults, migrations, runtime, topology
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
-from sagaplane.errors import ConfigurationError
+from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
 from sagaplane.handler import Handler, StepContext
 from sagaplane.inbox import Inbox
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.relay import OutboxRelay
+from sagaplane.urls import redact
 from sagaplane.wire import StepKind
 
 __all__ = [
@@ -75,9 +78,17 @@ def participant_migrations() -> list[migrations.Migration]:
 class Participant:
     """A service that executes saga steps.
 
-    Register handlers with :meth:`step` and :meth:`compensation`, then ``await run()``
-    (until SIGTERM or cancellation), or use ``async with participant:`` /
-    :meth:`start` / :meth:`stop`.
+    Register handlers with :meth:`step` and :meth:`compensation`, then call
+    :meth:`main` from a program (it logs, serves until SIGTERM or Ctrl-C, and exits
+    with one line and status 3 when PostgreSQL or RabbitMQ cannot be reached), or
+    ``await run()``, or use ``async with participant:`` / :meth:`start` / :meth:`stop`.
+
+    ``amqp_url`` defaults to ``$SAGAPLANE_AMQP_URL`` (else the local broker's guest
+    account, as the coordinator's), ``database_url`` (the service's own database) to
+    ``$SAGAPLANE_DATABASE_URL``. ``schema`` is SQL for the service's own tables, run at
+    :meth:`start` after the SDK's migrations, in one transaction: write it so that it
+    can run again (``CREATE TABLE IF NOT EXISTS``). It suits a small service or an
+    example; a service with a migration tool of its own runs that instead.
 
     ``prefetch`` bounds the commands handled at once; each holds one of ``pool_size``
     database connections while it runs (the outbox relay borrows one per cycle).
@@ -126,8 +137,9 @@ class Participant:
         self,
         service: str,
         *,
-        amqp_url: str,
-        database_url: str,
+        amqp_url: str | None = None,
+        database_url: str | None = None,
+        schema: str | Sequence[str] = (),
         prefetch: int = 32,
         pool_size: int = 10,
         migrate: bool = True,
@@ -148,10 +160,17 @@ class Participant:
             raise ConfigurationError("every middleware must be a coroutine function")
         if clock_tolerance is not None and not clock_tolerance >= 0:
             raise ConfigurationError("clock_tolerance must be a number of seconds >= 0, or None")
+        database_url = database_url or os.environ.get("SAGAPLANE_DATABASE_URL")
+        if not database_url:
+            raise ConfigurationError(
+                "database_url is required (the service's own PostgreSQL database): pass "
+                "it, or set SAGAPLANE_DATABASE_URL"
+            )
         self._clock_tolerance = clock_tolerance
         self.service = service
-        self._amqp_url = amqp_url
+        self._amqp_url = amqp_url or os.environ.get("SAGAPLANE_AMQP_URL") or defaults.AMQP_URL
         self._database_url = database_url
+        self._schema = (schema,) if isinstance(schema, str) else tuple(schema)
         self._prefetch = prefetch
         self._pool_size = pool_size
         self._migrate = migrate
@@ -222,11 +241,32 @@ class Participant:
         """Apply the outbox and inbox migrations not applied yet; returns those applied."""
         # Reading the package's SQL files is file I/O: keep it off the event loop.
         wanted = await asyncio.to_thread(participant_migrations)
-        async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+        async with await self._connect_database() as conn:
             applied = await migrations.apply(conn, wanted)
         for m in applied:
             log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
         return applied
+
+    async def _connect_database(self) -> AsyncConnection[Any]:
+        """An autocommit connection to the service's database; DatabaseUnavailable (one
+        line, the URL without its password) if there is none to be had."""
+        try:
+            return await AsyncConnection.connect(
+                self._database_url, autocommit=True, connect_timeout=int(self._connect_timeout)
+            )
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            hint = ""
+            if "does not exist" in reason and "database" in reason:
+                hint = " (create it first, e.g. with createdb)"
+            raise DatabaseUnavailable(
+                f"cannot connect to PostgreSQL at {redact(self._database_url)}: {reason}{hint}"
+            ) from exc
+
+    async def _create_schema(self) -> None:
+        async with await self._connect_database() as conn, conn.transaction():
+            for statement in self._schema:
+                await conn.execute(statement.encode())
 
     async def start(self) -> None:
         """Migrate, connect, declare the queue, start the relay and consuming.
@@ -244,6 +284,12 @@ class Participant:
         try:
             if self._migrate:
                 await self.migrate()
+            if self._schema:
+                await self._create_schema()
+            if not (self._migrate or self._schema):
+                # The pool would only time out: say what is wrong at once.
+                async with await self._connect_database():
+                    pass
             self._pool = AsyncConnectionPool(
                 self._database_url,
                 min_size=1,
@@ -255,10 +301,8 @@ class Participant:
                 kwargs={"autocommit": True},
             )
             await self._pool.open(wait=True, timeout=self._connect_timeout)
-            self._connection = await aio_pika.connect_robust(
-                self._amqp_url,
-                timeout=self._connect_timeout,
-                client_properties={"connection_name": self._name},
+            self._connection = await amqp.connect(
+                self._amqp_url, name=self._name, timeout=self._connect_timeout
             )
             # The relay shares the connection and opens its own (confirming) channel.
             self._relay = OutboxRelay(
@@ -309,6 +353,26 @@ class Participant:
             self._shutdown_task = asyncio.create_task(self._shutdown(), name=f"{self._name}-stop")
         # Shielded: a caller that is cancelled must not leave the shutdown half done.
         await asyncio.shield(self._shutdown_task)
+
+    def main(self, *, event_loop: str = "uvloop") -> NoReturn:
+        """Run as a program until SIGTERM or Ctrl-C, then exit: status 0 after a clean
+        stop, 3 with one line on stderr when PostgreSQL or RabbitMQ cannot be reached,
+        2 for a configuration error. Logs go to stderr (INFO) unless logging is set up."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+            )
+        try:
+            runtime.run(self.run(), event_loop=event_loop)
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            raise SystemExit(3) from None
+        except ConfigurationError as exc:
+            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C: run() has stopped gracefully already
+            pass
+        raise SystemExit(0)
 
     async def run(self, *, handle_sigterm: bool = True) -> None:
         """Start, then serve until :meth:`stop`, SIGTERM or cancellation; then stop."""
