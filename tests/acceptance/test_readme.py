@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -369,8 +368,9 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts(
     with pytest.raises(RetryableError, match="too little time left"):
         await namespace["settle"](late)
 
-    # The client snippet is the body of a coroutine: it must at least compile as one.
-    compile("async def snippet():\n" + textwrap.indent(client_code, "    "), "README.md", "exec")
+    # The client snippet is a program of its own (run by the recipe's test).
+    assert "asyncio.run(main())" in client_code
+    compile(client_code, "README.md", "exec")
 
 
 async def test_the_readme_participant_recipe_runs_as_written(
@@ -436,6 +436,17 @@ async def test_the_readme_participant_recipe_runs_as_written(
         async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
             cur = await conn.execute("SELECT amount::float, status FROM payments ORDER BY status")
             assert await cur.fetchall() == [(42.0, "charged"), (42.0, "refunded")]
+        # The SagaClient program of the same section, against the same participant.
+        (tmp_path / "client.py").write_text(
+            marked(title, "runs this as a program", "python"), encoding="utf-8"
+        )
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "client.py", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out_b, err_b = await asyncio.wait_for(client.communicate(), 60)
+        assert client.returncode == 0, err_b.decode()
+        assert out_b.decode().splitlines() == ["completed {'charged': 42}", "started 3 sagas"]
         await participant.stop()
         assert participant.returncode == 0
         log = participant.tail()
