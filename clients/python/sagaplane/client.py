@@ -86,13 +86,14 @@ class StepSpec:
     """A CEL condition over ``context`` and ``steps.<name>.output``; false skips the step
     (e.g. ``"context.gift == true"``)."""
 
-    def to_proto(self) -> coordinator_pb2.StepSpec:
-        """The wire form."""
+    def to_proto(self, field: str = "input") -> coordinator_pb2.StepSpec:
+        """The wire form; InvalidArgument naming ``field`` (and the place in it) for an
+        input value JSON cannot carry."""
         spec = coordinator_pb2.StepSpec(
             name=self.name,
             action=self.action,
             compensation=self.compensation or "",
-            input=structs.to_struct(dict(self.input) if self.input else None),
+            input=_json(self.input, field),
         )
         if self.retry_policy is not None:
             spec.retry_policy.CopyFrom(self.retry_policy.to_proto())
@@ -480,8 +481,8 @@ def saga_request(
     sagas to give :meth:`SagaClient.start_sagas`)."""
     request = coordinator_pb2.StartSagaRequest(
         name=name,
-        steps=[_step(s) for s in steps],
-        context=structs.to_struct(dict(context) if context else None),
+        steps=[_step(s, f"steps[{i}].input") for i, s in enumerate(steps)],
+        context=_json(context, "context"),
         idempotency_key=idempotency_key or "",
     )
     if retry_policy is not None:
@@ -517,10 +518,17 @@ def _duration(field: str, value: Seconds) -> Any:
         raise InvalidArgument(f"{field}: {exc}") from None
 
 
-def _step(spec: StepSpec | Mapping[str, Any]) -> coordinator_pb2.StepSpec:
+def _json(value: Mapping[str, Any] | None, field: str) -> Any:
+    try:
+        return structs.encode(value, field)
+    except structs.InvalidJson as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _step(spec: StepSpec | Mapping[str, Any], field: str = "input") -> coordinator_pb2.StepSpec:
     if isinstance(spec, StepSpec):
-        return spec.to_proto()
+        return spec.to_proto(field)
     unknown = set(spec) - set(StepSpec.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown step keys: {', '.join(sorted(unknown))}")
-    return StepSpec(**spec).to_proto()
+    return StepSpec(**spec).to_proto(field)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
 from sagaplane.limits import MAX_JSON_DEPTH
 
-__all__ = ["InvalidJson", "decode", "integral", "to_dict", "to_struct"]
+__all__ = ["InvalidJson", "decode", "encode", "integral", "to_dict", "to_struct"]
 
 _MAX_EXACT = 2**53
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -64,6 +65,49 @@ def to_struct(obj: dict[str, Any] | None) -> struct_pb2.Struct:
     if obj:
         struct.update(obj)
     return struct
+
+
+def encode(obj: Mapping[str, Any] | None, field: str) -> struct_pb2.Struct:
+    """A Struct holding ``obj``, a JSON object from this process's caller; raises
+    :class:`InvalidJson` naming the place of a value JSON cannot carry (a ``date``, a
+    ``Decimal``, a set, NaN, a key that is not a string) rather than protobuf's
+    ``ValueError: Unexpected type``."""
+    if obj is None:
+        return struct_pb2.Struct()
+    if not isinstance(obj, Mapping):
+        raise InvalidJson(field, f"is {_a(obj)}, not a JSON object (a dict)")
+    _check(obj, field)
+    return to_struct(dict(obj))
+
+
+def _check(value: Any, path: str) -> None:
+    if value is None or isinstance(value, bool | str | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidJson(path, "is not a finite number")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidJson(path, f"has the key {key!r}: JSON keys are strings")
+            _check(item, _key_path(path, key))
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]")
+        return
+    hint = " (send it as a string: value.isoformat())" if hasattr(value, "isoformat") else ""
+    raise InvalidJson(
+        path,
+        f"is {_a(value)}, which JSON cannot carry: use null, true/false, a number, a "
+        f"string, a list or an object{hint}",
+    )
+
+
+def _a(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def decode(
