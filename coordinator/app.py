@@ -17,12 +17,14 @@ from coordinator.api.servicer import SagaCoordinatorServicer
 from coordinator.config import Settings
 from coordinator.messaging.codec import encode_command
 from coordinator.messaging.replies import ReplyConsumer
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.store.migrate import migrate
 from coordinator.store.pool import open_pool
 from coordinator.store.repository import SagaStore
 from coordinator.timers import TimerLoop
 from sagaplane import amqp, topology
 from sagaplane.consuming import DeadLetters
+from sagaplane.metrics import DeadLetterCollector, MetricsServer, OutboxGauges, new_registry
 from sagaplane.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Coordinator:
         self._timers: TimerLoop | None = None
         self.store: SagaStore | None = None
         """The saga store, once started."""
+        self._metrics_server: MetricsServer | None = None
         self._stopped = False
 
     @property
@@ -49,6 +52,11 @@ class Coordinator:
         """The gRPC port actually bound (useful with port 0)."""
         assert self._api is not None, "start() first"
         return self._api.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of ``/metrics`` (useful with port 0); None when metrics are off."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def dead_lettered(self) -> Mapping[str, int]:
@@ -71,13 +79,20 @@ class Coordinator:
         # The address first: a coordinator that cannot serve must not migrate, consume
         # replies or fire timers (a second one on a taken port would take replies that
         # belong to the first one's sagas).
-        self._api = await ApiServer.bind(self.settings.listen)
+        metrics = CoordinatorMetrics(new_registry()) if self.settings.metrics_listen else None
+        self._api = await ApiServer.bind(
+            self.settings.listen, interceptors=[metrics.interceptor()] if metrics else []
+        )
         if self.settings.migrate:
             applied = await migrate(self.settings.database_url)
             for m in applied:
                 log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
         self._pool = await open_pool(self.settings.database_url, size=self.settings.pool_size)
-        self.store = SagaStore(self._pool, encode_command)
+        self.store = SagaStore(
+            self._pool, encode_command, observer=metrics.observe if metrics else None
+        )
+        if metrics is not None and self.settings.metrics_listen is not None:
+            await self._serve_metrics(metrics, self.settings.metrics_listen)
         self._amqp = await amqp.connect(self.settings.amqp_url, name="sagaplane-coordinator")
         channel = await self._amqp.channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -97,6 +112,20 @@ class Coordinator:
         tokens = PageTokens(await self.store.secret("page_tokens"))
         await self._api.start(SagaCoordinatorServicer(self.store, tokens))
         log.info("coordinator listening on port %d", self._api.port)
+
+    async def _serve_metrics(self, metrics: CoordinatorMetrics, listen: str) -> None:
+        assert self._pool is not None and self.store is not None
+        outbox = OutboxGauges(self._pool)
+        metrics.registry.register(outbox)
+        metrics.registry.register(DeadLetterCollector(lambda: self.dead_lettered))
+        refresh_sagas = metrics.refresher(self.store)
+
+        async def refresh() -> None:
+            await asyncio.gather(refresh_sagas(), outbox.refresh())
+
+        self._metrics_server = MetricsServer(metrics.registry, listen, refresh=refresh)
+        await self._metrics_server.start()
+        log.info("metrics at http://%s/metrics", _shown_address(listen, self.metrics_port))
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The background tasks whose end means the process must stop."""
@@ -124,6 +153,8 @@ class Coordinator:
                 await self._relay.stop()
             except Exception:
                 log.exception("the outbox relay had crashed")
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         if self._pool is not None:
             await self._pool.close()
         if self._amqp is not None:
@@ -136,6 +167,11 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _shown_address(listen: str, port: int | None) -> str:
+    host = listen.rpartition(":")[0]
+    return f"{host}:{port}"
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:

@@ -40,6 +40,9 @@ class Settings:
     """Apply pending migrations at start (SAGAPLANE_MIGRATE=0 to skip)."""
     event_loop: str = "uvloop"
     """``uvloop`` or ``asyncio`` (SAGAPLANE_EVENT_LOOP); see sagaplane.runtime."""
+    metrics_listen: str | None = None
+    """Prometheus ``/metrics`` address host:port; None serves no metrics and opens no
+    port (SAGAPLANE_METRICS_LISTEN)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -93,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         default=_choice(env, "SAGAPLANE_EVENT_LOOP", EVENT_LOOPS, d.event_loop),
         help="event loop to run on [SAGAPLANE_EVENT_LOOP; default %(default)s]",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        default=env.get("SAGAPLANE_METRICS_LISTEN") or d.metrics_listen,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics "
+        "[SAGAPLANE_METRICS_LISTEN; default: off]",
+    )
 
 
 def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -130,4 +140,5 @@ def from_args(args: argparse.Namespace) -> Settings:
         grace=args.grace,
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
+        metrics_listen=args.metrics_listen or None,
     )

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import os
 import socket
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,13 +53,16 @@ class ApiServer:
         )
 
     @classmethod
-    async def bind(cls, listen: str) -> ApiServer:
-        """A server bound to ``listen`` (``host:port``), not serving yet.
+    async def bind(
+        cls, listen: str, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> ApiServer:
+        """A server bound to ``listen`` (``host:port``), not serving yet; ``interceptors``
+        go around the API's own (the metrics' counter sees the final status).
 
         Raises :class:`ListenError`, e.g. ``address in use``, when the address is taken.
         """
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[*interceptors, ErrorMappingInterceptor()],
             options=[
                 # Past the validated limits (MAX_REQUEST_BYTES, and twice it for a
                 # StartSagas batch), so oversize requests get a clear INVALID_ARGUMENT;

@@ -103,6 +103,33 @@ class Applied:
     """UnknownSaga or WrongState; the other events of the batch still apply."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Observed:
+    """One committed transition, as an :data:`Observer` sees it."""
+
+    before: Saga | None
+    """The saga before the event; None for a saga just started."""
+    event: Event | None
+    """What happened; None for a start."""
+    transition: engine.Transition
+    """What the engine made of it (``ignored`` set when nothing changed)."""
+
+
+Observer = Callable[[Sequence[Observed]], None]
+"""Called with every transition of a transaction once it has committed (the metrics)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActiveSagas:
+    """How many sagas of one name are in one active state (see :meth:`SagaStore.active_sagas`)."""
+
+    name: str
+    state: str
+    count: int
+    oldest_age: float
+    """Seconds since the oldest of them started."""
+
+
 @asynccontextmanager
 async def _storage_errors() -> AsyncIterator[None]:
     """Translate psycopg's connection troubles into StorageUnavailable, in one place."""
@@ -115,9 +142,17 @@ async def _storage_errors() -> AsyncIterator[None]:
 class SagaStore:
     """Reads and writes sagas; every write is one transaction."""
 
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], encode: CommandEncoder):
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        encode: CommandEncoder,
+        *,
+        observer: Observer | None = None,
+    ):
         self._pool = pool
         self._encode = encode
+        self.observer = observer
+        """Sees every committed transition (None: nobody looks, nothing is built)."""
 
     async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
         """Record a new saga and the command of its first step.
@@ -141,6 +176,8 @@ class SagaStore:
                 if not (await batch.run(cur, [insert]))[0]:
                     return await self._replay(cur, spec.idempotency_key, fingerprint)
                 await self._write_and_commit(cur, [transition], new=True)
+            if self.observer is not None:
+                self.observer([Observed(before=None, event=None, transition=transition)])
             return Started(saga=saga, created=True)
 
     async def start_many(
@@ -231,6 +268,10 @@ class SagaStore:
             if accept is not None:
                 accept(results)
             await batch.run(cur, [*prefix, *self._insert_new(new.values()), ("COMMIT", None)])
+            if self.observer is not None:
+                self.observer(
+                    [Observed(before=None, event=None, transition=t) for t in new.values()]
+                )
             return results
 
     def _insert_new(self, transitions: Iterable[engine.Transition]) -> list[batch.Statement]:
@@ -304,6 +345,22 @@ class SagaStore:
             steps = await self._steps(cur, [row["id"] for row in rows])
             return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
 
+    async def active_sagas(self) -> list[ActiveSagas]:
+        """Active sagas counted by name and state, with the oldest one's age: one
+        statement on the partial index of active sagas, whose cost grows with the sagas
+        still active, not with those stored."""
+        async with self._reading() as cur:
+            await cur.execute(q("metrics_active_sagas"))
+            return [
+                ActiveSagas(
+                    name=row["name"],
+                    state=row["state"],
+                    count=row["count"],
+                    oldest_age=float(row["oldest_age"]),
+                )
+                for row in await cur.fetchall()
+            ]
+
     async def apply(self, saga_id: str, event: Event) -> engine.Transition:
         """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
         (result,) = await self.apply_many([(saga_id, event)])
@@ -365,6 +422,7 @@ class SagaStore:
         original = dict(sagas)
         results: list[Applied] = []
         transitions: list[engine.Transition] = []
+        observed: list[Observed] = []
         for saga_id, event in events:
             saga = sagas.get(saga_id)
             if saga is None:
@@ -378,10 +436,14 @@ class SagaStore:
             except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
+            if self.observer is not None:
+                observed.append(Observed(before=saga, event=event, transition=t))
             sagas[saga_id] = t.saga
             transitions.append(t)
             results.append(Applied(saga_id=saga_id, transition=t))
         await self._write_and_commit(cur, transitions, original=original)
+        if self.observer is not None:
+            self.observer(observed)
         return results
 
     async def _load(self, cur: AsyncClientCursor[DictRow], ids: list[str]) -> dict[str, Saga]:

@@ -36,6 +36,7 @@ from sagaplane import backoff, deadlines, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.handler import Handler
 from sagaplane.inbox import Inbox
+from sagaplane.metrics import ParticipantMetrics
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.wire import StepKind
 
@@ -75,7 +76,9 @@ class CommandConsumer:
         task_prefix: str,
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._service = service
         self._clock_tolerance = clock_tolerance
         self._handlers = handlers
@@ -144,6 +147,7 @@ class CommandConsumer:
                 message.message_id,
             )
             await self._dead_letters.requeue(message, f"{type(exc).__name__}: {exc}")
+            self._count(delivery, "error")
             return
         if chain.processed.committed:
             # Only now, after COMMIT and the middleware: a crash before this line
@@ -154,8 +158,16 @@ class CommandConsumer:
             assert delivery.refusal is not None
             cause = "undecodable" if delivery.command is None else "unknown_action"
             await self._dead_letters.send(message, delivery.refusal, cause=cause)
+            self._count(delivery, "dead_lettered")
         else:
             await settle(message.nack(requeue=True), message)
+            self._count(delivery, "requeued")
+
+    def _count(self, delivery: Delivery, outcome: str) -> None:
+        """A delivery the inbox did not count (it counts what it committed)."""
+        if self._metrics is not None:
+            known = delivery.refusal is None  # else the action may be anything a sender wrote
+            self._metrics.handled((delivery.action or "") if known else "", delivery.kind, outcome)
 
     def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
         """The message decoded and checked, or with the reason it cannot be processed."""

@@ -73,6 +73,7 @@ from sagaplane.limits import (
     MAX_TEXT_CHARS,
     clean_text,
 )
+from sagaplane.metrics import ParticipantMetrics
 from sagaplane.middleware import Processed
 from sagaplane.outbox import INSERT_ONE, OutboundMessage, insert_params
 from sagaplane.queries import q
@@ -106,11 +107,17 @@ class Inbox:
     ``reply_exchange`` (through the outbox)."""
 
     def __init__(
-        self, pool: AsyncConnectionPool[AsyncConnection[Any]], *, service: str, reply_exchange: str
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        *,
+        service: str,
+        reply_exchange: str,
+        metrics: ParticipantMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._service = service
         self._reply_exchange = reply_exchange
+        self._metrics = metrics
 
     async def process(
         self,
@@ -140,6 +147,7 @@ class Inbox:
         key = {"step_id": command.step_id, "kind": kind.value}
         cleaned_id = _message_id(message_id)
         processed = Processed.HANDLED
+        ran: float | None = None  # seconds the handler ran, if it did
         async with self._pool.connection() as conn:
             cur = AsyncClientCursor(conn)
             try:
@@ -197,7 +205,9 @@ class Inbox:
                             # margin: PostgreSQL's limits counted from before. Renewed.
                             await batch.run(cur, _postgres_limits(deadline, conn))
                         ctx = _context(cleaned_id, command, kind, conn, deadline)
+                        began = time.monotonic()
                         outcome = await self._run(conn, handler, ctx, deadline)
+                        ran = time.monotonic() - began
                         if not outcome.succeeded:
                             # The handler's writes go; the claim, outcome and reply stay.
                             finish.append((_ROLLBACK_TO_SAVEPOINT, None))
@@ -217,6 +227,12 @@ class Inbox:
             except BaseException:
                 await batch.rollback_after_error(conn)
                 raise
+        if self._metrics is not None:
+            # After the COMMIT: what is counted is what the reply says.
+            result = processed.value
+            if processed is Processed.HANDLED:
+                result = "succeeded" if outcome.succeeded else "failed"
+            self._metrics.handled(command.action, kind, result, ran)
         return processed
 
     async def _run(

@@ -46,6 +46,14 @@ from sagaplane.consuming import DeadLetters
 from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
 from sagaplane.handler import Handler, StepContext
 from sagaplane.inbox import Inbox
+from sagaplane.metrics import (
+    DeadLetterCollector,
+    MetricsServer,
+    OutboxGauges,
+    ParticipantMetrics,
+    new_registry,
+    parse_listen,
+)
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.relay import OutboxRelay
 from sagaplane.urls import redact
@@ -66,6 +74,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 H = TypeVar("H", bound=Handler)
+
+METRICS_LISTEN_ENV = "SAGAPLANE_PARTICIPANT_METRICS_LISTEN"
+"""The environment variable a Participant takes ``metrics_listen`` from."""
 
 
 def participant_migrations() -> list[migrations.Migration]:
@@ -131,6 +142,12 @@ class Participant:
     The message is settled after the outermost middleware returns. An exception from a
     middleware or from ``call_next()`` is a processing failure: the message is
     requeued, and dead-lettered with the reason on its last delivery.
+
+    ``metrics_listen`` (``host:port``, port 0 for a free one; default
+    ``$SAGAPLANE_PARTICIPANT_METRICS_LISTEN``, a name of its own so that it never takes
+    the coordinator's address on a shared host) serves Prometheus metrics at
+    ``/metrics`` (see :mod:`sagaplane.metrics`); None or empty serves none and opens no
+    port.
     """
 
     def __init__(
@@ -149,6 +166,7 @@ class Participant:
         reply_exchange: str = topology.REPLIES_EXCHANGE,
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
+        metrics_listen: str | None = None,
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -166,6 +184,13 @@ class Participant:
                 "database_url is required (the service's own PostgreSQL database): pass "
                 "it, or set SAGAPLANE_DATABASE_URL"
             )
+        self._metrics_listen = metrics_listen or os.environ.get(METRICS_LISTEN_ENV) or None
+        if self._metrics_listen is not None:
+            try:
+                parse_listen(self._metrics_listen)
+            except ValueError as exc:
+                raise ConfigurationError(f"metrics_listen: {exc}") from None
+        self._metrics_server: MetricsServer | None = None
         self._clock_tolerance = clock_tolerance
         self.service = service
         self._amqp_url = amqp_url or os.environ.get("SAGAPLANE_AMQP_URL") or defaults.AMQP_URL
@@ -213,6 +238,11 @@ class Participant:
         """Commands this participant dead-lettered, by cause (``undecodable``,
         ``unknown_action``, ``failed``); see :mod:`sagaplane.consuming`."""
         return self._dead_letters.counts if self._dead_letters is not None else {}
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of ``/metrics`` once started (useful with port 0); None without."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def actions(self) -> list[str]:
@@ -301,6 +331,7 @@ class Participant:
                 kwargs={"autocommit": True},
             )
             await self._pool.open(wait=True, timeout=self._connect_timeout)
+            metrics = await self._serve_metrics(self._pool)
             self._connection = await amqp.connect(
                 self._amqp_url, name=self._name, timeout=self._connect_timeout
             )
@@ -324,12 +355,18 @@ class Participant:
             self._consumer = CommandConsumer(
                 service=self.service,
                 handlers=self._handlers,
-                inbox=Inbox(self._pool, service=self.service, reply_exchange=self._reply_exchange),
+                inbox=Inbox(
+                    self._pool,
+                    service=self.service,
+                    reply_exchange=self._reply_exchange,
+                    metrics=metrics,
+                ),
                 dead_letters=self._dead_letters,
                 stopping=self._stop_requested,
                 task_prefix=self._name,
                 middleware=self._middleware,
                 clock_tolerance=self._clock_tolerance,
+                metrics=metrics,
             )
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
         except BaseException:
@@ -341,6 +378,27 @@ class Participant:
             topology.participant_queue(self.service),
             ", ".join(self.actions),
         )
+
+    async def _serve_metrics(
+        self, pool: AsyncConnectionPool[AsyncConnection[Any]]
+    ) -> ParticipantMetrics | None:
+        """Start the metrics endpoint if asked for; the participant's metrics, or None."""
+        if self._metrics_listen is None:
+            return None
+        registry = new_registry()
+        metrics = ParticipantMetrics(registry)
+        outbox = OutboxGauges(pool)
+        registry.register(outbox)
+        registry.register(DeadLetterCollector(lambda: self.dead_lettered))
+        self._metrics_server = MetricsServer(registry, self._metrics_listen, refresh=outbox.refresh)
+        try:
+            await self._metrics_server.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"metrics_listen: cannot listen on {self._metrics_listen}: {exc.strerror or exc}"
+            ) from exc
+        log.info("participant %s: metrics on port %d", self.service, self._metrics_server.port)
+        return metrics
 
     async def stop(self) -> None:
         """Stop gracefully; safe to call twice, concurrently, or before start() finished.
@@ -431,6 +489,8 @@ class Participant:
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         if self._pool is not None:
             await self._pool.close()
         log.info("participant %s stopped", self.service)

@@ -155,3 +155,12 @@ FOR UPDATE SKIP LOCKED;
 
 -- name: select_key
 SELECT secret FROM sagaplane_keys WHERE name = %(name)s;
+
+-- name: metrics_active_sagas
+-- On the partial index of active sagas (sagaplane_saga_is_active is its predicate): the
+-- cost of a scrape grows with the sagas still active, never with those stored.
+SELECT name, state, count(*) AS count,
+       extract(epoch FROM now() - min(created_at)) AS oldest_age
+FROM sagaplane_sagas
+WHERE sagaplane_saga_is_active(state)
+GROUP BY name, state;

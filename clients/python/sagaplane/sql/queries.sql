@@ -146,3 +146,14 @@ SELECT component, version FROM sagaplane_migrations;
 
 -- name: migrations_record
 INSERT INTO sagaplane_migrations (component, version, name) VALUES (%s, %s, %s);
+
+-- == metrics (sagaplane.metrics) ======================================================
+
+-- name: metrics_outbox
+-- Both counts read partial indexes (sagaplane_outbox_pending, sagaplane_outbox_parked):
+-- a scrape costs what is unsent or parked, never the outbox's whole history.
+SELECT (SELECT count(*) FROM sagaplane_outbox WHERE sent_at IS NULL AND parked_at IS NULL),
+       (SELECT count(*) FROM sagaplane_outbox WHERE parked_at IS NOT NULL),
+       coalesce((SELECT extract(epoch FROM now() - created_at)
+                 FROM sagaplane_outbox WHERE sent_at IS NULL AND parked_at IS NULL
+                 ORDER BY id LIMIT 1), 0);
