@@ -185,6 +185,22 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
                     return
                 await changes.wait()
 
+    async def ResolveCompensation(
+        self, request: coordinator_pb2.ResolveCompensationRequest, context: Context
+    ) -> coordinator_pb2.ResolveCompensationResponse:
+        """Retry a failed compensation now, or record that a person undid the step."""
+        event = engine.CompensationResolved(
+            resolution=validation.resolution(request.resolution),
+            reason=validation.required_reason(request.reason),
+        )
+        transition = await self._store.apply(validation.saga_id(request.id), event)
+        log.warning(
+            "saga %s compensation resolved (%s): %s", request.id, event.resolution, event.reason
+        )
+        return coordinator_pb2.ResolveCompensationResponse(
+            saga=convert.saga_to_proto(transition.saga)
+        )
+
     async def _send(self, context: Context, message: coordinator_pb2.WatchSagaResponse) -> None:
         # The write is not cancelled when it takes too long: gRPC cannot send a status
         # once a write was cancelled under it. The status goes out behind the message

@@ -79,7 +79,8 @@ def _watch_options(parser: argparse.ArgumentParser, *, after: str = "") -> None:
         "--interval",
         metavar="SECONDS",
         type=float,
-        help=f"how often to ask the coordinator{only} (default 0.2)",
+        help=f"seconds before reconnecting to a lost coordinator{only}, then backing off "
+        "(default 0.2)",
     )
 
 

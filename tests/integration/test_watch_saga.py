@@ -15,72 +15,17 @@ import grpc
 import psycopg
 import pytest
 
-from coordinator import engine
 from coordinator.app import Coordinator
 from coordinator.config import Settings
-from coordinator.engine import CommandKind
 from coordinator.store.notifications import TASK_NAME
 from coordinator.store.repository import SagaStore
+from helpers.transitions import STEPS, request, succeed, undo_all
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
 
 Stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub
 WAIT = 15.0
-
-STEPS = ["create", "reserve", "charge"]
-
-
-def request(name: str = "order.place", **context: str) -> api.StartSagaRequest:
-    start = api.StartSagaRequest(
-        name=name,
-        steps=[
-            api.StepSpec(name=step, action=f"shop.{step}", compensation=f"shop.undo_{step}")
-            for step in STEPS
-        ],
-    )
-    for key, value in context.items():
-        start.context.fields[key].string_value = value
-    return start
-
-
-async def succeed(store: SagaStore, saga_id: str, *, fail: bool = False) -> None:
-    """The reply of the step in flight (success, or a final failure), as the reply
-    consumer applies it."""
-    saga, _ = await store.get(saga_id)
-    step = next(s for s in saga.steps if s.status is engine.StepStatus.STARTED)
-    await store.apply(
-        saga_id,
-        engine.StepReplied(
-            step_id=step.id,
-            kind=CommandKind.EXECUTE,
-            attempt=step.attempts,
-            token=step.token or "",
-            succeeded=not fail,
-            output={} if not fail else None,
-            error="declined" if fail else None,
-            retryable=False,
-        ),
-    )
-
-
-async def undo_all(store: SagaStore, saga_id: str) -> None:
-    """Succeed every compensation, one after the other, until the saga is compensated."""
-    while True:
-        saga, _ = await store.get(saga_id)
-        step = next((s for s in saga.steps if s.status is engine.StepStatus.COMPENSATING), None)
-        if step is None:
-            return
-        await store.apply(
-            saga_id,
-            engine.StepReplied(
-                step_id=step.id,
-                kind=CommandKind.COMPENSATE,
-                attempt=step.compensation_attempts,
-                token=step.token or "",
-                succeeded=True,
-            ),
-        )
 
 
 async def events(stub: Stub, saga_id: str) -> list[tuple[int, str, str]]:
@@ -169,9 +114,7 @@ async def test_reconnecting_with_the_last_position_loses_and_repeats_nothing(
         received += (await next_message(stream)).history
     stream.cancel()  # the connection is lost...
     await succeed(store, saga_id)  # ...while reserve completes and charge is dispatched
-    resumed = stub.WatchSaga(
-        api.WatchSagaRequest(id=saga_id, after_position=received[-1].position)
-    )
+    resumed = stub.WatchSaga(api.WatchSagaRequest(id=saga_id, after_position=received[-1].position))
     first = await next_message(resumed)
     assert [(h.event, h.step_name) for h in first.history] == [
         ("step_completed", "reserve"),
@@ -243,9 +186,7 @@ async def test_a_finished_saga_gets_one_message_and_the_end(
     assert messages[0].history[-1].event == "saga_completed"
     # Resumed after its end: the saga, nothing new, the end.
     last = messages[0].history[-1].position
-    again = [
-        m async for m in stub.WatchSaga(api.WatchSagaRequest(id=saga_id, after_position=last))
-    ]
+    again = [m async for m in stub.WatchSaga(api.WatchSagaRequest(id=saga_id, after_position=last))]
     assert [len(m.history) for m in again] == [0]
 
 

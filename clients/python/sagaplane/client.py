@@ -35,7 +35,7 @@ from sagaplane.errors import (
     from_rpc_error,
 )
 from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
+from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -379,8 +379,9 @@ class SagaClient:
     # -- following --------------------------------------------------------------------
 
     # One deadline for the whole wait is part of its meaning, so it is an argument here.
-    async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 0.05) -> Saga:  # noqa: ASYNC109
-        """Poll the saga every ``poll`` seconds until it is in :data:`TERMINAL_STATES`.
+    async def wait(self, saga_id: str, timeout: float = 30.0) -> Saga:  # noqa: ASYNC109
+        """Follow the saga (:meth:`watch`, no polling) until it is in
+        :data:`TERMINAL_STATES`, and return it.
 
         Raises :class:`~sagaplane.errors.WaitTimeout` (a TimeoutError, with ``.saga`` as
         last seen) after ``timeout`` seconds.
@@ -388,33 +389,50 @@ class SagaClient:
         saga: Saga | None = None
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    saga = await self.get_saga(saga_id)
-                    if saga.ended:
-                        return saga
-                    await asyncio.sleep(poll)
+                async for seen in self.watch(saga_id, history=False):
+                    saga = seen
         except TimeoutError as exc:
             state = saga.state.value if saga is not None else "unknown"
             raise WaitTimeout(
                 f"saga {saga_id} is still {state} after {timeout}s", saga=saga
             ) from exc
+        assert saga is not None and saga.ended
+        return saga
 
-    async def watch(self, saga_id: str, *, poll: float = 0.2) -> AsyncIterator[Saga]:
-        """The saga (with its history) now, then each time it has changed, until it ends.
+    async def watch(
+        self, saga_id: str, *, after_position: int = 0, history: bool = True
+    ) -> AsyncIterator[Saga]:
+        """The saga now, then again after each commit that changed it, until it ends
+        (the WatchSaga stream: the coordinator pushes each transition as it commits).
 
-        The last one yielded is in :data:`TERMINAL_STATES`. Polls every ``poll``
-        seconds; bound the whole watch with ``asyncio.timeout`` if needed.
+        Each saga yielded carries in ``history`` every entry received so far (with
+        ``history=False``, only those of its own message): the whole history, or
+        with ``after_position`` (the ``position`` of the last entry seen, after a lost
+        connection) the entries after it, none missed or repeated. The last saga
+        yielded is in :data:`TERMINAL_STATES`; a saga in ``compensation_failed`` is
+        followed on (it waits for a person). Bound the whole watch with
+        ``asyncio.timeout`` if needed. A watcher that reads too slowly is cut off by
+        the coordinator with :class:`~sagaplane.errors.ResourceExhausted`.
         """
-        seen: tuple[int, object] | None = None
-        while True:
-            saga = await self.get_saga(saga_id, include_history=True)
-            mark = (len(saga.history), saga.updated_at)
-            if mark != seen:
-                seen = mark
-                yield saga
-            if saga.ended:
-                return
-            await asyncio.sleep(poll)
+        request = coordinator_pb2.WatchSagaRequest(id=saga_id, after_position=after_position)
+        seen: list[saga_pb2.HistoryEntry] = []
+        call = self._service().WatchSaga(
+            request, metadata=self._metadata, wait_for_ready=self._wait_for_ready
+        )
+        try:
+            async for message in call:
+                saga = saga_pb2.Saga()
+                saga.CopyFrom(message.saga)
+                if history:
+                    seen += message.history
+                    saga.history.extend(seen)
+                else:
+                    saga.history.extend(message.history)
+                yield Saga.from_proto(saga)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
 
     # -- the process ------------------------------------------------------------------
 
