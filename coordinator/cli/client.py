@@ -217,14 +217,25 @@ def list_active(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
+    everything = args.all or bool(args.state) or args.since is not None
+    if everything and args.stale_for is not None:
+        raise CliError(
+            "--stale-for lists active sagas only: leave out --all, --state and --since",
+            ExitCode.USAGE,
+        )
+    since = datetime.now(UTC) - args.since if args.since is not None else None
     sagas: list[saga_pb2.Saga] = []
     more = False
     async with connect(args.coordinator, args.timeout) as client:
         token = ""
         while len(sagas) < args.limit:
-            page = await client.list_active(
-                min(args.limit - len(sagas), 1000), token, args.name, stale_for=args.stale_for
-            )
+            size = min(args.limit - len(sagas), 1000)
+            if everything:
+                page = await client.list_sagas(
+                    size, token, states=args.state, name=args.name, created_after=since
+                )
+            else:
+                page = await client.list_active(size, token, args.name, stale_for=args.stale_for)
             sagas += [s.proto for s in page.sagas]
             token = page.next_page_token
             if not token:
@@ -235,7 +246,8 @@ async def _list(args: argparse.Namespace) -> int:
     elif sagas:
         say(render.sagas_table(sagas, datetime.now(UTC)))
     else:
-        say("no active sagas" + (f" named {args.name!r}" if args.name else ""))
+        kind = "sagas" if everything else "active sagas"
+        say(f"no {kind}" + (f" named {args.name!r}" if args.name else ""))
     if more:
         print(f"(the newest {len(sagas)} only; raise --limit for more)", file=sys.stderr)
     return ExitCode.OK

@@ -3,6 +3,7 @@ newest first, filtered, keyset-paginated, and each page read from an index."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from coordinator import engine
 from coordinator.app import Coordinator
+from coordinator.cli import main
 from coordinator.store.queries import q
 from helpers.transitions import STEPS, request, succeed
 from sagaplane.v1 import coordinator_pb2 as api
@@ -222,3 +224,38 @@ def _nodes(plan: dict[str, object]) -> list[dict[str, object]]:
     for child in plan.get("Plans", []):  # type: ignore[attr-defined]
         found += _nodes(child)
     return found
+
+
+def _cli(argv: list[str]) -> int | str | None:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return None
+
+
+async def test_the_cli_lists_every_saga_with_all_state_and_since(
+    coordinator: Coordinator, sagas: dict[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--coordinator", f"127.0.0.1:{coordinator.port}", "--json"]
+
+    async def listed(*flags: str) -> list[str]:
+        status = await asyncio.to_thread(_cli, ["list", *flags, *target])
+        out = capsys.readouterr().out
+        assert status == 0, out
+        return [s["id"] for s in json.loads(out)]
+
+    assert await listed("--all") == sagas["all"][::-1]
+    assert await listed("--all", "--limit", "2") == sagas["all"][::-1][:2]
+    assert await listed("--state", "completed") == sagas["completed"][::-1]
+    both = await listed("--state", "completed", "--state", "compensating", "--name", "order.place")
+    done_or_undoing = set(sagas["completed"] + sagas["compensating"]) & set(sagas["order.place"])
+    assert both == [i for i in sagas["all"][::-1] if i in done_or_undoing]
+    assert len(both) == 3
+    assert await listed("--since", "1h") == sagas["all"][::-1]
+    # Without them, as before: active sagas only.
+    active = set(sagas["started"] + sagas["compensating"])
+    assert await listed() == [i for i in sagas["all"][::-1] if i in active]
+    refused = await asyncio.to_thread(_cli, ["list", "--all", "--stale-for", "1h", *target])
+    assert refused == 2
+    assert "--stale-for lists active sagas only" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -135,7 +135,7 @@ class StartedSaga:
 
 @dataclass(frozen=True)
 class ActivePage:
-    """One page of :meth:`SagaClient.list_active`."""
+    """One page of :meth:`SagaClient.list_active` or :meth:`SagaClient.list_sagas`."""
 
     sagas: list[Saga]
     next_page_token: str
@@ -345,6 +345,76 @@ class SagaClient:
         token = ""
         while True:
             page = await self.list_active(page_size, token, name, stale_for=stale_for)
+            for saga in page.sagas:
+                yield saga
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_sagas(
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        states: Iterable[SagaState | str] = (),
+        name: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        id: str = "",
+        idempotency_key: str = "",
+    ) -> ActivePage:
+        """One page of every saga, finished ones too, newest first (ListSagas); pass
+        ``next_page_token`` on, with the same filters, for more.
+
+        ``states`` keeps sagas in one of them (e.g. ``["failed", "compensated"]``);
+        ``created_after`` (inclusive) and ``created_before`` (exclusive) bound the start
+        time (aware datetimes); ``id`` or ``idempotency_key`` find one saga.
+        """
+        request = coordinator_pb2.ListSagasRequest(
+            page_size=page_size,
+            page_token=page_token,
+            name=name,
+            id=id,
+            idempotency_key=idempotency_key,
+        )
+        for i, state in enumerate(states):
+            try:
+                request.states.append(SagaState(state).to_proto())
+            except ValueError:
+                raise InvalidArgument(
+                    f"states[{i}]: must be one of {', '.join(SagaState)}, not {state!r}"
+                ) from None
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
+        response = await self._call(self._service().ListSagas, request)
+        return ActivePage(
+            sagas=[Saga.from_proto(s) for s in response.sagas],
+            next_page_token=response.next_page_token,
+        )
+
+    async def iter_sagas(
+        self,
+        *,
+        page_size: int = 0,
+        states: Iterable[SagaState | str] = (),
+        name: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> AsyncIterator[Saga]:
+        """Every saga matching the filters (see :meth:`list_sagas`), page after page."""
+        wanted = list(states)
+        token = ""
+        while True:
+            page = await self.list_sagas(
+                page_size,
+                token,
+                states=wanted,
+                name=name,
+                created_after=created_after,
+                created_before=created_before,
+            )
             for saga in page.sagas:
                 yield saga
             token = page.next_page_token
