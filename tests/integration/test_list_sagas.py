@@ -14,8 +14,8 @@ from google.protobuf import timestamp_pb2
 
 from coordinator import engine
 from coordinator.app import Coordinator
-from coordinator.cli import main
 from coordinator.store.queries import q
+from helpers.cli import exit_status
 from helpers.transitions import STEPS, request, succeed
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -226,21 +226,13 @@ def _nodes(plan: dict[str, object]) -> list[dict[str, object]]:
     return found
 
 
-def _cli(argv: list[str]) -> int | str | None:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return None
-
-
 async def test_the_cli_lists_every_saga_with_all_state_and_since(
     coordinator: Coordinator, sagas: dict[str, list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = ["--coordinator", f"127.0.0.1:{coordinator.port}", "--json"]
 
     async def listed(*flags: str) -> list[str]:
-        status = await asyncio.to_thread(_cli, ["list", *flags, *target])
+        status = await asyncio.to_thread(exit_status, ["list", *flags, *target])
         out = capsys.readouterr().out
         assert status == 0, out
         return [s["id"] for s in json.loads(out)]
@@ -256,6 +248,6 @@ async def test_the_cli_lists_every_saga_with_all_state_and_since(
     # Without them, as before: active sagas only.
     active = set(sagas["started"] + sagas["compensating"])
     assert await listed() == [i for i in sagas["all"][::-1] if i in active]
-    refused = await asyncio.to_thread(_cli, ["list", "--all", "--stale-for", "1h", *target])
+    refused = await asyncio.to_thread(exit_status, ["list", "--all", "--stale-for", "1h", *target])
     assert refused == 2
     assert "--stale-for lists active sagas only" in capsys.readouterr().err

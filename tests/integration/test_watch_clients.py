@@ -19,7 +19,7 @@ from coordinator.api.interceptors import ErrorMappingInterceptor
 from coordinator.api.page_tokens import PageTokens
 from coordinator.api.servicer import SagaCoordinatorServicer
 from coordinator.app import Coordinator
-from coordinator.cli import main
+from helpers.cli import exit_status
 from helpers.transitions import STEPS, request, succeed
 from sagaplane import SagaClient
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -73,7 +73,7 @@ async def test_the_cli_watch_follows_the_stream_and_issues_no_get_saga(
         saga_id = (await client.start_saga_request(request())).id
     # The real command, in a thread with its own event loop, as a shell would run it.
     watching = asyncio.create_task(
-        asyncio.to_thread(_exit_status, ["watch", saga_id, "--coordinator", target])
+        asyncio.to_thread(exit_status, ["watch", saga_id, "--coordinator", target])
     )
     await until_watched(coordinator)
     for _ in STEPS:
@@ -117,14 +117,6 @@ async def test_client_wait_and_watch_use_the_stream(
     assert len(seen[0].history) + len(entries) == len((await _history(target, saga_id)).history)
     assert counting.calls["GetSaga"] == 1  # _history's own, below
     assert counting.calls["WatchSaga"] == 3
-
-
-def _exit_status(argv: list[str]) -> int | str | None:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return None
 
 
 async def _history(target: str, saga_id: str) -> Any:
