@@ -131,7 +131,9 @@ SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s AND id > %(after)s O
 -- after one page, then the pages merged: the cost of a page does not grow with the
 -- table. Parameters are bound client-side (sagaplane.batch), so a filter left out
 -- (NULL) folds away before planning. The page continues below the saga %(after)s,
--- whose created_at is looked up by its primary key.
+-- whose created_at is looked up by its primary key. (A token whose saga was deleted since
+-- finds nothing below it: once sagas are deleted (retention), the token must carry the
+-- created_at itself.)
 WITH after AS (
     SELECT created_at, id FROM sagaplane_sagas WHERE id = %(after)s
 )
