@@ -19,6 +19,7 @@ from coordinator.messaging.codec import encode_command
 from coordinator.messaging.replies import ReplyConsumer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.store.migrate import migrate
+from coordinator.store.notifications import Listener
 from coordinator.store.pool import open_pool
 from coordinator.store.repository import SagaStore
 from coordinator.timers import TimerLoop
@@ -42,6 +43,8 @@ class Coordinator:
         self._dead_letters: DeadLetters | None = None
         self._relay: OutboxRelay | None = None
         self._timers: TimerLoop | None = None
+        self.listener: Listener | None = None
+        """What wakes WatchSaga's watchers, once started."""
         self.store: SagaStore | None = None
         """The saga store, once started."""
         self._metrics_server: MetricsServer | None = None
@@ -110,7 +113,12 @@ class Coordinator:
         self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
         await self._timers.start()
         tokens = PageTokens(await self.store.secret("page_tokens"))
-        await self._api.start(SagaCoordinatorServicer(self.store, tokens))
+        self.listener = Listener(self.settings.database_url)
+        await self.listener.start()
+        servicer = SagaCoordinatorServicer(
+            self.store, tokens, self.listener, watch_send_timeout=self.settings.watch_send_timeout
+        )
+        await self._api.start(servicer)
         log.info("coordinator listening on port %d", self._api.port)
 
     async def _serve_metrics(self, metrics: CoordinatorMetrics, listen: str) -> None:
@@ -129,7 +137,8 @@ class Coordinator:
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The background tasks whose end means the process must stop."""
-        found = [c.task for c in (self._relay, self._replies, self._timers) if c is not None]
+        parts = (self._relay, self._replies, self._timers, self.listener)
+        found = [c.task for c in parts if c is not None]
         return [t for t in found if t is not None]
 
     async def stop(self) -> None:
@@ -142,6 +151,8 @@ class Coordinator:
         self._stopped = True
         if self._api is not None:
             await self._api.stop(self.settings.grace)
+        if self.listener is not None:
+            await self.listener.stop()
         if self._replies is not None:
             await self._replies.stop()
         if self._timers is not None:

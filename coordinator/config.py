@@ -38,6 +38,9 @@ class Settings:
     """Seconds in-flight calls get to finish on shutdown (SAGAPLANE_GRACE)."""
     migrate: bool = True
     """Apply pending migrations at start (SAGAPLANE_MIGRATE=0 to skip)."""
+    watch_send_timeout: float = 30.0
+    """Seconds a WatchSaga client may leave a message unread before it is cut off with
+    RESOURCE_EXHAUSTED (SAGAPLANE_WATCH_SEND_TIMEOUT)."""
     event_loop: str = "uvloop"
     """``uvloop`` or ``asyncio`` (SAGAPLANE_EVENT_LOOP); see sagaplane.runtime."""
     metrics_listen: str | None = None
@@ -83,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         type=float,
         default=float(env.get("SAGAPLANE_GRACE", d.grace)),
         help="seconds to finish in-flight calls on shutdown [SAGAPLANE_GRACE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--watch-send-timeout",
+        type=float,
+        default=float(env.get("SAGAPLANE_WATCH_SEND_TIMEOUT", d.watch_send_timeout)),
+        help="seconds a WatchSaga client may leave a message unread before it is cut off "
+        "[SAGAPLANE_WATCH_SEND_TIMEOUT; default %(default)s]",
     )
     parser.add_argument(
         "--no-migrate",
@@ -138,6 +148,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         prefetch=args.prefetch,
         timer_interval=args.timer_interval,
         grace=args.grace,
+        watch_send_timeout=args.watch_send_timeout,
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,

@@ -4,6 +4,7 @@
      ├── BadRequest         INVALID_ARGUMENT     a field is invalid; names the field
      ├── UnknownSaga        NOT_FOUND            no saga has this (or a malformed) id
      ├── KeyReused          ALREADY_EXISTS       key already used for another request
+     ├── SlowWatcher        RESOURCE_EXHAUSTED   a WatchSaga client stopped reading
      └── StorageUnavailable UNAVAILABLE          the database cannot be reached; retry
     engine.WrongState       FAILED_PRECONDITION  not allowed in the saga's current state
 
@@ -32,6 +33,7 @@ __all__ = [
     "KeyReused",
     "Refusal",
     "ServiceError",
+    "SlowWatcher",
     "StorageUnavailable",
     "UnknownSaga",
     "Violation",
@@ -107,6 +109,10 @@ class KeyReused(ServiceError):
     def __init__(self, message: str | None = None, *, violations: Sequence[Violation] = ()):
         super().__init__(message or (describe(violations) if violations else None))
         self.violations = tuple(violations)
+
+
+class SlowWatcher(ServiceError):
+    """The watcher did not read its messages in time; reconnect from the last position."""
 
 
 class StorageUnavailable(ServiceError):

@@ -92,6 +92,7 @@ def history_to_proto(entry: HistoryEntry) -> saga_pb2.HistoryEntry:
         event=entry.event,
         reason=entry.reason or "",
         at=_timestamp(entry.at),
+        position=entry.position,
     )
 
 

@@ -28,6 +28,7 @@ _CODES: dict[type[errors.Refusal], grpc.StatusCode] = {
     errors.BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.UnknownSaga: grpc.StatusCode.NOT_FOUND,
     errors.KeyReused: grpc.StatusCode.ALREADY_EXISTS,
+    errors.SlowWatcher: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -117,9 +118,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
+        # A unary call returns its answer; a server-streaming one (WatchSaga) writes its
+        # messages with context.write and returns None: both are awaited the same way.
+        inner = cast(
+            Callable[[Any, grpc.ServicerContext], Awaitable[Any]] | None,
+            handler.unary_unary or handler.unary_stream,
+        )
+        if inner is None:
+            return handler
         method = handler_call_details.method
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -144,7 +152,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
-        return grpc.unary_unary_rpc_method_handler(
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return make(
             guarded,
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,

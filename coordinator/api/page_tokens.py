@@ -1,9 +1,11 @@
-"""ListActive's page tokens: opaque, and authenticated with the coordinator's key.
+"""Page tokens of ListActive and ListSagas: opaque, and authenticated with the
+coordinator's key.
 
 A token is ``base64url(version | after | filter | mac)``: the id the next page starts
-below, a digest of the name filter it was issued for, and an HMAC-SHA256 (cut to 16
-bytes) over both with a key that every coordinator replica reads from its database
-(``sagaplane_keys``, made by a migration). A token is never parsed as anything but
+below, a digest of the filters it was issued for (ListActive: its name filter; ListSagas:
+:func:`coordinator.api.validation.filter_digest`, which no name can equal), and an
+HMAC-SHA256 (cut to 16 bytes) over both with a key that every coordinator replica reads
+from its database (``sagaplane_keys``, made by a migration). A token is never parsed as anything but
 these fixed-size fields, so a forged, tampered or truncated one is refused before any
 of it is used.
 """
@@ -36,30 +38,40 @@ class PageTokens:
         self._key = key
 
     def encode(self, after: str, name: str) -> str:
-        """A token to continue a listing filtered by ``name`` after the saga ``after``."""
+        """A token to continue a listing filtered by ``name`` (its filters as one string)
+        after the saga ``after``."""
         raw = _VERSION + after.encode("ascii") + _filter(name)
         return base64.urlsafe_b64encode(raw + self._mac(raw)).decode("ascii").rstrip("=")
 
-    def decode(self, token: str, name: str) -> str | None:
-        """The id to continue after (None for the first page); BadRequest otherwise."""
+    def decode(
+        self,
+        token: str,
+        name: str,
+        *,
+        listing: str = "ListActive",
+        filters: str = "a different name filter",
+    ) -> str | None:
+        """The id to continue after (None for the first page); BadRequest otherwise,
+        saying the token is not one of ``listing``, or was issued for ``filters``."""
         if not token:
             return None
+        foreign = f"is not a token returned by {listing}"
         if len(token) > MAX_TOKEN_CHARS:
-            raise BadRequest("page_token", "is not a token returned by ListActive")
+            raise BadRequest("page_token", foreign)
         try:
             data = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise BadRequest("page_token", "is not a token returned by ListActive") from exc
+            raise BadRequest("page_token", foreign) from exc
         raw, mac = data[:-_MAC_BYTES], data[-_MAC_BYTES:]
         if (
             len(data) != _SIZE
             or not raw.startswith(_VERSION)
             or not hmac.compare_digest(mac, self._mac(raw))
         ):
-            raise BadRequest("page_token", "is not a token returned by ListActive")
+            raise BadRequest("page_token", foreign)
         after = raw[len(_VERSION) : len(_VERSION) + _ID_BYTES].decode("ascii")
         if raw[-_FILTER_BYTES:] != _filter(name):
-            raise BadRequest("page_token", "was issued for a different name filter")
+            raise BadRequest("page_token", f"was issued for {filters}")
         return after
 
     def _mac(self, raw: bytes) -> bytes:

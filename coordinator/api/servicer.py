@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -11,7 +12,8 @@ import grpc
 from coordinator import engine
 from coordinator.api import convert, validation
 from coordinator.api.page_tokens import PageTokens
-from coordinator.errors import BadRequest, KeyReused
+from coordinator.errors import BadRequest, KeyReused, SlowWatcher
+from coordinator.store.notifications import Listener
 from coordinator.store.repository import SagaStore, Started
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
@@ -30,12 +32,35 @@ MAX_PAGE_BYTES = 3 * 1024 * 1024
 holds at least one saga), so that it stays under a gRPC client's default 4 MiB."""
 
 
-class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceServicer):
-    """Serves the gRPC API from the saga store. Errors are mapped by the interceptor."""
+WATCH_SEND_TIMEOUT = 30.0
+"""Seconds a WatchSaga message may wait for its client to take it (HTTP/2 flow control
+holds it while the client reads nothing) before the watcher is cut off."""
 
-    def __init__(self, store: SagaStore, page_tokens: PageTokens) -> None:
+FINAL_STATES = frozenset(
+    {engine.SagaState.COMPLETED, engine.SagaState.FAILED, engine.SagaState.COMPENSATED}
+)
+"""WatchSaga ends after showing one of these (COMPENSATION_FAILED waits for a person)."""
+
+
+class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceServicer):
+    """Serves the gRPC API from the saga store. Errors are mapped by the interceptor.
+
+    WatchSaga's wake-ups come from ``listener``; a message its client has not taken
+    within ``watch_send_timeout`` seconds cuts the watcher off (RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(
+        self,
+        store: SagaStore,
+        page_tokens: PageTokens,
+        listener: Listener,
+        *,
+        watch_send_timeout: float = WATCH_SEND_TIMEOUT,
+    ) -> None:
         self._store = store
         self._page_tokens = page_tokens
+        self._listener = listener
+        self._watch_send_timeout = watch_send_timeout
 
     async def StartSaga(
         self, request: coordinator_pb2.StartSagaRequest, context: Context
@@ -113,18 +138,52 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
             name=name or None,
             stale_for=validation.stale_for(request),
         )
-        page: list[saga_pb2.Saga] = []
-        size = 0
-        for saga in sagas[:limit]:
-            message = convert.saga_to_proto(saga)
-            size += message.ByteSize()
-            if page and size > MAX_PAGE_BYTES:
-                break
-            page.append(message)
+        page = _page(sagas, limit)
         token = ""
         if len(page) < len(sagas):
             token = self._page_tokens.encode(page[-1].id, name)
         return coordinator_pb2.ListActiveResponse(sagas=page, next_page_token=token)
+
+    async def ListSagas(
+        self, request: coordinator_pb2.ListSagasRequest, context: Context
+    ) -> coordinator_pb2.ListSagasResponse:
+        """Every saga (finished ones too) matching the filters, newest first, one page
+        at a time."""
+        limit = validation.page_size(request.page_size)
+        kept = validation.list_filter(request)
+        digest = validation.filter_digest(kept)
+        after = self._page_tokens.decode(
+            request.page_token, digest, listing="ListSagas", filters="different filters"
+        )
+        sagas = await self._store.list_sagas(limit=limit + 1, after=after, filters=kept)
+        page = _page(sagas, limit)
+        token = ""
+        if len(page) < len(sagas):
+            token = self._page_tokens.encode(page[-1].id, digest)
+        return coordinator_pb2.ListSagasResponse(sagas=page, next_page_token=token)
+
+    # A coroutine that writes (grpc.aio's other form of a streaming handler), not the
+    # generator the stubs declare: each write is awaited under a timeout of its own.
+    async def WatchSaga(  # type: ignore[override]
+        self, request: coordinator_pb2.WatchSagaRequest, context: Context
+    ) -> None:
+        """The saga now, then what each commit changed, until the saga ends."""
+        saga_id = validation.saga_id(request.id)
+        after = validation.after_position(request.after_position)
+        # Registered before the first read: a commit after that read always wakes us.
+        with self._listener.watch(saga_id) as changes:
+            first = True
+            while True:
+                saga, entries = await self._store.changes(saga_id, after=after)
+                if first or entries:
+                    for message in _watch_messages(saga, entries):
+                        await self._send(context, message)
+                        if message.history:
+                            after = message.history[-1].position
+                    first = False
+                if saga.state in FINAL_STATES:
+                    return
+                await changes.wait()
 
     async def ResolveCompensation(
         self, request: coordinator_pb2.ResolveCompensationRequest, context: Context
@@ -141,6 +200,63 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         return coordinator_pb2.ResolveCompensationResponse(
             saga=convert.saga_to_proto(transition.saga)
         )
+
+    async def _send(self, context: Context, message: coordinator_pb2.WatchSagaResponse) -> None:
+        # The write is not cancelled when it takes too long: gRPC cannot send a status
+        # once a write was cancelled under it. The status goes out behind the message
+        # (HTTP/2 keeps the order), so the client finds it as soon as it reads again.
+        write = asyncio.ensure_future(context.write(message))
+        done, _ = await asyncio.wait({write}, timeout=self._watch_send_timeout)
+        if write in done:
+            write.result()
+            return
+        write.add_done_callback(_quiet)
+        log.warning("WatchSaga of %s: the client read nothing; cut off", message.saga.id)
+        raise SlowWatcher(
+            f"this watcher did not read its messages for {self._watch_send_timeout:g}s; "
+            "call WatchSaga again with after_position set to the last entry received"
+        )
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    # A write left behind when its watcher was cut off: its outcome no longer matters.
+    if not task.cancelled():
+        task.exception()
+
+
+def _page(sagas: Sequence[engine.Saga], limit: int) -> list[saga_pb2.Saga]:
+    """The first ``limit`` sagas as a page, ending before the one that would take it past
+    MAX_PAGE_BYTES (it always holds at least one saga)."""
+    page: list[saga_pb2.Saga] = []
+    size = 0
+    for saga in sagas[:limit]:
+        message = convert.saga_to_proto(saga)
+        size += message.ByteSize()
+        if page and size > MAX_PAGE_BYTES:
+            break
+        page.append(message)
+    return page
+
+
+def _watch_messages(
+    saga: engine.Saga, entries: Sequence[engine.HistoryEntry]
+) -> Iterator[coordinator_pb2.WatchSagaResponse]:
+    """``saga`` with ``entries``, in as many messages as needed to keep each one below
+    MAX_RESPONSE_BYTES (only a long history in the first message needs more than one)."""
+    wire = convert.saga_to_proto(saga)
+    room = MAX_RESPONSE_BYTES - wire.ByteSize()
+    message = coordinator_pb2.WatchSagaResponse(saga=wire)
+    size = 0
+    for entry in entries:
+        proto = convert.history_to_proto(entry)
+        cost = _field_size(proto)
+        if message.history and size + cost > room:
+            yield message
+            message = coordinator_pb2.WatchSagaResponse(saga=wire)
+            size = 0
+        message.history.append(proto)
+        size += cost
+    yield message
 
 
 def fit_history(saga: saga_pb2.Saga, budget: int) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from coordinator import engine
 from coordinator.errors import BadRequest, UnknownSaga, Violation
-from coordinator.store.repository import is_id
+from coordinator.store.repository import SagaFilter, is_id
 from sagaplane import structs
 from sagaplane.limits import MAX_JSON_DEPTH, MAX_STEP_TIMEOUT
 from sagaplane.v1 import coordinator_pb2, saga_pb2
@@ -317,3 +317,71 @@ def page_size(value: int) -> int:
 def name_filter(value: str) -> str:
     """ListActive's optional name filter."""
     return _text(value, "name", required=False)
+
+
+def after_position(value: int) -> int:
+    """WatchSaga's resume point: a position from an earlier message, or 0."""
+    if value < 0:
+        raise BadRequest("after_position", "must not be negative")
+    return value
+
+
+_SAGA_STATES = {
+    saga_pb2.SAGA_STATE_STARTED: engine.SagaState.STARTED,
+    saga_pb2.SAGA_STATE_COMPLETED: engine.SagaState.COMPLETED,
+    saga_pb2.SAGA_STATE_FAILED: engine.SagaState.FAILED,
+    saga_pb2.SAGA_STATE_COMPENSATING: engine.SagaState.COMPENSATING,
+    saga_pb2.SAGA_STATE_COMPENSATED: engine.SagaState.COMPENSATED,
+    saga_pb2.SAGA_STATE_COMPENSATION_FAILED: engine.SagaState.COMPENSATION_FAILED,
+}
+
+# protobuf's Timestamp range (0001-01-01 to 9999-12-31), which datetime and PostgreSQL
+# both hold.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS:
+        raise BadRequest(field, "must be between 0001-01-01 and 9999-12-31")
+    if not 0 <= value.nanos < _NANOS:
+        raise BadRequest(field, "has nanos outside 0 to 999999999")
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def list_filter(request: coordinator_pb2.ListSagasRequest) -> SagaFilter:
+    """ListSagas' filters, each checked; a bad one is INVALID_ARGUMENT naming it."""
+    states: list[engine.SagaState] = []
+    for i, value in enumerate(request.states):
+        state = _SAGA_STATES.get(value)
+        if state is None:
+            raise BadRequest(
+                f"states[{i}]",
+                "must be a saga state (" + ", ".join(s.name for s in _SAGA_STATES.values()) + ")",
+            )
+        if state not in states:
+            states.append(state)
+    created_after = created_before = None
+    if request.HasField("created_after"):
+        created_after = _timestamp(request.created_after, "created_after")
+    if request.HasField("created_before"):
+        created_before = _timestamp(request.created_before, "created_before")
+        if created_after is not None and created_before <= created_after:
+            raise BadRequest("created_before", "must be later than created_after")
+    name = _text(request.name, "name", required=False)
+    saga = _text(request.id, "id", required=False)
+    key = _text(request.idempotency_key, "idempotency_key", required=False)
+    return SagaFilter(
+        states=tuple(sorted(states)),
+        name=name or None,
+        created_after=created_after,
+        created_before=created_before,
+        id=saga or None,
+        idempotency_key=key or None,
+    )
+
+
+def filter_digest(kept: SagaFilter) -> str:
+    """The filters as one string, the same whenever they are: a page token is valid
+    for the filters it was issued for only."""
+    return "ListSagas\x00" + repr(kept)

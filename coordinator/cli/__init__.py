@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import silence_stdout
 from sagaplane import defaults
+from sagaplane.sagas import SagaState
 
 __all__ = ["CliError", "ExitCode", "build_parser", "main"]
 
@@ -79,7 +80,8 @@ def _watch_options(parser: argparse.ArgumentParser, *, after: str = "") -> None:
         "--interval",
         metavar="SECONDS",
         type=float,
-        help=f"how often to ask the coordinator{only} (default 0.2)",
+        help=f"seconds before reconnecting to a lost coordinator{only}, then backing off "
+        "(default 0.2)",
     )
 
 
@@ -167,7 +169,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     listing = add(
         "list",
         client.list_active,
-        "List active sagas (started, compensating, compensation_failed), newest first.",
+        "List active sagas (started, compensating, compensation_failed), newest first; "
+        "with --all, --state or --since, every saga, finished ones too.",
         parents=[common],
     )
     listing.add_argument("--name", default="", help="only sagas of this name")
@@ -181,7 +184,24 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         "--stale-for",
         metavar="DURATION",
         type=client.parse_duration,
-        help="only sagas not updated for at least this long, e.g. 90s, 15m, 2h, 1d",
+        help="only sagas not updated for at least this long, e.g. 90s, 15m, 2h, 1d "
+        "(active sagas only)",
+    )
+    listing.add_argument(
+        "--all", action="store_true", help="every saga, finished ones too (not only active ones)"
+    )
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=[state.value for state in SagaState],
+        help="only sagas in this state (repeat for more); implies --all",
+    )
+    listing.add_argument(
+        "--since",
+        metavar="DURATION",
+        type=client.parse_duration,
+        help="only sagas started within this long, e.g. 15m, 2h, 7d; implies --all",
     )
 
     compensate = add(

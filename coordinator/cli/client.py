@@ -31,6 +31,7 @@ from sagaplane.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
+    ResourceExhausted,
     SagaNotFound,
 )
 from sagaplane.sagas import Saga, SagaState, StepStatus
@@ -216,14 +217,25 @@ def list_active(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
+    everything = args.all or bool(args.state) or args.since is not None
+    if everything and args.stale_for is not None:
+        raise CliError(
+            "--stale-for lists active sagas only: leave out --all, --state and --since",
+            ExitCode.USAGE,
+        )
+    since = datetime.now(UTC) - args.since if args.since is not None else None
     sagas: list[saga_pb2.Saga] = []
     more = False
     async with connect(args.coordinator, args.timeout) as client:
         token = ""
         while len(sagas) < args.limit:
-            page = await client.list_active(
-                min(args.limit - len(sagas), 1000), token, args.name, stale_for=args.stale_for
-            )
+            size = min(args.limit - len(sagas), 1000)
+            if everything:
+                page = await client.list_sagas(
+                    size, token, states=args.state, name=args.name, created_after=since
+                )
+            else:
+                page = await client.list_active(size, token, args.name, stale_for=args.stale_for)
             sagas += [s.proto for s in page.sagas]
             token = page.next_page_token
             if not token:
@@ -234,7 +246,8 @@ async def _list(args: argparse.Namespace) -> int:
     elif sagas:
         say(render.sagas_table(sagas, datetime.now(UTC)))
     else:
-        say("no active sagas" + (f" named {args.name!r}" if args.name else ""))
+        kind = "sagas" if everything else "active sagas"
+        say(f"no {kind}" + (f" named {args.name!r}" if args.name else ""))
     if more:
         print(f"(the newest {len(sagas)} only; raise --limit for more)", file=sys.stderr)
     return ExitCode.OK
@@ -244,7 +257,8 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 DEFAULT_INTERVAL = 0.2
-"""Seconds between two looks at a followed saga, unless --interval says otherwise."""
+"""Seconds before the first reconnection of a followed saga's stream (then backing off),
+unless --interval says otherwise. The coordinator pushes transitions: nothing polls."""
 
 
 def _watch_flags_need_watch(args: argparse.Namespace) -> None:
@@ -344,41 +358,45 @@ async def follow(
     indent: str = "",
     notify: Callable[[str], None] | None = None,
 ) -> Saga:
-    """Follow the saga (:meth:`SagaClient.watch`) until it ends, showing each new
-    transition once.
+    """Follow the saga (:meth:`SagaClient.watch`, the WatchSaga stream) until it ends,
+    showing each transition once, as the coordinator pushes it.
 
     Once the saga was seen, a coordinator that cannot be reached (restarted, say) is
-    waited for: the client reconnects after a :func:`sagaplane.backoff.delay`, and
-    ``notify`` is told when the coordinator was lost and when it is back. Before that,
+    waited for: the client reconnects after a :func:`sagaplane.backoff.delay` (from
+    ``interval`` seconds), resuming the stream after the last entry it showed, and
+    ``notify`` is told when the coordinator was lost and when it is back. A stream cut
+    off for reading too slowly resumes the same way. Before the saga was seen,
     CoordinatorUnavailable is raised at once (a wrong address stays an error).
 
-    Returns the final saga; raises TimeoutError after ``max_wait`` seconds (0: never).
+    Returns the final saga, with its whole history; raises TimeoutError after
+    ``max_wait`` seconds (0: never).
     """
-    seen = 0
+    history: list[saga_pb2.HistoryEntry] = []
     start: datetime | None = None
     saga: Saga | None = None
     failures = 0
     events = render.EVENT_WIDTH
     async with asyncio.timeout(max_wait if max_wait > 0 else None):
         while saga is None or not saga.ended:
+            last = history[-1].position if history else 0
             try:
-                async for saga in client.watch(saga_id, poll=interval):
+                async for saga in client.watch(saga_id, after_position=last, history=False):
                     if failures and notify is not None:
                         notify(f"the coordinator at {client.target} is back")
                     failures = 0
-                    history = saga.proto.history
+                    entries = list(saga.proto.history)
                     if show is not None:
-                        if seen == 0:
+                        if not history:
                             show(f"{indent}saga {saga.id} ({saga.name})")
-                            events = render.event_width(history)
-                        if history and start is None:
-                            start = render.timestamp(history[0].at)
+                            events = render.event_width(entries)
+                        if entries and start is None:
+                            start = render.timestamp(entries[0].at)
                         width = max((len(s.name) for s in saga.proto.steps), default=0)
-                        for entry in history[seen:]:
+                        for entry in entries:
                             line = history_line(entry, start, step_width=width, event_width=events)
                             show(indent + line)
-                    seen = len(history)
-            except CoordinatorUnavailable as exc:
+                    history += entries
+            except (CoordinatorUnavailable, ResourceExhausted) as exc:
                 if saga is None:
                     raise
                 failures += 1
@@ -391,9 +409,13 @@ async def follow(
                 # reconnection backoff.
                 await client.close()
                 await asyncio.sleep(backoff.delay(failures, initial=interval, maximum=5.0))
+    final = saga_pb2.Saga()
+    final.CopyFrom(saga.proto)
+    del final.history[:]
+    final.history.extend(history)
     if show is not None:
-        show(f"{indent}-> {render.saga_state(saga.proto.state)}{_took(saga.proto, start)}")
-    return saga
+        show(f"{indent}-> {render.saga_state(final.state)}{_took(final, start)}")
+    return Saga.from_proto(final)
 
 
 def history_line(

@@ -244,6 +244,8 @@ class HistoryEntry:
     reason: str | None = None
     at: datetime | None = None
     """Set by the store from the database clock when read back."""
+    position: int = 0
+    """Set by the store when read back: larger for every later entry of the saga."""
 
 
 @dataclass(frozen=True, kw_only=True)

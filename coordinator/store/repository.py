@@ -93,6 +93,21 @@ class Started:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SagaFilter:
+    """What :meth:`SagaStore.list_sagas` keeps; None (or empty) keeps everything."""
+
+    states: tuple[SagaState, ...] = ()
+    """Sagas in one of these states; empty: every state."""
+    name: str | None = None
+    created_after: datetime | None = None
+    """Created at or after."""
+    created_before: datetime | None = None
+    """Created strictly before."""
+    id: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Applied:
     """The outcome of one event of :meth:`SagaStore.apply_many`."""
 
@@ -318,6 +333,44 @@ class SagaStore:
                 await cur.execute(q("select_history"), {"saga_id": saga_id})
                 entries = [_history_from_row(row) for row in await cur.fetchall()]
             return sagas[saga_id], entries
+
+    async def changes(self, saga_id: str, *, after: int) -> tuple[Saga, list[HistoryEntry]]:
+        """The saga and its history entries with positions above ``after``, read in one
+        snapshot (so the saga is exactly as those entries left it); raises UnknownSaga."""
+        async with self._transaction() as cur:
+            saga_rows, step_rows, history_rows = await batch.run(
+                cur,
+                [
+                    ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", None),
+                    (q("select_sagas"), {"ids": [saga_id]}),
+                    (q("select_steps"), {"ids": [saga_id]}),
+                    (q("select_history_after"), {"saga_id": saga_id, "after": after}),
+                    ("COMMIT", None),
+                ],
+            )
+        if not saga_rows:
+            raise UnknownSaga(saga_id)
+        saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
+        return saga, [_history_from_row(r) for r in history_rows]
+
+    async def list_sagas(self, *, limit: int, after: str | None, filters: SagaFilter) -> list[Saga]:
+        """Sagas matching ``filters``, newest first (by created_at, then id), below the
+        saga ``after`` (keyset pagination)."""
+        params = {
+            "limit": limit,
+            "after": after,
+            "states": [s.value for s in filters.states or SagaState],
+            "name": filters.name,
+            "created_after": filters.created_after,
+            "created_before": filters.created_before,
+            "id": filters.id,
+            "idempotency_key": filters.idempotency_key,
+        }
+        async with self._reading() as cur:
+            await cur.execute(q("list_sagas"), params)
+            rows = await cur.fetchall()
+            steps = await self._steps(cur, [row["id"] for row in rows])
+            return [_saga_from_row(row, steps.get(row["id"], ())) for row in rows]
 
     async def secret(self, name: str) -> bytes:
         """The shared secret called ``name`` (see ``sql/0003_keys.sql``); KeyError if none."""
@@ -710,4 +763,5 @@ def _history_from_row(row: DictRow) -> HistoryEntry:
         event=row["event"],
         reason=row["reason"],
         at=row["at"],
+        position=row["id"],
     )

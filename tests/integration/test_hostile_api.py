@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.app import Coordinator
+from helpers.transitions import STEPS, request, succeed
 from sagaplane import structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -61,6 +62,10 @@ FIELDS = {
     "page_token",
     "stale_for",
     "sagas",
+    "after_position",
+    "states",
+    "created_after",
+    "created_before",
 }
 ROWS = """
 SELECT (SELECT count(*) FROM sagaplane_sagas), (SELECT count(*) FROM sagaplane_steps),
@@ -90,6 +95,15 @@ durations = st.one_of(
     st.builds(
         duration_pb2.Duration,
         seconds=st.integers(min_value=0, max_value=100_000),
+        nanos=st.integers(min_value=0, max_value=10**9 + 5),
+    ),
+)
+
+timestamps = st.one_of(
+    st.builds(timestamp_pb2.Timestamp, seconds=int64, nanos=int32),
+    st.builds(
+        timestamp_pb2.Timestamp,
+        seconds=st.integers(min_value=-62_135_596_801, max_value=253_402_300_800),
         nanos=st.integers(min_value=0, max_value=10**9 + 5),
     ),
 )
@@ -211,12 +225,20 @@ class Fuzz:
 
     async def call_raw(self, method: str, body: bytes) -> Any:
         """Send ``body`` as the request, as it is: no protobuf on the client side."""
+        path = f"/sagaplane.v1.SagaCoordinatorService/{method}"
+        if method in STREAMING:
+            stream = self.channel.unary_stream(
+                path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+            )
+            return await self.check(method, _whole(stream), body)
         call = self.channel.unary_unary(
-            f"/sagaplane.v1.SagaCoordinatorService/{method}",
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         return await self.check(method, call, body)
+
+    async def call_stream(self, method: str, request: Any) -> Any:
+        """A server-streaming call, read to its end (its messages as a list)."""
+        return await self.check(method, _whole(getattr(self.stub, method)), request)
 
     async def check(self, method: str, call: Any, request: Any) -> Any:
         before = await self.rows()
@@ -338,7 +360,66 @@ async def test_a_tampered_page_token_is_invalid_argument(fuzz: Fuzz) -> None:
         assert (raised.value.details() or "").startswith("page_token: ")
 
 
+@FUZZ
+@given(saga_id=ids, after=int64)
+async def test_watch_saga_answers_every_request(fuzz: Fuzz, saga_id: str, after: int) -> None:
+    await fuzz.call_stream("WatchSaga", api.WatchSagaRequest(id=saga_id, after_position=after))
+
+
+async def test_watch_saga_of_a_finished_saga_answers_every_position(
+    fuzz: Fuzz, coordinator: Coordinator
+) -> None:
+    assert coordinator.store is not None
+    saga = (await fuzz.stub.StartSaga(request())).saga
+    for _ in STEPS:
+        await succeed(coordinator.store, saga.id)
+    for after in (0, 1, 2**62, -1, -(2**63)):
+        await fuzz.call_stream("WatchSaga", api.WatchSagaRequest(id=saga.id, after_position=after))
+
+
+@FUZZ
+@given(
+    page_size=int32,
+    page_token=page_tokens,
+    states=st.lists(st.one_of(st.integers(min_value=0, max_value=6), int32), max_size=8),
+    name=st.one_of(st.just(""), nasty_text),
+    created_after=_maybe(timestamps),
+    created_before=_maybe(timestamps),
+    saga_id=st.one_of(st.just(""), ids),
+    key=st.one_of(st.just(""), nasty_text),
+)
+async def test_list_sagas_answers_every_request(
+    fuzz: Fuzz,
+    page_size: int,
+    page_token: str,
+    states: list[int],
+    name: str,
+    created_after: timestamp_pb2.Timestamp | None,
+    created_before: timestamp_pb2.Timestamp | None,
+    saga_id: str,
+    key: str,
+) -> None:
+    request = api.ListSagasRequest(
+        page_size=page_size,
+        page_token=page_token,
+        states=states,  # type: ignore[arg-type]
+        name=name,
+        created_after=created_after,
+        created_before=created_before,
+        id=saga_id,
+        idempotency_key=key,
+    )
+    await fuzz.call("ListSagas", request)
+
+
 METHODS = sorted(api.DESCRIPTOR.services_by_name["SagaCoordinatorService"].methods_by_name)
+STREAMING = {
+    name
+    for name, method in api.DESCRIPTOR.services_by_name[
+        "SagaCoordinatorService"
+    ].methods_by_name.items()
+    if method.server_streaming
+}
 
 
 @FUZZ
@@ -356,6 +437,16 @@ async def test_requests_nested_past_protobufs_limit_are_invalid_argument(fuzz: F
         nested = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields
     body = b"\x0a\x01x" + b"\x1a" + _varint(len(nested)) + nested  # name, context
     await fuzz.call_raw("StartSaga", body)
+
+
+def _whole(method: Any) -> Any:
+    """A streaming method as a call that answers with every message (within 10 s: every
+    stream fuzzed here is of a saga that has ended, or of none)."""
+
+    async def call(request: Any, timeout: float) -> list[Any]:
+        return [m async for m in method(request, timeout=timeout)]
+
+    return call
 
 
 def _violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:

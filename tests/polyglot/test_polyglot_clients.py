@@ -9,12 +9,15 @@ back through the Python stub), which proves the requests were encoded right.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 from polyglot_tools import by_name, go_quickstart, json_lines, node_quickstart, run
 
 from coordinator.app import Coordinator
+from helpers.transitions import succeed, undo_all
 from sagaplane import structs
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -136,3 +139,42 @@ async def test_node_client_starts_a_batch_and_reads_the_bad_sagas_of_a_refused_o
     for row, saga_id in enumerate(ids):
         saga = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
         assert structs.to_dict(saga.context) == {"row": row, "source": "node"}
+
+
+async def test_node_wait_for_end_follows_the_watch_stream_to_the_end(
+    coordinator: Coordinator, stub: Stub, node_quickstart: Path
+) -> None:
+    """``waitForEnd`` (the quickstart's --wait) resolves once the saga ends, pushed over
+    WatchSaga: the test ends the saga through the store while the client waits."""
+    assert coordinator.store is not None
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(node_quickstart),
+        "--address",
+        f"127.0.0.1:{coordinator.port}",
+        "--wait",
+        "30",
+        cwd=node_quickstart.parent,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            lines = []
+            while not lines or lines[-1]["op"] != "list":
+                lines.append(json.loads(await proc.stdout.readline()))
+            saga_id = lines[0]["saga"]["id"]
+            # The quickstart now waits. create completes (without the order_id that ship's
+            # input refers to, so ship fails), then create's compensation completes.
+            await succeed(coordinator.store, saga_id)
+            await undo_all(coordinator.store, saga_id)
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    end = json_lines(out.decode())["end"]
+    recorded = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
+    assert recorded.state in (model.SAGA_STATE_COMPENSATED, model.SAGA_STATE_FAILED)
+    assert end["state"] == model.SagaState.Name(recorded.state)

@@ -12,6 +12,8 @@ import {
   SagaCoordinatorServiceClient,
   StartSagaRequest,
   StartSagasRequest,
+  WatchSagaRequest,
+  WatchSagaResponse,
 } from "./gen/sagaplane/v1/coordinator";
 import { Saga, SagaState } from "./gen/sagaplane/v1/saga";
 
@@ -94,19 +96,37 @@ export class SagaplaneClient {
   }
 
   /**
-   * Polls GetSaga until the saga is in one of END_STATES, and resolves to it. Rejects
-   * when `timeoutMs` (default 60 s) passes first.
+   * Follows the saga over the WatchSaga stream (the coordinator pushes each commit; no
+   * polling) until it is in one of END_STATES, and resolves to it. Rejects with the
+   * stream's grpc.ServiceError (NOT_FOUND for an unknown saga), or when `timeoutMs`
+   * (default 60 s) passes first.
    */
-  async waitForEnd(id: string, options: { timeoutMs?: number; intervalMs?: number } = {}): Promise<Saga> {
-    const deadline = Date.now() + (options.timeoutMs ?? 60_000);
-    for (;;) {
-      const saga = await this.getSaga(id);
-      if (END_STATES.has(saga.state)) return saga;
-      if (Date.now() > deadline) {
-        throw new Error(`saga ${id} still ${SagaState[saga.state]} after ${options.timeoutMs ?? 60_000} ms`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, options.intervalMs ?? 100));
-    }
+  waitForEnd(id: string, options: { timeoutMs?: number; metadata?: grpc.Metadata } = {}): Promise<Saga> {
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    return new Promise((resolve, reject) => {
+      const call = this.raw.watchSaga(WatchSagaRequest.fromPartial({ id }), options.metadata ?? new grpc.Metadata());
+      let last: Saga | undefined;
+      let settled = false;
+      const settle = (outcome: () => void): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        call.cancel(); // a no-op once the stream ended; its CANCELLED error is ignored
+        outcome();
+      };
+      const timer = setTimeout(() => {
+        const state = last ? SagaState[last.state] : "unknown";
+        settle(() => reject(new Error(`saga ${id} still ${state} after ${timeoutMs} ms`)));
+      }, timeoutMs);
+      call.on("data", (message: WatchSagaResponse) => {
+        last = message.saga;
+        if (last && END_STATES.has(last.state)) settle(() => resolve(last!));
+      });
+      call.on("error", (error: grpc.ServiceError) => settle(() => reject(error)));
+      call.on("end", () =>
+        settle(() => (last ? resolve(last) : reject(new Error(`the watch of saga ${id} ended without a saga`)))),
+      );
+    });
   }
 
   /** Closes the channel. Safe to call twice. */

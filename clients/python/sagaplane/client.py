@@ -16,7 +16,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -35,7 +35,7 @@ from sagaplane.errors import (
     from_rpc_error,
 )
 from sagaplane.sagas import TERMINAL_STATES, RetryPolicy, Saga, SagaState
-from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc
+from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -136,7 +136,7 @@ class StartedSaga:
 
 @dataclass(frozen=True)
 class ActivePage:
-    """One page of :meth:`SagaClient.list_active`."""
+    """One page of :meth:`SagaClient.list_active` or :meth:`SagaClient.list_sagas`."""
 
     sagas: list[Saga]
     next_page_token: str
@@ -352,6 +352,76 @@ class SagaClient:
             if not token:
                 return
 
+    async def list_sagas(
+        self,
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        states: Iterable[SagaState | str] = (),
+        name: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        id: str = "",
+        idempotency_key: str = "",
+    ) -> ActivePage:
+        """One page of every saga, finished ones too, newest first (ListSagas); pass
+        ``next_page_token`` on, with the same filters, for more.
+
+        ``states`` keeps sagas in one of them (e.g. ``["failed", "compensated"]``);
+        ``created_after`` (inclusive) and ``created_before`` (exclusive) bound the start
+        time (aware datetimes); ``id`` or ``idempotency_key`` find one saga.
+        """
+        request = coordinator_pb2.ListSagasRequest(
+            page_size=page_size,
+            page_token=page_token,
+            name=name,
+            id=id,
+            idempotency_key=idempotency_key,
+        )
+        for i, state in enumerate(states):
+            try:
+                request.states.append(SagaState(state).to_proto())
+            except ValueError:
+                raise InvalidArgument(
+                    f"states[{i}]: must be one of {', '.join(SagaState)}, not {state!r}"
+                ) from None
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
+        response = await self._call(self._service().ListSagas, request)
+        return ActivePage(
+            sagas=[Saga.from_proto(s) for s in response.sagas],
+            next_page_token=response.next_page_token,
+        )
+
+    async def iter_sagas(
+        self,
+        *,
+        page_size: int = 0,
+        states: Iterable[SagaState | str] = (),
+        name: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+    ) -> AsyncIterator[Saga]:
+        """Every saga matching the filters (see :meth:`list_sagas`), page after page."""
+        wanted = list(states)
+        token = ""
+        while True:
+            page = await self.list_sagas(
+                page_size,
+                token,
+                states=wanted,
+                name=name,
+                created_after=created_after,
+                created_before=created_before,
+            )
+            for saga in page.sagas:
+                yield saga
+            token = page.next_page_token
+            if not token:
+                return
+
     # -- changing ---------------------------------------------------------------------
 
     async def compensate(self, saga_id: str, reason: str = "") -> Saga:
@@ -380,8 +450,9 @@ class SagaClient:
     # -- following --------------------------------------------------------------------
 
     # One deadline for the whole wait is part of its meaning, so it is an argument here.
-    async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 0.05) -> Saga:  # noqa: ASYNC109
-        """Poll the saga every ``poll`` seconds until it is in :data:`TERMINAL_STATES`.
+    async def wait(self, saga_id: str, timeout: float = 30.0) -> Saga:  # noqa: ASYNC109
+        """Follow the saga (:meth:`watch`, no polling) until it is in
+        :data:`TERMINAL_STATES`, and return it.
 
         Raises :class:`~sagaplane.errors.WaitTimeout` (a TimeoutError, with ``.saga`` as
         last seen) after ``timeout`` seconds.
@@ -389,33 +460,50 @@ class SagaClient:
         saga: Saga | None = None
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    saga = await self.get_saga(saga_id)
-                    if saga.ended:
-                        return saga
-                    await asyncio.sleep(poll)
+                async for seen in self.watch(saga_id, history=False):
+                    saga = seen
         except TimeoutError as exc:
             state = saga.state.value if saga is not None else "unknown"
             raise WaitTimeout(
                 f"saga {saga_id} is still {state} after {timeout}s", saga=saga
             ) from exc
+        assert saga is not None and saga.ended
+        return saga
 
-    async def watch(self, saga_id: str, *, poll: float = 0.2) -> AsyncIterator[Saga]:
-        """The saga (with its history) now, then each time it has changed, until it ends.
+    async def watch(
+        self, saga_id: str, *, after_position: int = 0, history: bool = True
+    ) -> AsyncIterator[Saga]:
+        """The saga now, then again after each commit that changed it, until it ends
+        (the WatchSaga stream: the coordinator pushes each transition as it commits).
 
-        The last one yielded is in :data:`TERMINAL_STATES`. Polls every ``poll``
-        seconds; bound the whole watch with ``asyncio.timeout`` if needed.
+        Each saga yielded carries in ``history`` every entry received so far (with
+        ``history=False``, only those of its own message): the whole history, or
+        with ``after_position`` (the ``position`` of the last entry seen, after a lost
+        connection) the entries after it, none missed or repeated. The last saga
+        yielded is in :data:`TERMINAL_STATES`; a saga in ``compensation_failed`` is
+        followed on (it waits for a person). Bound the whole watch with
+        ``asyncio.timeout`` if needed. A watcher that reads too slowly is cut off by
+        the coordinator with :class:`~sagaplane.errors.ResourceExhausted`.
         """
-        seen: tuple[int, object] | None = None
-        while True:
-            saga = await self.get_saga(saga_id, include_history=True)
-            mark = (len(saga.history), saga.updated_at)
-            if mark != seen:
-                seen = mark
-                yield saga
-            if saga.ended:
-                return
-            await asyncio.sleep(poll)
+        request = coordinator_pb2.WatchSagaRequest(id=saga_id, after_position=after_position)
+        seen: list[saga_pb2.HistoryEntry] = []
+        call = self._service().WatchSaga(
+            request, metadata=self._metadata, wait_for_ready=self._wait_for_ready
+        )
+        try:
+            async for message in call:
+                saga = saga_pb2.Saga()
+                saga.CopyFrom(message.saga)
+                if history:
+                    seen += message.history
+                    saga.history.extend(seen)
+                else:
+                    saga.history.extend(message.history)
+                yield Saga.from_proto(saga)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
 
     # -- the process ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@
         ├── IdempotencyConflict      ALREADY_EXISTS: the key was used with a different request
         ├── IllegalTransition        FAILED_PRECONDITION
         ├── CoordinatorUnavailable   UNAVAILABLE or DEADLINE_EXCEEDED: try again later
+        ├── ResourceExhausted        RESOURCE_EXHAUSTED: e.g. a watch that read too slowly
         └── WaitTimeout              SagaClient.wait() gave up (also a TimeoutError)
 
 What a handler raises becomes the reply's ``StepError``: ``type`` is the exception's
@@ -51,6 +52,7 @@ __all__ = [
     "IllegalTransition",
     "InvalidArgument",
     "NonRetryableError",
+    "ResourceExhausted",
     "RetryableError",
     "SagaNotFound",
     "SagaplaneError",
@@ -180,6 +182,11 @@ class CoordinatorUnavailable(CoordinatorError):
     """The coordinator could not be reached or did not answer in time."""
 
 
+class ResourceExhausted(CoordinatorError):
+    """The coordinator refused to hold more for this call (a watch that read too slowly
+    is cut off so: watch again from the last position seen)."""
+
+
 class WaitTimeout(CoordinatorError, TimeoutError):
     """The saga did not reach a terminal state in time."""
 
@@ -196,6 +203,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CoordinatorError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: IllegalTransition,
     grpc.StatusCode.UNAVAILABLE: CoordinatorUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: CoordinatorUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
 
 

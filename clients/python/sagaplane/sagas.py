@@ -298,6 +298,12 @@ class HistoryEntry(_View):
         """When (the database's clock)."""
         return _time(self.proto, "at")
 
+    @property
+    def position(self) -> int:
+        """Larger for every later entry of the saga: where :meth:`SagaClient.watch`
+        resumes from (``after_position``)."""
+        return self.proto.position
+
     def __repr__(self) -> str:
         return f"HistoryEntry(event={self.event!r}, step_name={self.step_name!r})"
 

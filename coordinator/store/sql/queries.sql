@@ -120,6 +120,40 @@ SELECT * FROM sagaplane_steps WHERE saga_id = ANY(%(ids)s) ORDER BY saga_id, pos
 -- name: select_history
 SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s ORDER BY id;
 
+-- name: select_history_after
+-- WatchSaga's catch-up: the entries after the watcher's last position. Per saga, ids
+-- grow in commit order (the saga row lock serialises its transitions).
+SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s AND id > %(after)s ORDER BY id;
+
+-- name: list_sagas
+-- ListSagas: newest first by (created_at, id). One index range scan per state asked
+-- for (sagaplane_sagas_by_state, or _by_state_name with a name; 0008), each stopping
+-- after one page, then the pages merged: the cost of a page does not grow with the
+-- table. Parameters are bound client-side (sagaplane.batch), so a filter left out
+-- (NULL) folds away before planning. The page continues below the saga %(after)s,
+-- whose created_at is looked up by its primary key. (A token whose saga was deleted since
+-- finds nothing below it: once sagas are deleted (retention), the token must carry the
+-- created_at itself.)
+WITH after AS (
+    SELECT created_at, id FROM sagaplane_sagas WHERE id = %(after)s
+)
+SELECT page.* FROM unnest(%(states)s::text[]) AS wanted (state)
+CROSS JOIN LATERAL (
+    SELECT s.* FROM sagaplane_sagas s
+    WHERE s.state = wanted.state
+      AND (%(name)s::text IS NULL OR s.name = %(name)s)
+      AND (%(created_after)s::timestamptz IS NULL OR s.created_at >= %(created_after)s)
+      AND (%(created_before)s::timestamptz IS NULL OR s.created_at < %(created_before)s)
+      AND (%(id)s::text IS NULL OR s.id = %(id)s)
+      AND (%(idempotency_key)s::text IS NULL OR s.idempotency_key = %(idempotency_key)s)
+      AND (%(after)s::text IS NULL
+           OR (s.created_at, s.id) < ((SELECT created_at FROM after), %(after)s))
+    ORDER BY s.created_at DESC, s.id DESC
+    LIMIT %(limit)s
+) AS page
+ORDER BY page.created_at DESC, page.id DESC
+LIMIT %(limit)s;
+
 -- name: list_active
 -- "after" is the last id of the previous page, or '~' (sorts after every ULID) for the first.
 -- sagaplane_saga_is_active (0004_active_states.sql) is the partial indexes' predicate.

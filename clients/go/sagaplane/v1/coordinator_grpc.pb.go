@@ -41,6 +41,29 @@ type SagaCoordinatorServiceClient interface {
 	// retry the failed compensation now, or record that a person undid the step
 	// by hand. Either way the resolution is recorded in the history.
 	ResolveCompensation(ctx context.Context, in *ResolveCompensationRequest, opts ...grpc.CallOption) (*ResolveCompensationResponse, error)
+	// Follows one saga as it changes. The first message is the saga as it is, with
+	// its history after after_position (all of it when 0); each later message is
+	// the saga as it is after one or more transitions committed since the previous
+	// message, with exactly those transitions' history entries, oldest first. Every
+	// entry is sent once, in order; a client keeps the last entry's position and,
+	// after a lost connection, calls again with after_position set to it, missing
+	// and repeating nothing.
+	//
+	// The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+	// or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+	// person: a ResolveCompensation (from any client) is streamed like any other
+	// transition. A saga already ended gets its one message and the end.
+	//
+	// Transitions are streamed whichever coordinator replica applied them (each
+	// replica hears of every commit from PostgreSQL). A client that does not read
+	// its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+	// without bound); it may reconnect with its last position. NOT_FOUND for an
+	// unknown (or malformed) id, as GetSaga.
+	WatchSaga(ctx context.Context, in *WatchSagaRequest, opts ...grpc.CallOption) (SagaCoordinatorService_WatchSagaClient, error)
+	// Lists every saga, finished ones too, newest first (by created_at, then id),
+	// with keyset pagination and filters. Each page is read from an index, so it
+	// costs the same however many sagas are stored.
+	ListSagas(ctx context.Context, in *ListSagasRequest, opts ...grpc.CallOption) (*ListSagasResponse, error)
 }
 
 type sagaCoordinatorServiceClient struct {
@@ -105,6 +128,47 @@ func (c *sagaCoordinatorServiceClient) ResolveCompensation(ctx context.Context, 
 	return out, nil
 }
 
+func (c *sagaCoordinatorServiceClient) WatchSaga(ctx context.Context, in *WatchSagaRequest, opts ...grpc.CallOption) (SagaCoordinatorService_WatchSagaClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_SagaCoordinatorService_serviceDesc.Streams[0], "/sagaplane.v1.SagaCoordinatorService/WatchSaga", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &sagaCoordinatorServiceWatchSagaClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type SagaCoordinatorService_WatchSagaClient interface {
+	Recv() (*WatchSagaResponse, error)
+	grpc.ClientStream
+}
+
+type sagaCoordinatorServiceWatchSagaClient struct {
+	grpc.ClientStream
+}
+
+func (x *sagaCoordinatorServiceWatchSagaClient) Recv() (*WatchSagaResponse, error) {
+	m := new(WatchSagaResponse)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (c *sagaCoordinatorServiceClient) ListSagas(ctx context.Context, in *ListSagasRequest, opts ...grpc.CallOption) (*ListSagasResponse, error) {
+	out := new(ListSagasResponse)
+	err := c.cc.Invoke(ctx, "/sagaplane.v1.SagaCoordinatorService/ListSagas", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // SagaCoordinatorServiceServer is the server API for SagaCoordinatorService service.
 // All implementations must embed UnimplementedSagaCoordinatorServiceServer
 // for forward compatibility
@@ -133,6 +197,29 @@ type SagaCoordinatorServiceServer interface {
 	// retry the failed compensation now, or record that a person undid the step
 	// by hand. Either way the resolution is recorded in the history.
 	ResolveCompensation(context.Context, *ResolveCompensationRequest) (*ResolveCompensationResponse, error)
+	// Follows one saga as it changes. The first message is the saga as it is, with
+	// its history after after_position (all of it when 0); each later message is
+	// the saga as it is after one or more transitions committed since the previous
+	// message, with exactly those transitions' history entries, oldest first. Every
+	// entry is sent once, in order; a client keeps the last entry's position and,
+	// after a lost connection, calls again with after_position set to it, missing
+	// and repeating nothing.
+	//
+	// The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+	// or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+	// person: a ResolveCompensation (from any client) is streamed like any other
+	// transition. A saga already ended gets its one message and the end.
+	//
+	// Transitions are streamed whichever coordinator replica applied them (each
+	// replica hears of every commit from PostgreSQL). A client that does not read
+	// its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+	// without bound); it may reconnect with its last position. NOT_FOUND for an
+	// unknown (or malformed) id, as GetSaga.
+	WatchSaga(*WatchSagaRequest, SagaCoordinatorService_WatchSagaServer) error
+	// Lists every saga, finished ones too, newest first (by created_at, then id),
+	// with keyset pagination and filters. Each page is read from an index, so it
+	// costs the same however many sagas are stored.
+	ListSagas(context.Context, *ListSagasRequest) (*ListSagasResponse, error)
 	mustEmbedUnimplementedSagaCoordinatorServiceServer()
 }
 
@@ -157,6 +244,12 @@ func (UnimplementedSagaCoordinatorServiceServer) ListActive(context.Context, *Li
 }
 func (UnimplementedSagaCoordinatorServiceServer) ResolveCompensation(context.Context, *ResolveCompensationRequest) (*ResolveCompensationResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ResolveCompensation not implemented")
+}
+func (UnimplementedSagaCoordinatorServiceServer) WatchSaga(*WatchSagaRequest, SagaCoordinatorService_WatchSagaServer) error {
+	return status.Errorf(codes.Unimplemented, "method WatchSaga not implemented")
+}
+func (UnimplementedSagaCoordinatorServiceServer) ListSagas(context.Context, *ListSagasRequest) (*ListSagasResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListSagas not implemented")
 }
 func (UnimplementedSagaCoordinatorServiceServer) mustEmbedUnimplementedSagaCoordinatorServiceServer() {
 }
@@ -280,6 +373,45 @@ func _SagaCoordinatorService_ResolveCompensation_Handler(srv interface{}, ctx co
 	return interceptor(ctx, in, info, handler)
 }
 
+func _SagaCoordinatorService_WatchSaga_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchSagaRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(SagaCoordinatorServiceServer).WatchSaga(m, &sagaCoordinatorServiceWatchSagaServer{stream})
+}
+
+type SagaCoordinatorService_WatchSagaServer interface {
+	Send(*WatchSagaResponse) error
+	grpc.ServerStream
+}
+
+type sagaCoordinatorServiceWatchSagaServer struct {
+	grpc.ServerStream
+}
+
+func (x *sagaCoordinatorServiceWatchSagaServer) Send(m *WatchSagaResponse) error {
+	return x.ServerStream.SendMsg(m)
+}
+
+func _SagaCoordinatorService_ListSagas_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSagasRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(SagaCoordinatorServiceServer).ListSagas(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/sagaplane.v1.SagaCoordinatorService/ListSagas",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(SagaCoordinatorServiceServer).ListSagas(ctx, req.(*ListSagasRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _SagaCoordinatorService_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "sagaplane.v1.SagaCoordinatorService",
 	HandlerType: (*SagaCoordinatorServiceServer)(nil),
@@ -308,7 +440,17 @@ var _SagaCoordinatorService_serviceDesc = grpc.ServiceDesc{
 			MethodName: "ResolveCompensation",
 			Handler:    _SagaCoordinatorService_ResolveCompensation_Handler,
 		},
+		{
+			MethodName: "ListSagas",
+			Handler:    _SagaCoordinatorService_ListSagas_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchSaga",
+			Handler:       _SagaCoordinatorService_WatchSaga_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "sagaplane/v1/coordinator.proto",
 }

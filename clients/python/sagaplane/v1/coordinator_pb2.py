@@ -24,44 +24,53 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from sagaplane.v1 import saga_pb2 as sagaplane_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esagaplane/v1/coordinator.proto\x12\x0csagaplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17sagaplane/v1/saga.proto\"\xbf\x02\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x08 \x03(\t\x12\x1a\n\x12\x64\x65pends_on_nothing\x18\t \x01(\x08\x12\x0c\n\x04when\x18\n \x01(\t\"\xd6\x02\n\x10StartSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.sagaplane.v1.StepSpec\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12/\n\x0cstep_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11StartSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"B\n\x11StartSagasRequest\x12-\n\x05sagas\x18\x01 \x03(\x0b\x32\x1e.sagaplane.v1.StartSagaRequest\"I\n\x12StartSagasResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x03(\x05\"5\n\x0eGetSagaRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"3\n\x0fGetSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"/\n\x11\x43ompensateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43ompensateResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"v\n\x11ListActiveRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12,\n\tstale_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x12ListActiveResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x1aResolveCompensationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x38\n\nresolution\x18\x02 \x01(\x0e\x32$.sagaplane.v1.CompensationResolution\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x1bResolveCompensationResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga*\x92\x01\n\x16\x43ompensationResolution\x12\'\n#COMPENSATION_RESOLUTION_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATION_RESOLUTION_RETRY\x10\x01\x12,\n(COMPENSATION_RESOLUTION_MARK_COMPENSATED\x10\x02\x32\x8d\x04\n\x16SagaCoordinatorService\x12L\n\tStartSaga\x12\x1e.sagaplane.v1.StartSagaRequest\x1a\x1f.sagaplane.v1.StartSagaResponse\x12O\n\nStartSagas\x12\x1f.sagaplane.v1.StartSagasRequest\x1a .sagaplane.v1.StartSagasResponse\x12\x46\n\x07GetSaga\x12\x1c.sagaplane.v1.GetSagaRequest\x1a\x1d.sagaplane.v1.GetSagaResponse\x12O\n\nCompensate\x12\x1f.sagaplane.v1.CompensateRequest\x1a .sagaplane.v1.CompensateResponse\x12O\n\nListActive\x12\x1f.sagaplane.v1.ListActiveRequest\x1a .sagaplane.v1.ListActiveResponse\x12j\n\x13ResolveCompensation\x12(.sagaplane.v1.ResolveCompensationRequest\x1a).sagaplane.v1.ResolveCompensationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esagaplane/v1/coordinator.proto\x12\x0csagaplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sagaplane/v1/saga.proto\"\xbf\x02\n\x08StepSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x14\n\x0c\x63ompensation\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x08 \x03(\t\x12\x1a\n\x12\x64\x65pends_on_nothing\x18\t \x01(\x08\x12\x0c\n\x04when\x18\n \x01(\t\"\xd6\x02\n\x10StartSagaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05steps\x18\x02 \x03(\x0b\x32\x16.sagaplane.v1.StepSpec\x12(\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12/\n\x0cretry_policy\x18\x05 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12<\n\x19\x63ompensation_retry_policy\x18\x06 \x01(\x0b\x32\x19.sagaplane.v1.RetryPolicy\x12/\n\x0cstep_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x11StartSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"B\n\x11StartSagasRequest\x12-\n\x05sagas\x18\x01 \x03(\x0b\x32\x1e.sagaplane.v1.StartSagaRequest\"I\n\x12StartSagasResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x10\n\x08replayed\x18\x02 \x03(\x05\"5\n\x0eGetSagaRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"3\n\x0fGetSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"/\n\x11\x43ompensateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12\x43ompensateResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"v\n\x11ListActiveRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12,\n\tstale_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"P\n\x12ListActiveResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x1aResolveCompensationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x38\n\nresolution\x18\x02 \x01(\x0e\x32$.sagaplane.v1.CompensationResolution\x12\x0e\n\x06reason\x18\x03 \x01(\t\"?\n\x1bResolveCompensationResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\"6\n\x10WatchSagaRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_position\x18\x02 \x01(\x03\"b\n\x11WatchSagaResponse\x12 \n\x04saga\x18\x01 \x01(\x0b\x32\x12.sagaplane.v1.Saga\x12+\n\x07history\x18\x02 \x03(\x0b\x32\x1a.sagaplane.v1.HistoryEntry\"\xfc\x01\n\x10ListSagasRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\'\n\x06states\x18\x03 \x03(\x0e\x32\x17.sagaplane.v1.SagaState\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02id\x18\x07 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"O\n\x11ListSagasResponse\x12!\n\x05sagas\x18\x01 \x03(\x0b\x32\x12.sagaplane.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x92\x01\n\x16\x43ompensationResolution\x12\'\n#COMPENSATION_RESOLUTION_UNSPECIFIED\x10\x00\x12!\n\x1d\x43OMPENSATION_RESOLUTION_RETRY\x10\x01\x12,\n(COMPENSATION_RESOLUTION_MARK_COMPENSATED\x10\x02\x32\xab\x05\n\x16SagaCoordinatorService\x12L\n\tStartSaga\x12\x1e.sagaplane.v1.StartSagaRequest\x1a\x1f.sagaplane.v1.StartSagaResponse\x12O\n\nStartSagas\x12\x1f.sagaplane.v1.StartSagasRequest\x1a .sagaplane.v1.StartSagasResponse\x12\x46\n\x07GetSaga\x12\x1c.sagaplane.v1.GetSagaRequest\x1a\x1d.sagaplane.v1.GetSagaResponse\x12O\n\nCompensate\x12\x1f.sagaplane.v1.CompensateRequest\x1a .sagaplane.v1.CompensateResponse\x12O\n\nListActive\x12\x1f.sagaplane.v1.ListActiveRequest\x1a .sagaplane.v1.ListActiveResponse\x12j\n\x13ResolveCompensation\x12(.sagaplane.v1.ResolveCompensationRequest\x1a).sagaplane.v1.ResolveCompensationResponse\x12N\n\tWatchSaga\x12\x1e.sagaplane.v1.WatchSagaRequest\x1a\x1f.sagaplane.v1.WatchSagaResponse0\x01\x12L\n\tListSagas\x12\x1e.sagaplane.v1.ListSagasRequest\x1a\x1f.sagaplane.v1.ListSagasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sagaplane.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPENSATIONRESOLUTION']._serialized_start=1615
-  _globals['_COMPENSATIONRESOLUTION']._serialized_end=1761
-  _globals['_STEPSPEC']._serialized_start=136
-  _globals['_STEPSPEC']._serialized_end=455
-  _globals['_STARTSAGAREQUEST']._serialized_start=458
-  _globals['_STARTSAGAREQUEST']._serialized_end=800
-  _globals['_STARTSAGARESPONSE']._serialized_start=802
-  _globals['_STARTSAGARESPONSE']._serialized_end=873
-  _globals['_STARTSAGASREQUEST']._serialized_start=875
-  _globals['_STARTSAGASREQUEST']._serialized_end=941
-  _globals['_STARTSAGASRESPONSE']._serialized_start=943
-  _globals['_STARTSAGASRESPONSE']._serialized_end=1016
-  _globals['_GETSAGAREQUEST']._serialized_start=1018
-  _globals['_GETSAGAREQUEST']._serialized_end=1071
-  _globals['_GETSAGARESPONSE']._serialized_start=1073
-  _globals['_GETSAGARESPONSE']._serialized_end=1124
-  _globals['_COMPENSATEREQUEST']._serialized_start=1126
-  _globals['_COMPENSATEREQUEST']._serialized_end=1173
-  _globals['_COMPENSATERESPONSE']._serialized_start=1175
-  _globals['_COMPENSATERESPONSE']._serialized_end=1229
-  _globals['_LISTACTIVEREQUEST']._serialized_start=1231
-  _globals['_LISTACTIVEREQUEST']._serialized_end=1349
-  _globals['_LISTACTIVERESPONSE']._serialized_start=1351
-  _globals['_LISTACTIVERESPONSE']._serialized_end=1431
-  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_start=1433
-  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_end=1547
-  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_start=1549
-  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_end=1612
-  _globals['_SAGACOORDINATORSERVICE']._serialized_start=1764
-  _globals['_SAGACOORDINATORSERVICE']._serialized_end=2289
+  _globals['_COMPENSATIONRESOLUTION']._serialized_start=2140
+  _globals['_COMPENSATIONRESOLUTION']._serialized_end=2286
+  _globals['_STEPSPEC']._serialized_start=169
+  _globals['_STEPSPEC']._serialized_end=488
+  _globals['_STARTSAGAREQUEST']._serialized_start=491
+  _globals['_STARTSAGAREQUEST']._serialized_end=833
+  _globals['_STARTSAGARESPONSE']._serialized_start=835
+  _globals['_STARTSAGARESPONSE']._serialized_end=906
+  _globals['_STARTSAGASREQUEST']._serialized_start=908
+  _globals['_STARTSAGASREQUEST']._serialized_end=974
+  _globals['_STARTSAGASRESPONSE']._serialized_start=976
+  _globals['_STARTSAGASRESPONSE']._serialized_end=1049
+  _globals['_GETSAGAREQUEST']._serialized_start=1051
+  _globals['_GETSAGAREQUEST']._serialized_end=1104
+  _globals['_GETSAGARESPONSE']._serialized_start=1106
+  _globals['_GETSAGARESPONSE']._serialized_end=1157
+  _globals['_COMPENSATEREQUEST']._serialized_start=1159
+  _globals['_COMPENSATEREQUEST']._serialized_end=1206
+  _globals['_COMPENSATERESPONSE']._serialized_start=1208
+  _globals['_COMPENSATERESPONSE']._serialized_end=1262
+  _globals['_LISTACTIVEREQUEST']._serialized_start=1264
+  _globals['_LISTACTIVEREQUEST']._serialized_end=1382
+  _globals['_LISTACTIVERESPONSE']._serialized_start=1384
+  _globals['_LISTACTIVERESPONSE']._serialized_end=1464
+  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_start=1466
+  _globals['_RESOLVECOMPENSATIONREQUEST']._serialized_end=1580
+  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_start=1582
+  _globals['_RESOLVECOMPENSATIONRESPONSE']._serialized_end=1645
+  _globals['_WATCHSAGAREQUEST']._serialized_start=1647
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1701
+  _globals['_WATCHSAGARESPONSE']._serialized_start=1703
+  _globals['_WATCHSAGARESPONSE']._serialized_end=1801
+  _globals['_LISTSAGASREQUEST']._serialized_start=1804
+  _globals['_LISTSAGASREQUEST']._serialized_end=2056
+  _globals['_LISTSAGASRESPONSE']._serialized_start=2058
+  _globals['_LISTSAGASRESPONSE']._serialized_end=2137
+  _globals['_SAGACOORDINATORSERVICE']._serialized_start=2289
+  _globals['_SAGACOORDINATORSERVICE']._serialized_end=2972
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sagaplane.v1 import saga_pb2 as _saga_pb2
@@ -535,3 +536,155 @@ class ResolveCompensationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveCompensationResponse: _TypeAlias = ResolveCompensationResponse  # noqa: Y015
+
+@_typing.final
+class WatchSagaRequest(_message.Message):
+    """Request of WatchSaga."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required; the saga's id."""
+    after_position: _builtins.int
+    """Optional; send only history entries with a larger position (the position
+    of the last entry received, to resume after a reconnect). 0: the whole
+    history in the first message.
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        after_position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSagaRequest: _TypeAlias = WatchSagaRequest  # noqa: Y015
+
+@_typing.final
+class WatchSagaResponse(_message.Message):
+    """One message of WatchSaga."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga:
+        """The saga as it is after the transitions in history (steps included, its
+        history field left empty).
+        """
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.HistoryEntry]:
+        """The transitions committed since the previous message (in the first message:
+        since after_position), oldest first; each with its position. May be empty in
+        the first message only.
+        """
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+        history: _abc.Iterable[_saga_pb2.HistoryEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchSagaResponse: _TypeAlias = WatchSagaResponse  # noqa: Y015
+
+@_typing.final
+class ListSagasRequest(_message.Message):
+    """Request of ListSagas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many sagas (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response with the same filters, to
+    continue from there.
+    """
+    name: _builtins.str
+    """Optional; only sagas of this name."""
+    id: _builtins.str
+    """Optional; only the saga with this id (a malformed id finds nothing)."""
+    idempotency_key: _builtins.str
+    """Optional; only the saga started with this idempotency key."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_saga_pb2.SagaState.ValueType]:
+        """Optional; only sagas in one of these states (none: every state)."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Optional; only sagas created at or after this time."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional; only sagas created before this time."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        states: _abc.Iterable[_saga_pb2.SagaState.ValueType] | None = ...,
+        name: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "id", b"id", "idempotency_key", b"idempotency_key", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagasRequest: _TypeAlias = ListSagasRequest  # noqa: Y015
+
+@_typing.final
+class ListSagasResponse(_message.Message):
+    """Response of ListSagas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGAS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token (with the same filters) for the next page; empty on the
+    last page.
+    """
+    @_builtins.property
+    def sagas(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.Saga]:
+        """Sagas, newest first. Steps are included; history is not."""
+
+    def __init__(
+        self,
+        *,
+        sagas: _abc.Iterable[_saga_pb2.Saga] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSagasResponse: _TypeAlias = ListSagasResponse  # noqa: Y015

@@ -70,6 +70,16 @@ class SagaCoordinatorServiceStub:
                 request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationRequest.SerializeToString,
                 response_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationResponse.FromString,
                 _registered_method=True)
+        self.WatchSaga = channel.unary_stream(
+                '/sagaplane.v1.SagaCoordinatorService/WatchSaga',
+                request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaRequest.SerializeToString,
+                response_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaResponse.FromString,
+                _registered_method=True)
+        self.ListSagas = channel.unary_unary(
+                '/sagaplane.v1.SagaCoordinatorService/ListSagas',
+                request_serializer=sagaplane_dot_v1_dot_coordinator__pb2.ListSagasRequest.SerializeToString,
+                response_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.ListSagasResponse.FromString,
+                _registered_method=True)
 
 
 class SagaCoordinatorServiceServicer:
@@ -135,6 +145,39 @@ class SagaCoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSaga(self, request, context):
+        """Follows one saga as it changes. The first message is the saga as it is, with
+        its history after after_position (all of it when 0); each later message is
+        the saga as it is after one or more transitions committed since the previous
+        message, with exactly those transitions' history entries, oldest first. Every
+        entry is sent once, in order; a client keeps the last entry's position and,
+        after a lost connection, calls again with after_position set to it, missing
+        and repeating nothing.
+
+        The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+        or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+        person: a ResolveCompensation (from any client) is streamed like any other
+        transition. A saga already ended gets its one message and the end.
+
+        Transitions are streamed whichever coordinator replica applied them (each
+        replica hears of every commit from PostgreSQL). A client that does not read
+        its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+        without bound); it may reconnect with its last position. NOT_FOUND for an
+        unknown (or malformed) id, as GetSaga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSagas(self, request, context):
+        """Lists every saga, finished ones too, newest first (by created_at, then id),
+        with keyset pagination and filters. Each page is read from an index, so it
+        costs the same however many sagas are stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SagaCoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +210,16 @@ def add_SagaCoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ResolveCompensation,
                     request_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationRequest.FromString,
                     response_serializer=sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationResponse.SerializeToString,
+            ),
+            'WatchSaga': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSaga,
+                    request_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaRequest.FromString,
+                    response_serializer=sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaResponse.SerializeToString,
+            ),
+            'ListSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSagas,
+                    request_deserializer=sagaplane_dot_v1_dot_coordinator__pb2.ListSagasRequest.FromString,
+                    response_serializer=sagaplane_dot_v1_dot_coordinator__pb2.ListSagasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -337,6 +390,60 @@ class SagaCoordinatorService:
             '/sagaplane.v1.SagaCoordinatorService/ResolveCompensation',
             sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationRequest.SerializeToString,
             sagaplane_dot_v1_dot_coordinator__pb2.ResolveCompensationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSaga(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sagaplane.v1.SagaCoordinatorService/WatchSaga',
+            sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaRequest.SerializeToString,
+            sagaplane_dot_v1_dot_coordinator__pb2.WatchSagaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sagaplane.v1.SagaCoordinatorService/ListSagas',
+            sagaplane_dot_v1_dot_coordinator__pb2.ListSagasRequest.SerializeToString,
+            sagaplane_dot_v1_dot_coordinator__pb2.ListSagasResponse.FromString,
             options,
             channel_credentials,
             insecure,

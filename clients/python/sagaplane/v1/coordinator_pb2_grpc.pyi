@@ -68,6 +68,31 @@ class SagaCoordinatorServiceStub:
     retry the failed compensation now, or record that a person undid the step
     by hand. Either way the resolution is recorded in the history.
     """
+    WatchSaga: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.WatchSagaRequest, _coordinator_pb2.WatchSagaResponse]
+    """Follows one saga as it changes. The first message is the saga as it is, with
+    its history after after_position (all of it when 0); each later message is
+    the saga as it is after one or more transitions committed since the previous
+    message, with exactly those transitions' history entries, oldest first. Every
+    entry is sent once, in order; a client keeps the last entry's position and,
+    after a lost connection, calls again with after_position set to it, missing
+    and repeating nothing.
+
+    The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+    or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+    person: a ResolveCompensation (from any client) is streamed like any other
+    transition. A saga already ended gets its one message and the end.
+
+    Transitions are streamed whichever coordinator replica applied them (each
+    replica hears of every commit from PostgreSQL). A client that does not read
+    its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+    without bound); it may reconnect with its last position. NOT_FOUND for an
+    unknown (or malformed) id, as GetSaga.
+    """
+    ListSagas: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListSagasRequest, _coordinator_pb2.ListSagasResponse]
+    """Lists every saga, finished ones too, newest first (by created_at, then id),
+    with keyset pagination and filters. Each page is read from an index, so it
+    costs the same however many sagas are stored.
+    """
 
 @_typing.type_check_only
 class SagaCoordinatorServiceAsyncStub(SagaCoordinatorServiceStub):
@@ -108,6 +133,31 @@ class SagaCoordinatorServiceAsyncStub(SagaCoordinatorServiceStub):
     """Resolves a saga whose compensation failed (state COMPENSATION_FAILED):
     retry the failed compensation now, or record that a person undid the step
     by hand. Either way the resolution is recorded in the history.
+    """
+    WatchSaga: _aio.UnaryStreamMultiCallable[_coordinator_pb2.WatchSagaRequest, _coordinator_pb2.WatchSagaResponse]  # type: ignore[assignment]
+    """Follows one saga as it changes. The first message is the saga as it is, with
+    its history after after_position (all of it when 0); each later message is
+    the saga as it is after one or more transitions committed since the previous
+    message, with exactly those transitions' history entries, oldest first. Every
+    entry is sent once, in order; a client keeps the last entry's position and,
+    after a lost connection, calls again with after_position set to it, missing
+    and repeating nothing.
+
+    The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+    or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+    person: a ResolveCompensation (from any client) is streamed like any other
+    transition. A saga already ended gets its one message and the end.
+
+    Transitions are streamed whichever coordinator replica applied them (each
+    replica hears of every commit from PostgreSQL). A client that does not read
+    its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+    without bound); it may reconnect with its last position. NOT_FOUND for an
+    unknown (or malformed) id, as GetSaga.
+    """
+    ListSagas: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListSagasRequest, _coordinator_pb2.ListSagasResponse]  # type: ignore[assignment]
+    """Lists every saga, finished ones too, newest first (by created_at, then id),
+    with keyset pagination and filters. Each page is read from an index, so it
+    costs the same however many sagas are stored.
     """
 
 class SagaCoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +232,43 @@ class SagaCoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resolves a saga whose compensation failed (state COMPENSATION_FAILED):
         retry the failed compensation now, or record that a person undid the step
         by hand. Either way the resolution is recorded in the history.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchSaga(
+        self,
+        request: _coordinator_pb2.WatchSagaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.WatchSagaResponse], _abc.AsyncIterator[_coordinator_pb2.WatchSagaResponse]]:
+        """Follows one saga as it changes. The first message is the saga as it is, with
+        its history after after_position (all of it when 0); each later message is
+        the saga as it is after one or more transitions committed since the previous
+        message, with exactly those transitions' history entries, oldest first. Every
+        entry is sent once, in order; a client keeps the last entry's position and,
+        after a lost connection, calls again with after_position set to it, missing
+        and repeating nothing.
+
+        The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+        or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+        person: a ResolveCompensation (from any client) is streamed like any other
+        transition. A saga already ended gets its one message and the end.
+
+        Transitions are streamed whichever coordinator replica applied them (each
+        replica hears of every commit from PostgreSQL). A client that does not read
+        its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+        without bound); it may reconnect with its last position. NOT_FOUND for an
+        unknown (or malformed) id, as GetSaga.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSagas(
+        self,
+        request: _coordinator_pb2.ListSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListSagasResponse, _abc.Awaitable[_coordinator_pb2.ListSagasResponse]]:
+        """Lists every saga, finished ones too, newest first (by created_at, then id),
+        with keyset pagination and filters. Each page is read from an index, so it
+        costs the same however many sagas are stored.
         """
 
 def add_SagaCoordinatorServiceServicer_to_server(servicer: SagaCoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

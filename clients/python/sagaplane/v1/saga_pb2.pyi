@@ -336,6 +336,7 @@ class HistoryEntry(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
     from_state: Global___SagaState.ValueType
     """The saga's state before the transition."""
     to_state: Global___SagaState.ValueType
@@ -348,6 +349,12 @@ class HistoryEntry(_message.Message):
     """
     reason: _builtins.str
     """Human-readable detail: the error message or the reason given."""
+    position: _builtins.int
+    """Where the entry is in the saga's history: larger for every later entry of
+    the saga (not consecutive; positions are shared by all sagas). What
+    WatchSagaRequest.after_position resumes from. 0 for an entry made up by the
+    coordinator (history_truncated).
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When the transition was committed (the database's clock)."""
@@ -361,10 +368,11 @@ class HistoryEntry(_message.Message):
         event: _builtins.str = ...,
         reason: _builtins.str = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "event", b"event", "from_state", b"from_state", "reason", b"reason", "step_name", b"step_name", "to_state", b"to_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "event", b"event", "from_state", b"from_state", "position", b"position", "reason", b"reason", "step_name", b"step_name", "to_state", b"to_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,7 +11,9 @@ import {
   type ChannelCredentials,
   Client,
   type ClientOptions,
+  type ClientReadableStream,
   type ClientUnaryCall,
+  type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
@@ -20,7 +22,8 @@ import {
 } from "@grpc/grpc-js";
 import { Duration } from "../../google/protobuf/duration";
 import { Struct } from "../../google/protobuf/struct";
-import { RetryPolicy, Saga } from "./saga";
+import { Timestamp } from "../../google/protobuf/timestamp";
+import { HistoryEntry, RetryPolicy, Saga, SagaState, sagaStateFromJSON, sagaStateToJSON } from "./saga";
 
 /** What an operator decides for a compensation that failed. */
 export enum CompensationResolution {
@@ -284,6 +287,73 @@ export interface ResolveCompensationRequest {
 export interface ResolveCompensationResponse {
   /** The saga after the resolution was recorded. */
   saga: Saga | undefined;
+}
+
+/** Request of WatchSaga. */
+export interface WatchSagaRequest {
+  /** Required; the saga's id. */
+  id: string;
+  /**
+   * Optional; send only history entries with a larger position (the position
+   * of the last entry received, to resume after a reconnect). 0: the whole
+   * history in the first message.
+   */
+  afterPosition: number;
+}
+
+/** One message of WatchSaga. */
+export interface WatchSagaResponse {
+  /**
+   * The saga as it is after the transitions in history (steps included, its
+   * history field left empty).
+   */
+  saga:
+    | Saga
+    | undefined;
+  /**
+   * The transitions committed since the previous message (in the first message:
+   * since after_position), oldest first; each with its position. May be empty in
+   * the first message only.
+   */
+  history: HistoryEntry[];
+}
+
+/** Request of ListSagas. */
+export interface ListSagasRequest {
+  /** At most this many sagas (default 50, at most 1000). */
+  pageSize: number;
+  /**
+   * The next_page_token of a previous response with the same filters, to
+   * continue from there.
+   */
+  pageToken: string;
+  /** Optional; only sagas in one of these states (none: every state). */
+  states: SagaState[];
+  /** Optional; only sagas of this name. */
+  name: string;
+  /** Optional; only sagas created at or after this time. */
+  createdAfter:
+    | Date
+    | undefined;
+  /** Optional; only sagas created before this time. */
+  createdBefore:
+    | Date
+    | undefined;
+  /** Optional; only the saga with this id (a malformed id finds nothing). */
+  id: string;
+  /** Optional; only the saga started with this idempotency key. */
+  idempotencyKey: string;
+}
+
+/** Response of ListSagas. */
+export interface ListSagasResponse {
+  /** Sagas, newest first. Steps are included; history is not. */
+  sagas: Saga[];
+  /**
+   * Pass as page_token (with the same filters) for the next page; empty on the
+   * last page.
+   */
+  nextPageToken: string;
 }
 
 function createBaseStepSpec(): StepSpec {
@@ -1697,6 +1767,495 @@ export const ResolveCompensationResponse: MessageFns<ResolveCompensationResponse
   },
 };
 
+function createBaseWatchSagaRequest(): WatchSagaRequest {
+  return { id: "", afterPosition: 0 };
+}
+
+export const WatchSagaRequest: MessageFns<WatchSagaRequest> = {
+  encode(message: WatchSagaRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.afterPosition !== 0) {
+      writer.uint32(16).int64(message.afterPosition);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchSagaRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchSagaRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.afterPosition = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchSagaRequest {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      afterPosition: isSet(object.afterPosition)
+        ? globalThis.Number(object.afterPosition)
+        : isSet(object.after_position)
+        ? globalThis.Number(object.after_position)
+        : 0,
+    };
+  },
+
+  toJSON(message: WatchSagaRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.afterPosition !== 0) {
+      obj.afterPosition = Math.round(message.afterPosition);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<WatchSagaRequest>, I>>(base?: I): WatchSagaRequest {
+    return WatchSagaRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<WatchSagaRequest>, I>>(object: I): WatchSagaRequest {
+    const message = createBaseWatchSagaRequest();
+    message.id = object.id ?? "";
+    message.afterPosition = object.afterPosition ?? 0;
+    return message;
+  },
+};
+
+function createBaseWatchSagaResponse(): WatchSagaResponse {
+  return { saga: undefined, history: [] };
+}
+
+export const WatchSagaResponse: MessageFns<WatchSagaResponse> = {
+  encode(message: WatchSagaResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.saga !== undefined) {
+      Saga.encode(message.saga, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.history) {
+      HistoryEntry.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WatchSagaResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWatchSagaResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.saga = Saga.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.history.push(HistoryEntry.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WatchSagaResponse {
+    return {
+      saga: isSet(object.saga) ? Saga.fromJSON(object.saga) : undefined,
+      history: globalThis.Array.isArray(object?.history)
+        ? object.history.map((e: any) => HistoryEntry.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: WatchSagaResponse): unknown {
+    const obj: any = {};
+    if (message.saga !== undefined) {
+      obj.saga = Saga.toJSON(message.saga);
+    }
+    if (message.history?.length) {
+      obj.history = message.history.map((e) => HistoryEntry.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<WatchSagaResponse>, I>>(base?: I): WatchSagaResponse {
+    return WatchSagaResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<WatchSagaResponse>, I>>(object: I): WatchSagaResponse {
+    const message = createBaseWatchSagaResponse();
+    message.saga = (object.saga !== undefined && object.saga !== null) ? Saga.fromPartial(object.saga) : undefined;
+    message.history = object.history?.map((e) => HistoryEntry.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseListSagasRequest(): ListSagasRequest {
+  return {
+    pageSize: 0,
+    pageToken: "",
+    states: [],
+    name: "",
+    createdAfter: undefined,
+    createdBefore: undefined,
+    id: "",
+    idempotencyKey: "",
+  };
+}
+
+export const ListSagasRequest: MessageFns<ListSagasRequest> = {
+  encode(message: ListSagasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pageSize !== 0) {
+      writer.uint32(8).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(18).string(message.pageToken);
+    }
+    if (message.states.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.states) {
+        writer.int32(v);
+      }
+      writer.join();
+    }
+    if (message.name !== "") {
+      writer.uint32(34).string(message.name);
+    }
+    if (message.createdAfter !== undefined) {
+      Timestamp.encode(toTimestamp(message.createdAfter), writer.uint32(42).fork()).join();
+    }
+    if (message.createdBefore !== undefined) {
+      Timestamp.encode(toTimestamp(message.createdBefore), writer.uint32(50).fork()).join();
+    }
+    if (message.id !== "") {
+      writer.uint32(58).string(message.id);
+    }
+    if (message.idempotencyKey !== "") {
+      writer.uint32(66).string(message.idempotencyKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListSagasRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListSagasRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.states.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.states.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.createdAfter = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.createdBefore = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.idempotencyKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListSagasRequest {
+    return {
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+      states: globalThis.Array.isArray(object?.states) ? object.states.map((e: any) => sagaStateFromJSON(e)) : [],
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      createdAfter: isSet(object.createdAfter)
+        ? fromJsonTimestamp(object.createdAfter)
+        : isSet(object.created_after)
+        ? fromJsonTimestamp(object.created_after)
+        : undefined,
+      createdBefore: isSet(object.createdBefore)
+        ? fromJsonTimestamp(object.createdBefore)
+        : isSet(object.created_before)
+        ? fromJsonTimestamp(object.created_before)
+        : undefined,
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      idempotencyKey: isSet(object.idempotencyKey)
+        ? globalThis.String(object.idempotencyKey)
+        : isSet(object.idempotency_key)
+        ? globalThis.String(object.idempotency_key)
+        : "",
+    };
+  },
+
+  toJSON(message: ListSagasRequest): unknown {
+    const obj: any = {};
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    if (message.states?.length) {
+      obj.states = message.states.map((e) => sagaStateToJSON(e));
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.createdAfter !== undefined) {
+      obj.createdAfter = message.createdAfter.toISOString();
+    }
+    if (message.createdBefore !== undefined) {
+      obj.createdBefore = message.createdBefore.toISOString();
+    }
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.idempotencyKey !== "") {
+      obj.idempotencyKey = message.idempotencyKey;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListSagasRequest>, I>>(base?: I): ListSagasRequest {
+    return ListSagasRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListSagasRequest>, I>>(object: I): ListSagasRequest {
+    const message = createBaseListSagasRequest();
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    message.states = object.states?.map((e) => e) || [];
+    message.name = object.name ?? "";
+    message.createdAfter = object.createdAfter ?? undefined;
+    message.createdBefore = object.createdBefore ?? undefined;
+    message.id = object.id ?? "";
+    message.idempotencyKey = object.idempotencyKey ?? "";
+    return message;
+  },
+};
+
+function createBaseListSagasResponse(): ListSagasResponse {
+  return { sagas: [], nextPageToken: "" };
+}
+
+export const ListSagasResponse: MessageFns<ListSagasResponse> = {
+  encode(message: ListSagasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.sagas) {
+      Saga.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListSagasResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListSagasResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sagas.push(Saga.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListSagasResponse {
+    return {
+      sagas: globalThis.Array.isArray(object?.sagas) ? object.sagas.map((e: any) => Saga.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListSagasResponse): unknown {
+    const obj: any = {};
+    if (message.sagas?.length) {
+      obj.sagas = message.sagas.map((e) => Saga.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListSagasResponse>, I>>(base?: I): ListSagasResponse {
+    return ListSagasResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListSagasResponse>, I>>(object: I): ListSagasResponse {
+    const message = createBaseListSagasResponse();
+    message.sagas = object.sagas?.map((e) => Saga.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
+    return message;
+  },
+};
+
 /**
  * Starts, inspects and compensates sagas.
  *
@@ -1791,6 +2350,49 @@ export const SagaCoordinatorServiceService = {
       Buffer.from(ResolveCompensationResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ResolveCompensationResponse => ResolveCompensationResponse.decode(value),
   },
+  /**
+   * Follows one saga as it changes. The first message is the saga as it is, with
+   * its history after after_position (all of it when 0); each later message is
+   * the saga as it is after one or more transitions committed since the previous
+   * message, with exactly those transitions' history entries, oldest first. Every
+   * entry is sent once, in order; a client keeps the last entry's position and,
+   * after a lost connection, calls again with after_position set to it, missing
+   * and repeating nothing.
+   *
+   * The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+   * or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+   * person: a ResolveCompensation (from any client) is streamed like any other
+   * transition. A saga already ended gets its one message and the end.
+   *
+   * Transitions are streamed whichever coordinator replica applied them (each
+   * replica hears of every commit from PostgreSQL). A client that does not read
+   * its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+   * without bound); it may reconnect with its last position. NOT_FOUND for an
+   * unknown (or malformed) id, as GetSaga.
+   */
+  watchSaga: {
+    path: "/sagaplane.v1.SagaCoordinatorService/WatchSaga" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: WatchSagaRequest): Buffer => Buffer.from(WatchSagaRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): WatchSagaRequest => WatchSagaRequest.decode(value),
+    responseSerialize: (value: WatchSagaResponse): Buffer => Buffer.from(WatchSagaResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): WatchSagaResponse => WatchSagaResponse.decode(value),
+  },
+  /**
+   * Lists every saga, finished ones too, newest first (by created_at, then id),
+   * with keyset pagination and filters. Each page is read from an index, so it
+   * costs the same however many sagas are stored.
+   */
+  listSagas: {
+    path: "/sagaplane.v1.SagaCoordinatorService/ListSagas" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListSagasRequest): Buffer => Buffer.from(ListSagasRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListSagasRequest => ListSagasRequest.decode(value),
+    responseSerialize: (value: ListSagasResponse): Buffer => Buffer.from(ListSagasResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListSagasResponse => ListSagasResponse.decode(value),
+  },
 } as const;
 
 export interface SagaCoordinatorServiceServer extends UntypedServiceImplementation {
@@ -1828,6 +2430,33 @@ export interface SagaCoordinatorServiceServer extends UntypedServiceImplementati
    * by hand. Either way the resolution is recorded in the history.
    */
   resolveCompensation: handleUnaryCall<ResolveCompensationRequest, ResolveCompensationResponse>;
+  /**
+   * Follows one saga as it changes. The first message is the saga as it is, with
+   * its history after after_position (all of it when 0); each later message is
+   * the saga as it is after one or more transitions committed since the previous
+   * message, with exactly those transitions' history entries, oldest first. Every
+   * entry is sent once, in order; a client keeps the last entry's position and,
+   * after a lost connection, calls again with after_position set to it, missing
+   * and repeating nothing.
+   *
+   * The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+   * or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+   * person: a ResolveCompensation (from any client) is streamed like any other
+   * transition. A saga already ended gets its one message and the end.
+   *
+   * Transitions are streamed whichever coordinator replica applied them (each
+   * replica hears of every commit from PostgreSQL). A client that does not read
+   * its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+   * without bound); it may reconnect with its last position. NOT_FOUND for an
+   * unknown (or malformed) id, as GetSaga.
+   */
+  watchSaga: handleServerStreamingCall<WatchSagaRequest, WatchSagaResponse>;
+  /**
+   * Lists every saga, finished ones too, newest first (by created_at, then id),
+   * with keyset pagination and filters. Each page is read from an index, so it
+   * costs the same however many sagas are stored.
+   */
+  listSagas: handleUnaryCall<ListSagasRequest, ListSagasResponse>;
 }
 
 export interface SagaCoordinatorServiceClient extends Client {
@@ -1949,6 +2578,52 @@ export interface SagaCoordinatorServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ResolveCompensationResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Follows one saga as it changes. The first message is the saga as it is, with
+   * its history after after_position (all of it when 0); each later message is
+   * the saga as it is after one or more transitions committed since the previous
+   * message, with exactly those transitions' history entries, oldest first. Every
+   * entry is sent once, in order; a client keeps the last entry's position and,
+   * after a lost connection, calls again with after_position set to it, missing
+   * and repeating nothing.
+   *
+   * The stream ends (OK) after the message that shows the saga COMPLETED, FAILED
+   * or COMPENSATED. It stays open through COMPENSATION_FAILED, which waits for a
+   * person: a ResolveCompensation (from any client) is streamed like any other
+   * transition. A saga already ended gets its one message and the end.
+   *
+   * Transitions are streamed whichever coordinator replica applied them (each
+   * replica hears of every commit from PostgreSQL). A client that does not read
+   * its messages is cut off with RESOURCE_EXHAUSTED (nothing is buffered for it
+   * without bound); it may reconnect with its last position. NOT_FOUND for an
+   * unknown (or malformed) id, as GetSaga.
+   */
+  watchSaga(request: WatchSagaRequest, options?: Partial<CallOptions>): ClientReadableStream<WatchSagaResponse>;
+  watchSaga(
+    request: WatchSagaRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<WatchSagaResponse>;
+  /**
+   * Lists every saga, finished ones too, newest first (by created_at, then id),
+   * with keyset pagination and filters. Each page is read from an index, so it
+   * costs the same however many sagas are stored.
+   */
+  listSagas(
+    request: ListSagasRequest,
+    callback: (error: ServiceError | null, response: ListSagasResponse) => void,
+  ): ClientUnaryCall;
+  listSagas(
+    request: ListSagasRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListSagasResponse) => void,
+  ): ClientUnaryCall;
+  listSagas(
+    request: ListSagasRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListSagasResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const SagaCoordinatorServiceClient = makeGenericClientConstructor(
@@ -1975,6 +2650,39 @@ type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function toTimestamp(date: Date): Timestamp {
+  const seconds = Math.trunc(date.getTime() / 1_000);
+  const nanos = (date.getTime() % 1_000) * 1_000_000;
+  return { seconds, nanos };
+}
+
+function fromTimestamp(t: Timestamp): Date {
+  let millis = (t.seconds || 0) * 1_000;
+  millis += (t.nanos || 0) / 1_000_000;
+  return new globalThis.Date(millis);
+}
+
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
+
+function longToNumber(int64: { toString(): string }): number {
+  const num = globalThis.Number(int64.toString());
+  if (num > globalThis.Number.MAX_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is larger than Number.MAX_SAFE_INTEGER");
+  }
+  if (num < globalThis.Number.MIN_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
+  }
+  return num;
+}
 
 function isObject(value: any): boolean {
   return typeof value === "object" && value !== null;

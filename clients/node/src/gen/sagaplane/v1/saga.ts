@@ -321,7 +321,16 @@ export interface HistoryEntry {
   /** Human-readable detail: the error message or the reason given. */
   reason: string;
   /** When the transition was committed (the database's clock). */
-  at: Date | undefined;
+  at:
+    | Date
+    | undefined;
+  /**
+   * Where the entry is in the saga's history: larger for every later entry of
+   * the saga (not consecutive; positions are shared by all sagas). What
+   * WatchSagaRequest.after_position resumes from. 0 for an entry made up by the
+   * coordinator (history_truncated).
+   */
+  position: number;
 }
 
 /** A saga: a sequence of steps, each with an optional undo. */
@@ -915,7 +924,7 @@ export const Step: MessageFns<Step> = {
 };
 
 function createBaseHistoryEntry(): HistoryEntry {
-  return { fromState: 0, toState: 0, stepName: "", event: "", reason: "", at: undefined };
+  return { fromState: 0, toState: 0, stepName: "", event: "", reason: "", at: undefined, position: 0 };
 }
 
 export const HistoryEntry: MessageFns<HistoryEntry> = {
@@ -937,6 +946,9 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     }
     if (message.at !== undefined) {
       Timestamp.encode(toTimestamp(message.at), writer.uint32(50).fork()).join();
+    }
+    if (message.position !== 0) {
+      writer.uint32(56).int64(message.position);
     }
     return writer;
   },
@@ -1002,6 +1014,14 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
             message.at = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.position = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1034,6 +1054,7 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
       event: isSet(object.event) ? globalThis.String(object.event) : "",
       reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
       at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
+      position: isSet(object.position) ? globalThis.Number(object.position) : 0,
     };
   },
 
@@ -1057,6 +1078,9 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     if (message.at !== undefined) {
       obj.at = message.at.toISOString();
     }
+    if (message.position !== 0) {
+      obj.position = Math.round(message.position);
+    }
     return obj;
   },
 
@@ -1071,6 +1095,7 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     message.event = object.event ?? "";
     message.reason = object.reason ?? "";
     message.at = object.at ?? undefined;
+    message.position = object.position ?? 0;
     return message;
   },
 };
@@ -1374,6 +1399,17 @@ function fromJsonTimestamp(o: any): Date {
   } else {
     return fromTimestamp(Timestamp.fromJSON(o));
   }
+}
+
+function longToNumber(int64: { toString(): string }): number {
+  const num = globalThis.Number(int64.toString());
+  if (num > globalThis.Number.MAX_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is larger than Number.MAX_SAFE_INTEGER");
+  }
+  if (num < globalThis.Number.MIN_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
+  }
+  return num;
 }
 
 function isObject(value: any): boolean {
