@@ -396,6 +396,8 @@ async def follow(
                             line = history_line(entry, start, step_width=width, event_width=events)
                             show(indent + line)
                     history += entries
+                    if saga.ended:  # compensation_failed too: the stream would wait on
+                        break
             except (CoordinatorUnavailable, ResourceExhausted) as exc:
                 if saga is None:
                     raise

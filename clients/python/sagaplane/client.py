@@ -462,6 +462,8 @@ class SagaClient:
             async with asyncio.timeout(timeout):
                 async for seen in self.watch(saga_id, history=False):
                     saga = seen
+                    if saga.ended:  # compensation_failed included: it waits for a person
+                        break
         except TimeoutError as exc:
             state = saga.state.value if saga is not None else "unknown"
             raise WaitTimeout(
