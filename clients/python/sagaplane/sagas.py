@@ -378,6 +378,22 @@ class Saga(_View):
         """Its transitions; empty unless asked for (``include_history``)."""
         return tuple(HistoryEntry(e) for e in self.proto.history)
 
+    @property
+    def completed(self) -> bool:
+        """Whether every step is done (the saga is ``completed``)."""
+        return self.state is SagaState.COMPLETED
+
+    @property
+    def failed_step(self) -> Step | None:
+        """The step whose failure stopped the saga (a forward step ``failed`` for good,
+        or a compensation that failed), or None. With steps that ran side by side, the
+        first in the saga's order."""
+        for status in (StepStatus.COMPENSATION_FAILED, StepStatus.FAILED):
+            for step in self.steps:
+                if step.status is status:
+                    return step
+        return None
+
     def step(self, name: str) -> Step:
         """The step called ``name``; KeyError if there is none."""
         for step in self.steps:
