@@ -30,8 +30,10 @@ from sagaplane import (
     NonRetryableError,
     Processed,
     RetryableError,
+    SagaClient,
     StepContext,
     StepKind,
+    StepSpec,
     topology,
 )
 from sagaplane.testing import Child, wait_for_consumers
@@ -338,7 +340,8 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts(
     exec(compile(participant_code, "README.md", "exec"), namespace)
     exec(compile(batch_code, "README.md", "exec"), namespace)
     exec(compile(middleware_code, "README.md", "exec"), namespace)
-    assert namespace["timed_payment"].service == "payment"
+    assert namespace["audit"].service == "audit"
+    assert namespace["audit"].actions == ["audit.record"]
     delivery = Delivery(message=None, command=None, kind=None, refusal=None)  # type: ignore[arg-type]
 
     async def call_next() -> Processed:
@@ -447,6 +450,28 @@ async def test_the_readme_participant_recipe_runs_as_written(
         out_b, err_b = await asyncio.wait_for(client.communicate(), 60)
         assert client.returncode == 0, err_b.decode()
         assert out_b.decode().splitlines() == ["completed {'charged': 42}", "started 3 sagas"]
+        # The middleware program of the same section, on the same database.
+        (tmp_path / "audit.py").write_text(
+            marked(title, "runs this middleware as a program", "python"), encoding="utf-8"
+        )
+        audit = Child("audit", [sys.executable, "audit.py"], cwd=str(tmp_path), env=env)
+        try:
+            await audit.start()
+            await wait_for_consumers(
+                amqp_url, [topology.participant_queue("audit")], alive=audit.check_alive
+            )
+            async with SagaClient(env["SAGAPLANE_COORDINATOR"]) as sagas:
+                audited = await sagas.start_saga(
+                    "audit.it", [StepSpec("record", "audit.record", input={"n": 1})]
+                )
+                assert (await sagas.wait(audited.id)).completed
+            await audit.stop()
+            assert audit.returncode == 0
+            audit_log = audit.tail()
+            assert f"saga {audited.id}: {{'n': 1}}" in audit_log, audit_log
+            assert re.search(r"execute audit\.record: \S+ in \d+\.\d{3}s", audit_log), audit_log
+        finally:
+            await audit.stop()
         await participant.stop()
         assert participant.returncode == 0
         log = participant.tail()

@@ -15,35 +15,22 @@ from typing import Any
 import aio_pika
 import grpc
 import pytest
-from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.app import Coordinator
 from coordinator.config import Settings
 from helpers.database import create_database, drop_database, server_url, unique_name
+from helpers.shop import TERMINAL
 from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, topology
+from sagaplane.durations import to_duration
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
 
 Stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-RESTING = {
-    model.SAGA_STATE_COMPLETED,
-    model.SAGA_STATE_FAILED,
-    model.SAGA_STATE_COMPENSATED,
-    model.SAGA_STATE_COMPENSATION_FAILED,
-}
-
-
-def seconds(value: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromMilliseconds(int(value * 1000))
-    return d
-
-
 FAST_RETRY = model.RetryPolicy(
-    max_attempts=2, initial_interval=seconds(0.05), max_interval=seconds(0.05)
+    max_attempts=2, initial_interval=to_duration(0.05), max_interval=to_duration(0.05)
 )
 
 
@@ -144,7 +131,7 @@ async def run_saga(stub: Stub, request: api.StartSagaRequest) -> model.Saga:
     async with asyncio.timeout(30):
         while True:
             saga = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
-            if saga.state in RESTING:
+            if saga.state in TERMINAL:
                 return saga
             await asyncio.sleep(0.05)
 
