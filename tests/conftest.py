@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from coordinator.app import Coordinator
-from coordinator.config import Settings
 from coordinator.store.migrate import migrate
 from helpers.broker import fresh_vhost
+from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane.v1 import coordinator_pb2_grpc
 
@@ -45,9 +45,7 @@ async def database_url(coordinator_template: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def coordinator(database_url: str, amqp_url: str) -> AsyncIterator[Coordinator]:
     """A running coordinator on a free port, against a fresh database and vhost."""
-    settings = Settings(
-        database_url=database_url, amqp_url=amqp_url, listen="127.0.0.1:0", pool_size=4, grace=1.0
-    )
+    settings = coordinator_settings(database_url, amqp_url)
     async with Coordinator(settings) as running:
         yield running
 

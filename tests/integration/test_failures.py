@@ -14,8 +14,8 @@ from google.protobuf import duration_pb2
 
 from coordinator import engine
 from coordinator.app import Coordinator
-from coordinator.config import Settings
 from coordinator.engine import RetryPolicy
+from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, structs
 from sagaplane.v1 import coordinator_pb2 as api
@@ -45,14 +45,7 @@ FAST_RETRY = model.RetryPolicy(
 @pytest.fixture
 async def fast_stub(database_url: str, amqp_url: str) -> AsyncIterator[Stub]:
     """A coordinator whose timers look every 50 ms, so timeouts show quickly."""
-    settings = Settings(
-        database_url=database_url,
-        amqp_url=amqp_url,
-        listen="127.0.0.1:0",
-        pool_size=4,
-        grace=1.0,
-        timer_interval=0.05,
-    )
+    settings = coordinator_settings(database_url, amqp_url, timer_interval=0.05)
     async with (
         Coordinator(settings) as coordinator,
         grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel,

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.app import Coordinator
-from coordinator.config import Settings
+from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.shop import TERMINAL
 from sagaplane import NonRetryableError, Participant, RetryableError, StepContext, topology
@@ -104,14 +104,8 @@ async def stack(database_url: str, amqp_url: str) -> AsyncIterator[Stack]:
     async def undo_broken(ctx: StepContext) -> None:
         raise NonRetryableError("the ledger is closed")
 
-    settings = Settings(
-        database_url=database_url,
-        amqp_url=amqp_url,
-        listen="127.0.0.1:0",
-        pool_size=4,
-        grace=1.0,
-        timer_interval=0.05,
-        metrics_listen="127.0.0.1:0",
+    settings = coordinator_settings(
+        database_url, amqp_url, timer_interval=0.05, metrics_listen="127.0.0.1:0"
     )
     async with (
         Coordinator(settings) as coordinator,
@@ -465,9 +459,7 @@ async def test_with_metrics_off_no_port_is_opened(database_url: str, amqp_url: s
         pass
 
     before = _listening_ports()
-    settings = Settings(
-        database_url=database_url, amqp_url=amqp_url, listen="127.0.0.1:0", pool_size=2, grace=1.0
-    )
+    settings = coordinator_settings(database_url, amqp_url, pool_size=2)
     try:
         async with Coordinator(settings) as coordinator, p:
             assert coordinator.metrics_port is None and p.metrics_port is None

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 
 from coordinator.app import Coordinator
-from coordinator.config import Settings
 from coordinator.store.notifications import TASK_NAME
 from coordinator.store.repository import SagaStore
+from helpers.coordinators import coordinator_settings
 from helpers.transitions import STEPS, request, succeed, undo_all
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -223,14 +223,7 @@ async def test_a_negative_after_position_is_invalid_argument_naming_it(stub: Stu
 @pytest.fixture
 async def impatient(database_url: str, amqp_url: str) -> AsyncIterator[Coordinator]:
     """A coordinator that cuts a watcher off after one second unread."""
-    settings = Settings(
-        database_url=database_url,
-        amqp_url=amqp_url,
-        listen="127.0.0.1:0",
-        pool_size=4,
-        grace=1.0,
-        watch_send_timeout=1.0,
-    )
+    settings = coordinator_settings(database_url, amqp_url, watch_send_timeout=1.0)
     async with Coordinator(settings) as running:
         yield running
 
