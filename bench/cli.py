@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from bench import baselines, report, starts, stored
+from bench import baselines, report, starts, stored, watchers
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -61,6 +61,7 @@ PHASES = (
     "scaling",
     "starts",
     "stored",
+    "watchers",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -351,8 +352,10 @@ async def measured_closed_loop(
     targets: list[str],
     profile: bool,
     label: str,
+    on_started: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One closed-loop run with its resources; returns (figures, resources)."""
+    """One closed-loop run with its resources; returns (figures, resources).
+    ``on_started`` is called with each saga's id as it starts."""
     pids = {p.name: p.pid for p in system.coordinators}
     pids |= {p.name: p.pid for p in system.participants.values()}
     pids["harness (load + poll)"] = os.getpid()
@@ -387,7 +390,7 @@ async def measured_closed_loop(
     await backends.start()
     meter.start()
     window = SteadyWindow(args.sagas, args.database_url, list(env.databases))
-    async with Load(targets, fail_rate=args.fail_rate) as load:
+    async with Load(targets, fail_rate=args.fail_rate, on_started=on_started) as load:
         samples = await closed_loop(
             load, watcher, sagas=args.sagas, concurrency=args.concurrency, on_end=window.ended
         )
@@ -559,6 +562,8 @@ async def _system_runs(
                         env, system, args, watcher, rate=rate, duration=args.sweep_duration
                     )
                 )
+        if "watchers" in phases:
+            results["watchers"] = await _watchers_runs(env, system, args, watcher)
         if "scaling" in phases:
             second, target = _coordinator(env, args, system.coordinator_url, 2)
             await _start_coordinator(second, target)
@@ -576,6 +581,48 @@ async def _system_runs(
             )
             figures["resources"] = used
             results["scaling"] = figures
+
+
+async def _watchers_runs(
+    env: Environment, system: System, args: argparse.Namespace, watcher: TerminalWatcher
+) -> dict[str, Any]:
+    """The closed loop without watchers, with one WatchSaga stream per saga in flight,
+    and without again (bench/watchers.py)."""
+    one = system.targets[:1]
+    off = []
+    _progress(f"watchers: {args.sagas} sagas without watchers")
+    off.append(
+        await measured_closed_loop(
+            env, system, args, watcher, targets=one, profile=False, label="no watchers"
+        )
+    )
+    _progress(f"watchers: {args.sagas} sagas, a WatchSaga stream on each saga in flight")
+    async with watchers.Watchers(one[0]) as watched:
+        on = await measured_closed_loop(
+            env,
+            system,
+            args,
+            watcher,
+            targets=one,
+            profile=args.profile,
+            label=f"{args.concurrency} watchers",
+            on_started=watched.started,
+        )
+        await watched.drain()
+    _progress(f"watchers: {args.sagas} sagas without watchers, again")
+    off.append(
+        await measured_closed_loop(
+            env, system, args, watcher, targets=one, profile=False, label="no watchers"
+        )
+    )
+    figures = watchers.compare(off, on, watched, system.coordinators[0].name)
+    _progress(
+        f"  watchers: coordinator CPU per saga +{figures['coordinator_cpu_increase_pct']}%"
+        f" ({figures['coordinator_cpu_extra_pct_of_core']} % of a core more), sagas/s ratio"
+        f" {figures['sagas_per_s_ratio']}, {figures['watchers']['peak_concurrent']} streams"
+        " open at most"
+    )
+    return figures
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -704,6 +751,17 @@ def targets(results: dict[str, Any]) -> None:
         p50, p99 = lat["start_to_terminal_ms"]["p50"], lat["start_to_terminal_ms"]["p99"]
         add(f"at {lat['rate']:g}/s: p50 <= 15 ms", f"{p50} ms", p50 is not None and p50 <= 15, lat)
         add(f"at {lat['rate']:g}/s: p99 <= 50 ms", f"{p99} ms", p99 is not None and p99 <= 50, lat)
+    watching = results.get("watchers")
+    if watching:
+        extra = watching["coordinator_cpu_extra_pct_of_core"]
+        increase = watching["coordinator_cpu_increase_pct"]
+        add(
+            f"{watching['watchers']['peak_concurrent']} concurrent watchers cost the coordinator"
+            " < 5% CPU",
+            f"+{increase}% CPU per saga ({extra:+}% of a core)",
+            increase < 5,
+            {"disturbed": [d for r in watching["runs"] for d in r["disturbed"]]},
+        )
     starting = results.get("starts")
     if starting:
         ratio = starting["ratio"]["coordinator_cpu_ms_per_saga"]
@@ -829,7 +887,7 @@ async def run(args: argparse.Namespace) -> int:
         if await phase("setup", env.create_vhost):
             if "baselines" in args.phase_set:
                 await phase("baselines", run_baselines)
-            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling"}:
+            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling", "watchers"}:
                 await phase("system", lambda: system_phases(env, args, results))
             if "starts" in args.phase_set:
                 await phase("starts", lambda: starts_phase(env, args, results))
