@@ -10,7 +10,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from bench import baselines, report, starts, stored, watchers
+from bench import baselines, observability, report, starts, stored, watchers
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -62,6 +62,7 @@ PHASES = (
     "starts",
     "stored",
     "watchers",
+    "observability",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -81,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 60.0,
     "start_sagas": 5000,
     "start_chunk": 500,
+    "observability_sagas": 5000,
 }
 QUICK: dict[str, Any] = {
     "sagas": 300,
@@ -99,6 +101,7 @@ QUICK: dict[str, Any] = {
     "drain_timeout": 20.0,
     "start_sagas": 600,
     "start_chunk": 100,
+    "observability_sagas": 300,
 }
 
 
@@ -160,6 +163,28 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("starting sagas (--phases starts)")
     g.add_argument("--start-sagas", type=int, help="sagas started each way " + _d("start_sagas"))
     g.add_argument("--start-chunk", type=int, help="sagas per StartSagas call " + _d("start_chunk"))
+    g = p.add_argument_group("observability's cost (--phases observability)")
+    g.add_argument(
+        "--observability-sagas",
+        type=int,
+        help="closed-loop sagas per variant (metrics off, metrics on, tracing on) "
+        + _d("observability_sagas"),
+    )
+    g.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between scrapes of every /metrics with metrics on (Prometheus' "
+        "default is 15) [1]",
+    )
+    g.add_argument(
+        "--tracing-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable of the tracing variant's processes (repeatable; "
+        "on top of OTEL_TRACES_EXPORTER=console and the harness's OTEL_* variables)",
+    )
     g = p.add_argument_group("stored sagas")
     g.add_argument("--stored", help="stored-saga counts to time reads at " + _d("stored"))
     g.add_argument("--active", type=int, default=500, help="active sagas among them [500]")
@@ -248,7 +273,12 @@ class System:
 
 
 def _coordinator(
-    env: Environment, args: argparse.Namespace, db_url: str, n: int
+    env: Environment,
+    args: argparse.Namespace,
+    db_url: str,
+    n: int,
+    extra: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> tuple[Child, str]:
     target = f"127.0.0.1:{free_port()}"
     cenv = {
@@ -261,7 +291,8 @@ def _coordinator(
         cenv["SAGAPLANE_POOL_SIZE"] = str(args.coordinator_pool_size)
     if args.coordinator_prefetch:
         cenv["SAGAPLANE_PREFETCH"] = str(args.coordinator_prefetch)
-    return _python(env, args, "coordinator", env=cenv, name=f"coordinator-{n}"), target
+    cenv |= extra or {}
+    return _python(env, args, "coordinator", env=cenv, name=name or f"coordinator-{n}"), target
 
 
 def _sut_url(args: argparse.Namespace, url: str) -> str:
@@ -315,11 +346,21 @@ async def _wait_consuming(
         raise TimeoutError(f"participants not consuming after {within:g}s:{tails}") from None
 
 
-async def start_system(env: Environment, args: argparse.Namespace) -> System:
-    coordinator_url = await env.create_database("coordinator")
+async def start_system(
+    env: Environment,
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    coordinator_env: Mapping[str, str] | None = None,
+    participant_envs: Sequence[Mapping[str, str]] = (),
+) -> System:
+    """The coordinator and the participants, on fresh databases (named with ``prefix``,
+    as are the processes), with extra environment variables if given (the participants'
+    one mapping each, in :data:`SERVICES` order)."""
+    coordinator_url = await env.create_database(f"{prefix}coordinator")
     participants: dict[str, Child] = {}
-    for service in SERVICES:
-        url = await env.create_database(service)
+    for n, service in enumerate(SERVICES):
+        url = await env.create_database(f"{prefix}{service}")
         participants[service] = _python(
             env,
             args,
@@ -333,9 +374,12 @@ async def start_system(env: Environment, args: argparse.Namespace) -> System:
             str(args.participant_prefetch),
             "--pool-size",
             str(args.participant_pool_size),
-            name=f"participant-{service}",
+            env=dict(participant_envs[n]) if n < len(participant_envs) else None,
+            name=f"{prefix}participant-{service}",
         )
-    coordinator, target = _coordinator(env, args, coordinator_url, 1)
+    coordinator, target = _coordinator(
+        env, args, coordinator_url, 1, coordinator_env, name=f"{prefix}coordinator-1"
+    )
     await asyncio.gather(*(p.start() for p in participants.values()))
     await asyncio.gather(
         _start_coordinator(coordinator, target), _wait_consuming(env, participants)
@@ -625,6 +669,92 @@ async def _watchers_runs(
     return figures
 
 
+async def observability_phase(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """The standard closed loop with metrics off, on (scraped) and tracing on; see
+    :mod:`bench.observability`."""
+    observability.tracing_env(args.tracing_env)  # a bad --tracing-env fails before any run
+
+    async def variant(
+        name: str,
+        coordinator_env: Mapping[str, str],
+        participant_envs: Sequence[Mapping[str, str]],
+        ports: list[int],
+    ) -> dict[str, Any]:
+        prefix = f"obs_{name}_"
+        system = await start_system(
+            env,
+            args,
+            prefix=prefix,
+            coordinator_env=coordinator_env,
+            participant_envs=participant_envs,
+        )
+        processes = [*system.coordinators, *system.participants.values()]
+        try:
+            return await _observed_loop(env, args, system, processes, ports)
+        finally:
+            await env.stop_processes(processes)
+            for role in ("coordinator", *SERVICES):
+                with contextlib.suppress(psycopg.Error):
+                    await env.drop_database(prefix + role)
+
+    found = await observability.measure(
+        variant,
+        free_port=free_port,
+        tracing=args.tracing_env,
+        services=len(SERVICES),
+        progress=_progress,
+    )
+    results["observability"] = found
+    for name, ratio in found["ratios"].items():
+        budget = observability.BUDGETS[name]
+        verdict = "within budget" if found["within_budget"][name] else "OVER BUDGET"
+        _progress(
+            f"  {name}: {found['variants'][name]['sagas_per_s']} sagas/s against "
+            f"{found['variants']['off']['sagas_per_s']} off = {ratio} "
+            f"(may cost {100 * budget:.0f}%: {verdict})"
+        )
+
+
+async def _observed_loop(
+    env: Environment,
+    args: argparse.Namespace,
+    system: System,
+    processes: list[Child],
+    ports: list[int],
+) -> dict[str, Any]:
+    """Warm-up, then the measured closed loop (scraping ``ports`` meanwhile): its
+    figures, the CPU per saga of the system's processes, spans written to their logs."""
+    async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
+        if args.warmup:
+            async with Load(system.targets, fail_rate=args.fail_rate) as load:
+                await closed_loop(
+                    load, watcher, sagas=args.warmup, concurrency=min(args.concurrency, args.warmup)
+                )
+            watcher.take_troubles()
+        offsets = log_offsets(processes)
+        meter = Meter({p.name: p.pid for p in processes})
+        scraper = observability.Scraper(ports, args.scrape_interval)
+        meter.start()
+        async with scraper, Load(system.targets, fail_rate=args.fail_rate) as load:
+            samples = await closed_loop(
+                load, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
+            )
+        used = await meter.stop()
+        env.check_alive(processes)
+        figures = analyse(samples)
+        figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
+    cpu = sum(p["cpu_s"] for p in used["processes"].values())
+    figures["cpu_ms_per_saga"] = round(1000 * cpu / max(1, figures["terminal"]), 3)
+    if ports:
+        figures["scraper"] = scraper.figures()
+    figures["spans"] = sum(
+        line.count('"trace_id"') for p in processes for line in p.output_since(offsets[p.name])
+    )
+    return figures
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -794,6 +924,20 @@ def targets(results: dict[str, Any]) -> None:
             b <= 1.1 * a,
             both,
         )
+    o = results.get("observability")
+    if o:
+        for name, ratio in o["ratios"].items():
+            run = o["variants"][name]
+            budget = observability.BUDGETS[name]
+            add(
+                f"{name} on costs at most {100 * budget:.0f}% of sagas/s against metrics off",
+                f"{o['variants']['off']['sagas_per_s']} -> {run['sagas_per_s']}/s ({ratio})",
+                o["within_budget"][name],
+                {
+                    "disturbed": (run.get("disturbed") or [])
+                    + (o["variants"]["off"].get("disturbed") or [])
+                },
+            )
     results["targets"] = out
 
 
@@ -893,6 +1037,8 @@ async def run(args: argparse.Namespace) -> int:
                 await phase("starts", lambda: starts_phase(env, args, results))
             if "stored" in args.phase_set:
                 await phase("stored", lambda: stored_phase(env, args, results))
+            if "observability" in args.phase_set:
+                await phase("observability", lambda: observability_phase(env, args, results))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(env.close())

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import observability
+
 
 def _f(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -387,9 +389,12 @@ def render(results: dict[str, Any]) -> str:
         for st in stored:
             lines += _disturbed(f"reads at {st['stored']:,}", st)
 
+    if results.get("observability"):
+        lines += observability.render(results["observability"])
+
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issue 6)"]
+        lines += ["", "Targets (issues 6 and 20)"]
         lines += _table(
             [
                 [
