@@ -57,12 +57,17 @@ class Changes:
         self.seen = 0
         """The newest history position the watcher has sent (it sets this)."""
         self._pushed: list[tuple[int, Saga, Sequence[HistoryEntry]]] = []
+        self._upto = 0  # the newest position notified
+        self._unknown = False  # woken without a position: read whatever there is
 
     def wake(self, upto: int | None = None) -> None:
         """Something may have changed (up to position ``upto``, if known): the next
-        :meth:`wait` returns at once, unless the watcher has ``upto`` already."""
-        if upto is None or upto > self.seen:
-            self._changed.set()
+        :meth:`wait` returns, unless the watcher has sent ``upto`` already by then."""
+        if upto is None:
+            self._unknown = True
+        else:
+            self._upto = max(self._upto, upto)
+        self._changed.set()
 
     def push(self, prior: int, saga: Saga, entries: Sequence[HistoryEntry]) -> None:
         """A transition this process committed: ``saga`` as written, with ``entries``,
@@ -90,10 +95,16 @@ class Changes:
         return saga, entries
 
     async def wait(self) -> None:
-        """Until something may have changed since the last return; read after it."""
-        await self._changed.wait()
-        # Cleared before the caller reads, so a commit after its read wakes it again.
-        self._changed.clear()
+        """Until something may have changed since the last return; read after it.
+        A notification of a position the watcher has sent (:attr:`seen`: it was
+        handed that commit) does not count."""
+        while True:
+            await self._changed.wait()
+            # Cleared before the caller reads, so a commit after its read wakes it again.
+            self._changed.clear()
+            if self._pushed or self._unknown or self._upto > self.seen:
+                self._unknown = False
+                return
 
 
 class Listener:
