@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import psycopg
@@ -22,7 +23,10 @@ from coordinator.store.pool import open_pool
 from coordinator.store.queries import q
 from coordinator.store.repository import SagaStore, rule_params
 from helpers.cli import exit_status
+from helpers.participants import participant_database, participants
 from helpers.transitions import STEPS, request, succeed
+from sagaplane import Participant, StepContext
+from sagaplane.errors import ConfigurationError
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 
@@ -341,3 +345,51 @@ async def test_sent_outbox_rows_go_after_their_window_unsent_ones_stay(
         cur = await conn.execute("SELECT message_id FROM sagaplane_outbox ORDER BY id")
         left = {row[0].rsplit("-", 1)[0] for row in await cur.fetchall()}
     assert left == {"late-sent", "fresh-sent", "old-parked", "old-pending", "fresh-pending"}
+
+
+_INBOX = """
+INSERT INTO sagaplane_inbox
+    (step_id, kind, saga_id, action, message_id, attempt, outcome, output, received_at)
+SELECT %(what)s || '-' || g, 'execute', 'saga-' || g, 'shop.noop', 'm-' || g, 1,
+       'succeeded', '{}'::jsonb, now() - %(age)s::interval
+FROM generate_series(1, %(n)s) AS g
+"""
+
+
+async def test_a_participant_prunes_inbox_rows_older_than_its_window(amqp_url: str) -> None:
+    async with (
+        participant_database("sagaplane_retention", "SELECT 1") as url,
+        participants(amqp_url, url) as make,
+    ):
+        participant = make(inbox_retention="1h", outbox_retention="off", prune_interval=0.1)
+
+        @participant.step("shop.noop")
+        async def noop(ctx: StepContext) -> dict[str, Any]:
+            return {}
+
+        await participant.migrate()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(_INBOX, {"what": "old", "age": "2 hours", "n": 3})
+            await conn.execute(_INBOX, {"what": "fresh", "age": "1 minute", "n": 2})
+            await conn.execute(
+                _OUTBOX,
+                {"what": "old-sent", "created": "3 days", "sent": "3 days", "parked": None, "n": 2},
+            )
+            await participant.start()
+            for _ in range(200):
+                cur = await conn.execute("SELECT step_id FROM sagaplane_inbox ORDER BY step_id")
+                left = [row[0] for row in await cur.fetchall()]
+                if len(left) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert left == ["fresh-1", "fresh-2"]
+            # outbox_retention="off": sent rows are kept.
+            cur = await conn.execute("SELECT count(*) FROM sagaplane_outbox")
+            assert await cur.fetchone() == (2,)
+
+
+def test_a_participant_refuses_a_bad_window() -> None:
+    with pytest.raises(ConfigurationError, match="inbox_retention"):
+        Participant("svc", database_url="postgresql:///x", inbox_retention="a while")
+    with pytest.raises(ConfigurationError, match="outbox_retention"):
+        Participant("svc", database_url="postgresql:///x", outbox_retention="0s")
