@@ -375,12 +375,21 @@ class SagaStore:
         saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
         return saga, [_history_from_row(r) for r in history_rows]
 
-    async def list_sagas(self, *, limit: int, after: str | None, filters: SagaFilter) -> list[Saga]:
+    async def list_sagas(
+        self,
+        *,
+        limit: int,
+        after: str | None,
+        filters: SagaFilter,
+        after_created: datetime | None = None,
+    ) -> list[Saga]:
         """Sagas matching ``filters``, newest first (by created_at, then id), below the
-        saga ``after`` (keyset pagination)."""
+        saga ``after`` created at ``after_created`` (keyset pagination; without it, the
+        saga's created_at is looked up, and a deleted saga continues nowhere)."""
         params = {
             "limit": limit,
             "after": after,
+            "after_created": after_created,
             "states": [s.value for s in filters.states or SagaState],
             "name": filters.name,
             "created_after": filters.created_after,

@@ -29,6 +29,7 @@ from sagaplane import Participant, StepContext
 from sagaplane.errors import ConfigurationError
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
+from sagaplane.v1 import saga_pb2 as model
 
 Stub = coordinator_pb2_grpc.SagaCoordinatorServiceStub
 
@@ -393,3 +394,31 @@ def test_a_participant_refuses_a_bad_window() -> None:
         Participant("svc", database_url="postgresql:///x", inbox_retention="a while")
     with pytest.raises(ConfigurationError, match="outbox_retention"):
         Participant("svc", database_url="postgresql:///x", outbox_retention="0s")
+
+
+async def test_a_listing_goes_on_past_a_saga_pruned_under_its_page_token(
+    stub: Stub, coordinator: Coordinator, pools: list[Pool]
+) -> None:
+    made = [await finish(stub, coordinator, f"k{i}", "1 day") for i in range(5)]
+    first = await stub.ListSagas(
+        api.ListSagasRequest(page_size=2, states=[model.SAGA_STATE_COMPLETED])
+    )
+    assert [s.id for s in first.sagas] == [made[4], made[3]]
+    # The saga the token continues after is pruned before the next page is asked for.
+    async with await psycopg.AsyncConnection.connect(
+        coordinator.settings.database_url, autocommit=True
+    ) as conn:
+        await conn.execute(
+            "UPDATE sagaplane_sagas SET completed_at = now() - interval '40 days' WHERE id = %s",
+            (made[3],),
+        )
+    assert (await replicas(pools)[0].run_pass()).sagas == 1
+    rest: list[str] = []
+    token = first.next_page_token
+    while token:
+        page = await stub.ListSagas(
+            api.ListSagasRequest(page_size=2, states=[model.SAGA_STATE_COMPLETED], page_token=token)
+        )
+        rest += [s.id for s in page.sagas]
+        token = page.next_page_token
+    assert rest == [made[2], made[1], made[0]]

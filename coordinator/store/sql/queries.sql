@@ -130,12 +130,13 @@ SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s AND id > %(after)s O
 -- for (sagaplane_sagas_by_state, or _by_state_name with a name; 0008), each stopping
 -- after one page, then the pages merged: the cost of a page does not grow with the
 -- table. Parameters are bound client-side (sagaplane.batch), so a filter left out
--- (NULL) folds away before planning. The page continues below the saga %(after)s,
--- whose created_at is looked up by its primary key. (A token whose saga was deleted since
--- finds nothing below it: once sagas are deleted (retention), the token must carry the
--- created_at itself.)
+-- (NULL) folds away before planning. The page continues below the saga %(after)s created
+-- at %(after_created)s, which the page token carries, so that a page continues where it
+-- should even when that saga has been deleted since (retention); a token of an older
+-- version carries no created_at, which is then looked up by the primary key.
 WITH after AS (
-    SELECT created_at, id FROM sagaplane_sagas WHERE id = %(after)s
+    SELECT coalesce(%(after_created)s::timestamptz,
+                    (SELECT created_at FROM sagaplane_sagas WHERE id = %(after)s)) AS created_at
 )
 SELECT page.* FROM unnest(%(states)s::text[]) AS wanted (state)
 CROSS JOIN LATERAL (
