@@ -60,7 +60,7 @@ class Retention:
 
 @dataclass(kw_only=True)
 class Totals:
-    """What a pass deleted (or, dry, would delete)."""
+    """What a pass deleted."""
 
     sagas: int = 0
     steps: int = 0

@@ -86,6 +86,20 @@ WHERE s.id < '01'
 """
 
 
+# Backends of this database waiting for a lock: what they wait on, what they run, what
+# their blockers run, and whether a pruner's statement is among them.
+_LOCK_WAITS = """
+SELECT w.wait_event, w.query, coalesce(b.queries, ''),
+       (w.query || coalesce(b.queries, '')) ~ 'sagaplane_saga_is_finished|DELETE FROM sagaplane_'
+FROM pg_stat_activity w
+LEFT JOIN LATERAL (
+    SELECT string_agg(p.query, ' | ') AS queries FROM pg_stat_activity p
+    WHERE p.pid = ANY(pg_blocking_pids(w.pid))
+) AS b ON true
+WHERE w.datname = current_database() AND w.wait_event_type = 'Lock'
+"""
+
+
 def synthetic_id(g: int) -> str:
     return "0" + str(g).rjust(25, "0")
 
@@ -213,18 +227,41 @@ async def test_two_replicas_prune_exactly_the_expired_sagas_and_leave_active_one
         print(f"StartSaga alone: {describe(latencies)}")
         baseline = len(latencies)
         latencies.clear()
+        # Meanwhile, who in this database waits for a lock, and for whom. Transitions
+        # may wait for each other's NOTIFY at commit (PostgreSQL serialises those); nobody
+        # may wait for a pruner, nor a pruner for anybody.
+        waits: list[tuple[str, str, str, bool]] = []
+        looks = 0
+
+        async def watch_locks() -> None:
+            nonlocal looks
+            async with await psycopg.AsyncConnection.connect(
+                coordinator.settings.database_url, autocommit=True
+            ) as watcher:
+                while pruning:
+                    cur = await watcher.execute(_LOCK_WAITS)
+                    waits.extend(await cur.fetchall())
+                    looks += 1
+                    await asyncio.sleep(0.02)
+
         starter = asyncio.create_task(start_sagas())
+        watcher = asyncio.create_task(watch_locks())
         t0 = time.monotonic()
         passes: list[Totals] = await asyncio.gather(*(r.run_pass() for r in pruners))
         pruned_s = time.monotonic() - t0
         pruning = False
         await starter
+        await watcher
         after = await counts(conn)
         started = len(latencies) + baseline
         print(
             f"pruned in {pruned_s:.1f}s: replica A {passes[0]}, replica B {passes[1]}\n"
-            f"StartSaga during the prune: {describe(latencies)}\nafter: {after}"
+            f"StartSaga during the prune: {describe(latencies)}\n"
+            f"lock waits seen in {looks} looks at pg_stat_activity: {len(waits)} "
+            f"({', '.join(sorted({w[0] for w in waits}))}), "
+            f"{sum(w[3] for w in waits)} of them on or by a pruner\nafter: {after}"
         )
+        assert [w for w in waits if w[3]] == []
 
         # Each expired saga deleted once, by one replica or the other; both took a share.
         assert passes[0].sagas + passes[1].sagas == doomed
