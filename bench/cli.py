@@ -838,7 +838,8 @@ async def _stored_reads(
         results["stored"].append(entry)
         _progress(
             f"  {want:,} stored: GetSaga p99 {reads['get_saga_ms']['p99']} ms, ListActive p99 "
-            f"{reads['list_active_first_page_ms']['p99']} ms"
+            f"{reads['list_active_first_page_ms']['p99']} ms, ListSagas p99 "
+            f"{reads['list_sagas_first_page_ms']['p99']} ms"
         )
 
 
@@ -909,6 +910,7 @@ def targets(results: dict[str, Any]) -> None:
             ("get_saga_ms", "GetSaga"),
             ("get_saga_recent_ms", "GetSaga (newest 10k)"),
             ("list_active_first_page_ms", "ListActive"),
+            ("list_sagas_first_page_ms", "ListSagas (by state and name)"),
         ):
             a, b = lo[key]["p99"], hi[key]["p99"]
             add(

@@ -18,6 +18,7 @@ from coordinator.config import Settings
 from coordinator.messaging.codec import encode_command
 from coordinator.messaging.replies import ReplyConsumer
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.retention import Pruner
 from coordinator.store.migrate import migrate
 from coordinator.store.notifications import Listener
 from coordinator.store.pool import open_pool
@@ -27,6 +28,7 @@ from sagaplane import amqp, topology
 from sagaplane.consuming import DeadLetters
 from sagaplane.metrics import DeadLetterCollector, MetricsServer, OutboxGauges, new_registry
 from sagaplane.relay import OutboxRelay
+from sagaplane.retention import PruneLoop
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Coordinator:
         self._dead_letters: DeadLetters | None = None
         self._relay: OutboxRelay | None = None
         self._timers: TimerLoop | None = None
+        self._retention: PruneLoop | None = None
         self.listener: Listener | None = None
         """What wakes WatchSaga's watchers, once started."""
         self.store: SagaStore | None = None
@@ -112,6 +115,8 @@ class Coordinator:
         await self._replies.start()
         self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
         await self._timers.start()
+        self._retention = Pruner(self.store, self._pool, self.settings.retention).loop()
+        await self._retention.start()
         tokens = PageTokens(await self.store.secret("page_tokens"))
         self.listener = Listener(self.settings.database_url)
         await self.listener.start()
@@ -138,7 +143,7 @@ class Coordinator:
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The background tasks whose end means the process must stop."""
-        parts = (self._relay, self._replies, self._timers, self.listener)
+        parts = (self._relay, self._replies, self._timers, self._retention, self.listener)
         found = [c.task for c in parts if c is not None]
         return [t for t in found if t is not None]
 
@@ -158,6 +163,8 @@ class Coordinator:
             await self._replies.stop()
         if self._timers is not None:
             await self._timers.stop()
+        if self._retention is not None:
+            await self._retention.stop()
         if self._dead_letters is not None:
             await self._dead_letters.close()
         if self._relay is not None:

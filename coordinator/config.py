@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from coordinator import retention
+from coordinator.retention import Retention
 from sagaplane import defaults
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.urls import redact
@@ -46,6 +48,9 @@ class Settings:
     metrics_listen: str | None = None
     """Prometheus ``/metrics`` address host:port; None serves no metrics and opens no
     port (SAGAPLANE_METRICS_LISTEN)."""
+    retention: Retention = field(default_factory=Retention)
+    """What is deleted when (``--retention``, ``--retention-for``, ``--outbox-retention``;
+    see coordinator.retention)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -113,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         help="serve Prometheus metrics at http://HOST:PORT/metrics "
         "[SAGAPLANE_METRICS_LISTEN; default: off]",
     )
+    retention.add_arguments(parser, env)
 
 
 def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -152,4 +158,5 @@ def from_args(args: argparse.Namespace) -> Settings:
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,
+        retention=retention.from_args(args),
     )

@@ -152,14 +152,18 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         limit = validation.page_size(request.page_size)
         kept = validation.list_filter(request)
         digest = validation.filter_digest(kept)
-        after = self._page_tokens.decode(
+        position = self._page_tokens.position(
             request.page_token, digest, listing="ListSagas", filters="different filters"
         )
-        sagas = await self._store.list_sagas(limit=limit + 1, after=after, filters=kept)
+        after, after_created = position if position is not None else (None, None)
+        sagas = await self._store.list_sagas(
+            limit=limit + 1, after=after, after_created=after_created, filters=kept
+        )
         page = _page(sagas, limit)
         token = ""
         if len(page) < len(sagas):
-            token = self._page_tokens.encode(page[-1].id, digest)
+            last = sagas[len(page) - 1]
+            token = self._page_tokens.encode(last.id, digest, created_at=last.created_at)
         return coordinator_pb2.ListSagasResponse(sagas=page, next_page_token=token)
 
     # A coroutine that writes (grpc.aio's other form of a streaming handler), not the

@@ -1,6 +1,7 @@
 """``sagaplane``: the command line.
 
-Server commands run the coordinator (``serve``) and update its schema (``migrate``);
+Server commands run the coordinator (``serve``), update its schema (``migrate``) and
+delete what has expired (``prune``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
 ``health``). Settings come
@@ -131,6 +132,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     server.add_migrate(
         add("migrate", server.migrate, "Apply the coordinator's pending database migrations."),
+        env,
+    )
+    server.add_prune(
+        add(
+            "prune",
+            server.prune,
+            "Delete what the retention rules say has expired (one pass, as every "
+            "coordinator does every --prune-interval); with --dry-run, only say what.",
+        ),
         env,
     )
     start = add(

@@ -1,4 +1,4 @@
-"""The server commands: ``serve`` (the coordinator) and ``migrate``."""
+"""The server commands: ``serve`` (the coordinator), ``migrate`` and ``prune``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import psycopg
 from aiormq.exceptions import AMQPConnectionError
 
-from coordinator import config
+from coordinator import config, retention
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from sagaplane.errors import BrokerUnavailable
@@ -102,6 +102,65 @@ async def _migrate(database_url: str) -> int:
         say(f"{where}: up to date, nothing to apply")
     for m in applied:
         say(f"{where}: applied {m.component}/{m.version:04d}_{m.name}")
+    return ExitCode.OK
+
+
+def add_prune(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """``prune`` takes the database and the retention rules, as ``serve`` does."""
+    config.add_database_url(parser, env)
+    retention.add_arguments(parser, env)
+    parser.add_argument("--dry-run", action="store_true", help="only say what a pass would delete")
+
+
+def prune(args: argparse.Namespace) -> int:
+    """One retention pass (what a coordinator does every --prune-interval), or with
+    --dry-run what it would delete."""
+    rules = retention.from_args(args)
+    return asyncio.run(_prune(args.database_url, rules, dry_run=args.dry_run))
+
+
+async def _prune(database_url: str, rules: retention.Retention, *, dry_run: bool) -> int:
+    from psycopg_pool import PoolTimeout
+
+    from coordinator.errors import StorageUnavailable
+    from coordinator.messaging.codec import encode_command
+    from coordinator.store.pool import open_pool
+    from coordinator.store.repository import SagaStore
+
+    where = redact(database_url)
+    try:
+        pool = await open_pool(database_url, size=2)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise CliError(
+            f"cannot use PostgreSQL at {where}: {_first_line(exc)}", ExitCode.UNAVAILABLE
+        ) from exc
+    try:
+        pruner = retention.Pruner(SagaStore(pool, encode_command), pool, rules)
+        say(f"{where}: {retention.describe(rules)}")
+        if dry_run:
+            expired, outbox = await pruner.dry_run()
+            for e in expired:
+                say(
+                    f"would delete {e.sagas} {e.name} sagas (ended {e.oldest:%Y-%m-%d %H:%M} "
+                    f"or later), {e.steps} steps, {e.history} history entries"
+                )
+            total = sum(e.sagas for e in expired)
+            say(f"would delete {total} sagas and {outbox} sent outbox rows in all")
+        else:
+            done = await pruner.run_pass()
+            say(
+                f"deleted {done.sagas} sagas ({done.steps} steps, {done.history} history "
+                f"entries) and {done.outbox} sent outbox rows"
+            )
+    except StorageUnavailable as exc:
+        raise CliError(f"lost PostgreSQL at {where}: {exc}", ExitCode.UNAVAILABLE) from exc
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedTable) as exc:
+        raise CliError(
+            f"{where} is not up to date ({_first_line(exc)}): run `sagaplane migrate` first",
+            ExitCode.UNAVAILABLE,
+        ) from exc
+    finally:
+        await pool.close()
     return ExitCode.OK
 
 

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -144,6 +144,28 @@ class ActiveSagas:
     count: int
     oldest_age: float
     """Seconds since the oldest of them started."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pruned:
+    """What one batch of :meth:`SagaStore.prune_sagas` deleted."""
+
+    sagas: int
+    steps: int
+    history: int
+    """History entries."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expired:
+    """The finished sagas of one name past their retention (see :meth:`SagaStore.expired`)."""
+
+    name: str
+    sagas: int
+    steps: int
+    history: int
+    oldest: datetime
+    """When the one that ended first ended."""
 
 
 @asynccontextmanager
@@ -357,12 +379,21 @@ class SagaStore:
         saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
         return saga, [_history_from_row(r) for r in history_rows]
 
-    async def list_sagas(self, *, limit: int, after: str | None, filters: SagaFilter) -> list[Saga]:
+    async def list_sagas(
+        self,
+        *,
+        limit: int,
+        after: str | None,
+        filters: SagaFilter,
+        after_created: datetime | None = None,
+    ) -> list[Saga]:
         """Sagas matching ``filters``, newest first (by created_at, then id), below the
-        saga ``after`` (keyset pagination)."""
+        saga ``after`` created at ``after_created`` (keyset pagination; without it, the
+        saga's created_at is looked up, and a deleted saga continues nowhere)."""
         params = {
             "limit": limit,
             "after": after,
+            "after_created": after_created,
             "states": [s.value for s in filters.states or SagaState],
             "name": filters.name,
             "created_after": filters.created_after,
@@ -414,6 +445,54 @@ class SagaStore:
                     state=row["state"],
                     count=row["count"],
                     oldest_age=float(row["oldest_age"]),
+                )
+                for row in await cur.fetchall()
+            ]
+
+    async def prune_sagas(
+        self, *, keep: timedelta | None, keep_for: Mapping[str, timedelta | None], limit: int
+    ) -> Pruned:
+        """Delete at most ``limit`` finished sagas that ended longer ago than their name's
+        window (``keep_for``, else ``keep``; None keeps them), with their steps and history.
+
+        One short transaction of two round trips. Sagas locked elsewhere (another pruner,
+        a transition in progress) are skipped, so concurrent pruners share the work and
+        never wait for each other or for anyone. A deleted saga is gone for every API
+        (NOT_FOUND) and its idempotency key is free again.
+        """
+        async with self._transaction() as cur:
+            [claimed] = await batch.run(
+                cur,
+                [("BEGIN", None), (q("prune_claim_sagas"), rule_params(keep, keep_for, limit))],
+            )
+            if not claimed:
+                await cur.execute("COMMIT")
+                return Pruned(sagas=0, steps=0, history=0)
+            ids = {"ids": [row["id"] for row in claimed]}
+            [history], [steps], [sagas] = await batch.run(
+                cur,
+                [
+                    (q("prune_delete_history"), ids),
+                    (q("prune_delete_steps"), ids),
+                    (q("prune_delete_sagas"), ids),
+                    ("COMMIT", None),
+                ],
+            )
+        return Pruned(sagas=sagas["count"], steps=steps["count"], history=history["count"])
+
+    async def expired(
+        self, *, keep: timedelta | None, keep_for: Mapping[str, timedelta | None]
+    ) -> list[Expired]:
+        """What :meth:`prune_sagas` would delete, all batches together, by saga name."""
+        async with self._reading() as cur:
+            await cur.execute(q("expired_sagas"), rule_params(keep, keep_for, 0))
+            return [
+                Expired(
+                    name=row["name"],
+                    sagas=row["sagas"],
+                    steps=int(row["steps"]),
+                    history=int(row["history"]),
+                    oldest=row["oldest"],
                 )
                 for row in await cur.fetchall()
             ]
@@ -610,6 +689,19 @@ def _begin(spec: SagaSpec, now: datetime) -> engine.Transition:
         new_token=new_token,
         timeout=spec.timeout,
     )
+
+
+def rule_params(
+    keep: timedelta | None, keep_for: Mapping[str, timedelta | None], limit: int
+) -> dict[str, Any]:
+    """The parameters of the retention statements (``queries.sql``, "retention"):
+    ``keep_for``'s windows, else ``keep``; at most ``limit`` sagas per batch."""
+    return {
+        "keep": keep,
+        "names": list(keep_for),
+        "keeps": list(keep_for.values()),
+        "limit": limit,
+    }
 
 
 def _reused(position: int, key: str, what: str) -> Violation:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, NoReturn, Self, TypeVar
 
@@ -40,7 +42,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import amqp, deadlines, defaults, migrations, runtime, topology
+from sagaplane import amqp, deadlines, defaults, migrations, retention, runtime, topology
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
 from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
@@ -77,6 +79,37 @@ H = TypeVar("H", bound=Handler)
 
 METRICS_LISTEN_ENV = "SAGAPLANE_PARTICIPANT_METRICS_LISTEN"
 """The environment variable a Participant takes ``metrics_listen`` from."""
+
+INBOX_RETENTION_ENV = "SAGAPLANE_INBOX_RETENTION"
+"""The environment variable a Participant takes ``inbox_retention`` from."""
+
+OUTBOX_RETENTION_ENV = "SAGAPLANE_OUTBOX_RETENTION"
+"""The environment variable a Participant takes ``outbox_retention`` from (the
+coordinator's ``--outbox-retention`` reads the same name)."""
+
+
+def _window(
+    name: str, value: str | timedelta | None, env: str, default: timedelta
+) -> timedelta | None:
+    """A retention window from the argument, else the environment, else the default."""
+    if value is None:
+        value = os.environ.get(env) or default
+    try:
+        return retention.parse_retention(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+
+
+async def _prune_inbox(
+    pool: AsyncConnectionPool[AsyncConnection[Any]], keep: timedelta, limit: int
+) -> int:
+    return await retention.prune_inbox(pool, keep=keep, limit=limit)
+
+
+async def _prune_outbox(
+    pool: AsyncConnectionPool[AsyncConnection[Any]], keep: timedelta, limit: int
+) -> int:
+    return await retention.prune_outbox(pool, keep=keep, limit=limit)
 
 
 def participant_migrations() -> list[migrations.Migration]:
@@ -148,6 +181,16 @@ class Participant:
     the coordinator's address on a shared host) serves Prometheus metrics at
     ``/metrics`` (see :mod:`sagaplane.metrics`); None or empty serves none and opens no
     port.
+
+    Retention (:mod:`sagaplane.retention`): every ``prune_interval`` seconds, inbox rows
+    first received longer than ``inbox_retention`` ago (default
+    ``$SAGAPLANE_INBOX_RETENTION``, else 7 days) and outbox rows sent longer than
+    ``outbox_retention`` ago (default ``$SAGAPLANE_OUTBOX_RETENTION``, else 24 hours)
+    are deleted, in small batches that any number of instances can run at once. Each
+    takes a duration (``7d``, ``24h``, a ``timedelta``) or ``"off"`` to keep every row.
+    The inbox window must exceed the longest span over which a copy of a command can
+    still come (a redelivery, a retry of a step whose reply was lost): a copy that comes
+    later runs its handler again (README, "Retention").
     """
 
     def __init__(
@@ -167,6 +210,9 @@ class Participant:
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
         metrics_listen: str | None = None,
+        inbox_retention: str | timedelta | None = None,
+        outbox_retention: str | timedelta | None = None,
+        prune_interval: float = retention.DEFAULT_INTERVAL,
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -191,6 +237,22 @@ class Participant:
             except ValueError as exc:
                 raise ConfigurationError(f"metrics_listen: {exc}") from None
         self._metrics_server: MetricsServer | None = None
+        self._inbox_retention = _window(
+            "inbox_retention",
+            inbox_retention,
+            INBOX_RETENTION_ENV,
+            retention.DEFAULT_INBOX_RETENTION,
+        )
+        self._outbox_retention = _window(
+            "outbox_retention",
+            outbox_retention,
+            OUTBOX_RETENTION_ENV,
+            retention.DEFAULT_OUTBOX_RETENTION,
+        )
+        if not prune_interval > 0:
+            raise ConfigurationError("prune_interval must be a number of seconds > 0")
+        self._prune_interval = prune_interval
+        self._pruner: retention.PruneLoop | None = None
         self._clock_tolerance = clock_tolerance
         self.service = service
         self._amqp_url = amqp_url or os.environ.get("SAGAPLANE_AMQP_URL") or defaults.AMQP_URL
@@ -343,6 +405,8 @@ class Participant:
                 connection_name=self._name,
             )
             await self._relay.start()
+            self._pruner = self._prune_loop(self._pool)
+            await self._pruner.start()
             self._dead_letters = DeadLetters(
                 self._connection, queue=topology.participant_queue(self.service)
             )
@@ -377,6 +441,17 @@ class Participant:
             self.service,
             topology.participant_queue(self.service),
             ", ".join(self.actions),
+        )
+
+    def _prune_loop(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> retention.PruneLoop:
+        jobs: dict[str, retention.Job] = {}
+        inbox, outbox = self._inbox_retention, self._outbox_retention
+        if inbox is not None:
+            jobs["inbox rows"] = functools.partial(_prune_inbox, pool, inbox)
+        if outbox is not None:
+            jobs["outbox rows"] = functools.partial(_prune_outbox, pool, outbox)
+        return retention.PruneLoop(
+            jobs, interval=self._prune_interval, name=f"{self._name}-retention"
         )
 
     async def _serve_metrics(
@@ -469,6 +544,8 @@ class Participant:
                 log.warning("participant %s: cancelling the consumer: %s", self.service, exc)
         if self._consumer is not None:
             await self._consumer.drain(self._shutdown_timeout)
+        if self._pruner is not None:
+            await self._pruner.stop()
         if self._relay is not None:
             try:
                 async with asyncio.timeout(self._connect_timeout):

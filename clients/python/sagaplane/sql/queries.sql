@@ -126,6 +126,61 @@ SET LOCAL idle_in_transaction_session_timeout = %(ms)s;
 -- PostgreSQL 17 and later: the whole transaction, however its time is spent.
 SET LOCAL transaction_timeout = %(ms)s;
 
+-- == retention (sagaplane.retention) =================================================
+-- Each statement is one short transaction that deletes at most %(limit)s rows. Rows
+-- another pruner (a replica) has claimed are skipped, not waited for: replicas share the
+-- work and never delete the same row, and nothing that writes new rows waits for them.
+
+-- name: outbox_prune
+-- Sent rows older than %(keep)s, oldest first. The scan by id stops at the first row
+-- created within the window: a row's sent_at is never before its created_at, so no row
+-- from there on can have been sent before the cutoff (save a few of transactions that
+-- began earlier, taken by a later pass). A pass costs the rows it deletes and the old
+-- unsent (parked) rows it steps over, never the outbox's whole size.
+WITH bound AS (
+    SELECT coalesce(
+        (SELECT id FROM sagaplane_outbox
+         WHERE created_at >= now() - %(keep)s::interval ORDER BY id LIMIT 1),
+        9223372036854775807) AS id
+), doomed AS (
+    SELECT id FROM sagaplane_outbox
+    WHERE id < (SELECT id FROM bound) AND sent_at < now() - %(keep)s::interval
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM sagaplane_outbox WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) AS count FROM deleted;
+
+-- name: outbox_expired
+-- What outbox_prune would delete, every batch of it (sagaplane prune --dry-run).
+SELECT count(*) AS count FROM sagaplane_outbox
+WHERE id < coalesce(
+        (SELECT id FROM sagaplane_outbox
+         WHERE created_at >= now() - %(keep)s::interval ORDER BY id LIMIT 1),
+        9223372036854775807)
+  AND sent_at < now() - %(keep)s::interval;
+
+-- name: inbox_prune
+-- Rows first received longer than %(keep)s ago, oldest first, on sagaplane_inbox_received.
+-- A row whose command is being handled is locked by that transaction: skipped.
+WITH doomed AS (
+    SELECT step_id, kind FROM sagaplane_inbox
+    WHERE received_at < now() - %(keep)s::interval
+    ORDER BY received_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM sagaplane_inbox AS i USING doomed AS d
+    WHERE i.step_id = d.step_id AND i.kind = d.kind
+    RETURNING 1
+)
+SELECT count(*) AS count FROM deleted;
+
+-- name: inbox_expired
+SELECT count(*) AS count FROM sagaplane_inbox WHERE received_at < now() - %(keep)s::interval;
+
 -- == migrations (sagaplane.migrations) =================================================
 
 -- name: migrations_lock
