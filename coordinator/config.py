@@ -46,6 +46,9 @@ class Settings:
     metrics_listen: str | None = None
     """Prometheus ``/metrics`` address host:port; None serves no metrics and opens no
     port (SAGAPLANE_METRICS_LISTEN)."""
+    http_listen: str | None = None
+    """The operator web page's address host:port; None serves no page and opens no port
+    (SAGAPLANE_HTTP_LISTEN)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -113,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         help="serve Prometheus metrics at http://HOST:PORT/metrics "
         "[SAGAPLANE_METRICS_LISTEN; default: off]",
     )
+    parser.add_argument(
+        "--http-listen",
+        default=env.get("SAGAPLANE_HTTP_LISTEN") or d.http_listen,
+        metavar="HOST:PORT",
+        help="serve the operator web page at http://HOST:PORT/ "
+        "[SAGAPLANE_HTTP_LISTEN; default: off]",
+    )
 
 
 def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -152,4 +162,5 @@ def from_args(args: argparse.Namespace) -> Settings:
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,
+        http_listen=args.http_listen or None,
     )
