@@ -35,6 +35,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _fresh_artifact(name: str) -> Path:
+    """Where to save an artifact, with no file of an earlier run there."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _size(path: Path) -> int:
+    """Bytes in ``path``; 0 if it was not written."""
+    return path.stat().st_size if path.exists() else 0
+
+
 @pytest.fixture
 async def web(database_url: str, amqp_url: str) -> AsyncIterator[Coordinator]:
     """A coordinator serving its web page on a free port."""
@@ -64,12 +77,13 @@ async def page(web: Coordinator) -> AsyncIterator[object]:
 
 async def test_an_operator_follows_and_compensates_a_saga(web: Coordinator, page: object) -> None:
     assert web.store is not None
+    p = page  # type: ignore[assignment]
+    await p.goto("/sagas")
+    await expect(p.locator("table.sagas")).to_contain_text("No saga matches.")
     async with SagaClient(f"127.0.0.1:{web.port}") as client:
         saga_id = (await client.start_saga_request(request("order.place"))).id
 
-        # The list shows the running saga.
-        p = page  # type: ignore[assignment]
-        await p.goto("/sagas")
+        # The list shows the running saga (it refreshes itself: no reload).
         row = p.locator(f"tr[data-saga='{saga_id}']")
         await expect(row).to_contain_text("order.place")
         await expect(row.locator(".state")).to_have_text("started")
@@ -114,11 +128,9 @@ async def test_an_operator_follows_and_compensates_a_saga(web: Coordinator, page
         await expect(timeline.locator("rect.bar.execute.succeeded")).to_have_count(1)
         await expect(timeline.locator("rect.bar.execute.failed")).to_have_count(1)
 
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / "web-timeline-compensated.png"
-        shot.unlink(missing_ok=True)
+        shot = _fresh_artifact("web-timeline-compensated.png")
         await timeline.screenshot(path=str(shot))
-        assert shot.exists() and shot.stat().st_size > 0
+        assert _size(shot) > 0
 
 
 async def test_cancelling_the_dialog_changes_nothing(web: Coordinator, page: object) -> None:
