@@ -18,6 +18,7 @@ from coordinator.app import Coordinator
 from coordinator.config import add_arguments, from_args
 from coordinator.engine import CommandKind
 from helpers.coordinators import coordinator_settings
+from helpers.processes import CoordinatorProcess, free_port
 from helpers.transitions import request, succeed
 from sagaplane import SagaClient
 
@@ -206,3 +207,65 @@ async def _events(stream: aiohttp.StreamReader) -> AsyncIterator[tuple[str, Any]
 async def _next(events: AsyncIterator[tuple[str, Any]]) -> tuple[str, Any]:
     async with asyncio.timeout(WAIT):
         return await anext(events)
+
+
+async def test_sagaplane_serve_serves_the_page_and_stops_with_a_stream_open(
+    database_url: str, amqp_url: str
+) -> None:
+    http_port = free_port()
+    process = CoordinatorProcess(database_url, amqp_url)
+    await process.start({"SAGAPLANE_HTTP_LISTEN": f"127.0.0.1:{http_port}"})
+    try:
+        async with SagaClient(process.address) as client:
+            saga = await client.start_saga_request(request())
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as http,
+            http.get(f"/sagas/{saga.id}/events") as answer,
+        ):
+            events = _events(answer.content)
+            assert (await _next(events))[0] == "saga"
+            status = await process.terminate()
+            with pytest.raises((StopAsyncIteration, aiohttp.ClientError)):
+                await _next(events)  # the stream ends with the process
+        assert status == 0, process.tail()
+    finally:
+        await process.stop()
+
+
+async def test_resolve_marks_a_stuck_compensation_compensated(
+    http: aiohttp.ClientSession, client: SagaClient, web: Coordinator
+) -> None:
+    assert web.store is not None
+    saga = await client.start_saga_request(request())
+    await succeed(web.store, saga.id)  # create done, reserve in flight
+    async with http.post(f"/sagas/{saga.id}/compensate", json={}, headers=ACTION) as answer:
+        assert answer.status == 200
+    await succeed(web.store, saga.id, fail=True)  # reserve fails: create is undone...
+    stored, _ = await web.store.get(saga.id)
+    step = next(s for s in stored.steps if s.status is engine.StepStatus.COMPENSATING)
+    await web.store.apply(  # ...and its undo fails for good
+        saga.id,
+        engine.StepReplied(
+            step_id=step.id,
+            kind=CommandKind.COMPENSATE,
+            attempt=step.compensation_attempts,
+            token=step.token or "",
+            succeeded=False,
+            error="refund service gone",
+            retryable=False,
+        ),
+    )
+    async with http.get(f"/sagas/{saga.id}") as answer:
+        page = await answer.text()
+    assert "compensation_failed" in page and "Resolve compensation" in page
+    assert "refund service gone" in page
+    path = f"/sagas/{saga.id}/resolve"
+    async with http.post(path, json={"resolution": "mark_compensated"}, headers=ACTION) as answer:
+        assert answer.status == 400  # a reason is required
+        assert "reason" in (await answer.json())["error"]
+    body = {"resolution": "mark_compensated", "reason": "refunded by hand"}
+    async with http.post(path, json=body, headers=ACTION) as answer:
+        assert answer.status == 200
+        assert (await answer.json())["state"] == "compensated"
+    history = (await client.get_saga(saga.id, include_history=True)).history
+    assert any(h.reason == "refunded by hand" for h in history)
