@@ -3,19 +3,23 @@
 "use strict";
 
 (function () {
-  // The list: its counts and table are read again every few seconds.
+  const LIST_REFRESH_MS = 3000;
+  // The list: its counts and table are read again every few seconds while the tab is
+  // shown (each read is seven ListSagas calls: a hidden tab costs the coordinator nothing).
   const live = document.getElementById("live");
   if (live && live.dataset.liveSrc) {
     const refresh = async () => {
-      try {
-        const answer = await fetch(live.dataset.liveSrc, { headers: { Accept: "text/html" } });
-        if (answer.ok) live.innerHTML = await answer.text();
-      } catch (err) {
-        // The coordinator is restarting: the next round tries again.
+      if (document.visibilityState === "visible") {
+        try {
+          const answer = await fetch(live.dataset.liveSrc, { headers: { Accept: "text/html" } });
+          if (answer.ok) live.innerHTML = await answer.text();
+        } catch (err) {
+          // The coordinator is restarting: the next round tries again.
+        }
       }
-      setTimeout(refresh, 2000);
+      setTimeout(refresh, LIST_REFRESH_MS);
     };
-    setTimeout(refresh, 2000);
+    setTimeout(refresh, LIST_REFRESH_MS);
   }
 
   // One saga: its sections are sent again (server-sent events over WatchSaga) after
