@@ -192,8 +192,9 @@ def _summary(saga: Saga) -> str:
         ("State", _state(saga.state)),
         ("Created", _when(saga.created_at)),
         ("Updated", _when(saga.updated_at)),
-        ("Ended", _when(saga.completed_at)),
     ]
+    if saga.completed_at:
+        facts.append(("Ended", _when(saga.completed_at)))
     if saga.idempotency_key:
         facts.append(("Idempotency key", e(saga.idempotency_key)))
     if saga.deadline_at:
