@@ -273,9 +273,7 @@ def _graph(steps: Sequence[Step]) -> str:
     chain = all(s.depends_on == ((names[i - 1],) if i else ()) for i, s in enumerate(steps))
     if chain:
         return ""
-    depth: dict[str, int] = {}
-    for step in steps:  # dependencies always come earlier in a saga's order
-        depth[step.name] = 1 + max((depth.get(d, 0) for d in step.depends_on), default=-1)
+    depth = _depths(steps)
     columns: dict[int, list[str]] = {}
     for step in steps:
         columns.setdefault(depth[step.name], []).append(step.name)
@@ -310,6 +308,23 @@ def _graph(steps: Sequence[Step]) -> str:
         f'viewBox="0 0 {width} {height}" role=img aria-label="step dependencies">'
         f"{''.join(edges)}{''.join(nodes)}</svg>"
     )
+
+
+def _depths(steps: Sequence[Step]) -> dict[str, int]:
+    """Each step's column: the longest path to it from a step without dependencies."""
+    needs = {s.name: [d for d in s.depends_on if d != s.name] for s in steps}
+    depth: dict[str, int] = {}
+
+    def of(name: str, seen: frozenset[str]) -> int:
+        if name not in depth:
+            # The coordinator refuses cycles; `seen` only keeps a bad answer from looping.
+            ups = [d for d in needs.get(name, []) if d in needs and d not in seen]
+            depth[name] = 1 + max((of(d, seen | {name}) for d in ups), default=-1)
+        return depth[name]
+
+    for name in needs:
+        of(name, frozenset())
+    return depth
 
 
 def _clip(text: str, n: int) -> str:

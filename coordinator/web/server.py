@@ -30,6 +30,7 @@ keep-alive and streaming responses on the coordinator's own event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from coordinator.web import pages
@@ -63,6 +65,9 @@ REQUEST_HEADER = "X-Sagaplane-Request"
 
 COUNT_CAP = 100
 """Counts by state stop at this many (shown as ``100+``): each is a ListSagas page."""
+
+COUNTS_FRESH = 1.0
+"""Seconds a count by state is answered again to other pages with the same filters."""
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -99,6 +104,10 @@ class WebServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._streams: set[asyncio.Task[Any]] = set()
+        self._counting: dict[
+            tuple[str, str, datetime | None, datetime | None],
+            tuple[float, asyncio.Task[dict[str, int]]],
+        ] = {}
         self._static = {
             name: resources.files("coordinator.web").joinpath("static", name).read_bytes()
             for name in _STATIC
@@ -134,8 +143,9 @@ class WebServer:
 
     async def stop(self) -> None:
         """Stop listening and end the event streams. Safe to call twice."""
-        for task in list(self._streams):
+        for task in [*self._streams, *(t for _, t in self._counting.values())]:
             task.cancel()
+        self._counting.clear()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -154,6 +164,10 @@ class WebServer:
             response = self._refusal(request, 400, str(exc))
         except CoordinatorError as exc:
             response = self._refusal(request, _status(exc), str(exc) or type(exc).__doc__ or "")
+            if response.status == 401:
+                # The browser asks for credentials, and sends them with every request
+                # to this page from then on (the events stream and the actions too).
+                response.headers["WWW-Authenticate"] = 'Basic realm="Sagaplane", charset="UTF-8"'
         except Exception:
             log.exception("web: %s %s failed", request.method, request.path)
             response = self._refusal(request, 500, "internal error (see the coordinator's log)")
@@ -186,7 +200,9 @@ class WebServer:
     ) -> tuple[dict[str, Any], list[Saga], dict[str, int], str]:
         query = _list_query(request)
         after, before = query.get("after"), query.get("before")
-        page = self._client.list_sagas(
+        token = _token(request)
+        api = self._client.with_token(token)
+        page = api.list_sagas(
             query["page_size"],
             query.get("page_token", ""),
             states=query["states"],
@@ -194,22 +210,61 @@ class WebServer:
             created_after=after,
             created_before=before,
         )
-        counted = [
-            self._client.list_sagas(
-                COUNT_CAP + 1,
-                states=[state],
-                name=query.get("name", ""),
-                created_after=after,
-                created_before=before,
-            )
-            for state in pages.LIST_STATES
-        ]
-        found, *per_state = await asyncio.gather(page, *counted)
-        counts = {s.value: len(p.sagas) for s, p in zip(pages.LIST_STATES, per_state, strict=True)}
+        found, counts = await asyncio.gather(
+            page, self._counts(api, token or "", query.get("name", ""), after, before)
+        )
         return query, found.sagas, counts, found.next_page_token
 
+    async def _counts(
+        self,
+        api: SagaClient,
+        token: str,
+        name: str,
+        after: datetime | None,
+        before: datetime | None,
+    ) -> dict[str, int]:
+        """Sagas by state (up to COUNT_CAP + 1 each) for these filters. Lists open in
+        several tabs by the same caller share one count: a count started less than
+        COUNTS_FRESH seconds ago (or still running) is answered again."""
+        now = asyncio.get_running_loop().time()
+        for old in [
+            k for k, (at, t) in self._counting.items() if t.done() and now - at > COUNTS_FRESH
+        ]:
+            del self._counting[old]
+        key = (token, name, after, before)
+        entry = self._counting.get(key)
+        if entry is None or (entry[1].done() and (entry[1].cancelled() or entry[1].exception())):
+            task = asyncio.create_task(
+                self._count(api, name, after, before), name="sagaplane-web-count"
+            )
+            entry = self._counting[key] = (now, task)
+        # Shielded: one page hanging up must not cancel the count the others await.
+        return await asyncio.shield(entry[1])
+
+    @staticmethod
+    async def _count(
+        api: SagaClient, name: str, after: datetime | None, before: datetime | None
+    ) -> dict[str, int]:
+        pages_by_state = await asyncio.gather(
+            *(
+                api.list_sagas(
+                    COUNT_CAP + 1,
+                    states=[state],
+                    name=name,
+                    created_after=after,
+                    created_before=before,
+                )
+                for state in pages.LIST_STATES
+            )
+        )
+        return {
+            s.value: len(p.sagas) for s, p in zip(pages.LIST_STATES, pages_by_state, strict=True)
+        }
+
     async def _saga(self, request: web.Request) -> web.StreamResponse:
-        saga = await self._client.get_saga(request.match_info["id"], include_history=True)
+        saga = await _api(self._client, request).get_saga(
+            request.match_info["id"], include_history=True
+        )
         return _html(pages.saga_page(saga, datetime.now(UTC)))
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -227,7 +282,7 @@ class WebServer:
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         updates: asyncio.Queue[Saga | BaseException | None] = asyncio.Queue(maxsize=16)
         pump = asyncio.create_task(
-            _pump(self._client.watch(request.match_info["id"]), updates),
+            _pump(_api(self._client, request).watch(request.match_info["id"]), updates),
             name="sagaplane-web-watch",
         )
         try:
@@ -271,7 +326,7 @@ class WebServer:
     async def _compensate(self, request: web.Request) -> web.StreamResponse:
         body = await _action_body(request)
         reason = _text(body, "reason")
-        saga = await self._client.compensate(request.match_info["id"], reason)
+        saga = await _api(self._client, request).compensate(request.match_info["id"], reason)
         return web.json_response({"state": saga.state.value})
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
@@ -279,7 +334,7 @@ class WebServer:
         resolution = _text(body, "resolution")
         if resolution not in ("retry", "mark_compensated"):
             raise BadQuery("resolution: must be retry or mark_compensated")
-        saga = await self._client.resolve_compensation(
+        saga = await _api(self._client, request).resolve_compensation(
             request.match_info["id"], resolution, _text(body, "reason")
         )
         return web.json_response({"state": saga.state.value})
@@ -305,6 +360,28 @@ async def _pump(
     await into.put(None)
 
 
+def _api(client: SagaClient, request: web.Request) -> SagaClient:
+    """``client`` acting for the caller of ``request``: the API's access control decides
+    what they may see and do (and records who they are)."""
+    return client.with_token(_token(request))
+
+
+def _token(request: web.Request) -> str | None:
+    """The caller's API token: ``Authorization: Bearer TOKEN`` (scripts), or the password
+    of HTTP Basic authentication (a browser asks for it after a 401; the user name is
+    not used). None without one."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise BadQuery("Authorization: not valid Basic credentials") from None
+        return decoded.partition(":")[2] or None
+    return None
+
+
 def _event(name: str, data: dict[str, Any]) -> bytes:
     # json.dumps never writes a raw newline, so the payload is one `data:` line.
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
@@ -315,6 +392,10 @@ def _html(text: str, *, status: int = 200) -> web.Response:
 
 
 def _status(exc: CoordinatorError) -> int:
+    if exc.code is grpc.StatusCode.UNAUTHENTICATED:
+        return 401
+    if exc.code is grpc.StatusCode.PERMISSION_DENIED:
+        return 403
     if isinstance(exc, InvalidArgument):
         return 400
     if isinstance(exc, SagaNotFound):

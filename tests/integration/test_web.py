@@ -5,22 +5,29 @@ stream. The browser tests are in tests/acceptance/test_web.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from coordinator import engine
+from coordinator.api.interceptors import ErrorMappingInterceptor
+from coordinator.api.page_tokens import PageTokens
+from coordinator.api.servicer import SagaCoordinatorServicer
 from coordinator.app import Coordinator
 from coordinator.config import add_arguments, from_args
 from coordinator.engine import CommandKind
+from coordinator.web import WebServer
 from helpers.coordinators import coordinator_settings
 from helpers.processes import CoordinatorProcess, free_port
 from helpers.transitions import request, succeed
 from sagaplane import SagaClient
+from sagaplane.v1 import coordinator_pb2_grpc
 
 WAIT = 15.0
 ACTION = {"X-Sagaplane-Request": "1"}
@@ -269,3 +276,65 @@ async def test_resolve_marks_a_stuck_compensation_compensated(
         assert (await answer.json())["state"] == "compensated"
     history = (await client.get_saga(saga.id, include_history=True)).history
     assert any(h.reason == "refunded by hand" for h in history)
+
+
+class TokenGuard(grpc.aio.ServerInterceptor):
+    """A stand-in for the API's access control: ``Bearer s3cret`` may do everything,
+    ``Bearer reader`` may only read, any other caller is UNAUTHENTICATED."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        metadata = dict(details.invocation_metadata or ())
+        token = metadata.get("authorization", "")
+        method = details.method.rsplit("/", 1)[-1]
+        if token == "Bearer s3cret" or (
+            token == "Bearer reader" and method in ("GetSaga", "ListSagas", "WatchSaga")
+        ):
+            return await continuation(details)
+        code = grpc.StatusCode.PERMISSION_DENIED if token else grpc.StatusCode.UNAUTHENTICATED
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(code, f"{method}: not for {token or 'anonymous callers'}")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+async def test_the_page_acts_with_its_callers_credentials(web: Coordinator) -> None:
+    """Every call the page makes carries the browser's token (HTTP Basic password, or
+    a Bearer header): the API's access control decides, never the page."""
+    assert web.store is not None and web.listener is not None
+    server = grpc.aio.server(interceptors=[TokenGuard(), ErrorMappingInterceptor()])
+    tokens = PageTokens(await web.store.secret("page_tokens"))
+    servicer = SagaCoordinatorServicer(web.store, tokens, web.listener)
+    coordinator_pb2_grpc.add_SagaCoordinatorServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # The page's own client has a token of its own; it must never be used for a caller.
+    pages = WebServer(SagaClient(f"127.0.0.1:{port}", token="s3cret"), "127.0.0.1:0")
+    await pages.start()
+    try:
+        async with SagaClient(f"127.0.0.1:{port}", token="s3cret") as client:
+            saga = await client.start_saga_request(request())
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{pages.port}") as http:
+            async with http.get("/sagas") as answer:
+                assert answer.status == 401
+                assert answer.headers["WWW-Authenticate"].startswith("Basic")
+            # What a browser sends once the user typed a name and the token as password.
+            reader = {"Authorization": "Basic " + base64.b64encode(b"ann:reader").decode()}
+            async with http.get(f"/sagas/{saga.id}", headers=reader) as answer:
+                assert answer.status == 200
+            async with http.get("/sagas", headers=reader) as answer:
+                assert answer.status == 200
+                assert saga.id in await answer.text()
+            compensate = f"/sagas/{saga.id}/compensate"
+            async with http.post(compensate, json={}, headers=ACTION | reader) as answer:
+                assert answer.status == 403
+            operator = {**ACTION, "Authorization": "Bearer s3cret"}
+            async with http.post(compensate, json={}, headers=operator) as answer:
+                assert answer.status == 200
+    finally:
+        await pages.stop()
+        await server.stop(0)
