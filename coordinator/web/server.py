@@ -15,8 +15,13 @@ Routes::
     POST /sagas/{id}/resolve       {"resolution": ..., "reason": ...}   (ResolveCompensation)
     GET  /static/{file}            the page's script and stylesheet (package data)
 
-A refused call answers with the status it maps to (400 a bad field, 404 an unknown saga,
-409 an illegal transition, 503 the API unreachable) and a message; anything unexpected
+Each call carries the caller's own token (:func:`_token`: a Bearer header, or the
+password of HTTP Basic authentication, which the browser asks for after a 401), never
+the page's: the API's access control decides what each person sees and does.
+
+A refused call answers with the status it maps to (400 a bad field, 401 no or an unknown
+token, 403 not allowed, 404 an unknown saga, 409 an illegal transition, 503 the API
+unreachable) and a message; anything unexpected
 is logged and answered 500 without a traceback. The POST routes only take JSON sent with
 the ``X-Sagaplane-Request`` header from the same origin: a page on another site can
 neither send that header without a CORS preflight (which is never granted) nor post
