@@ -89,7 +89,11 @@ _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-_STATIC = {"web.js": "text/javascript", "web.css": "text/css"}
+_STATIC = {
+    name: (kind, resources.files("coordinator.web").joinpath("static", name).read_bytes())
+    for name, kind in (("web.js", "text/javascript"), ("web.css", "text/css"))
+}
+"""The page's script and stylesheet (package data), read once at import."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -113,10 +117,6 @@ class WebServer:
             tuple[str, str, datetime | None, datetime | None],
             tuple[float, asyncio.Task[dict[str, int]]],
         ] = {}
-        self._static = {
-            name: resources.files("coordinator.web").joinpath("static", name).read_bytes()
-            for name in _STATIC
-        }
 
     @property
     def port(self) -> int:
@@ -192,13 +192,13 @@ class WebServer:
         raise web.HTTPFound("/sagas")
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
-        query, sagas, counts, token = await self._listing(request)
-        html = pages.list_page(sagas, counts, query=query, next_token=token, cap=COUNT_CAP)
+        query, sagas, counts, more = await self._listing(request)
+        html = pages.list_page(sagas, counts, query=query, next_token=more, cap=COUNT_CAP)
         return _html(html)
 
     async def _live(self, request: web.Request) -> web.StreamResponse:
-        query, sagas, counts, token = await self._listing(request)
-        return _html(pages.live_list(sagas, counts, query=query, next_token=token, cap=COUNT_CAP))
+        query, sagas, counts, more = await self._listing(request)
+        return _html(pages.live_list(sagas, counts, query=query, next_token=more, cap=COUNT_CAP))
 
     async def _listing(
         self, request: web.Request
@@ -308,7 +308,12 @@ class WebServer:
                     await response.write(b"event: end\ndata: {}\n\n")
                     break
                 if isinstance(item, BaseException):
-                    message = str(item) or type(item).__name__
+                    # The browser reconnects by itself: say why, once, and end.
+                    if isinstance(item, CoordinatorError):
+                        message = str(item) or type(item).__doc__ or ""
+                    else:
+                        log.error("web: watching %s failed", request.path, exc_info=item)
+                        message = "internal error (see the coordinator's log)"
                     await response.write(_event("failure", {"error": message}))
                     break
                 sections = pages.saga_sections(item, datetime.now(UTC))
@@ -346,9 +351,10 @@ class WebServer:
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        if name not in self._static:
+        if name not in _STATIC:
             raise web.HTTPNotFound(reason=f"no file {name!r} here")
-        return web.Response(body=self._static[name], content_type=_STATIC[name], charset="utf-8")
+        kind, body = _STATIC[name]
+        return web.Response(body=body, content_type=kind, charset="utf-8")
 
 
 async def _pump(
@@ -359,7 +365,7 @@ async def _pump(
     try:
         async for saga in watch:
             await into.put(saga)
-    except CoordinatorError as exc:
+    except Exception as exc:  # the handler answers it (a CoordinatorError) or logs it
         await into.put(exc)
         return
     await into.put(None)
