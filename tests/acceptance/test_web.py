@@ -18,7 +18,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from helpers.coordinators import coordinator_settings
-from helpers.transitions import request, succeed, undo_all
+from helpers.transitions import fail_compensation, request, succeed, undo_all
 from sagaplane import SagaClient
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -133,13 +133,34 @@ async def test_an_operator_follows_and_compensates_a_saga(web: Coordinator, page
         assert _size(shot) > 0
 
 
-async def test_cancelling_the_dialog_changes_nothing(web: Coordinator, page: object) -> None:
+async def test_a_stuck_compensation_is_resolved_from_its_page(
+    web: Coordinator, page: object
+) -> None:
+    assert web.store is not None
     async with SagaClient(f"127.0.0.1:{web.port}") as client:
         saga_id = (await client.start_saga_request(request())).id
+        await succeed(web.store, saga_id)
         p = page  # type: ignore[assignment]
         await p.goto(f"/sagas/{saga_id}")
+
+        # Cancelling the dialog does nothing.
         await p.get_by_role("button", name="Compensate").click()
         dialog = p.locator("dialog#compensate")
         await dialog.get_by_role("button", name="Cancel").click()
         await expect(dialog).to_be_hidden()
         assert (await client.get_saga(saga_id)).state == "started"
+
+        # The undo of create fails for good: the page offers to resolve it.
+        await client.compensate(saga_id, "test")
+        await succeed(web.store, saga_id, fail=True)
+        await fail_compensation(web.store, saga_id, "refund service gone")
+        await expect(p.locator("#summary h1 .state")).to_have_text("compensation_failed")
+        await expect(p.locator("#summary")).to_contain_text("refund service gone")
+        await p.get_by_role("button", name="Resolve compensation").click()
+        dialog = p.locator("dialog#resolve")
+        await dialog.get_by_label("Mark it compensated").check()
+        await dialog.get_by_label("Reason").fill("refunded by hand")
+        await dialog.get_by_role("button", name="Resolve").click()
+        await expect(dialog).to_be_hidden()
+        await expect(p.locator("#summary h1 .state")).to_have_text("compensated")
+        await expect(p.locator("#history")).to_contain_text("refunded by hand")

@@ -25,7 +25,7 @@ from coordinator.engine import CommandKind
 from coordinator.web import WebServer
 from helpers.coordinators import coordinator_settings
 from helpers.processes import CoordinatorProcess, free_port
-from helpers.transitions import request, succeed
+from helpers.transitions import fail_compensation, request, succeed
 from sagaplane import SagaClient
 from sagaplane.v1 import coordinator_pb2_grpc
 
@@ -247,21 +247,8 @@ async def test_resolve_marks_a_stuck_compensation_compensated(
     await succeed(web.store, saga.id)  # create done, reserve in flight
     async with http.post(f"/sagas/{saga.id}/compensate", json={}, headers=ACTION) as answer:
         assert answer.status == 200
-    await succeed(web.store, saga.id, fail=True)  # reserve fails: create is undone...
-    stored, _ = await web.store.get(saga.id)
-    step = next(s for s in stored.steps if s.status is engine.StepStatus.COMPENSATING)
-    await web.store.apply(  # ...and its undo fails for good
-        saga.id,
-        engine.StepReplied(
-            step_id=step.id,
-            kind=CommandKind.COMPENSATE,
-            attempt=step.compensation_attempts,
-            token=step.token or "",
-            succeeded=False,
-            error="refund service gone",
-            retryable=False,
-        ),
-    )
+    await succeed(web.store, saga.id, fail=True)  # reserve fails: create is undone
+    await fail_compensation(web.store, saga.id, "refund service gone")  # ...and fails
     async with http.get(f"/sagas/{saga.id}") as answer:
         page = await answer.text()
     assert "compensation_failed" in page and "Resolve compensation" in page
