@@ -10,7 +10,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from bench import baselines, report, starts, stored
+from bench import baselines, observability, report, starts, stored, watchers
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -61,6 +61,8 @@ PHASES = (
     "scaling",
     "starts",
     "stored",
+    "watchers",
+    "observability",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -80,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "drain_timeout": 60.0,
     "start_sagas": 5000,
     "start_chunk": 500,
+    "observability_sagas": 5000,
 }
 QUICK: dict[str, Any] = {
     "sagas": 300,
@@ -98,6 +101,7 @@ QUICK: dict[str, Any] = {
     "drain_timeout": 20.0,
     "start_sagas": 600,
     "start_chunk": 100,
+    "observability_sagas": 300,
 }
 
 
@@ -159,6 +163,28 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("starting sagas (--phases starts)")
     g.add_argument("--start-sagas", type=int, help="sagas started each way " + _d("start_sagas"))
     g.add_argument("--start-chunk", type=int, help="sagas per StartSagas call " + _d("start_chunk"))
+    g = p.add_argument_group("observability's cost (--phases observability)")
+    g.add_argument(
+        "--observability-sagas",
+        type=int,
+        help="closed-loop sagas per variant (metrics off, metrics on, tracing on) "
+        + _d("observability_sagas"),
+    )
+    g.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between scrapes of every /metrics with metrics on (Prometheus' "
+        "default is 15) [1]",
+    )
+    g.add_argument(
+        "--tracing-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable of the tracing variant's processes (repeatable; "
+        "on top of OTEL_TRACES_EXPORTER=console and the harness's OTEL_* variables)",
+    )
     g = p.add_argument_group("stored sagas")
     g.add_argument("--stored", help="stored-saga counts to time reads at " + _d("stored"))
     g.add_argument("--active", type=int, default=500, help="active sagas among them [500]")
@@ -247,7 +273,12 @@ class System:
 
 
 def _coordinator(
-    env: Environment, args: argparse.Namespace, db_url: str, n: int
+    env: Environment,
+    args: argparse.Namespace,
+    db_url: str,
+    n: int,
+    extra: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> tuple[Child, str]:
     target = f"127.0.0.1:{free_port()}"
     cenv = {
@@ -260,7 +291,8 @@ def _coordinator(
         cenv["SAGAPLANE_POOL_SIZE"] = str(args.coordinator_pool_size)
     if args.coordinator_prefetch:
         cenv["SAGAPLANE_PREFETCH"] = str(args.coordinator_prefetch)
-    return _python(env, args, "coordinator", env=cenv, name=f"coordinator-{n}"), target
+    cenv |= extra or {}
+    return _python(env, args, "coordinator", env=cenv, name=name or f"coordinator-{n}"), target
 
 
 def _sut_url(args: argparse.Namespace, url: str) -> str:
@@ -314,11 +346,21 @@ async def _wait_consuming(
         raise TimeoutError(f"participants not consuming after {within:g}s:{tails}") from None
 
 
-async def start_system(env: Environment, args: argparse.Namespace) -> System:
-    coordinator_url = await env.create_database("coordinator")
+async def start_system(
+    env: Environment,
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    coordinator_env: Mapping[str, str] | None = None,
+    participant_envs: Sequence[Mapping[str, str]] = (),
+) -> System:
+    """The coordinator and the participants, on fresh databases (named with ``prefix``,
+    as are the processes), with extra environment variables if given (the participants'
+    one mapping each, in :data:`SERVICES` order)."""
+    coordinator_url = await env.create_database(f"{prefix}coordinator")
     participants: dict[str, Child] = {}
-    for service in SERVICES:
-        url = await env.create_database(service)
+    for n, service in enumerate(SERVICES):
+        url = await env.create_database(f"{prefix}{service}")
         participants[service] = _python(
             env,
             args,
@@ -332,9 +374,12 @@ async def start_system(env: Environment, args: argparse.Namespace) -> System:
             str(args.participant_prefetch),
             "--pool-size",
             str(args.participant_pool_size),
-            name=f"participant-{service}",
+            env=dict(participant_envs[n]) if n < len(participant_envs) else None,
+            name=f"{prefix}participant-{service}",
         )
-    coordinator, target = _coordinator(env, args, coordinator_url, 1)
+    coordinator, target = _coordinator(
+        env, args, coordinator_url, 1, coordinator_env, name=f"{prefix}coordinator-1"
+    )
     await asyncio.gather(*(p.start() for p in participants.values()))
     await asyncio.gather(
         _start_coordinator(coordinator, target), _wait_consuming(env, participants)
@@ -351,8 +396,10 @@ async def measured_closed_loop(
     targets: list[str],
     profile: bool,
     label: str,
+    on_started: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One closed-loop run with its resources; returns (figures, resources)."""
+    """One closed-loop run with its resources; returns (figures, resources).
+    ``on_started`` is called with each saga's id as it starts."""
     pids = {p.name: p.pid for p in system.coordinators}
     pids |= {p.name: p.pid for p in system.participants.values()}
     pids["harness (load + poll)"] = os.getpid()
@@ -387,7 +434,7 @@ async def measured_closed_loop(
     await backends.start()
     meter.start()
     window = SteadyWindow(args.sagas, args.database_url, list(env.databases))
-    async with Load(targets, fail_rate=args.fail_rate) as load:
+    async with Load(targets, fail_rate=args.fail_rate, on_started=on_started) as load:
         samples = await closed_loop(
             load, watcher, sagas=args.sagas, concurrency=args.concurrency, on_end=window.ended
         )
@@ -559,6 +606,8 @@ async def _system_runs(
                         env, system, args, watcher, rate=rate, duration=args.sweep_duration
                     )
                 )
+        if "watchers" in phases:
+            results["watchers"] = await _watchers_runs(env, system, args, watcher)
         if "scaling" in phases:
             second, target = _coordinator(env, args, system.coordinator_url, 2)
             await _start_coordinator(second, target)
@@ -576,6 +625,134 @@ async def _system_runs(
             )
             figures["resources"] = used
             results["scaling"] = figures
+
+
+async def _watchers_runs(
+    env: Environment, system: System, args: argparse.Namespace, watcher: TerminalWatcher
+) -> dict[str, Any]:
+    """The closed loop without watchers, with one WatchSaga stream per saga in flight,
+    and without again (bench/watchers.py)."""
+    one = system.targets[:1]
+    off = []
+    _progress(f"watchers: {args.sagas} sagas without watchers")
+    off.append(
+        await measured_closed_loop(
+            env, system, args, watcher, targets=one, profile=False, label="no watchers"
+        )
+    )
+    _progress(f"watchers: {args.sagas} sagas, a WatchSaga stream on each saga in flight")
+    async with watchers.Watchers(one[0]) as watched:
+        on = await measured_closed_loop(
+            env,
+            system,
+            args,
+            watcher,
+            targets=one,
+            profile=args.profile,
+            label=f"{args.concurrency} watchers",
+            on_started=watched.started,
+        )
+        await watched.drain()
+    _progress(f"watchers: {args.sagas} sagas without watchers, again")
+    off.append(
+        await measured_closed_loop(
+            env, system, args, watcher, targets=one, profile=False, label="no watchers"
+        )
+    )
+    figures = watchers.compare(off, on, watched, system.coordinators[0].name)
+    _progress(
+        f"  watchers: coordinator CPU per saga +{figures['coordinator_cpu_increase_pct']}%"
+        f" ({figures['coordinator_cpu_extra_pct_of_core']} % of a core more), sagas/s ratio"
+        f" {figures['sagas_per_s_ratio']}, {figures['watchers']['peak_concurrent']} streams"
+        " open at most"
+    )
+    return figures
+
+
+async def observability_phase(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """The standard closed loop with metrics off, on (scraped) and tracing on; see
+    :mod:`bench.observability`."""
+    observability.tracing_env(args.tracing_env)  # a bad --tracing-env fails before any run
+
+    async def variant(
+        name: str,
+        coordinator_env: Mapping[str, str],
+        participant_envs: Sequence[Mapping[str, str]],
+        ports: list[int],
+    ) -> dict[str, Any]:
+        prefix = f"obs_{name}_"
+        system = await start_system(
+            env,
+            args,
+            prefix=prefix,
+            coordinator_env=coordinator_env,
+            participant_envs=participant_envs,
+        )
+        processes = [*system.coordinators, *system.participants.values()]
+        try:
+            return await _observed_loop(env, args, system, processes, ports)
+        finally:
+            await env.stop_processes(processes)
+            for role in ("coordinator", *SERVICES):
+                with contextlib.suppress(psycopg.Error):
+                    await env.drop_database(prefix + role)
+
+    found = await observability.measure(
+        variant,
+        free_port=free_port,
+        tracing=args.tracing_env,
+        services=len(SERVICES),
+        progress=_progress,
+    )
+    results["observability"] = found
+    for name, ratio in found["ratios"].items():
+        budget = observability.BUDGETS[name]
+        verdict = "within budget" if found["within_budget"][name] else "OVER BUDGET"
+        _progress(
+            f"  {name}: {found['variants'][name]['sagas_per_s']} sagas/s against "
+            f"{found['variants']['off']['sagas_per_s']} off = {ratio} "
+            f"(may cost {100 * budget:.0f}%: {verdict})"
+        )
+
+
+async def _observed_loop(
+    env: Environment,
+    args: argparse.Namespace,
+    system: System,
+    processes: list[Child],
+    ports: list[int],
+) -> dict[str, Any]:
+    """Warm-up, then the measured closed loop (scraping ``ports`` meanwhile): its
+    figures, the CPU per saga of the system's processes, spans written to their logs."""
+    async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
+        if args.warmup:
+            async with Load(system.targets, fail_rate=args.fail_rate) as load:
+                await closed_loop(
+                    load, watcher, sagas=args.warmup, concurrency=min(args.concurrency, args.warmup)
+                )
+            watcher.take_troubles()
+        offsets = log_offsets(processes)
+        meter = Meter({p.name: p.pid for p in processes})
+        scraper = observability.Scraper(ports, args.scrape_interval)
+        meter.start()
+        async with scraper, Load(system.targets, fail_rate=args.fail_rate) as load:
+            samples = await closed_loop(
+                load, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
+            )
+        used = await meter.stop()
+        env.check_alive(processes)
+        figures = analyse(samples)
+        figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
+    cpu = sum(p["cpu_s"] for p in used["processes"].values())
+    figures["cpu_ms_per_saga"] = round(1000 * cpu / max(1, figures["terminal"]), 3)
+    if ports:
+        figures["scraper"] = scraper.figures()
+    figures["spans"] = sum(
+        line.count('"trace_id"') for p in processes for line in p.output_since(offsets[p.name])
+    )
+    return figures
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -704,6 +881,17 @@ def targets(results: dict[str, Any]) -> None:
         p50, p99 = lat["start_to_terminal_ms"]["p50"], lat["start_to_terminal_ms"]["p99"]
         add(f"at {lat['rate']:g}/s: p50 <= 15 ms", f"{p50} ms", p50 is not None and p50 <= 15, lat)
         add(f"at {lat['rate']:g}/s: p99 <= 50 ms", f"{p99} ms", p99 is not None and p99 <= 50, lat)
+    watching = results.get("watchers")
+    if watching:
+        extra = watching["coordinator_cpu_extra_pct_of_core"]
+        increase = watching["coordinator_cpu_increase_pct"]
+        add(
+            f"{watching['watchers']['peak_concurrent']} concurrent watchers cost the coordinator"
+            " < 5% CPU",
+            f"+{increase}% CPU per saga ({extra:+}% of a core)",
+            increase < 5,
+            {"disturbed": [d for r in watching["runs"] for d in r["disturbed"]]},
+        )
     starting = results.get("starts")
     if starting:
         ratio = starting["ratio"]["coordinator_cpu_ms_per_saga"]
@@ -736,6 +924,20 @@ def targets(results: dict[str, Any]) -> None:
             b <= 1.1 * a,
             both,
         )
+    o = results.get("observability")
+    if o:
+        for name, ratio in o["ratios"].items():
+            run = o["variants"][name]
+            budget = observability.BUDGETS[name]
+            add(
+                f"{name} on costs at most {100 * budget:.0f}% of sagas/s against metrics off",
+                f"{o['variants']['off']['sagas_per_s']} -> {run['sagas_per_s']}/s ({ratio})",
+                o["within_budget"][name],
+                {
+                    "disturbed": (run.get("disturbed") or [])
+                    + (o["variants"]["off"].get("disturbed") or [])
+                },
+            )
     results["targets"] = out
 
 
@@ -829,12 +1031,14 @@ async def run(args: argparse.Namespace) -> int:
         if await phase("setup", env.create_vhost):
             if "baselines" in args.phase_set:
                 await phase("baselines", run_baselines)
-            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling"}:
+            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling", "watchers"}:
                 await phase("system", lambda: system_phases(env, args, results))
             if "starts" in args.phase_set:
                 await phase("starts", lambda: starts_phase(env, args, results))
             if "stored" in args.phase_set:
                 await phase("stored", lambda: stored_phase(env, args, results))
+            if "observability" in args.phase_set:
+                await phase("observability", lambda: observability_phase(env, args, results))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(env.close())

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench import observability
+
 
 def _f(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -271,6 +273,37 @@ def render(results: dict[str, Any]) -> str:
         )
         lines += _disturbed("starts run", starting)
 
+    watching = results.get("watchers")
+    if watching:
+        streams = watching["watchers"]
+        lines += [
+            "",
+            f"WatchSaga streams (closed loop, 1 coordinator): without watchers, with one stream"
+            f" per saga in flight ({streams['peak_concurrent']} open at most, {streams['streams']}"
+            f" in all, {streams['messages']} messages), and without again",
+        ]
+        lines += _table(
+            [
+                [
+                    "with watchers" if r["watchers"] else "no watchers",
+                    _f(r["sagas_per_s"]),
+                    _f(r["p50_ms"]),
+                    _f(r["coordinator_cpu_ms_per_saga"], 3),
+                    _f(r["coordinator_cpu_pct"]),
+                ]
+                for r in watching["runs"]
+            ],
+            ["", "sagas/s", "p50 ms", "coord CPU ms/saga", "coord CPU %"],
+        )
+        lines.append(
+            f"  watchers: coordinator CPU per saga {watching['coordinator_cpu_increase_pct']:+}%,"
+            f" {watching['coordinator_cpu_extra_pct_of_core']:+}% of a core; sagas/s ratio"
+            f" {_f(watching['sagas_per_s_ratio'], 3)}; streams ended {streams['ended']},"
+            f" errors {len(streams['errors'])}"
+        )
+        for i, r in enumerate(watching["runs"]):
+            lines += _disturbed(f"watchers run {i + 1}", r)
+
     sweep = results.get("sweep")
     if sweep:
         lines += ["", "Latency against offered load (open loop)"]
@@ -356,9 +389,12 @@ def render(results: dict[str, Any]) -> str:
         for st in stored:
             lines += _disturbed(f"reads at {st['stored']:,}", st)
 
+    if results.get("observability"):
+        lines += observability.render(results["observability"])
+
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issue 6)"]
+        lines += ["", "Targets (issues 6 and 20)"]
         lines += _table(
             [
                 [

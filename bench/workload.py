@@ -272,6 +272,8 @@ class Load:
     rpc_timeout: float = 30.0
     shape: str = "standard"
     """Which saga it starts (:data:`SHAPES`)."""
+    on_started: Callable[[str], None] | None = None
+    """Called with each saga's id as its StartSaga returns (the watchers phase)."""
     _clients: list[SagaClient] = field(default_factory=list)
     _ok: StartSagaRequest = field(init=False)
     _fail: StartSagaRequest = field(init=False)
@@ -304,6 +306,8 @@ class Load:
             return False
         sample.rpc_done = time.time()
         sample.saga_id = saga.id
+        if self.on_started is not None:
+            self.on_started(saga.id)
         return True
 
 

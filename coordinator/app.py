@@ -126,6 +126,7 @@ class Coordinator:
         tokens = PageTokens(await self.store.secret("page_tokens"))
         self.listener = Listener(self.settings.database_url)
         await self.listener.start()
+        self.store.listener = self.listener
         servicer = SagaCoordinatorServicer(
             self.store, tokens, self.listener, watch_send_timeout=self.settings.watch_send_timeout
         )

@@ -174,13 +174,20 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         with self._listener.watch(saga_id) as changes:
             first = True
             while True:
-                saga, entries = await self._store.changes(saga_id, after=after)
+                # A transition this coordinator committed comes with the wake-up; any
+                # other is read (store/notifications.py).
+                handed = None if first else changes.take(after)
+                if handed is not None:
+                    saga, entries = handed
+                else:
+                    saga, entries = await self._store.changes(saga_id, after=after)
                 if first or entries:
                     for message in _watch_messages(saga, entries):
                         await self._send(context, message)
                         if message.history:
                             after = message.history[-1].position
                     first = False
+                changes.seen = after
                 if saga.state in FINAL_STATES:
                     return
                 await changes.wait()

@@ -41,6 +41,7 @@ from coordinator.engine import (
     WrongState,
 )
 from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga, Violation
+from coordinator.store.notifications import Listener
 from coordinator.store.queries import q
 from sagaplane import batch
 from sagaplane.outbox import (
@@ -168,6 +169,9 @@ class SagaStore:
         self._encode = encode
         self.observer = observer
         """Sees every committed transition (None: nobody looks, nothing is built)."""
+        self.listener: Listener | None = None
+        """This process's WatchSaga listener: handed every committed transition of a
+        saga it has watchers for, so that they need not read it back."""
 
     async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
         """Record a new saga and the command of its first step.
@@ -554,8 +558,19 @@ class SagaStore:
             for t in changed
             for command in t.commands
         ]
+        listener = self.listener
+        watched = [] if new or listener is None else [s for s in latest if listener.watched(s)]
+        if watched:
+            statements.append((q("select_written_history"), {"ids": watched}))
         statements.append(("COMMIT", None))
-        await batch.run(cur, statements)
+        results = await batch.run(cur, statements)
+        if watched and listener is not None:
+            written: dict[str, list[DictRow]] = {}
+            for row in results[-1]:
+                written.setdefault(row["saga_id"], []).append(row)
+            for saga_id, rows in written.items():
+                entries = [_history_from_row(r) for r in rows]
+                listener.committed(saga_id, rows[0]["prior"], latest[saga_id], entries)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncClientCursor[DictRow]]:

@@ -193,6 +193,7 @@ async def test_the_compose_services_run_the_same_demo(amqp_url: str) -> None:
     swaps = {
         "postgresql://postgres@postgres:5432/sagaplane": server_url(name),
         "0.0.0.0:50051": f"127.0.0.1:{port}",
+        "0.0.0.0:9464": f"127.0.0.1:{free_port()}",  # the coordinator's metrics
         "127.0.0.1:50051": f"127.0.0.1:{port}",
         "coordinator:50051": f"127.0.0.1:{port}",
         "0.0.0.0:8080": f"127.0.0.1:{free_port()}",  # the web page

@@ -25,6 +25,7 @@ from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import order_steps
 from examples.users.__main__ import build_parser as build_users_parser
 from helpers.database import create_database, drop_database, server_url, unique_name
+from helpers.shop import Shop, shop, shop_databases
 from sagaplane import (
     Delivery,
     NonRetryableError,
@@ -42,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = str(Path(sys.executable).parent)
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+__all__ = ["shop", "shop_databases"]  # fixtures, imported for pytest
+
+ULID_IN = re.compile(r"\b[0-9A-HJKMNP-TV-Z]{26}\b")
 
 
 # -- reading the README -------------------------------------------------------------------
@@ -290,6 +294,34 @@ async def test_the_readme_saga_file_starts_that_saga(
     ]
 
 
+async def test_the_readme_cli_commands_run_as_written(
+    coordinator: Coordinator, shop: Shop, tmp_path: Path
+) -> None:
+    """The saga file's commands, against the demo participants: the start follows the
+    saga to its end, `get` shows its history and `list --all` finds it finished."""
+    title = "The command line"
+    (tmp_path / "order.yaml").write_text(marked(title, "starts a saga", "yaml"), encoding="utf-8")
+    start, get, listing = commands(marked(title, "runs these with the demo participants", "sh"))
+    assert shlex.split(start, comments=True) == ["sagaplane", "start", "order.yaml", "--watch"]
+    example_id = shlex.split(get)[2]
+    assert ULID.match(example_id), get
+    env = {
+        **fresh_shell_env(SAGAPLANE_COORDINATOR=f"127.0.0.1:{coordinator.port}"),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    (ran_start,) = await run_as_written([start], env, tmp_path, tmp_path)
+    assert ran_start.status == 0, ran_start.err
+    assert "-> completed" in ran_start.out, ran_start.out
+    saga_id = ULID_IN.search(ran_start.out + ran_start.err).group(0)
+    ran_get, ran_list = await run_as_written(
+        [get.replace(example_id, saga_id), listing], env, tmp_path, tmp_path
+    )
+    assert ran_get.status == 0, ran_get.err
+    assert "saga_completed" in ran_get.out and "charge" in ran_get.out, ran_get.out
+    listed = ran_list.json()
+    assert [s["state"] for s in listed if s["id"] == saga_id] == ["SAGA_STATE_COMPLETED"], listed
+
+
 async def test_the_readme_import_runs_as_written(
     coordinator: Coordinator, database_url: str, tmp_path: Path
 ) -> None:
@@ -338,7 +370,6 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts(
     monkeypatch.setenv("SAGAPLANE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/payment")
     namespace: dict[str, Any] = {"__name__": "readme"}
     exec(compile(participant_code, "README.md", "exec"), namespace)
-    exec(compile(batch_code, "README.md", "exec"), namespace)
     exec(compile(middleware_code, "README.md", "exec"), namespace)
     assert namespace["audit"].service == "audit"
     assert namespace["audit"].actions == ["audit.record"]
@@ -355,7 +386,6 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts(
         "payment.charge",
         "payment.refund",
         "payment.send_receipt",
-        "payment.settle",
     ]
     ctx = StepContext(
         saga_id="s", saga_name="order.place", step_id="st", step_name="charge", attempt=1,
@@ -364,12 +394,16 @@ async def test_the_readme_participant_registers_and_refuses_big_amounts(
     )  # fmt: skip
     with pytest.raises(NonRetryableError, match="over the limit"):
         await namespace["charge"](ctx)
-    # Past its deadline's cutoff, settle refuses before writing anything.
+    # The batch snippet is a program of its own: past its deadline's cutoff, settle
+    # refuses before writing anything (the recipe's test runs it to completion).
+    ledger: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(batch_code, "README.md", "exec"), ledger)
+    assert ledger["ledger"].actions == ["ledger.settle"]
     late = dataclasses.replace(
-        ctx, action="payment.settle", input={"payment_ids": [1]}, _cutoff=time.monotonic()
+        ctx, action="ledger.settle", input={"entry_ids": [1]}, _cutoff=time.monotonic()
     )
     with pytest.raises(RetryableError, match="too little time left"):
-        await namespace["settle"](late)
+        await ledger["settle"](late)
 
     # The client snippet is a program of its own (run by the recipe's test).
     assert "asyncio.run(main())" in client_code
@@ -472,6 +506,33 @@ async def test_the_readme_participant_recipe_runs_as_written(
             assert re.search(r"execute audit\.record: \S+ in \d+\.\d{3}s", audit_log), audit_log
         finally:
             await audit.stop()
+        # The batch program of the same section: one round trip settles three entries.
+        (tmp_path / "ledger.py").write_text(
+            marked(title, "runs this batch as a program", "python"), encoding="utf-8"
+        )
+        ledger = Child("ledger", [sys.executable, "ledger.py"], cwd=str(tmp_path), env=env)
+        try:
+            await ledger.start()
+            await wait_for_consumers(
+                amqp_url, [topology.participant_queue("ledger")], alive=ledger.check_alive
+            )
+            async with SagaClient(env["SAGAPLANE_COORDINATOR"]) as sagas:
+                settled = await sagas.start_saga(
+                    "ledger.settle",
+                    [StepSpec("settle", "ledger.settle", input={"entry_ids": [3, 5, 7]})],
+                )
+                done = await sagas.wait(settled.id)
+                assert done.completed, done
+                assert done.steps[0].output == {"settled": 3}
+            async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
+                cur = await conn.execute(
+                    "SELECT array_agg(id ORDER BY id) FROM entries WHERE status = 'settled'"
+                )
+                assert await cur.fetchone() == ([3, 5, 7],)
+                cur = await conn.execute("SELECT saga_id, n FROM settlements")
+                assert await cur.fetchall() == [(settled.id, 3)]
+        finally:
+            await ledger.stop()
         await participant.stop()
         assert participant.returncode == 0
         log = participant.tail()

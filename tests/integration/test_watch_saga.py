@@ -267,3 +267,39 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_the_server_keeps_servin
         messages = [m async for m in stub.WatchSaga(api.WatchSagaRequest(id=saga_id))]
         assert messages[-1].saga.state == model.SAGA_STATE_COMPLETED
         assert impatient.listener is not None and impatient.listener.watching == 0
+
+
+async def test_transitions_its_own_coordinator_commits_are_not_read_back(
+    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator that commits a transition hands it to its watchers with the
+    entries it wrote: one read for the saga as it was, none after; what the stream says
+    is what the database holds."""
+    store = store_of(coordinator)
+    reads = 0
+    changes = store.changes
+
+    async def counted(saga_id: str, *, after: int) -> object:
+        nonlocal reads
+        reads += 1
+        return await changes(saga_id, after=after)
+
+    monkeypatch.setattr(store, "changes", counted)
+    saga_id = (await stub.StartSaga(request())).saga.id
+    stream = stub.WatchSaga(api.WatchSagaRequest(id=saga_id))
+    received = list((await next_message(stream)).history)
+    for _ in STEPS:
+        await succeed(store, saga_id)
+    later = await rest(stream)
+    received += [h for m in later for h in m.history]
+    assert later[-1].saga.state == model.SAGA_STATE_COMPLETED
+    assert reads == 1
+    assert [(h.position, h.event, h.step_name) for h in received] == await events(stub, saga_id)
+    assert [h.at for h in received] == [
+        h.at
+        for h in (
+            await stub.GetSaga(api.GetSagaRequest(id=saga_id, include_history=True))
+        ).saga.history
+    ]
+    stored = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
+    assert later[-1].saga == stored

@@ -125,6 +125,19 @@ SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s ORDER BY id;
 -- grow in commit order (the saga row lock serialises its transitions).
 SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s AND id > %(after)s ORDER BY id;
 
+-- name: select_written_history
+-- The history rows this transaction wrote for the sagas %(ids)s, each with the newest
+-- position its saga's history had before them (0: none), for WatchSaga's in-process
+-- path (store/notifications.py). Run inside the transition, under the sagas' row locks,
+-- so no other writer's entries can come between. A saga's history is a few rows.
+SELECT h.*, (
+    SELECT coalesce(max(p.id), 0) FROM sagaplane_history p
+    WHERE p.saga_id = h.saga_id AND p.xmin <> xid(pg_current_xact_id())
+) AS prior
+FROM sagaplane_history h
+WHERE h.saga_id = ANY(%(ids)s) AND h.xmin = xid(pg_current_xact_id())
+ORDER BY h.id;
+
 -- name: list_sagas
 -- ListSagas: newest first by (created_at, id). One index range scan per state asked
 -- for (sagaplane_sagas_by_state, or _by_state_name with a name; 0008), each stopping
