@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractRobustConnection
 from psycopg import AsyncConnection
@@ -25,10 +25,14 @@ from coordinator.store.pool import open_pool
 from coordinator.store.repository import SagaStore
 from coordinator.timers import TimerLoop
 from sagaplane import amqp, topology
+from sagaplane.client import SagaClient
 from sagaplane.consuming import DeadLetters
 from sagaplane.metrics import DeadLetterCollector, MetricsServer, OutboxGauges, new_registry
 from sagaplane.relay import OutboxRelay
 from sagaplane.retention import PruneLoop
+
+if TYPE_CHECKING:
+    from coordinator.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class Coordinator:
         self.store: SagaStore | None = None
         """The saga store, once started."""
         self._metrics_server: MetricsServer | None = None
+        self._web: WebServer | None = None
+        self._web_client: SagaClient | None = None
         self._stopped = False
 
     @property
@@ -63,6 +69,11 @@ class Coordinator:
     def metrics_port(self) -> int | None:
         """The port of ``/metrics`` (useful with port 0); None when metrics are off."""
         return self._metrics_server.port if self._metrics_server is not None else None
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of the operator web page (useful with port 0); None when it is off."""
+        return self._web.port if self._web is not None else None
 
     @property
     def dead_lettered(self) -> Mapping[str, int]:
@@ -126,6 +137,19 @@ class Coordinator:
         )
         await self._api.start(servicer)
         log.info("coordinator listening on port %d", self._api.port)
+        if self.settings.http_listen is not None:
+            await self._serve_web(self.settings.http_listen)
+
+    async def _serve_web(self, listen: str) -> None:
+        # The page acts through this coordinator's own gRPC API (its validation, its
+        # access control, its history), never around it.
+        from coordinator.web import WebServer  # aiohttp is only loaded when it serves
+
+        assert self._api is not None
+        self._web_client = SagaClient(_local_target(self.settings.listen, self._api.port))
+        self._web = WebServer(self._web_client, listen)
+        await self._web.start()
+        log.info("web page at http://%s/", _shown_address(listen, self.http_port))
 
     async def _serve_metrics(self, metrics: CoordinatorMetrics, listen: str) -> None:
         assert self._pool is not None and self.store is not None
@@ -155,6 +179,11 @@ class Coordinator:
         if self._stopped:
             return
         self._stopped = True
+        # The page first: its event streams are WatchSaga calls the API would wait for.
+        if self._web is not None:
+            await self._web.stop()
+        if self._web_client is not None:
+            await self._web_client.close()
         if self._api is not None:
             await self._api.stop(self.settings.grace)
         if self.listener is not None:
@@ -191,6 +220,16 @@ class Coordinator:
 def _shown_address(listen: str, port: int | None) -> str:
     host = listen.rpartition(":")[0]
     return f"{host}:{port}"
+
+
+def _local_target(listen: str, port: int) -> str:
+    """The address this process reaches its own gRPC server at."""
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:

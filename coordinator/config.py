@@ -51,6 +51,9 @@ class Settings:
     retention: Retention = field(default_factory=Retention)
     """What is deleted when (``--retention``, ``--retention-for``, ``--outbox-retention``;
     see coordinator.retention)."""
+    http_listen: str | None = None
+    """The operator web page's address host:port; None serves no page and opens no port
+    (SAGAPLANE_HTTP_LISTEN)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -119,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         "[SAGAPLANE_METRICS_LISTEN; default: off]",
     )
     retention.add_arguments(parser, env)
+    parser.add_argument(
+        "--http-listen",
+        default=env.get("SAGAPLANE_HTTP_LISTEN") or d.http_listen,
+        metavar="HOST:PORT",
+        help="serve the operator web page at http://HOST:PORT/ "
+        "[SAGAPLANE_HTTP_LISTEN; default: off]",
+    )
 
 
 def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -159,4 +169,5 @@ def from_args(args: argparse.Namespace) -> Settings:
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,
         retention=retention.from_args(args),
+        http_listen=args.http_listen or None,
     )

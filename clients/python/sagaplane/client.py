@@ -13,6 +13,7 @@ through this class, so whatever the API can do, it can do.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -537,6 +538,16 @@ class SagaClient:
                 except CoordinatorError:
                     pass
                 await asyncio.sleep(poll)
+
+    def with_token(self, token: str | None) -> SagaClient:
+        """A client on this one's connection that sends ``token`` (None: no token at all)
+        with every call instead of this client's own: for a server that calls the
+        coordinator on behalf of its own callers, each with their credentials (the web
+        page). Cheap; close only the original (closing either closes the connection)."""
+        self._service()  # connected first, so that the clone shares the channel and stubs
+        clone = copy.copy(self)
+        clone._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return clone
 
     async def close(self) -> None:
         """Close the channel; safe to call twice. Calls in flight are cancelled."""
