@@ -124,6 +124,17 @@ async def test_one_trace_for_the_whole_saga_through_a_coordinator_restart(
                         StepSpec(name="charge", action="beta.run", timeout=120),
                     ],
                 )
+            # The coordinator's JSON line about the saga names it, in its trace.
+            await _until_line(coordinator, f"saga {saga.id} started")
+            [started] = [
+                json.loads(line)
+                for line in coordinator.tail(40).splitlines()
+                if f"saga {saga.id} started" in line
+            ]
+            assert started["saga_id"] == saga.id
+            [root] = caller.get_finished_spans()
+            assert root.context is not None
+            assert started["trace_id"] == f"{root.context.trace_id:032x}"
             # The first step's reply applied (and "charge" dispatched, in the same
             # transaction): the coordinator dies with the second step in flight.
             await _until_span(files["coordinator"], "step reserve", coordinator)
@@ -139,8 +150,6 @@ async def test_one_trace_for_the_whole_saga_through_a_coordinator_restart(
             await child.stop()
         await coordinator.terminate()
 
-    [root] = caller.get_finished_spans()
-    assert root.context is not None
     trace_id = f"0x{root.context.trace_id:032x}"
     spans = _spans(*files.values())
     by_name = {s["name"]: s for s in spans}
