@@ -436,10 +436,10 @@ class Participant:
         try:
             runtime.run(self.run(), event_loop=event_loop)
         except (DatabaseUnavailable, BrokerUnavailable) as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(3) from None
         except ConfigurationError as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:  # Ctrl-C: run() has stopped gracefully already
             pass
