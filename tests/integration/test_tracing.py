@@ -86,37 +86,88 @@ async def participant_urls() -> AsyncIterator[dict[str, str]]:
             await drop_database(name)
 
 
+class Traced:
+    """A coordinator and the participants alpha and beta as processes, each writing its
+    spans to a file of its own; and the test's own tracer, for the caller's span."""
+
+    def __init__(
+        self,
+        database_url: str,
+        amqp_url: str,
+        participant_urls: dict[str, str],
+        tmp_path: Path,
+        beta_args: list[str],
+    ) -> None:
+        self.files = {n: tmp_path / f"{n}.jsonl" for n in ("coordinator", "alpha", "beta")}
+        self.coordinator = CoordinatorProcess(database_url, amqp_url, port=free_port())
+        self.participants = {
+            service: Child(
+                service,
+                [sys.executable, PARTICIPANT, service, f"{service}.run"]
+                + (beta_args if service == "beta" else []),
+                env={
+                    **(self.coordinator.env or {}),
+                    "SAGAPLANE_DATABASE_URL": url,
+                    **_tracing_env(self.files[service], service),
+                },
+                tail_lines=400,
+            )
+            for service, url in participant_urls.items()
+        }
+        self.caller = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.caller))
+
+    async def start_coordinator(self) -> None:
+        await self.coordinator.start(_tracing_env(self.files["coordinator"], "coordinator"))
+
+    async def __aenter__(self) -> Traced:
+        await self.start_coordinator()
+        for service, child in self.participants.items():
+            await child.start()
+            await _until_line(child, f"participant {service} consuming")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Gracefully: each process exports what it still buffers as it exits.
+        for child in self.participants.values():
+            await child.stop()
+        await self.coordinator.terminate()
+
+    def root(self) -> Any:
+        """The caller's span (once ended)."""
+        [root] = self.caller.get_finished_spans()
+        assert root.context is not None
+        return root
+
+    def spans(self) -> dict[str, dict[str, Any]]:
+        """Every process's spans by name, checked to be one trace under the caller's span."""
+        root = self.root()
+        spans = _spans(*self.files.values())
+        ids = {s["context"]["span_id"] for s in spans} | {f"0x{root.context.span_id:016x}"}
+        assert {s["context"]["trace_id"] for s in spans} == {f"0x{root.context.trace_id:032x}"}
+        orphans = [s["name"] for s in spans if s["parent_id"] not in ids]
+        assert not orphans, f"spans whose parent is nowhere: {orphans}"
+        by_name = {s["name"]: s for s in spans}
+        assert len(by_name) == len(spans), sorted(s["name"] for s in spans)
+        start = by_name["/sagaplane.v1.SagaCoordinatorService/StartSaga"]
+        assert start["parent_id"] == f"0x{root.context.span_id:016x}"
+        return by_name
+
+
+def _under(child: dict[str, Any], parent: dict[str, Any]) -> bool:
+    return bool(child["parent_id"] == parent["context"]["span_id"])
+
+
 async def test_one_trace_for_the_whole_saga_through_a_coordinator_restart(
     database_url: str, amqp_url: str, participant_urls: dict[str, str], tmp_path: Path
 ) -> None:
-    files = {name: tmp_path / f"{name}.jsonl" for name in ("coordinator", "alpha", "beta")}
     hold = tmp_path / "beta-may-finish"
-    coordinator = CoordinatorProcess(database_url, amqp_url, port=free_port())
-    participants = {
-        service: Child(
-            service,
-            [sys.executable, PARTICIPANT, service, f"{service}.run"]
-            + ([str(hold)] if service == "beta" else []),
-            env={
-                **coordinator.env,  # type: ignore[dict-item]
-                "SAGAPLANE_DATABASE_URL": url,
-                **_tracing_env(files[service], service),
-            },
-            tail_lines=400,
-        )
-        for service, url in participant_urls.items()
-    }
-    caller = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(caller))
-    try:
-        await coordinator.start(_tracing_env(files["coordinator"], "coordinator"))
-        for service, child in participants.items():
-            await child.start()
-            await _until_line(child, f"participant {service} consuming")
-
+    args = (database_url, amqp_url, participant_urls, tmp_path)
+    async with Traced(*args, beta_args=["--hold", str(hold)]) as traced:
+        coordinator, files = traced.coordinator, traced.files
         async with SagaClient(coordinator.address) as client:
-            with provider.get_tracer("test").start_as_current_span("checkout"):
+            with traced.provider.get_tracer("test").start_as_current_span("checkout"):
                 saga = await client.start_saga(
                     "traced.order",
                     [
@@ -132,56 +183,69 @@ async def test_one_trace_for_the_whole_saga_through_a_coordinator_restart(
                 if f"saga {saga.id} started" in line
             ]
             assert started["saga_id"] == saga.id
-            [root] = caller.get_finished_spans()
-            assert root.context is not None
-            assert started["trace_id"] == f"{root.context.trace_id:032x}"
+            assert started["trace_id"] == f"{traced.root().context.trace_id:032x}"
             # The first step's reply applied (and "charge" dispatched, in the same
             # transaction): the coordinator dies with the second step in flight.
             await _until_span(files["coordinator"], "step reserve", coordinator)
-            await _until_line(participants["beta"], "running beta.run")
+            await _until_line(traced.participants["beta"], "running beta.run")
             killed_at = time.time_ns()
             await coordinator.kill()
-            await coordinator.start(_tracing_env(files["coordinator"], "coordinator"))
+            await traced.start_coordinator()
             hold.touch()
             done = await client.wait(saga.id, timeout=WAIT)
             assert done.state == "completed", done
-    finally:
-        for child in participants.values():
-            await child.stop()
-        await coordinator.terminate()
 
-    trace_id = f"0x{root.context.trace_id:032x}"
-    spans = _spans(*files.values())
-    by_name = {s["name"]: s for s in spans}
-    ids = {s["context"]["span_id"] for s in spans} | {f"0x{root.context.span_id:016x}"}
-
-    # One trace for the whole saga, rooted at the caller's span.
-    assert {s["context"]["trace_id"] for s in spans} == {trace_id}
-    assert all(s["parent_id"] in ids for s in spans), "a span whose parent is nowhere"
-    start = by_name["/sagaplane.v1.SagaCoordinatorService/StartSaga"]
-    assert start["parent_id"] == f"0x{root.context.span_id:016x}"
+    spans = traced.spans()
+    start = spans["/sagaplane.v1.SagaCoordinatorService/StartSaga"]
     # Each step attempt under the saga's StartSaga span; each handler under its step.
-    reserve, charge = by_name["step reserve"], by_name["step charge"]
-    assert reserve["parent_id"] == charge["parent_id"] == start["context"]["span_id"]
-    assert by_name["execute alpha.run"]["parent_id"] == reserve["context"]["span_id"]
-    assert by_name["execute beta.run"]["parent_id"] == charge["context"]["span_id"]
-    assert by_name["execute beta.run"]["resource"]["attributes"]["service.name"] == "beta"
+    reserve, charge = spans["step reserve"], spans["step charge"]
+    assert _under(reserve, start) and _under(charge, start)
+    assert _under(spans["execute alpha.run"], reserve)
+    assert _under(spans["execute beta.run"], charge)
+    assert spans["execute beta.run"]["resource"]["attributes"]["service.name"] == "beta"
     assert charge["attributes"]["sagaplane.saga_id"] == saga.id
     assert charge["attributes"]["sagaplane.attempt"] == 1
     # "charge" was dispatched by the first coordinator and closed by the second.
     assert _ns(charge["start_time"]) < killed_at < _ns(charge["end_time"])
 
     # The participants' JSON log lines about the command carry the saga's fields and trace.
-    lines = [
-        json.loads(line)
-        for line in participants["beta"].tail(400).splitlines()
-        if line.startswith("{")
-    ]
+    beta = traced.participants["beta"].tail(400).splitlines()
+    lines = [json.loads(line) for line in beta if line.startswith("{")]
     [running] = [line for line in lines if line["message"] == "running beta.run"]
     assert running["saga_id"] == saga.id
     assert running["step"] == "charge"
     assert running["attempt"] == 1
-    assert f"0x{running['trace_id']}" == trace_id
+    assert running["trace_id"] == f"{traced.root().context.trace_id:032x}"
+
+
+async def test_a_failed_step_and_its_compensation_are_in_the_trace(
+    database_url: str, amqp_url: str, participant_urls: dict[str, str], tmp_path: Path
+) -> None:
+    args = (database_url, amqp_url, participant_urls, tmp_path)
+    async with (
+        Traced(*args, beta_args=["--fail"]) as traced,
+        SagaClient(traced.coordinator.address) as client,
+    ):
+        with traced.provider.get_tracer("test").start_as_current_span("checkout"):
+            saga = await client.start_saga(
+                "traced.order",
+                [
+                    StepSpec(name="reserve", action="alpha.run", compensation="alpha.run.undo"),
+                    StepSpec(name="charge", action="beta.run"),
+                ],
+            )
+        done = await client.wait(saga.id, timeout=WAIT)
+        assert done.state == "compensated", done
+
+    spans = traced.spans()
+    start = spans["/sagaplane.v1.SagaCoordinatorService/StartSaga"]
+    charge, undo = spans["step charge"], spans["compensate reserve"]
+    assert _under(charge, start) and _under(undo, start)
+    assert charge["status"]["status_code"] == "ERROR"
+    assert "Declined" in charge["status"]["description"]
+    assert spans["execute beta.run"]["status"]["status_code"] == "ERROR"
+    assert _under(spans["compensate alpha.run.undo"], undo)
+    assert undo["attributes"]["sagaplane.action"] == "alpha.run.undo"
 
 
 def _ns(iso: str) -> int:

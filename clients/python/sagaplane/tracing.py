@@ -38,7 +38,6 @@ from contextvars import ContextVar
 from typing import IO, Any, Final
 
 try:
-    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -63,7 +62,6 @@ __all__ = [
     "configure",
     "current_ids",
     "derived_span_id",
-    "detached",
     "enabled",
     "fail_current",
     "from_metadata",
@@ -309,19 +307,6 @@ def _kind(name: str) -> Any:
         "producer": SpanKind.PRODUCER,
         "consumer": SpanKind.CONSUMER,
     }[name]
-
-
-@contextlib.contextmanager
-def detached() -> Iterator[None]:
-    """No span is current inside (background loops: what they do belongs to no request)."""
-    if _tracer is None:
-        yield
-        return
-    token = otel_context.attach(otel_context.Context())
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def _exporters(env: Mapping[str, str]) -> list[Any]:
