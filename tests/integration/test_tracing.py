@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 
 from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.processes import CoordinatorProcess, free_port
-from sagaplane import SagaClient, StepSpec
+from sagaplane import RetryPolicy, SagaClient, StepSpec
 from sagaplane.testing import Child
 
 PARTICIPANT = str(Path(__file__).parents[1] / "helpers" / "traced_participant.py")
@@ -252,3 +252,38 @@ def _ns(iso: str) -> int:
     from datetime import datetime
 
     return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
+
+
+async def test_an_unanswered_attempt_ends_at_its_timer(
+    database_url: str, amqp_url: str, participant_urls: dict[str, str], tmp_path: Path
+) -> None:
+    args = (database_url, amqp_url, participant_urls, tmp_path)
+    async with (
+        Traced(*args, beta_args=[]) as traced,
+        SagaClient(traced.coordinator.address) as client,
+    ):
+        # beta is gone: its queue keeps the command, and nobody answers it.
+        await traced.participants["beta"].stop()
+        with traced.provider.get_tracer("test").start_as_current_span("checkout"):
+            saga = await client.start_saga(
+                "traced.order",
+                [
+                    StepSpec(name="reserve", action="alpha.run", compensation="alpha.run.undo"),
+                    StepSpec(
+                        name="charge",
+                        action="beta.run",
+                        timeout=1,
+                        retry_policy=RetryPolicy(max_attempts=1),
+                    ),
+                ],
+            )
+        done = await client.wait(saga.id, timeout=WAIT)
+        assert done.state == "compensated", done
+
+    spans = traced.spans()
+    start = spans["/sagaplane.v1.SagaCoordinatorService/StartSaga"]
+    charge, timer = spans["step charge"], spans["timer charge"]
+    assert _under(charge, start) and _under(timer, start)
+    assert charge["status"] == {"status_code": "ERROR", "description": "timed out"}
+    assert "execute beta.run" not in spans
+    assert _under(spans["compensate alpha.run.undo"], spans["compensate reserve"])
