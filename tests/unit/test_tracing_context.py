@@ -42,6 +42,9 @@ def test_metadata_and_amqp_headers_give_their_trace_context() -> None:
     assert tracing.from_metadata(metadata) == {"traceparent": PARENT["traceparent"]}
     assert tracing.from_metadata(PARENT.items()) == PARENT
     assert tracing.from_metadata(None) is None
+    # A client's tracestate is stored and sent with every command: a huge one is dropped.
+    huge = [("traceparent", PARENT["traceparent"]), ("tracestate", "v=" + "x" * 600)]
+    assert tracing.from_metadata(huge) == {"traceparent": PARENT["traceparent"]}
 
 
 def test_unconfigured_tracing_does_nothing() -> None:

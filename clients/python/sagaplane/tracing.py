@@ -168,7 +168,7 @@ def carrier() -> dict[str, str] | None:
         return None
     found: dict[str, str] = {}
     propagate.inject(found)
-    return {k: v for k, v in found.items() if k in HEADERS} or None
+    return _bounded({k: v for k, v in found.items() if k in HEADERS}) or None
 
 
 def outgoing() -> tuple[tuple[str, str], ...]:
@@ -197,6 +197,17 @@ def from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str] 
                 found[name] = value
     if _parse(found.get("traceparent", "")) is None:
         return None
+    return _bounded(found)
+
+
+MAX_TRACESTATE_CHARS: Final = 512
+"""A longer ``tracestate`` (from a client: it is stored and sent with every command) is
+dropped, as W3C allows (it sets 512 as what every vendor must at least carry)."""
+
+
+def _bounded(found: dict[str, str]) -> dict[str, str]:
+    if len(found.get("tracestate", "")) > MAX_TRACESTATE_CHARS:
+        del found["tracestate"]
     return found
 
 
