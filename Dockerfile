@@ -13,7 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY clients/python ./clients/python
 COPY coordinator ./coordinator
-RUN pip install .
+RUN pip install ".[otel]"
 
 # The demo shop is an example, not part of the installed package: it runs from here
 # (`python -m examples.shop SERVICE`, `python -m examples.shop demo`).

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aio_pika.abc import AbstractRobustConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from coordinator import tracing
 from coordinator.api.page_tokens import PageTokens
 from coordinator.api.server import ApiServer
 from coordinator.api.servicer import SagaCoordinatorServicer
@@ -22,9 +23,10 @@ from coordinator.retention import Pruner
 from coordinator.store.migrate import migrate
 from coordinator.store.notifications import Listener
 from coordinator.store.pool import open_pool
-from coordinator.store.repository import SagaStore
+from coordinator.store.repository import Observed, Observer, SagaStore
 from coordinator.timers import TimerLoop
 from sagaplane import amqp, topology
+from sagaplane import tracing as sagaplane_tracing
 from sagaplane.client import SagaClient
 from sagaplane.consuming import DeadLetters
 from sagaplane.metrics import DeadLetterCollector, MetricsServer, OutboxGauges, new_registry
@@ -98,7 +100,9 @@ class Coordinator:
         # belong to the first one's sagas).
         metrics = CoordinatorMetrics(new_registry()) if self.settings.metrics_listen else None
         self._api = await ApiServer.bind(
-            self.settings.listen, interceptors=[metrics.interceptor()] if metrics else []
+            self.settings.listen,
+            # Tracing outermost: the call's span covers everything else done for it.
+            interceptors=[*tracing.interceptors(), *([metrics.interceptor()] if metrics else [])],
         )
         if self.settings.migrate:
             applied = await migrate(self.settings.database_url)
@@ -106,7 +110,7 @@ class Coordinator:
                 log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
         self._pool = await open_pool(self.settings.database_url, size=self.settings.pool_size)
         self.store = SagaStore(
-            self._pool, encode_command, observer=metrics.observe if metrics else None
+            self._pool, encode_command, observer=_observers(metrics.observe if metrics else None)
         )
         if metrics is not None and self.settings.metrics_listen is not None:
             await self._serve_metrics(metrics, self.settings.metrics_listen)
@@ -215,6 +219,20 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _observers(metrics: Observer | None) -> Observer | None:
+    """The store's observer: the metrics and the spans, whichever are on (None: none)."""
+    if not sagaplane_tracing.enabled():
+        return metrics
+    if metrics is None:
+        return tracing.observe
+
+    def both(committed: Sequence[Observed]) -> None:
+        metrics(committed)
+        tracing.observe(committed)
+
+    return both
 
 
 def _shown_address(listen: str, port: int | None) -> str:

@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 
-from coordinator import engine
+from coordinator import engine, tracing
 from coordinator.api import convert, validation
 from coordinator.api.page_tokens import PageTokens
 from coordinator.errors import BadRequest, KeyReused, SlowWatcher
 from coordinator.store.notifications import Listener
 from coordinator.store.repository import SagaStore, Started
+from sagaplane import logs
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,17 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
     ) -> coordinator_pb2.StartSagaResponse:
         """Record a saga and dispatch its first step (idempotent with a key)."""
         spec = validation.start_request(request)
-        started = await self._store.start(spec, request=validation.canonical(request))
+        started = await self._store.start(
+            spec, request=validation.canonical(request), trace=tracing.saga_context(context)
+        )
         if started.created:
-            log.info("saga %s started (%s, %d steps)", started.saga.id, spec.name, len(spec.steps))
+            log.info(
+                "saga %s started (%s, %d steps)",
+                started.saga.id,
+                spec.name,
+                len(spec.steps),
+                extra=logs.fields(started.saga.id),
+            )
         return coordinator_pb2.StartSagaResponse(
             saga=convert.saga_to_proto(started.saga), replayed=not started.created
         )
@@ -94,7 +103,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
                 )
 
         try:
-            started = await self._store.start_many(specs, requests=requests, accept=fits)
+            started = await self._store.start_many(
+                specs, requests=requests, accept=fits, trace=tracing.saga_context(context)
+            )
         except KeyReused as exc:
             raise KeyReused(violations=[v.under("sagas") for v in exc.violations]) from None
         response.replayed.extend(i for i, o in enumerate(started) if not o.created)

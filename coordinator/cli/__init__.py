@@ -24,6 +24,7 @@ from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import silence_stdout
 from sagaplane import defaults
 from sagaplane.sagas import SagaState
+from sagaplane.urls import redact
 
 __all__ = ["CliError", "ExitCode", "build_parser", "main"]
 
@@ -269,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         parser = build_parser()
     except CliError as exc:
-        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        # Masked again here: an error that quotes a URL must not show its password.
+        print(f"sagaplane: error: {redact(exc.message)}", file=sys.stderr)
         sys.exit(exc.code)
     except ValueError as exc:
         # A SAGAPLANE_* variable that a flag's default is parsed from holds garbage.
@@ -283,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(args)
     except CliError as exc:
-        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        # Masked again here: an error that quotes a URL must not show its password.
+        print(f"sagaplane: error: {redact(exc.message)}", file=sys.stderr)
         code = exc.code
     except KeyboardInterrupt:
         code = 130

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 from collections.abc import Mapping
 
@@ -14,6 +13,7 @@ from aiormq.exceptions import AMQPConnectionError
 from coordinator import config, retention
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
+from sagaplane import logs, tracing
 from sagaplane.errors import BrokerUnavailable
 from sagaplane.runtime import run
 from sagaplane.topology import UnsupportedBrokerError
@@ -38,15 +38,35 @@ def _log_level(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity [SAGAPLANE_LOG_LEVEL; default %(default)s]",
     )
+    parser.add_argument(
+        "--log-format",
+        # argparse checks a flag against its choices, not a default from env: serve() does.
+        default=env.get("SAGAPLANE_LOG_FORMAT", "text"),
+        choices=logs.FORMATS,
+        help="text for people, json for one JSON object per line "
+        "[SAGAPLANE_LOG_FORMAT; default %(default)s]",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the coordinator until SIGTERM or SIGINT; graceful shutdown, then exit."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    if args.log_format not in logs.FORMATS:
+        raise CliError(
+            f"SAGAPLANE_LOG_FORMAT must be one of {', '.join(logs.FORMATS)}, "
+            f"not {args.log_format!r}",
+            ExitCode.USAGE,
+        )
+    logs.configure(args.log_level, args.log_format)
     settings = config.from_args(args)
-    return run(_serve(settings), event_loop=settings.event_loop)
+    try:
+        tracing.configure("sagaplane-coordinator")
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from exc
+    try:
+        return run(_serve(settings), event_loop=settings.event_loop)
+    finally:
+        # The spans still buffered are exported before the process ends.
+        tracing.shutdown()
 
 
 async def _serve(settings: config.Settings) -> int:

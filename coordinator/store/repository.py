@@ -43,7 +43,7 @@ from coordinator.engine import (
 from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga, Violation
 from coordinator.store.notifications import Listener
 from coordinator.store.queries import q
-from sagaplane import batch
+from sagaplane import batch, tracing
 from sagaplane.outbox import (
     INSERT_MANY,
     INSERT_ONE,
@@ -129,6 +129,8 @@ class Observed:
     """What happened; None for a start."""
     transition: engine.Transition
     """What the engine made of it (``ignored`` set when nothing changed)."""
+    trace_context: Mapping[str, str] | None = None
+    """The saga's stored W3C trace context (None: not traced); see sagaplane.tracing."""
 
 
 Observer = Callable[[Sequence[Observed]], None]
@@ -195,8 +197,13 @@ class SagaStore:
         """This process's WatchSaga listener: handed every committed transition of a
         saga it has watchers for, so that they need not read it back."""
 
-    async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
+    async def start(
+        self, spec: SagaSpec, *, request: bytes, trace: Mapping[str, str] | None = None
+    ) -> Started:
         """Record a new saga and the command of its first step.
+
+        ``trace`` is the W3C trace context the saga belongs to (StartSaga's span), stored
+        with it and continued by every command (None: not traced).
 
         ``request`` is the StartSaga request as bytes that are the same whenever the
         request is (protobuf's deterministic serialization): with an idempotency key
@@ -208,17 +215,25 @@ class SagaStore:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
             transition = _begin(spec, row["now"])
             saga = transition.saga
-            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
+            insert = (
+                q("insert_saga"),
+                _saga_row(saga) | {"request_hash": fingerprint, "trace_context": _trace(trace)},
+            )
+            traces = {saga.id: trace} if trace else {}
             if spec.idempotency_key is None:
                 # A fresh id cannot conflict: the saga goes in the one batch with the rest.
-                await self._write_and_commit(cur, [transition], new=True, first=[insert])
+                await self._write_and_commit(
+                    cur, [transition], new=True, first=[insert], traces=traces
+                )
             else:
                 # The key may be taken (a replay): see before writing anything else.
                 if not (await batch.run(cur, [insert]))[0]:
                     return await self._replay(cur, spec.idempotency_key, fingerprint)
-                await self._write_and_commit(cur, [transition], new=True)
+                await self._write_and_commit(cur, [transition], new=True, traces=traces)
             if self.observer is not None:
-                self.observer([Observed(before=None, event=None, transition=transition)])
+                self.observer(
+                    [Observed(before=None, event=None, transition=transition, trace_context=trace)]
+                )
             return Started(saga=saga, created=True)
 
     async def start_many(
@@ -227,6 +242,7 @@ class SagaStore:
         *,
         requests: Sequence[bytes],
         accept: Callable[[Sequence[Started]], None] | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> list[Started]:
         """Record many sagas and their first commands in ONE transaction: all or none.
 
@@ -236,7 +252,8 @@ class SagaStore:
         violations name each such spec by its index (``[17].idempotency_key``), and
         nothing is written. A key given twice here (with the same request, or KeyReused)
         is one saga, in both places. ``accept`` sees the outcomes before the commit and
-        may raise to roll everything back.
+        may raise to roll everything back. ``trace`` is stored with each saga, as for
+        :meth:`start`.
 
         Every row goes in a few multi-row statements, in at most three round trips.
         """
@@ -261,7 +278,8 @@ class SagaStore:
                 q("insert_sagas"),
                 {
                     "rows": batch.records(
-                        _saga_row(t.saga) | {"request_hash": fingerprints[i]}
+                        _saga_row(t.saga)
+                        | {"request_hash": fingerprints[i], "trace_context": _trace(trace)}
                         for i, t in new.items()
                     )
                 },
@@ -308,23 +326,30 @@ class SagaStore:
             ]
             if accept is not None:
                 accept(results)
-            await batch.run(cur, [*prefix, *self._insert_new(new.values()), ("COMMIT", None)])
+            await batch.run(
+                cur, [*prefix, *self._insert_new(new.values(), trace), ("COMMIT", None)]
+            )
             if self.observer is not None:
                 self.observer(
-                    [Observed(before=None, event=None, transition=t) for t in new.values()]
+                    [
+                        Observed(before=None, event=None, transition=t, trace_context=trace)
+                        for t in new.values()
+                    ]
                 )
             return results
 
-    def _insert_new(self, transitions: Iterable[engine.Transition]) -> list[batch.Statement]:
+    def _insert_new(
+        self, transitions: Iterable[engine.Transition], trace: Mapping[str, str] | None
+    ) -> list[batch.Statement]:
         """Multi-row inserts of the steps, history and commands of new sagas (whose saga
-        rows are inserted already)."""
+        rows are inserted already), all in the trace ``trace``."""
         steps: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
         commands: list[OutboundMessage] = []
         for t in transitions:
             steps += (_step_row(t.saga.id, step) for step in t.saga.steps)
             history += (_history_row(t.saga.id, entry) for entry in t.history)
-            commands += (self._encode(command) for command in t.commands)
+            commands += (self._outbound(command, trace) for command in t.commands)
         statements: list[batch.Statement] = []
         if steps:
             statements.append((q("insert_steps"), {"rows": batch.records(steps)}))
@@ -555,6 +580,7 @@ class SagaStore:
         )
         steps = _group_steps(step_rows)
         sagas = {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in saga_rows}
+        traces = {row["id"]: row["trace_context"] for row in saga_rows if row["trace_context"]}
         original = dict(sagas)
         results: list[Applied] = []
         transitions: list[engine.Transition] = []
@@ -573,11 +599,15 @@ class SagaStore:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
             if self.observer is not None:
-                observed.append(Observed(before=saga, event=event, transition=t))
+                observed.append(
+                    Observed(
+                        before=saga, event=event, transition=t, trace_context=traces.get(saga_id)
+                    )
+                )
             sagas[saga_id] = t.saga
             transitions.append(t)
             results.append(Applied(saga_id=saga_id, transition=t))
-        await self._write_and_commit(cur, transitions, original=original)
+        await self._write_and_commit(cur, transitions, original=original, traces=traces)
         if self.observer is not None:
             self.observer(observed)
         return results
@@ -605,11 +635,13 @@ class SagaStore:
         new: bool = False,
         first: Sequence[batch.Statement] = (),
         original: dict[str, Saga] | None = None,
+        traces: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """Write sagas, changed steps, history and outbox rows, and COMMIT: one batch.
 
         ``new``: the saga rows are inserted (by ``first``, or already), so their steps
         are inserted too, not updated. ``first`` goes at the head of the batch.
+        ``traces``: the stored trace context of the sagas that have one, by id.
         """
         statements = list(first)
         changed = [t for t in transitions if t.ignored is None]
@@ -633,7 +665,7 @@ class SagaStore:
             for entry in t.history
         ]
         statements += [
-            (INSERT_ONE, insert_params(self._encode(command)))
+            (INSERT_ONE, insert_params(self._outbound(command, (traces or {}).get(t.saga.id))))
             for t in changed
             for command in t.commands
         ]
@@ -650,6 +682,16 @@ class SagaStore:
             for saga_id, rows in written.items():
                 entries = [_history_from_row(r) for r in rows]
                 listener.committed(saga_id, rows[0]["prior"], latest[saga_id], entries)
+
+    def _outbound(self, command: Command, trace: Mapping[str, str] | None) -> OutboundMessage:
+        """The outbox row of ``command``; in a traced saga, its AMQP headers carry the
+        context of the command's attempt span (see sagaplane.tracing.child_carrier)."""
+        message = self._encode(command)
+        if trace:
+            headers = tracing.child_carrier(trace, message.message_id)
+            if headers is not None:
+                message = replace(message, headers=headers)
+        return message
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncClientCursor[DictRow]]:
@@ -702,6 +744,10 @@ def rule_params(
         "keeps": list(keep_for.values()),
         "limit": limit,
     }
+
+
+def _trace(trace: Mapping[str, str] | None) -> Jsonb | None:
+    return Jsonb(dict(trace)) if trace else None
 
 
 def _reused(position: int, key: str, what: str) -> Violation:

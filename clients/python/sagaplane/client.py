@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sagaplane import defaults, jsonform, structs
+from sagaplane import defaults, jsonform, structs, tracing
 from sagaplane.durations import to_duration
 from sagaplane.errors import (
     CoordinatorError,
@@ -218,7 +218,9 @@ class SagaClient:
             return await call(
                 request,
                 timeout=self._timeout if deadline is None else deadline,
-                metadata=self._metadata,
+                # The caller's span, if any, becomes the parent of what the call does
+                # (a saga started by it belongs to the caller's trace).
+                metadata=self._metadata + tracing.outgoing(),
                 wait_for_ready=self._wait_for_ready,
             )
         except grpc.aio.AioRpcError as exc:

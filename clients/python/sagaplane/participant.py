@@ -42,7 +42,17 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import amqp, deadlines, defaults, migrations, retention, runtime, topology
+from sagaplane import (
+    amqp,
+    deadlines,
+    defaults,
+    logs,
+    migrations,
+    retention,
+    runtime,
+    topology,
+    tracing,
+)
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
 from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
@@ -372,6 +382,11 @@ class Participant:
             return
         if not self._handlers:
             raise ConfigurationError("register at least one step or compensation handler")
+        try:
+            # On when the OTEL_* / SAGAPLANE_TRACES_FILE environment asks (sagaplane.tracing).
+            tracing.configure(self.service)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
         self._started = True
         try:
             if self._migrate:
@@ -490,21 +505,31 @@ class Participant:
     def main(self, *, event_loop: str = "uvloop") -> NoReturn:
         """Run as a program until SIGTERM or Ctrl-C, then exit: status 0 after a clean
         stop, 3 with one line on stderr when PostgreSQL or RabbitMQ cannot be reached,
-        2 for a configuration error. Logs go to stderr (INFO) unless logging is set up."""
+        2 for a configuration error. Logs go to stderr unless logging is set up: at
+        ``SAGAPLANE_LOG_LEVEL`` (INFO), as ``SAGAPLANE_LOG_FORMAT`` (``text``, or ``json``
+        for one JSON object per line; see :mod:`sagaplane.logs`)."""
         if not logging.getLogger().handlers:
-            logging.basicConfig(
-                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-            )
+            log_format = os.environ.get("SAGAPLANE_LOG_FORMAT", "text")
+            if log_format not in logs.FORMATS:
+                print(
+                    f"{self.service}: SAGAPLANE_LOG_FORMAT must be one of "
+                    f"{', '.join(logs.FORMATS)}, not {log_format!r}",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
+            logs.configure(os.environ.get("SAGAPLANE_LOG_LEVEL", "INFO").upper(), log_format)
         try:
             runtime.run(self.run(), event_loop=event_loop)
         except (DatabaseUnavailable, BrokerUnavailable) as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(3) from None
         except ConfigurationError as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:  # Ctrl-C: run() has stopped gracefully already
             pass
+        finally:
+            tracing.shutdown()  # the spans still buffered are exported
         raise SystemExit(0)
 
     async def run(self, *, handle_sigterm: bool = True) -> None:

@@ -6,9 +6,9 @@ SELECT now() AS now;
 -- name: insert_saga
 INSERT INTO sagaplane_sagas
     (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-     completed_at, deadline_at)
+     completed_at, deadline_at, trace_context)
 VALUES (%(id)s, %(name)s, %(state)s, %(context)s, %(idempotency_key)s, %(request_hash)s,
-        %(created_at)s, %(updated_at)s, %(completed_at)s, %(deadline_at)s)
+        %(created_at)s, %(updated_at)s, %(completed_at)s, %(deadline_at)s, %(trace_context)s)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 
@@ -22,13 +22,13 @@ RETURNING id;
 -- taken inserts nothing (see select_sagas_by_keys).
 INSERT INTO sagaplane_sagas
     (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-     completed_at, deadline_at)
+     completed_at, deadline_at, trace_context)
 SELECT id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-       completed_at, deadline_at
+       completed_at, deadline_at, trace_context
 FROM jsonb_to_recordset(%(rows)s::jsonb)
     AS r (id text, name text, state text, context jsonb, idempotency_key text,
           request_hash bytea, created_at timestamptz, updated_at timestamptz,
-          completed_at timestamptz, deadline_at timestamptz)
+          completed_at timestamptz, deadline_at timestamptz, trace_context jsonb)
 ORDER BY idempotency_key
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;

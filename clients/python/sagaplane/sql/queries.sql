@@ -7,29 +7,31 @@
 -- One outbox row; its parameters are sagaplane.outbox.insert_params (prefixed, so that
 -- they can share a batch of statements with other named parameters).
 INSERT INTO sagaplane_outbox
-    (message_id, exchange, routing_key, message_type, body, correlation_id)
+    (message_id, exchange, routing_key, message_type, body, correlation_id, headers)
 VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
-        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s);
+        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s,
+        %(outbox_headers)s);
 
 -- name: insert_outbox_messages
 -- Many outbox rows in one statement: %(outbox_rows)s is a JSON array of messages
 -- (sagaplane.outbox.insert_many_params). The rows keep the array's order (their ids,
 -- which the relay publishes in, follow it).
 INSERT INTO sagaplane_outbox
-    (message_id, exchange, routing_key, message_type, body, correlation_id)
-SELECT message_id, exchange, routing_key, message_type, body, correlation_id
+    (message_id, exchange, routing_key, message_type, body, correlation_id, headers)
+SELECT message_id, exchange, routing_key, message_type, body, correlation_id, headers
 FROM ROWS FROM (
         jsonb_to_recordset(%(outbox_rows)s::jsonb)
         AS (message_id text, exchange text, routing_key text, message_type text,
-            body bytea, correlation_id text)
+            body bytea, correlation_id text, headers jsonb)
     ) WITH ORDINALITY
-    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, n)
+    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, headers, n)
 ORDER BY n;
 
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
-SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts
+SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts,
+       headers
 FROM sagaplane_outbox
 WHERE sent_at IS NULL AND parked_at IS NULL
   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
