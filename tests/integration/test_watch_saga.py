@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aio_pika
 import grpc
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from coordinator.store.repository import SagaStore
 from helpers.coordinators import coordinator_settings
 from helpers.processes import CoordinatorProcess
 from helpers.transitions import STEPS, request, succeed, undo_all
+from sagaplane import topology
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
@@ -323,6 +325,14 @@ async def test_watchers_that_never_read_leave_the_coordinators_memory_flat(
     of its own; the transitions are committed by a replica) keeps nothing of what it
     could not send: its memory does not grow with it. (That such a watcher is cut off
     is test_a_watcher_that_never_reads_is_cut_off_and_the_server_keeps_serving.)"""
+    # The commands go to a queue that keeps none of them: delivered, so no relay keeps
+    # retrying 60 KiB messages while the memory is read.
+    broker = await aio_pika.connect(amqp_url)
+    channel = await broker.channel()
+    sink = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"}
+    )
+    await sink.bind(topology.COMMANDS_EXCHANGE, "shop.#")
     served = CoordinatorProcess(database_url, amqp_url)
     await served.start({"SAGAPLANE_WATCH_SEND_TIMEOUT": "1"})
     store = store_of(coordinator)
@@ -367,10 +377,11 @@ async def test_watchers_that_never_read_leave_the_coordinators_memory_flat(
         print(f"coordinator RSS {before:.1f} MiB, then {grown:+.1f} MiB; {unsent:.0f} MiB unsent")
         assert grown < unsent / 10, f"RSS grew {grown:.1f} MiB while {unsent:.0f} MiB went unsent"
         # It still serves a watcher that reads.
-        async with grpc.aio.insecure_channel(served.address) as channel:
-            messages = [m async for m in Stub(channel).WatchSaga(api.WatchSagaRequest(id=ids[0]))]
+        async with grpc.aio.insecure_channel(served.address) as reading:
+            messages = [m async for m in Stub(reading).WatchSaga(api.WatchSagaRequest(id=ids[0]))]
         assert messages[-1].saga.state == model.SAGA_STATE_COMPLETED
     finally:
-        for channel in channels:
-            await channel.close()
+        for slow_channel in channels:
+            await slow_channel.close()
         await served.stop()
+        await broker.close()
