@@ -50,7 +50,7 @@ async def _unsent(database_url: str) -> int:
         return int(row[0]) if row else 0
 
 
-async def _relayed(database_url: str, within: float = 120.0) -> float:
+async def all_relayed(database_url: str, within: float = 120.0) -> float:
     """Until the outbox has nothing left to send; the monotonic time then."""
     deadline = time.monotonic() + within
     while await _unsent(database_url):
@@ -98,7 +98,7 @@ async def measure(
         # A few of each first, so that neither way pays for warming up.
         await _single(client, saga, 20, 10)
         await _batched(client, saga, 20, 20)
-        await _relayed(database_url)
+        await all_relayed(database_url)
         runs: dict[str, Any] = {}
         ways = {
             "single": lambda: _single(client, saga, sagas, concurrency),
@@ -112,7 +112,7 @@ async def measure(
             began = time.monotonic()
             await work()
             answered = time.monotonic()
-            relayed = await _relayed(database_url)
+            relayed = await all_relayed(database_url)
             used = await meter.stop()
             postgres = sum((await backends.stop()).values())
             cpu = used["processes"]["coordinator"]["cpu_s"]
