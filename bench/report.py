@@ -195,8 +195,9 @@ def _growth(results: dict[str, Any]) -> list[str]:
             f"Waiting sagas: {w['sagas']:,} in flight on a stopped participant ({w['stopped']}),"
             f" started in {_f(w['start_s'], 1)} s, commands all published after"
             f" {_f(w['relayed_s'], 1)} s",
-            f"  coordinator idle over {_f(idle['seconds'], 1)} s: {_f(idle['coordinator_cpu_s'], 3)}"
-            f" CPU s = {_f(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
+            f"  coordinator idle over {_f(idle['seconds'], 1)} s:"
+            f" {_f(idle['coordinator_cpu_s'], 3)} CPU s ="
+            f" {_f(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
             f" {_f(idle['machine_busy_pct'])}% busy)",
         ]
         rows = []
@@ -210,7 +211,8 @@ def _growth(results: dict[str, Any]) -> list[str]:
         )
         ref = w["reference"]
         lines.append(
-            f"  drain once it starts again: {w['sagas']:,} sagas in {_f(w['drain']['seconds'], 1)} s"
+            f"  drain once it starts again: {w['sagas']:,} sagas in"
+            f" {_f(w['drain']['seconds'], 1)} s"
             f" = {_f(w['drain']['sagas_per_s'])}/s; the same system's closed loop"
             f" {_f(ref['sagas_per_s'])}/s: x{_f(w['drain_vs_reference'], 3)}"
             + (
