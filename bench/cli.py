@@ -95,7 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "peer_duration": 30.0,
     "steps": "3,20,100",
     "steps_duration": 20.0,
-    "context_sizes": "1024,65536",
+    "context_sizes": "1024,65000",
     "context_duration": 15.0,
     "waiting_sagas": 10000,
     "waiting_idle": 20.0,
@@ -126,7 +126,7 @@ QUICK: dict[str, Any] = {
     "peer_duration": 6.0,
     "steps": "3,20,100",
     "steps_duration": 6.0,
-    "context_sizes": "1024,65536",
+    "context_sizes": "1024,65000",
     "context_duration": 5.0,
     "waiting_sagas": 1000,
     "waiting_idle": 5.0,
@@ -976,6 +976,7 @@ async def _metered_open_loop(
     figures.update(growth.per_work(cpu, sagas=figures["terminal"], steps=steps))
     figures |= {"rate": rate, "duration_s": duration, "shape": shape, "steps": steps}
     figures["context_bytes"] = context_bytes
+    figures["p50_ms_per_step"] = growth.per_step(figures)
     _progress(
         f"  {shape}, {context_bytes:,} B context, {rate:g}/s: {figures['cpu_ms_per_saga']} ms CPU"
         f" per saga ({figures['cpu_ms_per_step']} per step), p50"

@@ -32,7 +32,7 @@ from typing import Any
 from bench.infra import BackendMeter, cpu_seconds
 from bench.participant import SCHEMA
 from bench.stats import summary_ms
-from bench.workload import CONTEXT_BYTES, make_context
+from bench.workload import CONTEXT_BYTES, database_activity, make_context
 
 STEPS = ("orders.create", "inventory.reserve", "payment.charge")
 _INSERT = "INSERT INTO bench_effects (saga_id, action) VALUES (:saga_id, :action)"
@@ -102,10 +102,22 @@ def main() -> None:
         databases.append(args.app_database_url.rsplit("/", 1)[-1])
         backends = BackendMeter(args.admin_url, databases)
         asyncio.run(backends.start())
+        before = asyncio.run(database_activity(args.admin_url, databases))
         cpu0 = cpu_seconds(os.getpid())
         closed = closed_loop(order, context, args.workflows, args.concurrency)
         process_cpu = cpu_seconds(os.getpid()) - cpu0
+        after = asyncio.run(database_activity(args.admin_url, databases))
         postgres_cpu = sum(asyncio.run(backends.stop()).values())
+        # pg_stat_database as the throughput run's steady window reads it (a backend
+        # publishes its counts at most once a second: rough, but the same on both sides).
+        closed["per_workflow"] = {
+            role: {
+                key: round((after[db][key] - before[db][key]) / max(1, closed["workflows"]), 2)
+                for key in ("commits", "inserted", "updated", "fetched")
+            }
+            for role, db in zip(("system", "app"), databases, strict=True)
+            if db in after and db in before
+        }
         n = max(1, closed["workflows"])
         closed["dbos_cpu_ms_per_workflow"] = round(1000 * process_cpu / n, 3)
         closed["postgres_cpu_ms_per_workflow"] = round(1000 * postgres_cpu / n, 3)

@@ -12,15 +12,15 @@ import json
 from typing import Any
 
 DIFFERENCES = (
-    "DBOS runs the 3 steps in ONE process, in-line in the caller's thread, with no broker:"
-    " a workflow is 1 system-DB insert + 3 app-DB transactions (each recording its output)"
-    " + the status update, all in one PostgreSQL cluster.",
+    "DBOS runs the workflow in ONE process, in the caller's thread, with no broker: its"
+    " 3 transactions (each recording its output in the app database) and its own"
+    " bookkeeping (a system database) are all it does.",
     "Sagaplane crosses 4 databases (coordinator + one per participant) and 6 broker hops"
-    " (3 commands, 3 replies, each published with a confirm from an outbox and acked), in"
-    " 4 processes and RabbitMQ; the caller only starts the saga (StartSaga) and is told the"
-    " end by the coordinator's database.",
-    "DBOS's latency is call to return in its process; Sagaplane's is the scheduled send time"
-    " to the saga's completed_at (open loop).",
+    " (3 commands, 3 replies, each published from an outbox with a confirm and acked), in"
+    " 4 processes and RabbitMQ; the caller only starts the saga (StartSaga) and learns its"
+    " end from the coordinator's database.",
+    "DBOS's latency is call to return, in its process; Sagaplane's is from the scheduled"
+    " send time to the saga's completed_at (open loop).",
 )
 
 TARGET_THROUGHPUT_RATIO = 4.0
@@ -48,6 +48,13 @@ def compare(sagaplane: dict[str, Any], dbos: dict[str, Any]) -> dict[str, Any]:
         "throughput_target_met": throughput is not None and throughput >= TARGET_THROUGHPUT_RATIO,
         "p50_target_met": lat_ms.get("p50") is not None and lat_ms["p50"] <= single["p50"],
     }
+
+
+def commits(per_database: dict[str, dict[str, float]] | None) -> float | None:
+    """Commits per saga (or workflow) over all the databases given."""
+    if not per_database:
+        return None
+    return round(sum(v.get("commits", 0.0) for v in per_database.values()), 2)
 
 
 def load(path: Any) -> dict[str, Any]:
