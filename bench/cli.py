@@ -221,6 +221,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--peer-concurrency", type=int, help="DBOS workflows in flight [--concurrency]")
     g.add_argument(
+        "--peer-pool-size",
+        type=int,
+        default=20,
+        help="each of DBOS's two connection pools (system, app): 40 in all, as Sagaplane's"
+        " coordinator and 3 participants have by default [20]",
+    )
+    g.add_argument(
         "--peer-one-at-a-time",
         type=int,
         help="DBOS workflows run one after another for its latency " + _d("peer_one_at_a_time"),
@@ -1114,6 +1121,8 @@ async def peers_phase(env: Environment, args: argparse.Namespace, results: dict[
         str(min(args.warmup, args.peer_workflows)),
         "--one-at-a-time",
         str(args.peer_one_at_a_time),
+        "--pool-size",
+        str(args.peer_pool_size),
         name="peer-dbos",
     )
     try:

@@ -199,16 +199,25 @@ async def _calls(
     return {"start_saga_ms": summary_ms(started), "get_saga_ms": summary_ms(got)}
 
 
-async def _open_sagas(database_url: str) -> tuple[int, float | None]:
-    """Sagas not yet terminal, and the newest completed_at (epoch seconds)."""
+_OPEN_SAGAS = (
+    "SELECT count(*) FILTER (WHERE completed_at IS NULL AND state <> 'compensation_failed'),"
+    " max(completed_at) FROM sagaplane_sagas"
+)
+
+
+async def _drained(database_url: str, within: float) -> float | None:
+    """Until no saga is left open, on one connection; the newest completed_at then
+    (epoch seconds)."""
+    deadline = time.monotonic() + within
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
-        cur = await c.execute(
-            "SELECT count(*) FILTER (WHERE completed_at IS NULL AND state <> "
-            "'compensation_failed'), max(completed_at) FROM sagaplane_sagas"
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), (row[1].timestamp() if row[1] is not None else None)
+        while True:
+            row = await (await c.execute(_OPEN_SAGAS)).fetchone()
+            assert row is not None
+            if not row[0]:
+                return row[1].timestamp() if row[1] is not None else None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{row[0]} sagas still not terminal after {within:g}s")
+            await asyncio.sleep(0.25)
 
 
 async def waiting(
@@ -261,14 +270,7 @@ async def waiting(
     progress(f"waiting: {stopped.name} started again; draining {waited:,} sagas")
     await restart()
     began = time.time()
-    deadline = time.monotonic() + max(180.0, waited / 20)
-    while True:
-        left, newest = await _open_sagas(database_url)
-        if not left:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{left} sagas still not terminal after the drain's deadline")
-        await asyncio.sleep(0.25)
+    newest = await _drained(database_url, max(180.0, waited / 20))
     drain_s = max(1e-9, (newest or time.time()) - began)
     return {
         "sagas": waited,

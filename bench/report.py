@@ -148,7 +148,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
                     r["terminal"],
                     r["cpu_ms_per_saga"],
                     r["cpu_ms_per_step"],
-                    steps["cpu_per_step_ratio"].get(str(r["steps"])),
+                    _f(steps["cpu_per_step_ratio"].get(str(r["steps"])), 3),
                     r["start_to_terminal_ms"]["p50"],
                     r.get("p50_ms_per_step"),
                     r["start_to_terminal_ms"]["p99"],
@@ -211,7 +211,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
         for key, name in (("start_saga_ms", "StartSaga"), ("get_saga_ms", "GetSaga")):
             a, b = w["calls_idle"][key], w["calls_waiting"][key]
             ratio = w[f"{key.removesuffix('_ms')}_p99_ratio"]
-            rows.append([name, a["p50"], a["p99"], b["p50"], b["p99"], ratio])
+            rows.append([name, a["p50"], a["p99"], b["p50"], b["p99"], _f(ratio, 3)])
         lines += _table(
             rows,
             ["one call at a time", "idle p50", "idle p99", "waiting p50", "waiting p99", "p99 x"],
