@@ -51,7 +51,8 @@ def compare(sagaplane: dict[str, Any], dbos: dict[str, Any]) -> dict[str, Any]:
 
 
 def commits(per_database: dict[str, dict[str, float]] | None) -> float | None:
-    """Commits per saga (or workflow) over all the databases given."""
+    """Transactions committed (read-only ones too) per saga, or per workflow, over all
+    the databases given (``pg_stat_database`` deltas per saga, by database)."""
     if not per_database:
         return None
     return round(sum(v.get("commits", 0.0) for v in per_database.values()), 2)

@@ -112,11 +112,12 @@ def _peers(p: dict[str, Any] | None) -> list[str]:
             ],
             ["latency p99 ms", lat_ms.get("p99"), single["p99"], _f(p["p99_ratio"], 3), ""],
             [
-                "  commits each",
+                "  transactions each",
                 peers.commits((tp.get("steady") or {}).get("per_saga")),
                 peers.commits(closed.get("per_workflow")),
                 "",
-                "all databases (pg_stat_database; Sagaplane: its steady window)",
+                "all databases, read-only ones too (pg_stat_database xact_commit;"
+                " Sagaplane: its steady window)",
             ],
         ],
         ["", "Sagaplane", "DBOS", "ratio", "notes"],
