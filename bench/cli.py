@@ -90,17 +90,17 @@ DEFAULTS: dict[str, Any] = {
     "start_chunk": 500,
     "observability_sagas": 5000,
     "peer_sagas": 3000,
-    "peer_workflows": 2000,
+    "peer_workflows": 1500,
     "peer_one_at_a_time": 300,
-    "peer_duration": 30.0,
+    "peer_duration": 20.0,
     "steps": "3,20,100",
-    "steps_duration": 20.0,
+    "steps_duration": 15.0,
     "context_sizes": "1024,65000",
-    "context_duration": 15.0,
+    "context_duration": 10.0,
     "waiting_sagas": 10000,
     "waiting_idle": 20.0,
     "waiting_calls": 300,
-    "waiting_reference": 2000,
+    "waiting_reference": 1000,
 }
 QUICK: dict[str, Any] = {
     "sagas": 300,
@@ -966,21 +966,24 @@ async def _metered_open_loop(
     async with Load(
         system.targets[:1], fail_rate=args.fail_rate, shape=shape, context_bytes=context_bytes
     ) as load:
+        # Long sagas take long below capacity too: a 100-step saga is 100 steps deep.
         samples = await open_loop(
-            load, watcher, rate=rate, duration=duration, drain_timeout=args.drain_timeout
+            load, watcher, rate=rate, duration=duration, drain_timeout=max(60, args.drain_timeout)
         )
     used = await meter.stop()
     try:
         backend_cpu = await backends.stop()
     except psycopg.Error:
         backend_cpu = {}
+    ids = [s.saga_id for s in samples if s.saga_id]
+    executed = (await database_counts(system.coordinator_url, ids))["steps_executed"]
     env.check_alive(processes)
     steps = steps_in(shape)
     figures = analyse(samples, steps_per_saga=steps)
     figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
     cpu = {name: p["cpu_s"] for name, p in used["processes"].items()}
     cpu |= {f"postgres: {db.removeprefix(env.prefix + '_')}": s for db, s in backend_cpu.items()}
-    figures.update(growth.per_work(cpu, sagas=figures["terminal"], steps=steps))
+    figures.update(growth.per_work(cpu, steps_executed=executed, steps=steps))
     figures |= {"rate": rate, "duration_s": duration, "shape": shape, "steps": steps}
     figures["context_bytes"] = context_bytes
     figures["p50_ms_per_step"] = growth.per_step(figures)

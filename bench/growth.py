@@ -51,15 +51,18 @@ def counts(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
-def per_work(cpu_s: Mapping[str, float], *, sagas: int, steps: int) -> dict[str, Any]:
-    """CPU per saga and per step (ms) of the processes in ``cpu_s`` (CPU seconds by name;
-    names with "harness" in them are the load generator's, left out)."""
+def per_work(cpu_s: Mapping[str, float], *, steps_executed: int, steps: int) -> dict[str, Any]:
+    """CPU per step (ms) of the processes in ``cpu_s`` (CPU seconds by name; names with
+    "harness" in them are the load generator's, left out) over the steps they executed,
+    and per saga of ``steps`` steps: counted by steps, a saga the run did not see end
+    weighs what it did."""
     total = sum(s for name, s in cpu_s.items() if "harness" not in name)
-    n = max(1, sagas)
+    per_step = 1000 * total / max(1, steps_executed)
     return {
         "cpu_s": {name: round(s, 3) for name, s in cpu_s.items()},
-        "cpu_ms_per_saga": round(1000 * total / n, 3),
-        "cpu_ms_per_step": round(1000 * total / (n * steps), 3),
+        "steps_executed": steps_executed,
+        "cpu_ms_per_saga": round(per_step * steps, 3),
+        "cpu_ms_per_step": round(per_step, 3),
     }
 
 

@@ -32,9 +32,9 @@ def test_a_line_goes_round_the_three_services_and_only_its_last_step_fails() -> 
 
 def test_cpu_per_step_leaves_the_harness_out() -> None:
     cpu = {"coordinator-1": 1.0, "participant-orders": 2.0, "harness (load + poll)": 50.0}
-    figures = growth.per_work(cpu, sagas=100, steps=20)
-    assert figures["cpu_ms_per_saga"] == 30.0
+    figures = growth.per_work(cpu, steps_executed=2000, steps=20)
     assert figures["cpu_ms_per_step"] == 1.5
+    assert figures["cpu_ms_per_saga"] == 30.0
 
 
 def _run(steps: int, cpu_per_step: float, p50: float) -> dict[str, Any]:
