@@ -51,6 +51,11 @@ def counts(text: str) -> list[int]:
     return [int(x) for x in str(text).split(",") if x.strip()]
 
 
+ROLES = ("harness", "postgres", "rabbitmq", "coordinator", "participant")
+"""What a process's name says it is, for CPU per step by role (the first that matches:
+"postgres: coordinator" is PostgreSQL's)."""
+
+
 def per_work(cpu_s: Mapping[str, float], *, steps_executed: int, steps: int) -> dict[str, Any]:
     """CPU per step (ms) of the processes in ``cpu_s`` (CPU seconds by name; names with
     "harness" in them are the load generator's, left out) over the steps they executed,
@@ -58,8 +63,15 @@ def per_work(cpu_s: Mapping[str, float], *, steps_executed: int, steps: int) -> 
     weighs what it did."""
     total = sum(s for name, s in cpu_s.items() if "harness" not in name)
     per_step = 1000 * total / max(1, steps_executed)
+    roles: dict[str, float] = {}
+    for name, seconds in cpu_s.items():
+        role = next((r for r in ROLES if r in name), "other")
+        roles[role] = roles.get(role, 0.0) + seconds
     return {
         "cpu_s": {name: round(s, 3) for name, s in cpu_s.items()},
+        "cpu_ms_per_step_by_role": {
+            role: round(1000 * s / max(1, steps_executed), 3) for role, s in roles.items()
+        },
         "steps_executed": steps_executed,
         "cpu_ms_per_saga": round(per_step * steps, 3),
         "cpu_ms_per_step": round(per_step, 3),

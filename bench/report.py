@@ -171,6 +171,12 @@ def _growth(results: dict[str, Any]) -> list[str]:
             ],
         )
         for r in steps["runs"]:
+            roles = r.get("cpu_ms_per_step_by_role") or {}
+            lines.append(
+                f"  {r['steps']} steps, CPU ms per step by process: "
+                + ", ".join(f"{k} {_f(v, 2)}" for k, v in roles.items() if k != "harness")
+            )
+        for r in steps["runs"]:
             lines += _disturbed(f"{r['steps']}-step run", r)
     context = results.get("context")
     if context:

@@ -31,8 +31,19 @@ def test_a_line_goes_round_the_three_services_and_only_its_last_step_fails() -> 
 
 
 def test_cpu_per_step_leaves_the_harness_out() -> None:
-    cpu = {"coordinator-1": 1.0, "participant-orders": 2.0, "harness (load + poll)": 50.0}
+    cpu = {
+        "coordinator-1": 1.0,
+        "participant-orders": 1.5,
+        "postgres: coordinator": 0.5,
+        "harness (load + poll)": 50.0,
+    }
     figures = growth.per_work(cpu, steps_executed=2000, steps=20)
+    assert figures["cpu_ms_per_step_by_role"] == {
+        "coordinator": 0.5,
+        "participant": 0.75,
+        "postgres": 0.25,
+        "harness": 25.0,
+    }
     assert figures["cpu_ms_per_step"] == 1.5
     assert figures["cpu_ms_per_saga"] == 30.0
 
