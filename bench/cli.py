@@ -1157,6 +1157,7 @@ async def waiting_phase(
     prefix = "wait_"
     system = await start_system(env, args, prefix=prefix)
     processes = [*system.coordinators, *system.participants.values()]
+    offsets = log_offsets(processes)
     try:
         async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
             _progress(
@@ -1181,6 +1182,7 @@ async def waiting_phase(
             progress=_progress,
         )
         env.check_alive(processes)
+        figures["disturbed"] = disturbances(processes, offsets)
         throughput = results.get("throughput", {}).get("sagas_per_s")
         figures |= growth.waiting_ratios(figures, reference["sagas_per_s"], throughput)
         figures["reference"] = reference

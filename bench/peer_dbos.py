@@ -25,14 +25,19 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import psycopg
 
 from bench.infra import BackendMeter, cpu_seconds
 from bench.participant import SCHEMA
 from bench.stats import summary_ms
 from bench.workload import CONTEXT_BYTES, database_activity, make_context
+
+T = TypeVar("T")
 
 STEPS = ("orders.create", "inventory.reserve", "payment.charge")
 _INSERT = "INSERT INTO bench_effects (saga_id, action) VALUES (:saga_id, :action)"
@@ -101,13 +106,13 @@ def main() -> None:
         databases = [args.system_database_url.rsplit("/", 1)[-1]]
         databases.append(args.app_database_url.rsplit("/", 1)[-1])
         backends = BackendMeter(args.admin_url, databases)
-        asyncio.run(backends.start())
-        before = asyncio.run(database_activity(args.admin_url, databases))
+        _retrying(backends.start)
+        before = _retrying(lambda: database_activity(args.admin_url, databases))
         cpu0 = cpu_seconds(os.getpid())
         closed = closed_loop(order, context, args.workflows, args.concurrency)
         process_cpu = cpu_seconds(os.getpid()) - cpu0
-        after = asyncio.run(database_activity(args.admin_url, databases))
-        postgres_cpu = sum(asyncio.run(backends.stop()).values())
+        after = _retrying(lambda: database_activity(args.admin_url, databases))
+        postgres_cpu = sum(_retrying(backends.stop).values())
         # pg_stat_database as the throughput run's steady window reads it (a backend
         # publishes its counts at most once a second: rough, but the same on both sides).
         closed["per_workflow"] = {
@@ -174,6 +179,19 @@ def closed_loop(order: Any, context: dict[str, Any], workflows: int, concurrency
         "workflows_per_s": round(len(latencies) / max(wall, 1e-9), 1),
         "latency_ms": summary_ms(latencies),
     }
+
+
+def _retrying(read: Callable[[], Awaitable[T]], attempts: int = 20) -> T:
+    """``read()`` run to its end, tried again for a while if PostgreSQL has no free
+    connection (other suites on a shared machine take them all at times)."""
+    for attempt in range(attempts):
+        try:
+            return asyncio.run(read())  # type: ignore[arg-type]
+        except psycopg.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _version() -> str:

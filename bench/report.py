@@ -235,6 +235,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
                 else ""
             )
         )
+        lines += _disturbed("waiting run", w)
     return lines
 
 
