@@ -169,8 +169,9 @@ class SagaStore:
         self.observer = observer
         """Sees every committed transition (None: nobody looks, nothing is built)."""
 
-    async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
-        """Record a new saga and the command of its first step.
+    async def start(self, spec: SagaSpec, *, request: bytes, caller: str | None = None) -> Started:
+        """Record a new saga and the command of its first step; its history entries name
+        ``caller`` (who asked; None: nobody known).
 
         ``request`` is the StartSaga request as bytes that are the same whenever the
         request is (protobuf's deterministic serialization): with an idempotency key
@@ -180,7 +181,7 @@ class SagaStore:
         fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
-            transition = _begin(spec, row["now"])
+            transition = _by(_begin(spec, row["now"]), caller)
             saga = transition.saga
             insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
             if spec.idempotency_key is None:
@@ -201,6 +202,7 @@ class SagaStore:
         *,
         requests: Sequence[bytes],
         accept: Callable[[Sequence[Started]], None] | None = None,
+        caller: str | None = None,
     ) -> list[Started]:
         """Record many sagas and their first commands in ONE transaction: all or none.
 
@@ -210,7 +212,7 @@ class SagaStore:
         violations name each such spec by its index (``[17].idempotency_key``), and
         nothing is written. A key given twice here (with the same request, or KeyReused)
         is one saga, in both places. ``accept`` sees the outcomes before the commit and
-        may raise to roll everything back.
+        may raise to roll everything back. The history entries name ``caller``.
 
         Every row goes in a few multi-row statements, in at most three round trips.
         """
@@ -230,7 +232,7 @@ class SagaStore:
                 if key is not None:
                     first[key] = i
                 owner.append(i)
-                new[i] = _begin(spec, row["now"])
+                new[i] = _by(_begin(spec, row["now"]), caller)
             insert = (
                 q("insert_sagas"),
                 {
@@ -414,9 +416,13 @@ class SagaStore:
                 for row in await cur.fetchall()
             ]
 
-    async def apply(self, saga_id: str, event: Event) -> engine.Transition:
-        """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
-        (result,) = await self.apply_many([(saga_id, event)])
+    async def apply(
+        self, saga_id: str, event: Event, *, caller: str | None = None
+    ) -> engine.Transition:
+        """Apply one event in its own transaction; raises UnknownSaga or WrongState. The
+        history entries it writes name ``caller`` (who asked; None: nobody known)."""
+        async with self._transaction() as cur:
+            (result,) = await self._apply_in(cur, [(saga_id, event)], begin=True, caller=caller)
         if result.error is not None:
             raise result.error
         assert result.transition is not None
@@ -459,8 +465,10 @@ class SagaStore:
         events: Sequence[tuple[str, Event]],
         *,
         begin: bool,
+        caller: str | None = None,
     ) -> list[Applied]:
-        """Apply ``events`` and commit; with ``begin``, open the transaction too."""
+        """Apply ``events`` and commit; with ``begin``, open the transaction too. Their
+        history entries name ``caller``."""
         ids = sorted({saga_id for saga_id, _ in events})
         saga_rows, step_rows = await batch.run(
             cur,
@@ -486,6 +494,7 @@ class SagaStore:
             try:
                 # lock_sagas reads now() with the rows: the transaction's one clock.
                 t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
+                t = _by(t, caller)
             except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
@@ -703,6 +712,13 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
     }
 
 
+def _by(transition: engine.Transition, caller: str | None) -> engine.Transition:
+    """``transition`` with ``caller`` recorded in each of its history entries."""
+    if caller is None or not transition.history:
+        return transition
+    return replace(transition, history=tuple(replace(e, caller=caller) for e in transition.history))
+
+
 def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
@@ -711,6 +727,7 @@ def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
         "step_name": entry.step_name,
         "event": entry.event,
         "reason": entry.reason,
+        "caller": entry.caller,
     }
 
 
@@ -764,4 +781,5 @@ def _history_from_row(row: DictRow) -> HistoryEntry:
         reason=row["reason"],
         at=row["at"],
         position=row["id"],
+        caller=row["caller"],
     )
