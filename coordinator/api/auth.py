@@ -11,10 +11,10 @@ and stores tokens only as their SHA-256::
       - {subject: billing-bot, role: admin}            # only its common name
 
 Roles are ordered, each allowing what the one below allows: ``reader`` (GetSaga,
-ListActive, ListSagas, WatchSaga, and server reflection), ``operator`` (+ StartSaga,
-StartSagas, Compensate), ``admin`` (+ ResolveCompensation, and any method of the
-service that this table does not list yet: a new RPC is denied until placed). Health is
-open to everyone, so that load balancers need no token.
+ListActive, ListSagas, WatchSaga), ``operator`` (+ StartSaga, StartSagas, Compensate),
+``admin`` (+ ResolveCompensation, and any method of the service that this table does not
+list yet: a new RPC is denied until placed). Health and server reflection are open to
+everyone (:data:`OPEN_PREFIXES`).
 
 A call without a token (and without a listed certificate) or with a token not in the
 file is UNAUTHENTICATED; a known caller asking for more than its role is
@@ -47,8 +47,10 @@ import yaml
 log = logging.getLogger(__name__)
 
 SERVICE = "/sagaplane.v1.SagaCoordinatorService/"
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-"""Methods anyone may call, token or not."""
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Methods anyone may call, token or not: health (load balancers have no token), and
+server reflection, which tells only the public schema (the protos are published) and
+without which grpcurl could not call even the health check."""
 
 
 class Role(IntEnum):
@@ -74,21 +76,14 @@ METHOD_ROLES: Mapping[str, Role] = {
     SERVICE + "Compensate": Role.OPERATOR,
     SERVICE + "ResolveCompensation": Role.ADMIN,
 }
-"""The role each method needs; reflection needs a reader, any other method an admin."""
-
-REFLECTION_PREFIX = "/grpc.reflection."
+"""The role each method needs; any other method of the service needs an admin."""
 
 
 def required_role(method: str) -> Role | None:
     """The role ``method`` needs; None when it is open to everyone."""
     if method.startswith(OPEN_PREFIXES):
         return None
-    if method in METHOD_ROLES:
-        return METHOD_ROLES[method]
-    if method.startswith(REFLECTION_PREFIX):
-        # The schema only, never a saga: any known caller may explore it with grpcurl.
-        return Role.READER
-    return Role.ADMIN
+    return METHOD_ROLES.get(method, Role.ADMIN)
 
 
 _CALLER: ContextVar[str | None] = ContextVar("sagaplane_caller", default=None)
@@ -376,7 +371,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
-            # Server reflection is a bidirectional stream.
+            # No method of ours streams both ways; guarded all the same (default-deny).
             both = cast(Callable[[Any, Any], Any], handler.stream_stream)
 
             async def both_guarded(
