@@ -175,10 +175,15 @@ async def test_a_client_certificate_is_a_caller_by_its_subject(
     server = ca.issue("localhost", server=True)
     listed = ca.issue("billing-bot", server=False)
     unlisted = ca.issue("someone-else", server=False)
+    ledger = ca.issue("ledger", server=False)
     access = access_file(
         tmp_path / "access.json",
         {"ops": "admin"},
-        certificates=[{"subject": "billing-bot", "role": "reader", "name": "billing"}],
+        certificates=[
+            {"subject": "billing-bot", "role": "reader", "name": "billing"},
+            # The whole subject, as gRPC shows it (RFC 4514: the last RDN first).
+            {"subject": "CN=ledger,O=Sagaplane tests", "role": "operator"},
+        ],
     )
     settings = coordinator_settings(
         database_url,
@@ -198,6 +203,11 @@ async def test_a_client_certificate_is_a_caller_by_its_subject(
             assert (await billing.get_saga(saga_id)).id == saga_id
             with pytest.raises(PermissionDenied, match="'billing' is a reader"):
                 await billing.compensate(saga_id)
+        as_ledger = tls_credentials(ca.pem, cert=ledger.cert, key=ledger.key)
+        async with SagaClient(address, credentials=as_ledger) as by_subject:
+            await by_subject.compensate(saga_id, "by the ledger")
+            history = (await by_subject.get_saga(saga_id, include_history=True)).history
+            assert history[-1].caller == "CN=ledger,O=Sagaplane tests"
         async with SagaClient(address, credentials=as_other) as other:
             with pytest.raises(Unauthenticated):
                 await other.get_saga(saga_id)
