@@ -26,4 +26,6 @@ USER sagaplane
 # The coordinator by default; its health check (`sagaplane health`) is in
 # docker-compose.yml, since the participants run from this image too.
 EXPOSE 50051
-CMD ["sagaplane", "serve", "--listen", "0.0.0.0:50051"]
+# Plaintext (--insecure) so that the image runs as it is in a private network; mount a
+# certificate and add --tls-cert/--tls-key (and --auth-tokens) anywhere else.
+CMD ["sagaplane", "serve", "--listen", "0.0.0.0:50051", "--insecure"]

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from aio_pika.abc import AbstractRobustConnection
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from coordinator import tracing
+from coordinator import config, tracing
+from coordinator.api.auth import AccessControl, AccessFileError, AuthInterceptor
 from coordinator.api.page_tokens import PageTokens
 from coordinator.api.server import ApiServer
 from coordinator.api.servicer import SagaCoordinatorServicer
+from coordinator.api.tls import TlsFileError, server_credentials
 from coordinator.config import Settings
 from coordinator.messaging.codec import encode_command
 from coordinator.messaging.replies import ReplyConsumer
@@ -59,6 +64,8 @@ class Coordinator:
         self._metrics_server: MetricsServer | None = None
         self._web: WebServer | None = None
         self._web_client: SagaClient | None = None
+        self.access: AccessControl | None = None
+        """Who may call what, once started; None when access control is off."""
         self._stopped = False
 
     @property
@@ -99,10 +106,16 @@ class Coordinator:
         # replies or fire timers (a second one on a taken port would take replies that
         # belong to the first one's sagas).
         metrics = CoordinatorMetrics(new_registry()) if self.settings.metrics_listen else None
+        credentials, self.access = await asyncio.to_thread(_security, self.settings)
+        # Tracing outermost: the call's span covers everything else done for it; then
+        # metrics, so that refused calls are counted; access control innermost.
+        interceptors: list[grpc.aio.ServerInterceptor] = [*tracing.interceptors()]
+        if metrics is not None:
+            interceptors.append(metrics.interceptor())
+        if self.access is not None:
+            interceptors.append(AuthInterceptor(self.access))
         self._api = await ApiServer.bind(
-            self.settings.listen,
-            # Tracing outermost: the call's span covers everything else done for it.
-            interceptors=[*tracing.interceptors(), *([metrics.interceptor()] if metrics else [])],
+            self.settings.listen, interceptors=interceptors, credentials=credentials
         )
         if self.settings.migrate:
             applied = await migrate(self.settings.database_url)
@@ -168,6 +181,14 @@ class Coordinator:
         self._metrics_server = MetricsServer(metrics.registry, listen, refresh=refresh)
         await self._metrics_server.start()
         log.info("metrics at http://%s/metrics", _shown_address(listen, self.metrics_port))
+
+    async def reload_access(self) -> bool:
+        """Reread the access file (on SIGHUP): True if the new one is in force. Calls
+        in flight keep the caller they were let in as."""
+        if self.access is None:
+            log.info("no access file to reload (--auth-tokens is not set)")
+            return False
+        return await asyncio.to_thread(self.access.reload)
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """The background tasks whose end means the process must stop."""
@@ -235,6 +256,24 @@ def _observers(metrics: Observer | None) -> Observer | None:
     return both
 
 
+def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, AccessControl | None]:
+    """The TLS credentials and access control the settings ask for (blocking file reads);
+    ConfigError when they cannot be served."""
+    config.check(settings)
+    try:
+        credentials = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = server_credentials(
+                Path(settings.tls_cert),
+                Path(settings.tls_key),
+                Path(settings.tls_client_ca) if settings.tls_client_ca else None,
+            )
+        access = AccessControl.load(Path(settings.auth_tokens)) if settings.auth_tokens else None
+    except (TlsFileError, AccessFileError) as exc:
+        raise config.ConfigError(str(exc)) from None
+    return credentials, access
+
+
 def _shown_address(listen: str, port: int | None) -> str:
     host = listen.rpartition(":")[0]
     return f"{host}:{port}"
@@ -251,14 +290,27 @@ def _local_target(listen: str, port: int) -> str:
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> bool:
-    """Run a coordinator until ``stop`` is set; False if a background task died first."""
+    """Run a coordinator until ``stop`` is set; False if a background task died first.
+    SIGHUP rereads the access file."""
     async with Coordinator(settings) as coordinator:
-        stopping = asyncio.create_task(stop.wait(), name="sagaplane-stop-signal")
-        done, _ = await asyncio.wait(
-            {stopping, *coordinator.tasks()}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if stopping in done:
-            return True
-        stopping.cancel()
-        log.critical("a background task ended unexpectedly; shutting down")
-        return False
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(coordinator.reload_access(), name="sagaplane-reload-access")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        try:
+            stopping = asyncio.create_task(stop.wait(), name="sagaplane-stop-signal")
+            done, _ = await asyncio.wait(
+                {stopping, *coordinator.tasks()}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if stopping in done:
+                return True
+            stopping.cancel()
+            log.critical("a background task ended unexpectedly; shutting down")
+            return False
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)

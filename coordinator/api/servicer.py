@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from coordinator import engine, tracing
-from coordinator.api import convert, validation
+from coordinator.api import auth, convert, validation
 from coordinator.api.page_tokens import PageTokens
 from coordinator.errors import BadRequest, KeyReused, SlowWatcher
 from coordinator.store.notifications import Listener
@@ -69,7 +69,10 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         """Record a saga and dispatch its first step (idempotent with a key)."""
         spec = validation.start_request(request)
         started = await self._store.start(
-            spec, request=validation.canonical(request), trace=tracing.saga_context(context)
+            spec,
+            request=validation.canonical(request),
+            trace=tracing.saga_context(context),
+            caller=auth.caller(),
         )
         if started.created:
             log.info(
@@ -104,7 +107,11 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
 
         try:
             started = await self._store.start_many(
-                specs, requests=requests, accept=fits, trace=tracing.saga_context(context)
+                specs,
+                requests=requests,
+                accept=fits,
+                trace=tracing.saga_context(context),
+                caller=auth.caller(),
             )
         except KeyReused as exc:
             raise KeyReused(violations=[v.under("sagas") for v in exc.violations]) from None
@@ -132,6 +139,7 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         transition = await self._store.apply(
             validation.saga_id(request.id),
             engine.CompensateRequested(reason=validation.reason(request.reason)),
+            caller=auth.caller(),
         )
         return coordinator_pb2.CompensateResponse(saga=convert.saga_to_proto(transition.saga))
 
@@ -215,7 +223,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
             resolution=validation.resolution(request.resolution),
             reason=validation.required_reason(request.reason),
         )
-        transition = await self._store.apply(validation.saga_id(request.id), event)
+        transition = await self._store.apply(
+            validation.saga_id(request.id), event, caller=auth.caller()
+        )
         log.warning(
             "saga %s compensation resolved (%s): %s", request.id, event.resolution, event.reason
         )

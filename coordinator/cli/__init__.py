@@ -4,7 +4,7 @@ Server commands run the coordinator (``serve``), update its schema (``migrate``)
 delete what has expired (``prune``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
-``health``). Settings come
+``health``); ``token`` makes entries of the coordinator's access file. Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -64,6 +64,37 @@ def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
     group.add_argument(
         "--json", action="store_true", help="print JSON (for scripts) instead of tables"
     )
+    security = common.add_argument_group("security")
+    security.add_argument(
+        "--token",
+        default=env.get("SAGAPLANE_TOKEN") or None,
+        help="send `authorization: Bearer TOKEN` with every call [SAGAPLANE_TOKEN]",
+    )
+    security.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("SAGAPLANE_TLS", "0") in ("1", "true", "yes"),
+        help="connect over TLS, trusting the system's CAs (implied by the flags below) "
+        "[SAGAPLANE_TLS=1]",
+    )
+    security.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_TLS_CA") or None,
+        help="connect over TLS, trusting the CA in this file [SAGAPLANE_TLS_CA]",
+    )
+    security.add_argument(
+        "--client-cert",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_CLIENT_CERT") or None,
+        help="present this client certificate (mTLS) [SAGAPLANE_CLIENT_CERT]",
+    )
+    security.add_argument(
+        "--client-key",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_CLIENT_KEY") or None,
+        help="the private key of --client-cert [SAGAPLANE_CLIENT_KEY]",
+    )
     return common
 
 
@@ -97,6 +128,8 @@ exit status:
   5  refused: an illegal transition, or an idempotency key reused for another request
   6  watched saga ended, but not as hoped (not completed; compensate: not compensated)
   7  --max-wait passed before the saga ended
+  8  denied: no token or an unknown one (UNAUTHENTICATED), or a role too low for the call
+     (PERMISSION_DENIED)
 
 Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 """
@@ -104,7 +137,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, imports, server
+    from coordinator.cli import client, imports, server, tokens
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -255,6 +288,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         help="the step was undone by hand: carry on with the older steps' compensations",
     )
     resolve.add_argument("--reason", required=True, help="who decided, and why (required)")
+
+    tokens.add_token(
+        add(
+            "token",
+            lambda args: ExitCode.USAGE,
+            "Make tokens for the coordinator's access file (--auth-tokens).",
+            epilog=tokens.TOKEN_EPILOG,
+        )
+    )
 
     add(
         "health",

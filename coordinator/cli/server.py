@@ -95,6 +95,8 @@ async def _serve(settings: config.Settings) -> int:
             f"cannot use RabbitMQ at {redact(settings.amqp_url)}: {_first_line(exc)}",
             ExitCode.UNAVAILABLE,
         ) from exc
+    except config.ConfigError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from exc
     except ListenError as exc:
         raise CliError(str(exc), ExitCode.UNAVAILABLE) from exc
     except OSError as exc:

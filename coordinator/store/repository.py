@@ -198,9 +198,15 @@ class SagaStore:
         saga it has watchers for, so that they need not read it back."""
 
     async def start(
-        self, spec: SagaSpec, *, request: bytes, trace: Mapping[str, str] | None = None
+        self,
+        spec: SagaSpec,
+        *,
+        request: bytes,
+        trace: Mapping[str, str] | None = None,
+        caller: str | None = None,
     ) -> Started:
-        """Record a new saga and the command of its first step.
+        """Record a new saga and the command of its first step; its history entries name
+        ``caller`` (who asked; None: nobody known).
 
         ``trace`` is the W3C trace context the saga belongs to (StartSaga's span), stored
         with it and continued by every command (None: not traced).
@@ -213,7 +219,7 @@ class SagaStore:
         fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
-            transition = _begin(spec, row["now"])
+            transition = _by(_begin(spec, row["now"]), caller)
             saga = transition.saga
             insert = (
                 q("insert_saga"),
@@ -243,6 +249,7 @@ class SagaStore:
         requests: Sequence[bytes],
         accept: Callable[[Sequence[Started]], None] | None = None,
         trace: Mapping[str, str] | None = None,
+        caller: str | None = None,
     ) -> list[Started]:
         """Record many sagas and their first commands in ONE transaction: all or none.
 
@@ -253,7 +260,7 @@ class SagaStore:
         nothing is written. A key given twice here (with the same request, or KeyReused)
         is one saga, in both places. ``accept`` sees the outcomes before the commit and
         may raise to roll everything back. ``trace`` is stored with each saga, as for
-        :meth:`start`.
+        :meth:`start`. The history entries name ``caller``.
 
         Every row goes in a few multi-row statements, in at most three round trips.
         """
@@ -273,7 +280,7 @@ class SagaStore:
                 if key is not None:
                     first[key] = i
                 owner.append(i)
-                new[i] = _begin(spec, row["now"])
+                new[i] = _by(_begin(spec, row["now"]), caller)
             insert = (
                 q("insert_sagas"),
                 {
@@ -522,9 +529,13 @@ class SagaStore:
                 for row in await cur.fetchall()
             ]
 
-    async def apply(self, saga_id: str, event: Event) -> engine.Transition:
-        """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
-        (result,) = await self.apply_many([(saga_id, event)])
+    async def apply(
+        self, saga_id: str, event: Event, *, caller: str | None = None
+    ) -> engine.Transition:
+        """Apply one event in its own transaction; raises UnknownSaga or WrongState. The
+        history entries it writes name ``caller`` (who asked; None: nobody known)."""
+        async with self._transaction() as cur:
+            (result,) = await self._apply_in(cur, [(saga_id, event)], begin=True, caller=caller)
         if result.error is not None:
             raise result.error
         assert result.transition is not None
@@ -567,8 +578,10 @@ class SagaStore:
         events: Sequence[tuple[str, Event]],
         *,
         begin: bool,
+        caller: str | None = None,
     ) -> list[Applied]:
-        """Apply ``events`` and commit; with ``begin``, open the transaction too."""
+        """Apply ``events`` and commit; with ``begin``, open the transaction too. Their
+        history entries name ``caller``."""
         ids = sorted({saga_id for saga_id, _ in events})
         saga_rows, step_rows = await batch.run(
             cur,
@@ -595,6 +608,7 @@ class SagaStore:
             try:
                 # lock_sagas reads now() with the rows: the transaction's one clock.
                 t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
+                t = _by(t, caller)
             except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
@@ -856,6 +870,13 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
     }
 
 
+def _by(transition: engine.Transition, caller: str | None) -> engine.Transition:
+    """``transition`` with ``caller`` recorded in each of its history entries."""
+    if caller is None or not transition.history:
+        return transition
+    return replace(transition, history=tuple(replace(e, caller=caller) for e in transition.history))
+
+
 def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
@@ -864,6 +885,7 @@ def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
         "step_name": entry.step_name,
         "event": entry.event,
         "reason": entry.reason,
+        "caller": entry.caller,
     }
 
 
@@ -917,4 +939,5 @@ def _history_from_row(row: DictRow) -> HistoryEntry:
         reason=row["reason"],
         at=row["at"],
         position=row["id"],
+        caller=row["caller"],
     )

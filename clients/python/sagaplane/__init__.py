@@ -1,6 +1,6 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
-from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
+from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request, tls_credentials
 from sagaplane.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -13,11 +13,13 @@ from sagaplane.errors import (
     IllegalTransition,
     InvalidArgument,
     NonRetryableError,
+    PermissionDenied,
     ResourceExhausted,
     RetryableError,
     SagaNotFound,
     SagaplaneError,
     StepFailed,
+    Unauthenticated,
     WaitTimeout,
 )
 from sagaplane.outbox import OutboundMessage, enqueue
@@ -54,6 +56,7 @@ __all__ = [
     "OutboundMessage",
     "OutboxRelay",
     "Participant",
+    "PermissionDenied",
     "Processed",
     "Resolution",
     "ResourceExhausted",
@@ -69,7 +72,9 @@ __all__ = [
     "StepKind",
     "StepSpec",
     "StepStatus",
+    "Unauthenticated",
     "WaitTimeout",
     "enqueue",
     "saga_request",
+    "tls_credentials",
 ]

@@ -51,6 +51,7 @@ __all__ = [
     "StartedSagas",
     "StepSpec",
     "saga_request",
+    "tls_credentials",
 ]
 
 DEFAULT_TARGET = defaults.COORDINATOR_ADDRESS
@@ -162,8 +163,9 @@ class SagaClient:
     """A connection to the coordinator; use ``async with SagaClient(...) as client:``.
 
     ``target`` is ``host:port`` (default: ``SAGAPLANE_COORDINATOR``, else
-    :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS and ``token`` to send
-    ``authorization: Bearer <token>`` with every call. ``timeout`` is each call's
+    :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS (:func:`tls_credentials`)
+    and ``token`` (default: ``SAGAPLANE_TOKEN``) to send ``authorization: Bearer
+    <token>`` with every call. ``timeout`` is each call's
     deadline in seconds (None: no deadline). With ``wait_for_ready``, a call made while
     the coordinator is unreachable waits (within its deadline) for it to come back
     instead of failing at once. ``options`` are grpc channel options.
@@ -181,6 +183,7 @@ class SagaClient:
     ) -> None:
         self.target = target or os.environ.get("SAGAPLANE_COORDINATOR") or DEFAULT_TARGET
         self._credentials = credentials
+        token = token or os.environ.get("SAGAPLANE_TOKEN")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -567,6 +570,29 @@ class SagaClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    *,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials for :class:`SagaClient` from PEM files (read now, blocking): the
+    CA that signed the coordinator's certificate (None: the system's roots), and for
+    mTLS this client's certificate and key."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its key go together: give both, or neither")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
 
 
 def saga_request(

@@ -62,13 +62,14 @@ FROM jsonb_to_recordset(%(rows)s::jsonb)
 
 -- name: insert_histories
 -- In the array's order: a saga's history is read back in id order.
-INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
-SELECT saga_id, from_state, to_state, step_name, event, reason
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason,
+                               caller)
+SELECT saga_id, from_state, to_state, step_name, event, reason, caller
 FROM ROWS FROM (
         jsonb_to_recordset(%(rows)s::jsonb)
         AS (saga_id text, from_state text, to_state text, step_name text, event text,
-            reason text)
-    ) WITH ORDINALITY AS r (saga_id, from_state, to_state, step_name, event, reason, n)
+            reason text, caller text)
+    ) WITH ORDINALITY AS r (saga_id, from_state, to_state, step_name, event, reason, caller, n)
 ORDER BY n;
 
 -- name: find_by_idempotency_key
@@ -104,8 +105,10 @@ SET state = %(state)s, updated_at = %(updated_at)s, completed_at = %(completed_a
 WHERE id = %(id)s;
 
 -- name: insert_history
-INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
-VALUES (%(saga_id)s, %(from_state)s, %(to_state)s, %(step_name)s, %(event)s, %(reason)s);
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason,
+                               caller)
+VALUES (%(saga_id)s, %(from_state)s, %(to_state)s, %(step_name)s, %(event)s, %(reason)s,
+        %(caller)s);
 
 -- name: lock_sagas
 -- Locks in id order, so that two transactions locking overlapping sets cannot deadlock.
