@@ -200,6 +200,22 @@ def check(settings: Settings) -> None:
             "--tls-cert and --tls-key (SAGAPLANE_TLS_CERT, SAGAPLANE_TLS_KEY), or "
             "--insecure (SAGAPLANE_INSECURE=1) if the network is trusted"
         )
+    if settings.http_listen is not None:
+        if settings.tls_cert is not None:
+            # The page acts through the gRPC API over a connection of its own, which
+            # cannot yet verify the server's certificate or present a client's.
+            raise ConfigError(
+                "--http-listen cannot be used with --tls-cert yet: the web page would reach "
+                "the TLS API without verifying it; serve the page from a coordinator "
+                "without TLS on a trusted network, or leave it off"
+            )
+        if not settings.insecure and not is_loopback(settings.http_listen):
+            raise ConfigError(
+                f"refusing to serve the web page on {settings.http_listen}, which is not a "
+                "loopback address: it is plain HTTP, and callers' tokens would cross the "
+                "network in clear. Serve it on 127.0.0.1 (behind a TLS proxy), or give "
+                "--insecure (SAGAPLANE_INSECURE=1) if the network is trusted"
+            )
 
 
 def is_loopback(listen: str) -> bool:

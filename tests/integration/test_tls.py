@@ -198,6 +198,13 @@ async def test_tls_settings_that_do_not_fit_are_refused(
         ({"tls_client_ca": str(certs.ca.pem)}, "--tls-client-ca (mTLS) needs TLS"),
         ({"tls_cert": cert, "tls_key": str(tmp_path / "none.key")}, "cannot read the TLS key"),
     ]
+    cases.append(
+        (
+            {"tls_cert": cert, "tls_key": key, "http_listen": "127.0.0.1:0"},
+            "--http-listen cannot be used with --tls-cert yet",
+        )
+    )
+    cases.append(({"http_listen": "0.0.0.0:0"}, "refusing to serve the web page on 0.0.0.0:0"))
     (tmp_path / "bad.pem").write_text("not a certificate")
     cases.append(({"tls_cert": str(tmp_path / "bad.pem"), "tls_key": key}, "not PEM"))
     for overrides, message in cases:
