@@ -21,7 +21,7 @@ from coordinator.api.server import ApiServer
 from coordinator.api.servicer import SagaCoordinatorServicer
 from coordinator.api.tls import TlsFileError, server_credentials
 from coordinator.config import Settings
-from coordinator.messaging.codec import encode_command
+from coordinator.messaging.codec import command_encoder
 from coordinator.messaging.replies import ReplyConsumer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.retention import Pruner
@@ -30,7 +30,7 @@ from coordinator.store.notifications import Listener
 from coordinator.store.pool import open_pool
 from coordinator.store.repository import Observed, Observer, SagaStore
 from coordinator.timers import TimerLoop
-from sagaplane import amqp, topology
+from sagaplane import amqp, signing, topology
 from sagaplane import tracing as sagaplane_tracing
 from sagaplane.client import SagaClient
 from sagaplane.consuming import DeadLetters
@@ -107,6 +107,7 @@ class Coordinator:
         # belong to the first one's sagas).
         metrics = CoordinatorMetrics(new_registry()) if self.settings.metrics_listen else None
         credentials, self.access = await asyncio.to_thread(_security, self.settings)
+        ring = await asyncio.to_thread(_signing_keys, self.settings)
         # Tracing outermost: the call's span covers everything else done for it; then
         # metrics, so that refused calls are counted; access control innermost.
         interceptors: list[grpc.aio.ServerInterceptor] = [*tracing.interceptors()]
@@ -123,7 +124,9 @@ class Coordinator:
                 log.info("applied migration %s/%04d_%s", m.component, m.version, m.name)
         self._pool = await open_pool(self.settings.database_url, size=self.settings.pool_size)
         self.store = SagaStore(
-            self._pool, encode_command, observer=_observers(metrics.observe if metrics else None)
+            self._pool,
+            command_encoder(ring),
+            observer=_observers(metrics.observe if metrics else None),
         )
         if metrics is not None and self.settings.metrics_listen is not None:
             await self._serve_metrics(metrics, self.settings.metrics_listen)
@@ -139,7 +142,7 @@ class Coordinator:
         self._relay = OutboxRelay(self._pool, self._amqp)
         await self._relay.start()
         self._dead_letters = DeadLetters(self._amqp, queue=topology.REPLIES_QUEUE)
-        self._replies = ReplyConsumer(self.store, replies, self._dead_letters)
+        self._replies = ReplyConsumer(self.store, replies, self._dead_letters, signing_keys=ring)
         await self._replies.start()
         self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
         await self._timers.start()
@@ -272,6 +275,18 @@ def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Access
     except (TlsFileError, AccessFileError) as exc:
         raise config.ConfigError(str(exc)) from None
     return credentials, access
+
+
+def _signing_keys(settings: Settings) -> signing.KeyRing | None:
+    """The signing keys the settings name (a blocking file read); ConfigError when unusable."""
+    if settings.signing_keys is None:
+        return None
+    try:
+        ring = signing.KeyRing.load(Path(settings.signing_keys))
+    except signing.InvalidKeys as exc:
+        raise config.ConfigError(str(exc)) from None
+    log.info("signing steps for services %s", ", ".join(sorted(ring.services)))
+    return ring
 
 
 def _shown_address(listen: str, port: int | None) -> str:

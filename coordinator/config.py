@@ -69,6 +69,9 @@ class Settings:
     auth_tokens: str | None = None
     """The access file: who may call what (coordinator.api.auth); None: everyone may do
     everything (SAGAPLANE_AUTH_TOKENS). Reread on SIGHUP."""
+    signing_keys: str | None = None
+    """The signing keys file, service -> hex keys (sagaplane.signing); with it every
+    command is signed and every reply must be (SAGAPLANE_SIGNING_KEYS). None: unsigned."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -181,6 +184,14 @@ def add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, st
         help="who may call what (tokens by SHA-256 and certificate subjects, each with a "
         "role); every call needs a known caller; reread on SIGHUP [SAGAPLANE_AUTH_TOKENS]",
     )
+    group.add_argument(
+        "--signing-keys",
+        metavar="FILE",
+        default=env.get("SAGAPLANE_SIGNING_KEYS") or None,
+        help="sign every command and apply only replies signed by the service that owns "
+        "the action; YAML/JSON map service -> hex keys, the first signs, all verify "
+        "[SAGAPLANE_SIGNING_KEYS]",
+    )
 
 
 class ConfigError(ValueError):
@@ -276,4 +287,5 @@ def from_args(args: argparse.Namespace) -> Settings:
         tls_client_ca=args.tls_client_ca,
         insecure=args.insecure,
         auth_tokens=args.auth_tokens,
+        signing_keys=args.signing_keys,
     )

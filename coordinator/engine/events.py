@@ -29,6 +29,9 @@ class StepReplied:
     """On success: the output's size on the wire, in bytes. Past
     :data:`~sagaplane.limits.MAX_OUTPUT_BYTES` the output is not decoded (``output`` is
     None) and the engine refuses it."""
+    signer: str | None = None
+    """The service whose key signed the reply (sagaplane.signing); it must own the step's
+    action, or the reply is refused. None: signing is off."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,6 +54,7 @@ from coordinator.engine.model import (
     StepStatus,
     Transition,
 )
+from sagaplane import signing
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_OUTPUT_BYTES,
@@ -172,6 +173,14 @@ def _on_reply(saga: Saga, ev: StepReplied, now: datetime, new_token: TokenFactor
     step = saga.step_by_id(ev.step_id)
     if step is None:
         return Transition(saga=saga, ignored="unknown step", refused=True)
+    action = step.action if ev.kind is CommandKind.EXECUTE else step.compensation or step.action
+    if ev.signer is not None and signing.owner(action) != ev.signer:
+        # Checked first: a service may not answer (or replay) another service's step.
+        return Transition(
+            saga=saga,
+            ignored=f"signed by {ev.signer!r}, which does not own action {action!r}",
+            refused=True,
+        )
     expected_status, attempt = (
         (StepStatus.STARTED, step.attempts)
         if ev.kind is CommandKind.EXECUTE

@@ -3,13 +3,20 @@
 A reply comes from outside: :func:`decode_reply` checks everything in it that the store
 or the engine relies on (ids, sizes, JSON that PostgreSQL can hold, bounded error text)
 and raises :class:`UndecodableReply`, with the reason, for a reply that can never apply.
+
+With signing keys (:mod:`sagaplane.signing`), :func:`command_encoder` signs each command
+with the key of the service that owns its action, and :func:`verify_reply` checks a
+reply's signature before anything else is read from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
 from coordinator.engine import Command, CommandKind, StepReplied
 from coordinator.store.repository import is_id
-from sagaplane import structs, topology, wire
+from sagaplane import signing, structs, topology, wire
 from sagaplane.limits import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -58,6 +65,65 @@ def encode_command(command: Command) -> OutboundMessage:
         body=envelope.SerializeToString(),
         correlation_id=command.saga_id,
     )
+
+
+def command_encoder(ring: signing.KeyRing | None) -> Callable[[Command], OutboundMessage]:
+    """:func:`encode_command`, signing each command when ``ring`` holds keys.
+
+    A command whose action belongs to a service without a key goes unsigned: a
+    participant that verifies dead-letters it, and the reply of one that does not is
+    dead-lettered here, so a missing key is seen at once, on both sides.
+    """
+    if ring is None:
+        return encode_command
+
+    def encode(command: Command) -> OutboundMessage:
+        message = encode_command(command)
+        keys = ring.keys(signing.owner(command.action))
+        if keys is None:
+            return message
+        signature = signing.sign(
+            keys,
+            signer=signing.COORDINATOR,
+            message_type=message.message_type,
+            routing_key=message.routing_key,
+            message_id=message.message_id,
+            body=message.body,
+        )
+        return replace(message, headers={signing.SIGNATURE_HEADER: signature})
+
+    return encode
+
+
+def verify_reply(
+    ring: signing.KeyRing,
+    body: bytes,
+    headers: Mapping[str, object] | None,
+    message_id: str | None,
+) -> str:
+    """The service that signed a reply; raises :class:`~sagaplane.signing.BadSignature`.
+
+    Whether that service owns the step's action is the engine's check (it knows the step).
+    """
+    headers = headers or {}
+    signer = headers.get(signing.SIGNER_HEADER)
+    if isinstance(signer, bytes):
+        signer = signer.decode("utf-8", "replace")
+    if not isinstance(signer, str) or not signer:
+        raise signing.BadSignature(f"the reply has no {signing.SIGNER_HEADER} header")
+    keys = ring.keys(signer)
+    if keys is None:
+        raise signing.BadSignature(f"no signing key for service {signer[:100]!r}")
+    signing.verify(
+        keys,
+        headers.get(signing.SIGNATURE_HEADER),
+        signer=signer,
+        message_type=wire.REPLY_TYPE,
+        routing_key=topology.REPLIES_ROUTING_KEY,
+        message_id=message_id or "",
+        body=body,
+    )
+    return signer
 
 
 def decode_reply(body: bytes) -> tuple[str, StepReplied]:

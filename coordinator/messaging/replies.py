@@ -13,7 +13,9 @@ healthy replies during a database restart.
 A reply that can never apply is dead-lettered alone, with its reason
 (:class:`~sagaplane.consuming.DeadLetters`): one that cannot be decoded (garbage,
 non-finite numbers, NUL characters, ids that are no ULIDs), one for an unknown saga,
-and one the engine refuses as forged (an unknown step, a wrong token). A batch whose
+and one the engine refuses as forged (an unknown step, a wrong token, a signer that does
+not own the step's action). With signing keys, a reply without a valid signature is
+dead-lettered before anything in it is believed (cause ``signature``). A batch whose
 transaction fails is split and applied reply by reply, so a poison reply costs the
 others nothing.
 """
@@ -23,14 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from coordinator.engine import Event, StepReplied, Transition
 from coordinator.errors import StorageUnavailable, UnknownSaga
-from coordinator.messaging.codec import UndecodableReply, decode_reply
+from coordinator.messaging.codec import UndecodableReply, decode_reply, verify_reply
 from coordinator.store.repository import SagaStore
-from sagaplane import backoff, logs, wire
+from sagaplane import backoff, logs, signing, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.runtime import log_crash
 
@@ -57,8 +60,10 @@ class ReplyConsumer:
         *,
         max_batch: int = 256,
         max_backoff: float = 5.0,
+        signing_keys: signing.KeyRing | None = None,
     ) -> None:
         self._store = store
+        self._ring = signing_keys
         self._queue = queue
         self._dead = dead_letters
         self._max_batch = max_batch
@@ -122,7 +127,19 @@ class ReplyConsumer:
             try:
                 if message.type and message.type != _REPLY_TYPE:
                     raise UndecodableReply(f"type is {message.type!r}, not {_REPLY_TYPE!r}")
-                decoded.append((message, decode_reply(message.body)))
+                signer = None
+                if self._ring is not None:
+                    # Before anything in it is believed; the engine then checks that the
+                    # signer owns the step's action.
+                    signer = verify_reply(
+                        self._ring, message.body, message.headers, message.message_id
+                    )
+                saga_id, event = decode_reply(message.body)
+                if signer is not None:
+                    event = replace(event, signer=signer)
+                decoded.append((message, (saga_id, event)))
+            except signing.BadSignature as exc:
+                await self._dead.send(message, f"signature: {exc}", cause="signature")
             except UndecodableReply as exc:
                 await self._dead.send(message, str(exc), cause="undecodable")
             except Exception as exc:  # a decoder bug must not take the healthy replies along

@@ -704,7 +704,8 @@ class SagaStore:
         if trace:
             headers = tracing.child_carrier(trace, message.message_id)
             if headers is not None:
-                message = replace(message, headers=headers)
+                # Beside the encoder's own (a signature).
+                message = replace(message, headers={**(message.headers or {}), **headers})
         return message
 
     @asynccontextmanager
