@@ -7,7 +7,9 @@ around the processing, and settled after the outermost middleware returned.
 A message that is not a valid StepCommand (garbage, ids or names past the wire's limits,
 JSON that PostgreSQL cannot hold; see :func:`sagaplane.wire.decode_command`), or names
 an action this service did not register, is dead-lettered to ``sagaplane.dead-letter``
-with its reason (:class:`~sagaplane.consuming.DeadLetters`), alone.
+with its reason (:class:`~sagaplane.consuming.DeadLetters`), alone. With signing keys
+(:mod:`sagaplane.signing`), so is a command not signed by the coordinator (cause
+``signature``), before anything in it is read.
 
 A valid command is processed by the :class:`~sagaplane.inbox.Inbox` in one transaction
 and acked only after its COMMIT (and the middleware): a crash before the ack redelivers
@@ -32,7 +34,7 @@ import psycopg
 from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import PoolTimeout
 
-from sagaplane import backoff, deadlines, logs, tracing, wire
+from sagaplane import backoff, deadlines, logs, signing, tracing, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.handler import Handler
 from sagaplane.inbox import Inbox
@@ -48,6 +50,9 @@ log = logging.getLogger("sagaplane.participant")
 # Backoff while PostgreSQL is unreachable (see the module docstring).
 _MIN_BACKOFF = 0.1
 _MAX_BACKOFF = 5.0
+
+_UNSIGNED = "signature: "
+"""How the refusal of a command without a valid signature begins (cause ``signature``)."""
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
@@ -77,8 +82,10 @@ class CommandConsumer:
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
         metrics: ParticipantMetrics | None = None,
+        signing_keys: Sequence[bytes] | None = None,
     ) -> None:
         self._metrics = metrics
+        self._signing_keys = signing_keys
         self._service = service
         self._clock_tolerance = clock_tolerance
         self._handlers = handlers
@@ -166,6 +173,8 @@ class CommandConsumer:
         elif chain.processed is Processed.DEAD_LETTERED:
             assert delivery.refusal is not None
             cause = "undecodable" if delivery.command is None else "unknown_action"
+            if delivery.refusal.startswith(_UNSIGNED):
+                cause = "signature"
             await self._dead_letters.send(message, delivery.refusal, cause=cause)
             self._count(delivery, "dead_lettered")
         else:
@@ -182,6 +191,20 @@ class CommandConsumer:
         """The message decoded and checked, or with the reason it cannot be processed."""
         # The attempt's time here counts from now (both clocks read together).
         arrived_at, arrived = datetime.now(UTC), time.monotonic()
+        if self._signing_keys is not None:
+            # Before anything in it is believed: only the coordinator's commands run.
+            try:
+                signing.verify_command(
+                    self._signing_keys,
+                    message.body,
+                    message.headers,
+                    routing_key=message.routing_key or "",
+                    message_id=message.message_id or "",
+                )
+            except signing.BadSignature as exc:
+                return Delivery(
+                    message=message, command=None, kind=None, refusal=f"{_UNSIGNED}{exc}"
+                )
         try:
             command = wire.decode_command(message.body, message.type)
         except wire.Undecodable as exc:

@@ -53,8 +53,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import psycopg
@@ -62,7 +62,7 @@ from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import batch, structs, topology, tracing, wire
+from sagaplane import batch, signing, structs, topology, tracing, wire
 from sagaplane.deadlines import Deadline
 from sagaplane.errors import DeadlineExceeded, NonRetryableError, StepFailed
 from sagaplane.handler import Handler, StepContext
@@ -113,9 +113,11 @@ class Inbox:
         service: str,
         reply_exchange: str,
         metrics: ParticipantMetrics | None = None,
+        signing_keys: Sequence[bytes] | None = None,
     ) -> None:
         self._pool = pool
         self._service = service
+        self._signing_keys = signing_keys
         self._reply_exchange = reply_exchange
         self._metrics = metrics
 
@@ -215,6 +217,8 @@ class Inbox:
                     params = {**key, "message_id": cleaned_id, **outcome.params(command.attempt)}
                     finish.append((_STORE, params))
                 reply = _reply(command, kind, outcome, self._reply_exchange)
+                if self._signing_keys is not None:
+                    reply = _signed(reply, self._signing_keys, self._service)
                 # COMMIT releases the handler's savepoint with everything else.
                 finish += [(INSERT_ONE, insert_params(reply)), ("COMMIT", None)]
                 await batch.run(cur, finish)
@@ -483,6 +487,12 @@ def _checked_output(returned: object) -> tuple[dict[str, Any], str]:
             error_type="OutputTooLarge",
         )
     return output, text
+
+
+def _signed(reply: OutboundMessage, keys: Sequence[bytes], service: str) -> OutboundMessage:
+    """``reply`` with the headers that sign it (sagaplane.signing) beside the trace's."""
+    signature = signing.reply_headers(keys, service, message_id=reply.message_id, body=reply.body)
+    return replace(reply, headers={**(reply.headers or {}), **signature})
 
 
 def _reply(

@@ -50,6 +50,7 @@ from sagaplane import (
     migrations,
     retention,
     runtime,
+    signing,
     topology,
     tracing,
 )
@@ -120,6 +121,18 @@ async def _prune_outbox(
     pool: AsyncConnectionPool[AsyncConnection[Any]], keep: timedelta, limit: int
 ) -> int:
     return await retention.prune_outbox(pool, keep=keep, limit=limit)
+
+
+def _signing_keys(keys: str | Sequence[str] | None) -> tuple[bytes, ...] | None:
+    """The keys from the argument, else ``$SAGAPLANE_SIGNING_KEY``; None: unsigned."""
+    if keys is None:
+        keys = os.environ.get(signing.KEYS_ENV) or None
+    if keys is None:
+        return None
+    try:
+        return signing.parse_keys(keys)
+    except signing.InvalidKeys as exc:
+        raise ConfigurationError(f"signing_keys: {exc}") from None
 
 
 def participant_migrations() -> list[migrations.Migration]:
@@ -201,6 +214,14 @@ class Participant:
     The inbox window must exceed the longest span over which a copy of a command can
     still come (a redelivery, a retry of a step whose reply was lost): a copy that comes
     later runs its handler again (README, "Retention").
+
+    ``signing_keys`` (hex keys, a list or comma-separated; default
+    ``$SAGAPLANE_SIGNING_KEY``) is the key this service shares with the coordinator
+    (:mod:`sagaplane.signing`): with it, a command is run only if the coordinator signed
+    it (anything else is dead-lettered, cause ``signature``) and every reply is signed.
+    The first key signs, every key verifies (rotation). The coordinator signs an action
+    with the key of the service named by the action's prefix (``payment.charge``: the
+    service ``payment``), so register only actions named for this service.
     """
 
     def __init__(
@@ -223,6 +244,7 @@ class Participant:
         inbox_retention: str | timedelta | None = None,
         outbox_retention: str | timedelta | None = None,
         prune_interval: float = retention.DEFAULT_INTERVAL,
+        signing_keys: str | Sequence[str] | None = None,
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -264,6 +286,7 @@ class Participant:
         self._prune_interval = prune_interval
         self._pruner: retention.PruneLoop | None = None
         self._clock_tolerance = clock_tolerance
+        self._signing_keys = _signing_keys(signing_keys)
         self.service = service
         self._amqp_url = amqp_url or os.environ.get("SAGAPLANE_AMQP_URL") or defaults.AMQP_URL
         self._database_url = database_url
@@ -439,6 +462,7 @@ class Participant:
                     service=self.service,
                     reply_exchange=self._reply_exchange,
                     metrics=metrics,
+                    signing_keys=self._signing_keys,
                 ),
                 dead_letters=self._dead_letters,
                 stopping=self._stop_requested,
@@ -446,6 +470,7 @@ class Participant:
                 middleware=self._middleware,
                 clock_tolerance=self._clock_tolerance,
                 metrics=metrics,
+                signing_keys=self._signing_keys,
             )
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
         except BaseException:

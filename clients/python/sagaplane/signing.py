@@ -36,6 +36,8 @@ from typing import Any, Final
 
 import yaml
 
+from sagaplane import topology, wire
+
 __all__ = [
     "COORDINATOR",
     "KEYS_ENV",
@@ -48,8 +50,10 @@ __all__ = [
     "owner",
     "parse_key",
     "parse_keys",
+    "reply_headers",
     "sign",
     "verify",
+    "verify_command",
 ]
 
 SIGNATURE_HEADER: Final = "sagaplane-signature"
@@ -195,3 +199,39 @@ class KeyRing:
     def keys(self, service: str) -> tuple[bytes, ...] | None:
         """The keys of ``service``, or None when it has none."""
         return self.services.get(service)
+
+
+def verify_command(
+    keys: Sequence[bytes],
+    body: bytes,
+    headers: Mapping[str, object] | None,
+    *,
+    routing_key: str,
+    message_id: str,
+) -> None:
+    """A participant's check that a delivered command was signed by the coordinator;
+    raises :class:`BadSignature`."""
+    verify(
+        keys,
+        (headers or {}).get(SIGNATURE_HEADER),
+        signer=COORDINATOR,
+        message_type=wire.COMMAND_TYPE,
+        routing_key=routing_key,
+        message_id=message_id,
+        body=body,
+    )
+
+
+def reply_headers(
+    keys: Sequence[bytes], service: str, *, message_id: str, body: bytes
+) -> dict[str, str]:
+    """The headers that sign a reply of ``service`` (checked by the coordinator)."""
+    signature = sign(
+        keys,
+        signer=service,
+        message_type=wire.REPLY_TYPE,
+        routing_key=topology.REPLIES_ROUTING_KEY,
+        message_id=message_id,
+        body=body,
+    )
+    return {SIGNER_HEADER: service, SIGNATURE_HEADER: signature}
