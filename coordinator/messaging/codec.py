@@ -110,7 +110,7 @@ def verify_reply(
     if isinstance(signer, bytes):
         signer = signer.decode("utf-8", "replace")
     if not isinstance(signer, str) or not signer:
-        raise signing.BadSignature(f"the reply has no {signing.SIGNER_HEADER} header")
+        raise signing.BadSignature(f"the reply is not signed (no {signing.SIGNER_HEADER} header)")
     keys = ring.keys(signer)
     if keys is None:
         raise signing.BadSignature(f"no signing key for service {signer[:100]!r}")
