@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from google.protobuf import duration_pb2
 
 from coordinator.app import Coordinator
+from coordinator.config import ConfigError
 from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.shop import wait_terminal
@@ -332,14 +333,12 @@ async def test_rotation_accepts_both_keys_then_only_the_new_one(
     assert [action for action, _ in pay.ran] == ["pay.charge"] * 3
 
 
-def test_keys_are_checked_when_loaded(tmp_path: Path) -> None:
-    with pytest.raises(signing.InvalidKeys, match="at least 32 bytes"):
-        signing.parse_keys("abcd")
-    with pytest.raises(signing.InvalidKeys, match="hex"):
-        signing.parse_keys("not hex")
+async def test_a_coordinator_with_a_bad_keys_file_does_not_start(
+    database_url: str, amqp_url: str, tmp_path: Path
+) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text("pay: [abcd]\n")
-    with pytest.raises(signing.InvalidKeys, match="pay: a signing key"):
-        signing.KeyRing.load(path)
-    path.write_text(f"pay: {OLD}\n")
-    assert signing.KeyRing.load(path).keys("pay") == (bytes.fromhex(OLD),)
+    settings = coordinator_settings(database_url, amqp_url, signing_keys=str(path))
+    with pytest.raises(ConfigError, match=r"keys.yaml: pay: a signing key must be at least 32"):
+        async with Coordinator(settings):
+            pass

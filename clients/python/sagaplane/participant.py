@@ -331,7 +331,7 @@ class Participant:
     @property
     def dead_lettered(self) -> Mapping[str, int]:
         """Commands this participant dead-lettered, by cause (``undecodable``,
-        ``unknown_action``, ``failed``); see :mod:`sagaplane.consuming`."""
+        ``unknown_action``, ``failed``, ``signature``); see :mod:`sagaplane.consuming`."""
         return self._dead_letters.counts if self._dead_letters is not None else {}
 
     @property
@@ -355,6 +355,15 @@ class Participant:
                 raise ConfigurationError(f"register {action!r} before start()")
             if (kind, action) in self._handlers:
                 raise ConfigurationError(f"{kind} handler for {action!r} registered twice")
+            if self._signing_keys is not None and signing.owner(action) != self.service:
+                log.warning(
+                    "participant %s: the coordinator signs %r with the key of service %r, "
+                    "not this one's; its commands will be dead-lettered here unless the "
+                    "two share a key",
+                    self.service,
+                    action,
+                    signing.owner(action),
+                )
             self._handlers[(kind, action)] = handler
             return handler
 
