@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sagaplane import signing, wire
+from sagaplane.limits import MAX_MESSAGE_BYTES
 
 KEY, OTHER = bytes.fromhex(secrets.token_hex(32)), bytes.fromhex(secrets.token_hex(32))
 FACTS: dict[str, Any] = {
@@ -89,3 +90,10 @@ def test_keys_are_checked_when_loaded(tmp_path: Path) -> None:
         signing.KeyRing.load(path)
     path.write_text(f"pay: {KEY.hex()}\n")
     assert signing.KeyRing.load(path).keys("pay") == (bytes.fromhex(KEY.hex()),)
+
+
+def test_an_oversized_body_is_refused_unread() -> None:
+    body = b"x" * (MAX_MESSAGE_BYTES + 1)
+    signature = signing.sign([KEY], **(FACTS | {"body": body}))
+    with pytest.raises(signing.BadSignature, match="bytes; at most"):
+        signing.verify([KEY], signature, **(FACTS | {"body": body}))

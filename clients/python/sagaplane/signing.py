@@ -37,6 +37,7 @@ from typing import Any, Final
 import yaml
 
 from sagaplane import topology, wire
+from sagaplane.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "COORDINATOR",
@@ -141,6 +142,9 @@ def verify(
 ) -> None:
     """Raise :class:`BadSignature` unless ``signature`` (the header's value) is the MAC of
     the message under one of ``keys``; compared in constant time."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        # Refused unread: a MAC over a huge body would hold the event loop.
+        raise BadSignature(f"the body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES}")
     if isinstance(signature, bytes):
         signature = signature.decode("ascii", "replace")
     if not isinstance(signature, str) or not signature:
