@@ -1,5 +1,6 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
+from sagaplane import events
 from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
 from sagaplane.errors import (
     BrokerUnavailable,
@@ -12,6 +13,7 @@ from sagaplane.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
+    InvalidEvent,
     NonRetryableError,
     ResourceExhausted,
     RetryableError,
@@ -20,6 +22,7 @@ from sagaplane.errors import (
     StepFailed,
     WaitTimeout,
 )
+from sagaplane.events import Event, EventContext
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.participant import (
     CallNext,
@@ -44,11 +47,14 @@ __all__ = [
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "Delivery",
+    "Event",
+    "EventContext",
     "FieldViolation",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
+    "InvalidEvent",
     "Middleware",
     "NonRetryableError",
     "OutboundMessage",
@@ -71,5 +77,6 @@ __all__ = [
     "StepStatus",
     "WaitTimeout",
     "enqueue",
+    "events",
     "saga_request",
 ]

@@ -6,6 +6,7 @@
     │   │   └── DeadlineExceeded     the attempt's deadline passed (the SDK's reply)
     │   └── NonRetryableError        ... and retrying cannot help
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
+    ├── InvalidEvent                 a domain event that cannot be sent as given (also a ValueError)
     ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
         ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field(s)
@@ -51,6 +52,7 @@ __all__ = [
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
+    "InvalidEvent",
     "NonRetryableError",
     "ResourceExhausted",
     "RetryableError",
@@ -112,6 +114,10 @@ class NonRetryableError(StepFailed):
 
 class ConfigurationError(SagaplaneError):
     """The SDK was set up wrongly."""
+
+
+class InvalidEvent(SagaplaneError, ValueError):
+    """The domain event cannot be sent as given; the message names the attribute."""
 
 
 class BrokerUnavailable(SagaplaneError, ConnectionError):

@@ -204,7 +204,7 @@ class Inbox:
                             # The claim waited (for a copy of this command) longer than the
                             # margin: PostgreSQL's limits counted from before. Renewed.
                             await batch.run(cur, _postgres_limits(deadline, conn))
-                        ctx = _context(cleaned_id, command, kind, conn, deadline)
+                        ctx = _context(cleaned_id, command, kind, conn, deadline, self._service)
                         began = time.monotonic()
                         outcome = await self._run(conn, handler, ctx, deadline)
                         ran = time.monotonic() - began
@@ -429,6 +429,7 @@ def _context(
     kind: StepKind,
     conn: AsyncConnection[Any],
     deadline: Deadline | None,
+    service: str,
 ) -> StepContext:
     input, context, output = wire.payloads(command)  # checked by decode_command already
     return StepContext(
@@ -447,6 +448,7 @@ def _context(
         results=wire.results(command),
         deadline=None if deadline is None else deadline.cutoff_at,
         _cutoff=None if deadline is None else deadline.cutoff,
+        service=service,
     )
 
 

@@ -13,7 +13,8 @@ PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
 ``attempts`` reaches ``max_attempts``) only when it is that row's fault:
 
-- the broker returned it (``mandatory``: no queue is bound for its routing key),
+- the broker returned it (``mandatory``: no queue is bound for its routing key; not
+  for a domain event, published to ``sagaplane.events`` without ``mandatory``),
   nacked it, or its exchange does not exist (checked passively, on a side channel,
   before the first publish to each exchange: a publish to a missing exchange would
   close the channel under every other publish in flight);
@@ -51,7 +52,7 @@ from psycopg_pool import AsyncConnectionPool
 from sagaplane import amqp, backoff, batch
 from sagaplane.queries import q
 from sagaplane.runtime import log_crash
-from sagaplane.topology import CONTENT_TYPE
+from sagaplane.topology import CONTENT_TYPE, EVENT_CONTENT_TYPE, EVENTS_EXCHANGE
 
 __all__ = ["NOTIFY_CHANNEL", "OutboxRelay"]
 
@@ -431,18 +432,21 @@ class OutboxRelay:
         if exchange is None:
             exchange = await channel.get_exchange(row.exchange, ensure=False)
             self._exchanges[row.exchange] = exchange
+        # A domain event is publish/subscribe: no queue bound for its type is no failure
+        # (not mandatory, so the broker drops it rather than returning it).
+        is_event = row.exchange == EVENTS_EXCHANGE
         message = aio_pika.Message(
             row.body,
             message_id=row.message_id,
             type=row.message_type,
-            content_type=CONTENT_TYPE,
+            content_type=EVENT_CONTENT_TYPE if is_event else CONTENT_TYPE,
             correlation_id=row.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         # The timeout also covers waiting for a reconnecting connection, which
         # aio-pika does before it writes anything.
         async with asyncio.timeout(self._confirm_timeout):
-            return await exchange.publish(message, row.routing_key, mandatory=True)
+            return await exchange.publish(message, row.routing_key, mandatory=not is_event)
 
     def _record(self, outcome: _Outcome) -> list[batch.Statement]:
         """The statements that record ``outcome`` (logging what failed)."""

@@ -96,6 +96,14 @@ WHERE step_id = %(step_id)s AND kind = %(kind)s;
 UPDATE sagaplane_inbox SET replies = replies + 1, last_replied_at = now()
 WHERE step_id = %(step_id)s AND kind = %(kind)s;
 
+-- name: event_inbox_claim
+-- Claims the event for this consumer, or (a copy is being or was handled) waits for the
+-- other transaction and returns nothing.
+INSERT INTO sagaplane_event_inbox (consumer, source, id, type)
+VALUES (%(consumer)s, %(source)s, %(id)s, %(type)s)
+ON CONFLICT (consumer, source, id) DO NOTHING
+RETURNING 1;
+
 -- name: handler_savepoint
 -- Where a failing handler's writes roll back to; taken right after the claim.
 SAVEPOINT sagaplane_handler;
