@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import aio_pika
 import psycopg
 import pytest
 from aio_pika.abc import AbstractQueue
+from psycopg_pool import AsyncConnectionPool
 
 from helpers.broker import fresh_vhost, rabbitmqctl
 from helpers.participants import (
@@ -125,9 +127,11 @@ async def wait_handled(
     db: psycopg.AsyncConnection[Any], consumer: str, count: int
 ) -> list[tuple[str, str]]:
     async with asyncio.timeout(WAIT):
-        while len(rows := await handled(db, consumer)) < count:
+        while True:
+            rows = await handled(db, consumer)
+            if len(rows) >= count:
+                return rows
             await asyncio.sleep(0.05)
-    return rows
 
 
 async def publish_event(
@@ -170,7 +174,9 @@ async def queue_messages(amqp_url: str, queue: str) -> int:
 
 async def drained(amqp_url: str, queue: str) -> None:
     async with asyncio.timeout(WAIT):
-        while await queue_messages(amqp_url, queue) > 0:
+        while True:
+            if await queue_messages(amqp_url, queue) == 0:
+                return
             await asyncio.sleep(0.2)
 
 
@@ -245,8 +251,6 @@ async def test_an_event_nobody_listens_to_is_published_not_parked(
     async with await psycopg.AsyncConnection.connect(participant_url) as conn:
         sent = await events.emit(conn, f"nobody.{uid()}", {"x": 1}, source="web")
         await conn.commit()
-    from psycopg_pool import AsyncConnectionPool
-
     async with AsyncConnectionPool(participant_url, open=False) as pool:
         relay = OutboxRelay(pool, amqp_url, connection_name="test:nobody")
         try:
@@ -414,9 +418,11 @@ async def _until_output(child: Child, text: str) -> None:
 @pytest.fixture
 async def emitter_db() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """The emitting service's own database (its relay must not be the consumer's)."""
-    async with participant_database("sagaplane_emitter", "SELECT 1") as url:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-            yield conn
+    async with (
+        participant_database("sagaplane_emitter", "SELECT 1") as url,
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as conn,
+    ):
+        yield conn
 
 
 async def test_sigkill_after_commit_before_publish_is_published_after_restart_once(
@@ -483,7 +489,5 @@ async def test_sigkill_after_commit_before_publish_is_published_after_restart_on
 
 
 def _child_env() -> dict[str, str]:
-    import os
-
     parts = [str(ROOT), str(ROOT / "clients" / "python"), str(ROOT / "tests")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(parts)}
