@@ -559,6 +559,33 @@ def _parsers(
     return found
 
 
+async def test_the_readme_event_consumer_runs_as_written(amqp_url: str, tmp_path: Path) -> None:
+    """The Domain events program: it consumes the event it emits, once, and exits."""
+    (tmp_path / "notify.py").write_text(
+        marked("Domain events", "notify.py", "python"), encoding="utf-8"
+    )
+    name = unique_name("sagaplane_notify")
+    await create_database(name)
+    try:
+        env = {
+            **os.environ,
+            "SAGAPLANE_DATABASE_URL": server_url(name),
+            "SAGAPLANE_AMQP_URL": amqp_url,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "notify.py", cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().splitlines() == ["order.created web 7 {'order_id': 7}"]
+        async with await psycopg.AsyncConnection.connect(server_url(name)) as conn:
+            cur = await conn.execute("SELECT consumer, source FROM sagaplane_event_inbox")
+            assert await cur.fetchall() == [("mailer", "web")]
+    finally:
+        await drop_database(name)
+
+
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:
     readme = README.read_text(encoding="utf-8")
     missing = []
