@@ -36,7 +36,7 @@ import enum
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -69,6 +69,8 @@ _CLAIM = q("relay_claim")
 _NO_SYNC = q("relay_no_sync")
 _MARK_SENT = q("relay_mark_sent")
 _MARK_FAILED = q("relay_mark_failed")
+_MARK_INVALID = q("relay_mark_invalid")
+_EXPIRE = q("relay_expire")
 
 # Errors after which the loop backs off and tries again rather than dying.
 _RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -100,6 +102,8 @@ class _Outcome:
     sent: list[int]
     failed: list[tuple[_Row, str]]
     transport_error: BaseException | None = None
+    # Rows that can never be published (a missing exchange): parked at once as invalid.
+    invalid: list[tuple[_Row, str]] = field(default_factory=list)
 
 
 class _Kind(enum.Enum):
@@ -133,6 +137,10 @@ class OutboxRelay:
     ``confirm_timeout`` seconds counts as a lost connection; reconnections back off up
     to ``max_backoff`` seconds; :meth:`stop` waits ``shutdown_timeout`` seconds for the
     cycle in progress; ``connection_name`` names the AMQP connection in the broker.
+    With ``max_age`` (seconds; None, the default, for never), a row not published that
+    long after it was written is parked as ``expired`` and never published. A row whose
+    exchange does not exist is parked as ``invalid`` at once. Each row's ``status`` (see
+    ``sql/outbox/0005_status.sql``) shows where it is.
 
     Use ``async with relay:`` or :meth:`start` / :meth:`stop` to run it in the
     background; :meth:`run` to supervise it yourself (e.g. in a task group);
@@ -154,11 +162,15 @@ class OutboxRelay:
         shutdown_timeout: float = 10.0,
         listen_conninfo: str | None = None,
         connection_name: str = TASK_NAME,
+        max_age: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_age is not None and not max_age > 0:
+            raise ValueError("max_age must be a positive number of seconds, or None")
+        self._max_age = max_age
         self._pool = pool
         self._amqp_url = amqp if isinstance(amqp, str) else None
         self._connection: AbstractRobustConnection | None = None if isinstance(amqp, str) else amqp
@@ -316,8 +328,17 @@ class OutboxRelay:
                     await conn.set_autocommit(True)
                 try:
                     cur = AsyncClientCursor(conn, row_factory=tuple_row)
+                    expire: list[batch.Statement] = []
+                    if self._max_age is not None:
+                        expire.append((_EXPIRE, {"max_age": self._max_age}))
                     [claimed] = await batch.run(
-                        cur, [("BEGIN", None), (_NO_SYNC, None), (_CLAIM, (self._batch_size,))]
+                        cur,
+                        [
+                            ("BEGIN", None),
+                            (_NO_SYNC, None),
+                            *expire,
+                            (_CLAIM, (self._batch_size,)),
+                        ],
                     )
                     rows = [_to_row(r) for r in claimed]
                     if not rows:
@@ -346,7 +367,7 @@ class OutboxRelay:
         pending: list[_Row] = []
         for row in rows:
             if row.exchange in missing:
-                outcome.failed.append((row, missing[row.exchange]))
+                outcome.invalid.append((row, missing[row.exchange]))
             else:
                 pending.append(row)
         if self._one_by_one:
@@ -453,6 +474,22 @@ class OutboxRelay:
         statements: list[batch.Statement] = []
         if outcome.sent:
             statements.append((_MARK_SENT, (outcome.sent,)))
+        if outcome.invalid:
+            statements.append(
+                (
+                    _MARK_INVALID,
+                    {
+                        "ids": [row.id for row, _ in outcome.invalid],
+                        "errors": [error for _, error in outcome.invalid],
+                    },
+                )
+            )
+            logger.error(
+                "outbox rows that can never be published, parked as invalid: %s",
+                ", ".join(
+                    f"{row.id} (message {row.message_id}): {e}" for row, e in outcome.invalid
+                ),
+            )
         if outcome.failed:
             statements.append(
                 (

@@ -46,6 +46,26 @@ SET LOCAL synchronous_commit TO off;
 -- name: relay_mark_sent
 UPDATE sagaplane_outbox SET sent_at = now() WHERE id = ANY(%s);
 
+-- name: relay_expire
+-- Rows older than the relay's max_age are parked as expired, never published (rows a
+-- relay is publishing right now are skipped: they are not late). Reads the pending index.
+UPDATE sagaplane_outbox
+SET parked_at = now(), park_reason = 'expired',
+    last_error = 'not published within max_age (' || %(max_age)s || 's)'
+WHERE id IN (
+    SELECT id FROM sagaplane_outbox
+    WHERE sent_at IS NULL AND parked_at IS NULL
+      AND created_at < now() - make_interval(secs => %(max_age)s)
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: relay_mark_invalid
+-- Rows that can never be published (their exchange does not exist): parked at once.
+UPDATE sagaplane_outbox AS o
+SET attempts = o.attempts + 1, last_error = f.error, parked_at = now(), park_reason = 'invalid'
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+WHERE o.id = f.id;
+
 -- name: relay_mark_failed
 -- Exponential backoff, so a command for a participant not deployed yet waits minutes
 -- (not one poll interval per attempt) before it is parked.
