@@ -32,7 +32,7 @@ from sagaplane import topology, wire
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.wire import Event
 
-__all__ = ["Event", "EventContext", "EventHandler", "emit", "outbound"]
+__all__ = ["Event", "EventContext", "EventHandler", "emit", "new_event", "outbound"]
 
 
 async def emit(
@@ -56,7 +56,22 @@ async def emit(
     :class:`~sagaplane.errors.InvalidEvent` for an event that cannot be sent (an empty
     type, data that is not JSON, an extension name CloudEvents refuses, too large).
     """
-    event = Event(
+    event = new_event(type, data, source=source, subject=subject, id=id, extensions=extensions)
+    await enqueue(conn, [outbound(event)])
+    return event
+
+
+def new_event(
+    type: str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    source: str,
+    subject: str | None = None,
+    id: str | None = None,
+    extensions: Mapping[str, Any] | None = None,
+) -> Event:
+    """The event :func:`emit` would write (id a new ULID unless given, time now)."""
+    return Event(
         type=type,
         source=source,
         id=id if id is not None else str(ULID()),
@@ -65,8 +80,6 @@ async def emit(
         data=data,
         extensions=dict(extensions or {}),
     )
-    await enqueue(conn, [outbound(event)])
-    return event
 
 
 def outbound(event: Event) -> OutboundMessage:

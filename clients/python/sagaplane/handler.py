@@ -13,6 +13,7 @@ from psycopg import AsyncClientCursor, AsyncConnection
 
 from sagaplane import batch as batches
 from sagaplane import events
+from sagaplane.outbox import OutboundMessage
 from sagaplane.wire import Event, StepKind
 
 __all__ = ["Handler", "StepContext"]
@@ -60,6 +61,8 @@ class StepContext:
     """:attr:`deadline` on ``time.monotonic()``, which no clock change moves."""
     service: str = ""
     """The participant service running the handler (the ``source`` of its events)."""
+    _events: list[OutboundMessage] = field(default_factory=list, repr=False)
+    """What :meth:`emit` wrote, for the SDK to add to the outbox with the reply."""
 
     async def emit(
         self,
@@ -71,18 +74,19 @@ class StepContext:
         extensions: Mapping[str, Any] | None = None,
     ) -> Event:
         """Write a domain event (CloudEvents 1.0) to the outbox in the step's transaction:
-        published once the step's outcome commits, never if the handler raises (its
+        published once the step's outcome commits, never if the handler fails (its
         writes, this event among them, roll back). Source: this service; id: a new ULID
-        unless given; see :func:`sagaplane.events.emit`."""
-        return await events.emit(
-            self.tx,
-            type,
-            data,
-            source=self.service,
-            subject=subject,
-            id=id,
-            extensions=extensions,
+        unless given; see :func:`sagaplane.events.emit`. Raises
+        :class:`~sagaplane.errors.InvalidEvent` at once for an event that cannot be sent.
+
+        The outbox row goes in the statement batch that stores the step's outcome and
+        commits, so an event costs no round trip to PostgreSQL of its own.
+        """
+        event = events.new_event(
+            type, data, source=self.service, subject=subject, id=id, extensions=extensions
         )
+        self._events.append(events.outbound(event))
+        return event
 
     async def batch(self, statements: Iterable[batches.Statement]) -> list[list[Any]]:
         """Run ``statements`` on :attr:`tx` in ONE round trip to PostgreSQL; the rows of

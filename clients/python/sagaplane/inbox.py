@@ -211,6 +211,9 @@ class Inbox:
                         if not outcome.succeeded:
                             # The handler's writes go; the claim, outcome and reply stay.
                             finish.append((_ROLLBACK_TO_SAVEPOINT, None))
+                        else:
+                            # Its events (ctx.emit) commit with its writes and the outcome.
+                            finish += [(INSERT_ONE, insert_params(m)) for m in ctx._events]
                     params = {**key, "message_id": cleaned_id, **outcome.params(command.attempt)}
                     finish.append((_STORE, params))
                 reply = _reply(command, kind, outcome, self._reply_exchange)
