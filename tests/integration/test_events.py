@@ -124,9 +124,9 @@ async def handled(db: psycopg.AsyncConnection[Any], consumer: str) -> list[tuple
 
 
 async def wait_handled(
-    db: psycopg.AsyncConnection[Any], consumer: str, count: int
+    db: psycopg.AsyncConnection[Any], consumer: str, count: int, *, within: float = WAIT
 ) -> list[tuple[str, str]]:
-    async with asyncio.timeout(WAIT):
+    async with asyncio.timeout(within):
         while True:
             rows = await handled(db, consumer)
             if len(rows) >= count:
@@ -408,9 +408,10 @@ async def test_patterns_no_longer_registered_are_unbound_at_start(
 # -- a crash between the commit and the publish ------------------------------------------
 
 
-async def _until_output(child: Child, text: str) -> None:
-    async with asyncio.timeout(60):
-        while text not in child.tail():
+async def _until_output(child: Child, text: str, mark: int = 0) -> None:
+    """Until ``child`` printed ``text`` (after :meth:`Child.output_mark` gave ``mark``)."""
+    async with asyncio.timeout(120):
+        while not any(text in line for line in child.output_since(mark)):
             child.check_alive()
             await asyncio.sleep(0.05)
 
@@ -446,6 +447,7 @@ async def test_sigkill_after_commit_before_publish_is_published_after_restart_on
         [sys.executable, "-m", "helpers.event_emitter", "emit", f"{kind}.created", event_id],
         env=env,
         cwd=ROOT,
+        tail_lines=500,
     )
     await web.start()
     await _until_output(web, f"committed {event_id}")
@@ -460,10 +462,17 @@ async def test_sigkill_after_commit_before_publish_is_published_after_restart_on
     assert await handled(db, consumer.service) == []
 
     service = Child(
-        "emitter", [sys.executable, "-m", "helpers.event_emitter", "serve"], env=env, cwd=ROOT
+        "emitter",
+        [sys.executable, "-m", "helpers.event_emitter", "serve"],
+        env=env,
+        cwd=ROOT,
+        tail_lines=500,
     )
     try:
         await service.start()
+        # A process of its own to start (imports, migrations, connections): on a busy
+        # machine that takes a while.
+        await _until_output(service, "serving")
         assert await wait_handled(db, consumer.service, 1) == [(event_id, f"{kind}.created")]
 
         # The relay's "sent" is committed without waiting for its WAL flush: a crash may
@@ -472,8 +481,9 @@ async def test_sigkill_after_commit_before_publish_is_published_after_restart_on
         await emitter_db.execute(
             "UPDATE sagaplane_outbox SET sent_at = NULL WHERE message_id = %s", (event_id,)
         )
+        mark = service.output_mark()
         await service.start()
-        await _until_output(service, "serving")
+        await _until_output(service, "serving", mark)
         async with asyncio.timeout(WAIT):
             while True:
                 cur = await emitter_db.execute(
