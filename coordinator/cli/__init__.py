@@ -3,7 +3,7 @@
 Server commands run the coordinator (``serve``) and update its schema (``migrate``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
-``health``). Settings come
+``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox. Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -102,7 +102,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, imports, server
+    from coordinator.cli import client, imports, outbox, server
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -245,6 +245,25 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     resolve.add_argument("--reason", required=True, help="who decided, and why (required)")
 
+    outbox.add_outbox(
+        add(
+            "outbox",
+            _subcommand,
+            "An outbox's rows by status (the coordinator's or a participant's database): "
+            "stats, list the failed, invalid and expired ones, retry or discard rows.",
+        ),
+        env,
+    )
+    outbox.add_relay(
+        add(
+            "relay",
+            _subcommand,
+            "Publish a database's outbox until SIGTERM: the relay on its own, for a "
+            "service that emits events but runs no participant.",
+        ),
+        env,
+    )
+
     add(
         "health",
         client.health,
@@ -252,6 +271,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         parents=[common],
     )
     return parser
+
+
+def _subcommand(args: argparse.Namespace) -> int:
+    # Replaced by the subcommand's own run (set_defaults on the subparser wins).
+    raise CliError("no command given", ExitCode.USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

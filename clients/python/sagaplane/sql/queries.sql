@@ -26,6 +26,36 @@ FROM ROWS FROM (
     AS r (message_id, exchange, routing_key, message_type, body, correlation_id, n)
 ORDER BY n;
 
+-- == operators' view of the outbox (sagaplane.outbox; `sagaplane outbox`) ===============
+
+-- name: outbox_stats
+-- Rows per status, and how long the oldest unpublished, unparked row has waited.
+SELECT status, count(*),
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE status IN ('pending', 'failed')))
+FROM sagaplane_outbox
+GROUP BY status;
+
+-- name: outbox_problems
+-- The rows in the given statuses (failed, invalid, expired), oldest first.
+SELECT id, status, message_id, exchange, routing_key, message_type, attempts, created_at,
+       next_attempt_at, last_error
+FROM sagaplane_outbox
+WHERE status = ANY(%(statuses)s) AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: outbox_retry
+-- Back to pending, published by the relay's next cycle (unpublished rows only).
+UPDATE sagaplane_outbox
+SET parked_at = NULL, park_reason = NULL, attempts = 0, next_attempt_at = NULL,
+    last_error = NULL, created_at = now()
+WHERE id = ANY(%(ids)s) AND sent_at IS NULL
+RETURNING id;
+
+-- name: outbox_discard
+-- Never to be published: the unpublished rows are deleted.
+DELETE FROM sagaplane_outbox WHERE id = ANY(%(ids)s) AND sent_at IS NULL RETURNING id;
+
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
