@@ -3,7 +3,8 @@
 Server commands run the coordinator (``serve``) and update its schema (``migrate``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
-``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox. Settings come
+``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox,
+``dlq`` on the broker's dead-letter queue. Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -102,7 +103,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, imports, outbox, server
+    from coordinator.cli import client, dlq, imports, outbox, server
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -260,6 +261,16 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             _subcommand,
             "Publish a database's outbox until SIGTERM: the relay on its own, for a "
             "service that emits events but runs no participant.",
+        ),
+        env,
+    )
+
+    dlq.add_dlq(
+        add(
+            "dlq",
+            _subcommand,
+            "The dead-letter queue: list what each message is and why it died, or replay "
+            "messages back to the queue they came from.",
         ),
         env,
     )

@@ -501,3 +501,65 @@ async def test_sigkill_after_commit_before_publish_is_published_after_restart_on
 def _child_env() -> dict[str, str]:
     parts = [str(ROOT), str(ROOT / "clients" / "python"), str(ROOT / "tests")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(parts)}
+
+
+# -- the dead-letter queue, for people ------------------------------------------------------
+
+
+async def _sagaplane(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator.cli", *argv, cwd=ROOT, env=_child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_dlq_list_says_what_died_and_why_and_replay_of_a_fixed_event_runs_it_once(
+    make_participant: ParticipantFactory,
+    broker: Broker,
+    db: psycopg.AsyncConnection[Any],
+    amqp_url: str,
+) -> None:
+    kind = f"refund.{uid()}"
+    consumer = make_participant(event_max_attempts=2, event_retry_initial=0.01)
+    record = recorder(consumer.service)
+    fixed = False
+
+    @consumer.on_event(f"{kind}.*")
+    async def handle(ctx: EventContext) -> None:
+        if not fixed:
+            raise RuntimeError("the refunds API is misconfigured")
+        await record(ctx)
+
+    await consumer.start()
+    e = event(f"{kind}.asked", 1, source=f"shop-{uid()}")
+    await publish_event(broker, wire.encode_event(e), routing_key=e.type, message_id=e.id)
+    async with asyncio.timeout(WAIT):
+        while True:
+            if consumer.dead_lettered.get("event_failed", 0) >= 1:
+                break
+            await asyncio.sleep(0.05)
+    # Acked only once the dead-letter queue confirmed its copy.
+    await drained(amqp_url, topology.events_queue(consumer.service))
+
+    status, out, err = await _sagaplane("dlq", "list", "--amqp-url", amqp_url, "--json")
+    assert status == 0, err
+    dead = [json.loads(line) for line in out.splitlines()]
+    [mine] = [d for d in dead if d["message_id"] == e.id]
+    assert mine["kind"] == "event"
+    assert mine["queue"] == topology.events_queue(consumer.service)
+    assert mine["routing_key"] == e.type
+    assert "failed 2 times" in mine["reason"] and "misconfigured" in mine["reason"]
+
+    fixed = True
+    status, out, err = await _sagaplane("dlq", "replay", e.id, "--amqp-url", amqp_url)
+    assert status == 0, err
+    assert f"message {e.id} (event): replayed to {topology.events_queue(consumer.service)}" in out
+    assert await wait_handled(db, consumer.service, 1) == [(e.id, e.type)]
+    # Gone from the dead-letter queue: a second replay finds nothing.
+    status, out, _ = await _sagaplane("dlq", "replay", e.id, "--amqp-url", amqp_url)
+    assert status == 4 and "not in sagaplane.dead-letter" in out
+    await drained(amqp_url, topology.events_queue(consumer.service))
+    assert await handled(db, consumer.service) == [(e.id, e.type)]
