@@ -62,7 +62,7 @@ from sagaplane.metrics import (
     parse_listen,
 )
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
-from sagaplane.relay import OutboxRelay
+from sagaplane.relay import OutboxRelay, RelaySettings
 from sagaplane.urls import redact
 from sagaplane.wire import StepKind
 
@@ -159,6 +159,13 @@ class Participant:
     ``/metrics`` (see :mod:`sagaplane.metrics`); None or empty serves none and opens no
     port.
 
+    The outbox relay's ``relay_poll_interval`` (seconds), ``relay_batch_size`` (rows per
+    cycle), ``relay_max_attempts`` (failed publishes before a row is parked) and
+    ``relay_max_age`` (seconds before an unpublished row expires) default to
+    ``$SAGAPLANE_OUTBOX_POLL_INTERVAL`` (1.0), ``$SAGAPLANE_OUTBOX_BATCH_SIZE`` (500),
+    ``$SAGAPLANE_OUTBOX_MAX_ATTEMPTS`` (20) and ``$SAGAPLANE_OUTBOX_MAX_AGE`` (never); see
+    :class:`~sagaplane.relay.RelaySettings`.
+
     Event handlers (:meth:`on_event`) that raise are retried with exponential backoff
     from ``event_retry_initial`` up to ``event_retry_max`` seconds, and the event is
     dead-lettered with the error once ``event_max_attempts`` runs have failed.
@@ -176,7 +183,10 @@ class Participant:
         migrate: bool = True,
         shutdown_timeout: float = 30.0,
         connect_timeout: float = 30.0,
-        relay_poll_interval: float = 1.0,
+        relay_poll_interval: float | None = None,
+        relay_batch_size: int | None = None,
+        relay_max_attempts: int | None = None,
+        relay_max_age: float | None = None,
         reply_exchange: str = topology.REPLIES_EXCHANGE,
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
@@ -224,7 +234,18 @@ class Participant:
         self._migrate = migrate
         self._shutdown_timeout = shutdown_timeout
         self._connect_timeout = connect_timeout
-        self._relay_poll_interval = relay_poll_interval
+        try:
+            from_env = RelaySettings.from_env(os.environ)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._relay_settings = RelaySettings(
+            batch_size=relay_batch_size or from_env.batch_size,
+            poll_interval=(
+                relay_poll_interval if relay_poll_interval is not None else from_env.poll_interval
+            ),
+            max_attempts=relay_max_attempts or from_env.max_attempts,
+            max_age=relay_max_age or from_env.max_age,
+        )
         self._reply_exchange = reply_exchange
         self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
@@ -399,7 +420,10 @@ class Participant:
             self._relay = OutboxRelay(
                 self._pool,
                 self._connection,
-                poll_interval=self._relay_poll_interval,
+                poll_interval=self._relay_settings.poll_interval,
+                batch_size=self._relay_settings.batch_size,
+                max_attempts=self._relay_settings.max_attempts,
+                max_age=self._relay_settings.max_age,
                 connection_name=self._name,
             )
             await self._relay.start()
