@@ -28,7 +28,8 @@ from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from sagaplane import defaults, outbox
-from sagaplane.relay import OutboxRelay, RelaySettings
+from sagaplane.relay import OutboxRelay
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.runtime import run
 from sagaplane.urls import redact
 

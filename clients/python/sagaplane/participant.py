@@ -62,7 +62,8 @@ from sagaplane.metrics import (
     parse_listen,
 )
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
-from sagaplane.relay import OutboxRelay, RelaySettings
+from sagaplane.relay import OutboxRelay
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.urls import redact
 from sagaplane.wire import StepKind
 
@@ -164,7 +165,7 @@ class Participant:
     ``relay_max_age`` (seconds before an unpublished row expires) default to
     ``$SAGAPLANE_OUTBOX_POLL_INTERVAL`` (1.0), ``$SAGAPLANE_OUTBOX_BATCH_SIZE`` (500),
     ``$SAGAPLANE_OUTBOX_MAX_ATTEMPTS`` (20) and ``$SAGAPLANE_OUTBOX_MAX_AGE`` (never); see
-    :class:`~sagaplane.relay.RelaySettings`.
+    :class:`~sagaplane.relay_settings.RelaySettings`.
 
     Event handlers (:meth:`on_event`) that raise are retried with exponential backoff
     from ``event_retry_initial`` up to ``event_retry_max`` seconds, and the event is
