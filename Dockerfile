@@ -13,7 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY clients/python ./clients/python
 COPY coordinator ./coordinator
-RUN pip install .
+RUN pip install ".[otel]"
 
 # The demo shop is an example, not part of the installed package: it runs from here
 # (`python -m examples.shop SERVICE`, `python -m examples.shop demo`).
@@ -26,4 +26,6 @@ USER sagaplane
 # The coordinator by default; its health check (`sagaplane health`) is in
 # docker-compose.yml, since the participants run from this image too.
 EXPOSE 50051
-CMD ["sagaplane", "serve", "--listen", "0.0.0.0:50051"]
+# Plaintext (--insecure) so that the image runs as it is in a private network; mount a
+# certificate and add --tls-cert/--tls-key (and --auth-tokens) anywhere else.
+CMD ["sagaplane", "serve", "--listen", "0.0.0.0:50051", "--insecure"]

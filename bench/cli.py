@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from bench import baselines, observability, report, starts, stored, watchers
+from bench import baselines, growth, observability, peers, report, starts, stored, watchers
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -39,6 +39,7 @@ from bench.infra import (
 from bench.participant import EMIT_EVENTS_ENV
 from bench.profile import Recorder, render, summarize
 from bench.workload import (
+    CONTEXT_BYTES,
     Load,
     Sample,
     SteadyWindow,
@@ -47,6 +48,7 @@ from bench.workload import (
     closed_loop,
     database_counts,
     open_loop,
+    steps_in,
 )
 from sagaplane import SagaClient, defaults
 from sagaplane.runtime import EVENT_LOOPS
@@ -65,6 +67,10 @@ PHASES = (
     "watchers",
     "observability",
     "events",
+    "steps",
+    "context",
+    "waiting",
+    "peers",
 )
 
 DEFAULTS: dict[str, Any] = {
@@ -85,6 +91,18 @@ DEFAULTS: dict[str, Any] = {
     "start_sagas": 5000,
     "start_chunk": 500,
     "observability_sagas": 5000,
+    "peer_sagas": 3000,
+    "peer_workflows": 1500,
+    "peer_one_at_a_time": 300,
+    "peer_duration": 20.0,
+    "steps": "3,20,100",
+    "steps_duration": 15.0,
+    "context_sizes": "1024,65000",
+    "context_duration": 10.0,
+    "waiting_sagas": 10000,
+    "waiting_idle": 20.0,
+    "waiting_calls": 300,
+    "waiting_reference": 1000,
 }
 QUICK: dict[str, Any] = {
     "sagas": 300,
@@ -104,6 +122,18 @@ QUICK: dict[str, Any] = {
     "start_sagas": 600,
     "start_chunk": 100,
     "observability_sagas": 300,
+    "peer_sagas": 300,
+    "peer_workflows": 300,
+    "peer_one_at_a_time": 50,
+    "peer_duration": 6.0,
+    "steps": "3,20,100",
+    "steps_duration": 6.0,
+    "context_sizes": "1024,65000",
+    "context_duration": 5.0,
+    "waiting_sagas": 1000,
+    "waiting_idle": 5.0,
+    "waiting_calls": 100,
+    "waiting_reference": 300,
 }
 
 
@@ -186,6 +216,69 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an environment variable of the tracing variant's processes (repeatable; "
         "on top of OTEL_TRACES_EXPORTER=console and the harness's OTEL_* variables)",
+    )
+    g = p.add_argument_group("the peer, DBOS Transact (--phases peers)")
+    g.add_argument(
+        "--peer-workflows", type=int, help="DBOS closed-loop workflows " + _d("peer_workflows")
+    )
+    g.add_argument("--peer-concurrency", type=int, help="DBOS workflows in flight [--concurrency]")
+    g.add_argument(
+        "--peer-pool-size",
+        type=int,
+        default=20,
+        help="each of DBOS's two connection pools (system, app): 40 in all, as Sagaplane's"
+        " coordinator and 3 participants have by default [20]",
+    )
+    g.add_argument(
+        "--peer-one-at-a-time",
+        type=int,
+        help="DBOS workflows run one after another for its latency " + _d("peer_one_at_a_time"),
+    )
+    g.add_argument(
+        "--peer-sagas",
+        type=int,
+        help="Sagaplane closed loop when the throughput phase is not run " + _d("peer_sagas"),
+    )
+    g.add_argument(
+        "--peer-rate",
+        type=float,
+        default=5.0,
+        help="Sagaplane latency run, sagas/s (the latency phase's is used at that rate) [5]",
+    )
+    g.add_argument(
+        "--peer-duration", type=float, help="seconds of that latency run " + _d("peer_duration")
+    )
+    g = p.add_argument_group("cost as the work grows (--phases steps,context,waiting)")
+    g.add_argument("--steps", help="steps per saga, in a line " + _d("steps"))
+    g.add_argument(
+        "--steps-rate",
+        type=float,
+        default=60.0,
+        help="steps/s offered whatever the saga's length (sagas/s = this / steps) [60]",
+    )
+    g.add_argument(
+        "--steps-duration", type=float, help="seconds per length " + _d("steps_duration")
+    )
+    g.add_argument("--context-sizes", help="context bytes " + _d("context_sizes"))
+    g.add_argument("--context-rate", type=float, default=20.0, help="sagas/s offered per size [20]")
+    g.add_argument(
+        "--context-duration", type=float, help="seconds per size " + _d("context_duration")
+    )
+    g.add_argument("--waiting-sagas", type=int, help="sagas left waiting " + _d("waiting_sagas"))
+    g.add_argument(
+        "--waiting-idle",
+        type=float,
+        help="seconds the coordinator's CPU is read with them waiting " + _d("waiting_idle"),
+    )
+    g.add_argument(
+        "--waiting-calls",
+        type=int,
+        help="StartSaga and GetSaga calls, idle and with them waiting " + _d("waiting_calls"),
+    )
+    g.add_argument(
+        "--waiting-reference",
+        type=int,
+        help="closed-loop sagas the drain is compared with " + _d("waiting_reference"),
     )
     g = p.add_argument_group("stored sagas")
     g.add_argument("--stored", help="stored-saga counts to time reads at " + _d("stored"))
@@ -610,6 +703,8 @@ async def _system_runs(
                 )
         if "watchers" in phases:
             results["watchers"] = await _watchers_runs(env, system, args, watcher)
+        if phases & {"steps", "context", "peers"}:
+            await _growth_runs(env, system, args, watcher, results)
         if "scaling" in phases:
             second, target = _coordinator(env, args, system.coordinator_url, 2)
             await _start_coordinator(second, target)
@@ -878,8 +973,277 @@ async def _stored_reads(
         results["stored"].append(entry)
         _progress(
             f"  {want:,} stored: GetSaga p99 {reads['get_saga_ms']['p99']} ms, ListActive p99 "
-            f"{reads['list_active_first_page_ms']['p99']} ms"
+            f"{reads['list_active_first_page_ms']['p99']} ms, ListSagas p99 "
+            f"{reads['list_sagas_first_page_ms']['p99']} ms"
         )
+
+
+# -- issue 21: the peer (--phases peers) and cost as the work grows (steps, context, waiting)
+
+
+async def _metered_open_loop(
+    env: Environment,
+    system: System,
+    args: argparse.Namespace,
+    watcher: TerminalWatcher,
+    *,
+    rate: float,
+    duration: float,
+    shape: str = "standard",
+    context_bytes: int = CONTEXT_BYTES,
+) -> dict[str, Any]:
+    """An open loop below capacity with the CPU of the whole system under test (its
+    processes, their PostgreSQL backends, the broker counted whole) per saga and per step."""
+    processes = [*system.coordinators, *system.participants.values()]
+    pids = {p.name: p.pid for p in processes}
+    broker = broker_pid()
+    if broker is not None:
+        pids["rabbitmq (whole broker)"] = broker
+    meter = Meter(pids)
+    backends = BackendMeter(args.database_url, list(env.databases))
+    offsets = log_offsets(processes)
+    await backends.start()
+    meter.start()
+    async with Load(
+        system.targets[:1], fail_rate=args.fail_rate, shape=shape, context_bytes=context_bytes
+    ) as load:
+        # Long sagas take long below capacity too: a 100-step saga is 100 steps deep.
+        samples = await open_loop(
+            load, watcher, rate=rate, duration=duration, drain_timeout=max(60, args.drain_timeout)
+        )
+    used = await meter.stop()
+    try:
+        backend_cpu = await backends.stop()
+    except psycopg.Error:
+        backend_cpu = {}
+    ids = [s.saga_id for s in samples if s.saga_id]
+    executed = (await database_counts(system.coordinator_url, ids))["steps_executed"]
+    env.check_alive(processes)
+    steps = steps_in(shape)
+    figures = analyse(samples, steps_per_saga=steps)
+    figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
+    cpu = {name: p["cpu_s"] for name, p in used["processes"].items()}
+    cpu |= {f"postgres: {db.removeprefix(env.prefix + '_')}": s for db, s in backend_cpu.items()}
+    figures.update(growth.per_work(cpu, steps_executed=executed, steps=steps))
+    figures |= {"rate": rate, "duration_s": duration, "shape": shape, "steps": steps}
+    figures["context_bytes"] = context_bytes
+    figures["p50_ms_per_step"] = growth.per_step(figures)
+    _progress(
+        f"  {shape}, {context_bytes:,} B context, {rate:g}/s: {figures['cpu_ms_per_saga']} ms CPU"
+        f" per saga ({figures['cpu_ms_per_step']} per step), p50"
+        f" {figures['start_to_terminal_ms']['p50']} ms ({figures['p50_ms_per_step']} per step)"
+    )
+    return figures
+
+
+async def _growth_runs(
+    env: Environment,
+    system: System,
+    args: argparse.Namespace,
+    watcher: TerminalWatcher,
+    results: dict[str, Any],
+) -> None:
+    """The steps and context phases, on the running standard system."""
+    if "steps" in args.phase_set:
+        runs = []
+        for n in growth.counts(args.steps):
+            # The same steps/s offered whatever the saga's length: below capacity, and the
+            # background CPU (timer loop, relay) then weighs the same on every step.
+            rate = args.steps_rate / n
+            _progress(f"steps: {n}-step sagas, {rate:g}/s for {args.steps_duration:g} s")
+            runs.append(
+                await _metered_open_loop(
+                    env,
+                    system,
+                    args,
+                    watcher,
+                    rate=rate,
+                    duration=args.steps_duration,
+                    shape="standard" if n == 3 else f"line{n}",
+                )
+            )
+        results["steps"] = {"runs": runs, **growth.steps_ratios(runs)}
+        _progress(f"  steps: CPU per step ratios {results['steps']['cpu_per_step_ratio']}")
+    if "context" in args.phase_set:
+        runs = []
+        for size in growth.counts(args.context_sizes):
+            _progress(
+                f"context: {size:,} B contexts, {args.context_rate:g}/s for "
+                f"{args.context_duration:g} s"
+            )
+            runs.append(
+                await _metered_open_loop(
+                    env,
+                    system,
+                    args,
+                    watcher,
+                    rate=args.context_rate,
+                    duration=args.context_duration,
+                    context_bytes=size,
+                )
+            )
+        results["context"] = {"runs": runs, **growth.context_ratios(runs)}
+        _progress(f"  context: CPU per saga ratio {results['context']['cpu_per_saga_ratio']}")
+    if "peers" in args.phase_set:
+        await _peer_sagaplane_runs(env, system, args, watcher, results)
+
+
+async def _peer_sagaplane_runs(
+    env: Environment,
+    system: System,
+    args: argparse.Namespace,
+    watcher: TerminalWatcher,
+    results: dict[str, Any],
+) -> None:
+    """Sagaplane's side of the peers phase: the throughput run's figures (or a closed loop
+    of its own), and a latency run at ``--peer-rate`` (the latency phase's if it ran at
+    that rate)."""
+    mine: dict[str, Any] = {}
+    if "throughput" in results:
+        mine["throughput"] = dict(results["throughput"])
+        used = results.get("resources", {})
+        mine["throughput"]["from"] = "the throughput phase"
+    else:
+        _progress(f"peers: Sagaplane, {args.peer_sagas} sagas, {args.concurrency} in flight")
+        saved = args.sagas
+        args.sagas = args.peer_sagas
+        try:
+            figures, used = await measured_closed_loop(
+                env,
+                system,
+                args,
+                watcher,
+                targets=system.targets[:1],
+                profile=False,
+                label="peers: Sagaplane",
+            )
+        finally:
+            args.sagas = saved
+        mine["throughput"] = {**figures, "from": "the peers phase's own closed loop"}
+    mine["throughput"]["cpu_ms_per_saga"] = used.get("total_cpu_ms_per_saga")
+    latency = results.get("latency")
+    if latency and latency["rate"] == args.peer_rate:
+        mine["latency"] = {**latency, "from": "the latency phase"}
+    else:
+        _progress(f"peers: Sagaplane at {args.peer_rate:g} sagas/s for {args.peer_duration:g} s")
+        figures = await measured_open_loop(
+            env, system, args, watcher, rate=args.peer_rate, duration=args.peer_duration
+        )
+        mine["latency"] = {**figures, "from": "the peers phase's own open loop"}
+    results["peers"] = {"sagaplane": mine}
+
+
+async def peers_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """DBOS Transact on fresh databases, in a process of its own (:mod:`bench.peer_dbos`),
+    compared with Sagaplane's figures of this run (:mod:`bench.peers`)."""
+    mine = results.get("peers", {}).get("sagaplane")
+    if mine is None:
+        raise RuntimeError("Sagaplane's side of the peers phase did not run (see above)")
+    system_url = await env.create_database("peer_dbos_system")
+    app_url = await env.create_database("peer_dbos_app")
+    out = env.workdir / "peer-dbos.json"
+    concurrency = args.peer_concurrency or args.concurrency
+    _progress(
+        f"peers: DBOS Transact, {args.peer_workflows} workflows, {concurrency} in flight, then"
+        f" {args.peer_one_at_a_time} one at a time"
+    )
+    child = env.python(
+        "bench.peer_dbos",
+        "--system-database-url",
+        system_url,
+        "--app-database-url",
+        app_url,
+        "--admin-url",
+        args.database_url,
+        "--out",
+        str(out),
+        "--workflows",
+        str(args.peer_workflows),
+        "--concurrency",
+        str(concurrency),
+        "--warmup",
+        str(min(args.warmup, args.peer_workflows)),
+        "--one-at-a-time",
+        str(args.peer_one_at_a_time),
+        "--pool-size",
+        str(args.peer_pool_size),
+        name="peer-dbos",
+    )
+    try:
+        await child.start()
+        assert child.proc is not None
+        code = await child.proc.wait()
+        if code != 0 or not out.exists():
+            raise RuntimeError(f"bench.peer_dbos exited {code}:\n{child.tail(30)}")
+    finally:
+        await env.stop_processes([child])
+        for role in ("peer_dbos_system", "peer_dbos_app"):
+            with contextlib.suppress(psycopg.Error):
+                await env.drop_database(role)
+    dbos = peers.load(out)
+    results["peers"] |= {"dbos": dbos, **peers.compare(mine, dbos)}
+    p = results["peers"]
+    _progress(
+        f"  DBOS {dbos['closed_loop']['workflows_per_s']} workflows/s, one at a time p50"
+        f" {dbos['one_at_a_time_ms']['p50']} ms; Sagaplane/DBOS throughput"
+        f" {p['throughput_ratio']}, p50 {p['p50_ratio']}"
+    )
+
+
+async def waiting_phase(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """Sagas in flight waiting on a stopped participant (:mod:`bench.growth`), on a
+    system of its own."""
+    prefix = "wait_"
+    system = await start_system(env, args, prefix=prefix)
+    processes = [*system.coordinators, *system.participants.values()]
+    offsets = log_offsets(processes)
+    try:
+        async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
+            _progress(
+                f"waiting: reference closed loop, {args.waiting_reference} sagas, "
+                f"{args.concurrency} in flight"
+            )
+            async with Load(system.targets) as load:
+                samples = await closed_loop(
+                    load, watcher, sagas=args.waiting_reference, concurrency=args.concurrency
+                )
+            reference = analyse(samples)
+        stopped = system.participants[growth.STOPPED]
+        figures = await growth.waiting(
+            target=system.targets[0],
+            coordinator=system.coordinators[0],
+            stopped=stopped,
+            database_url=system.coordinator_url,
+            sagas=args.waiting_sagas,
+            idle_seconds=args.waiting_idle,
+            calls=args.waiting_calls,
+            restart=lambda: _restart_participant(env, stopped),
+            progress=_progress,
+        )
+        env.check_alive(processes)
+        figures["disturbed"] = disturbances(processes, offsets)
+        throughput = results.get("throughput", {}).get("sagas_per_s")
+        figures |= growth.waiting_ratios(figures, reference["sagas_per_s"], throughput)
+        figures["reference"] = reference
+        results["waiting"] = figures
+        _progress(
+            f"  waiting: coordinator idle {figures['idle']['coordinator_cpu_pct_of_core']}% of a"
+            f" core; StartSaga p99 x{figures['start_saga_p99_ratio']}, GetSaga p99"
+            f" x{figures['get_saga_p99_ratio']}; drained at {figures['drain']['sagas_per_s']}/s"
+            f" = {figures['drain_vs_reference']} of {reference['sagas_per_s']}/s"
+        )
+    finally:
+        await env.stop_processes(processes)
+        for role in ("coordinator", *SERVICES):
+            with contextlib.suppress(psycopg.Error):
+                await env.drop_database(prefix + role)
+
+
+async def _restart_participant(env: Environment, participant: Child) -> None:
+    await participant.start()
+    await _wait_consuming(env, {participant.name.rsplit("-", 1)[-1]: participant})
 
 
 def ratios(results: dict[str, Any]) -> None:
@@ -949,6 +1313,7 @@ def targets(results: dict[str, Any]) -> None:
             ("get_saga_ms", "GetSaga"),
             ("get_saga_recent_ms", "GetSaga (newest 10k)"),
             ("list_active_first_page_ms", "ListActive"),
+            ("list_sagas_first_page_ms", "ListSagas (by state and name)"),
         ):
             a, b = lo[key]["p99"], hi[key]["p99"]
             add(
@@ -978,6 +1343,26 @@ def targets(results: dict[str, Any]) -> None:
                     + (o["variants"]["off"].get("disturbed") or [])
                 },
             )
+    p = results.get("peers")
+    if p and "dbos" in p:
+        tp = p["sagaplane"]["throughput"]
+        lat = p["sagaplane"]["latency"]
+        closed, single = p["dbos"]["closed_loop"], p["dbos"]["one_at_a_time_ms"]
+        add(
+            f"Throughput >= {peers.TARGET_THROUGHPUT_RATIO:g}x DBOS closed-loop workflows/s",
+            f"{tp['sagas_per_s']}/s against {closed['workflows_per_s']}/s"
+            f" (x{p['throughput_ratio']})",
+            p["throughput_target_met"],
+            tp,
+        )
+        add(
+            f"at {lat['rate']:g} sagas/s p50 <= DBOS's one-at-a-time p50",
+            f"{lat['start_to_terminal_ms']['p50']} against {single['p50']} ms",
+            p["p50_target_met"],
+            lat,
+        )
+    for target, measured, met, run in growth.targets(results):
+        add(target, measured, met, run)
     results["targets"] = out
 
 
@@ -1071,8 +1456,13 @@ async def run(args: argparse.Namespace) -> int:
         if await phase("setup", env.create_vhost):
             if "baselines" in args.phase_set:
                 await phase("baselines", run_baselines)
-            if args.phase_set & {"throughput", "latency", "fanout", "sweep", "scaling", "watchers"}:
+            system_set = {"throughput", "latency", "fanout", "sweep", "scaling", "watchers"}
+            if args.phase_set & (system_set | {"steps", "context", "peers"}):
                 await phase("system", lambda: system_phases(env, args, results))
+            if "peers" in args.phase_set:
+                await phase("peers", lambda: peers_phase(env, args, results))
+            if "waiting" in args.phase_set:
+                await phase("waiting", lambda: waiting_phase(env, args, results))
             if "starts" in args.phase_set:
                 await phase("starts", lambda: starts_phase(env, args, results))
             if "stored" in args.phase_set:

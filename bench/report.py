@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import observability
+from bench import observability, peers
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -71,6 +71,172 @@ def _breakdown(label: str, run: dict[str, Any]) -> list[str]:
         f"  where the time goes, {label} ({b['steps']} steps; per step, except 'start'):",
         *_table(rows, ["leg (transaction starts, one DB clock)", "p50 ms", "p95 ms", "p99 ms"]),
     ]
+
+
+def _peers(p: dict[str, Any] | None) -> list[str]:
+    """Sagaplane beside DBOS Transact (``--phases peers``)."""
+    if not p or "dbos" not in p:
+        return []
+    tp, lat = p["sagaplane"]["throughput"], p["sagaplane"]["latency"]
+    dbos = p["dbos"]
+    closed, single = dbos["closed_loop"], dbos["one_at_a_time_ms"]
+    lat_ms = lat["start_to_terminal_ms"]
+    lines = [
+        "",
+        f"Beside a peer: DBOS Transact {dbos['version']} ({dbos['api']}), the same 3 steps of"
+        f" one INSERT each, {dbos['context_bytes']:,} B context, on the same PostgreSQL",
+    ]
+    lines += _table(
+        [
+            [
+                "closed loop, per s",
+                tp["sagas_per_s"],
+                closed["workflows_per_s"],
+                _f(p["throughput_ratio"], 3),
+                f"in flight {tp['concurrency']} / {closed['concurrency']}",
+            ],
+            [
+                "  CPU ms each (system)",
+                tp.get("cpu_ms_per_saga"),
+                closed.get("cpu_ms_per_workflow"),
+                _f(p["cpu_ratio"], 3),
+                f"DBOS: its process {_f(closed.get('dbos_cpu_ms_per_workflow'), 2)} +"
+                f" PostgreSQL {_f(closed.get('postgres_cpu_ms_per_workflow'), 2)}",
+            ],
+            [
+                "latency p50 ms",
+                lat_ms.get("p50"),
+                single["p50"],
+                _f(p["p50_ratio"], 3),
+                f"Sagaplane at {lat['rate']:g} sagas/s offered, DBOS one at a time",
+            ],
+            ["latency p99 ms", lat_ms.get("p99"), single["p99"], _f(p["p99_ratio"], 3), ""],
+            [
+                "  transactions each",
+                peers.commits((tp.get("steady") or {}).get("per_saga")),
+                peers.commits(closed.get("per_workflow")),
+                "",
+                "all databases, read-only ones too (pg_stat_database xact_commit;"
+                " Sagaplane: its steady window)",
+            ],
+        ],
+        ["", "Sagaplane", "DBOS", "ratio", "notes"],
+    )
+    lines.append(
+        f"  Sagaplane's figures from {tp.get('from', '?')} and {lat.get('from', '?')};"
+        f" DBOS errors {closed['errors']}, Sagaplane not completed {tp['not_completed']}"
+    )
+    lines += ["  what differs:"] + [f"    - {d}" for d in peers.DIFFERENCES]
+    lines += _disturbed("peers: Sagaplane throughput", tp) + _disturbed("peers: latency", lat)
+    return lines
+
+
+def _growth(results: dict[str, Any]) -> list[str]:
+    """Cost as the work grows (``--phases steps,context,waiting``)."""
+    lines: list[str] = []
+    steps = results.get("steps")
+    if steps:
+        lines += [
+            "",
+            "Steps per saga (open loop, the same steps/s offered each, below capacity; CPU of"
+            " the system under test, the broker counted whole)",
+        ]
+        lines += _table(
+            [
+                [
+                    r["steps"],
+                    r["rate"],
+                    r["terminal"],
+                    r["cpu_ms_per_saga"],
+                    r["cpu_ms_per_step"],
+                    _f(steps["cpu_per_step_ratio"].get(str(r["steps"])), 3),
+                    r["start_to_terminal_ms"]["p50"],
+                    r.get("p50_ms_per_step"),
+                    r["start_to_terminal_ms"]["p99"],
+                    r["not_completed"],
+                ]
+                for r in steps["runs"]
+            ],
+            [
+                "steps",
+                "sagas/s",
+                "sagas",
+                "CPU ms/saga",
+                "CPU ms/step",
+                "vs 3",
+                "p50 ms",
+                "p50 ms/step",
+                "p99 ms",
+                "not completed",
+            ],
+        )
+        for r in steps["runs"]:
+            roles = r.get("cpu_ms_per_step_by_role") or {}
+            lines.append(
+                f"  {r['steps']} steps, CPU ms per step by process: "
+                + ", ".join(f"{k} {_f(v, 2)}" for k, v in roles.items() if k != "harness")
+            )
+        for r in steps["runs"]:
+            lines += _disturbed(f"{r['steps']}-step run", r)
+    context = results.get("context")
+    if context:
+        lines += ["", "Context size (open loop, the standard saga, the same sagas/s each)"]
+        lines += _table(
+            [
+                [
+                    r["context_bytes"],
+                    r["rate"],
+                    r["terminal"],
+                    r["cpu_ms_per_saga"],
+                    r["start_to_terminal_ms"]["p50"],
+                    r["start_to_terminal_ms"]["p99"],
+                    r["not_completed"],
+                ]
+                for r in context["runs"]
+            ],
+            ["context B", "sagas/s", "sagas", "CPU ms/saga", "p50 ms", "p99 ms", "not completed"],
+        )
+        lines.append(
+            f"  CPU per saga, largest / smallest context: {_f(context['cpu_per_saga_ratio'], 3)}"
+        )
+        for r in context["runs"]:
+            lines += _disturbed(f"{r['context_bytes']} B run", r)
+    w = results.get("waiting")
+    if w:
+        idle = w["idle"]
+        lines += [
+            "",
+            f"Waiting sagas: {w['sagas']:,} in flight on a stopped participant ({w['stopped']}),"
+            f" started in {_f(w['start_s'], 1)} s, commands all published after"
+            f" {_f(w['relayed_s'], 1)} s",
+            f"  coordinator idle over {_f(idle['seconds'], 1)} s:"
+            f" {_f(idle['coordinator_cpu_s'], 3)} CPU s ="
+            f" {_f(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
+            f" {_f(idle['machine_busy_pct'])}% busy)",
+        ]
+        rows = []
+        for key, name in (("start_saga_ms", "StartSaga"), ("get_saga_ms", "GetSaga")):
+            a, b = w["calls_idle"][key], w["calls_waiting"][key]
+            ratio = w[f"{key.removesuffix('_ms')}_p99_ratio"]
+            rows.append([name, a["p50"], a["p99"], b["p50"], b["p99"], _f(ratio, 3)])
+        lines += _table(
+            rows,
+            ["one call at a time", "idle p50", "idle p99", "waiting p50", "waiting p99", "p99 x"],
+        )
+        ref = w["reference"]
+        lines.append(
+            f"  drain once it starts again: {w['sagas']:,} sagas in"
+            f" {_f(w['drain']['seconds'], 1)} s"
+            f" = {_f(w['drain']['sagas_per_s'])}/s; the same system's closed loop"
+            f" {_f(ref['sagas_per_s'])}/s: x{_f(w['drain_vs_reference'], 3)}"
+            + (
+                f" (the throughput phase's: x{_f(w['drain_vs_throughput'], 3)})"
+                if w.get("drain_vs_throughput") is not None
+                else ""
+            )
+        )
+        lines += _disturbed("waiting run", w)
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
@@ -366,6 +532,8 @@ def render(results: dict[str, Any]) -> str:
                     s["list_active_first_page_ms"]["p50"],
                     s["list_active_first_page_ms"]["p99"],
                     s["list_active_next_page_ms"]["p99"],
+                    (s.get("list_sagas_first_page_ms") or {}).get("p99"),
+                    (s.get("list_sagas_next_page_ms") or {}).get("p99"),
                     s["coordinator_rss_mb"],
                     s["grow"]["database_mb"],
                     s["grow"]["generate_s"],
@@ -381,6 +549,8 @@ def render(results: dict[str, Any]) -> str:
                 "ListActive p50",
                 "ListActive p99",
                 "next page p99",
+                "ListSagas p99",
+                "next page p99",
                 "coord RSS MiB",
                 "DB MiB",
                 "generate s",
@@ -392,9 +562,11 @@ def render(results: dict[str, Any]) -> str:
     if results.get("observability"):
         lines += observability.render(results["observability"])
 
+    lines += _peers(results.get("peers")) + _growth(results)
+
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issues 6 and 20)"]
+        lines += ["", "Targets (issues 6, 20 and 21)"]
         lines += _table(
             [
                 [

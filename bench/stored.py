@@ -136,12 +136,15 @@ async def time_reads(
 ) -> dict[str, Any]:
     """GetSaga on stored sagas picked uniformly (a cold read at 1M: the tables outgrow
     shared_buffers) and among the newest :data:`RECENT`; ListActive (first page, and a
-    page further on); one call at a time, timed at the client."""
+    page further on); ListSagas filtered by state and name (the same two pages); one
+    call at a time, timed at the client."""
     rng = random.Random(seed)
     get: list[float] = []
     recent: list[float] = []
     first_page: list[float] = []
     next_page: list[float] = []
+    sagas_first: list[float] = []
+    sagas_next: list[float] = []
     async with SagaClient(target, timeout=30) as client:
         for _ in range(20):  # warm the channel and the server's prepared statements
             await client.get_saga(stored_id(rng.randint(1, stored)))
@@ -158,9 +161,24 @@ async def time_reads(
             page = await client.list_active(page_token=token if i % 2 else "")
             (next_page if i % 2 else first_page).append(time.perf_counter() - t)
             token = page.next_page_token
+        # ListSagas: a page filtered by state and name, among every saga stored (finished
+        # ones too), first and further on; an index range scan per state, so its cost
+        # should not grow with the table (0008_watch_and_search.sql).
+        for _ in range(10):
+            await client.list_sagas(states=["completed"], name=SAGA_NAME)
+        token = ""
+        for i in range(list_calls):
+            t = time.perf_counter()
+            page = await client.list_sagas(
+                page_token=token if i % 2 else "", states=["completed"], name=SAGA_NAME
+            )
+            (sagas_next if i % 2 else sagas_first).append(time.perf_counter() - t)
+            token = page.next_page_token
     return {
         "get_saga_ms": summary_ms(get),
         "get_saga_recent_ms": summary_ms(recent),
         "list_active_first_page_ms": summary_ms(first_page),
         "list_active_next_page_ms": summary_ms(next_page),
+        "list_sagas_first_page_ms": summary_ms(sagas_first),
+        "list_sagas_next_page_ms": summary_ms(sagas_next),
     }

@@ -60,16 +60,54 @@ def make_context(size: int = CONTEXT_BYTES) -> dict[str, Any]:
 
 SHAPES = ("standard", "fanout", "line4")
 """The sagas the load can start: the standard 3 steps in a line; one step, then 3
-independent ones (4 steps, 2 deep); the same 4 steps in a line (4 deep)."""
+independent ones (4 steps, 2 deep); the same 4 steps in a line (4 deep). Besides these,
+``line<N>`` (``line20``, ``line100``: ``--phases steps``) is N steps in a line, going
+round the three services' actions (:func:`line_steps`)."""
+
+_ROUND = (
+    ("orders.create", "orders.cancel", {"sku": "bench-sku-1", "qty": 1}),
+    ("inventory.reserve", "inventory.release", {"sku": "bench-sku-1", "qty": 1}),
+    ("payment.charge", "payment.refund", {"amount": 42}),
+)
 
 
-def start_request(*, fail: bool = False, shape: str = "standard") -> StartSagaRequest:
-    """The StartSaga request of the workload (:data:`SHAPES`); every step has a
-    compensation, and the charge fails when ``fail``.
+def line_steps(n: int, *, fail: bool = False) -> list[dict[str, Any]]:
+    """N steps in a line, orders, inventory, payment, orders, ...; the last one fails
+    when ``fail``."""
+    steps = []
+    for i in range(n):
+        action, undo, given = _ROUND[i % len(_ROUND)]
+        steps.append(step(f"s{i + 1}", action, undo, {**given, "fail": fail and i == n - 1}))
+    return steps
+
+
+def steps_in(shape: str) -> int:
+    """How many steps a saga of ``shape`` has."""
+    if shape == "standard":
+        return 3
+    if shape in SHAPES:
+        return 4
+    return int(shape.removeprefix("line"))
+
+
+def start_request(
+    *, fail: bool = False, shape: str = "standard", context_bytes: int = CONTEXT_BYTES
+) -> StartSagaRequest:
+    """The StartSaga request of the workload (:data:`SHAPES`, or ``line<N>``), with a
+    context of ``context_bytes``; every step has a compensation, and the charge (the
+    last step of a ``line<N>``) fails when ``fail``.
 
     Parsed once from its JSON form, then sent as is with
     :meth:`~sagaplane.SagaClient.start_saga_request`: building it for every saga would
     add the harness's CPU to what is measured."""
+    if shape not in SHAPES:
+        return parse_start_request(
+            {
+                "name": SAGA_NAME,
+                "steps": line_steps(steps_in(shape), fail=fail),
+                "context": make_context(context_bytes),
+            }
+        )
     steps: list[dict[str, Any]] = [
         step("create", "orders.create", "orders.cancel", {"sku": "bench-sku-1", "qty": 1}),
         step("reserve", "inventory.reserve", "inventory.release", {"sku": "bench-sku-1", "qty": 1}),
@@ -80,7 +118,9 @@ def start_request(*, fail: bool = False, shape: str = "standard") -> StartSagaRe
     if shape == "fanout":
         for s in steps[1:]:
             s["depends_on"] = ["create"]
-    return parse_start_request({"name": SAGA_NAME, "steps": steps, "context": make_context()})
+    return parse_start_request(
+        {"name": SAGA_NAME, "steps": steps, "context": make_context(context_bytes)}
+    )
 
 
 def step(name: str, action: str, undo: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +311,8 @@ class Load:
     fail_rate: float = 0.0
     rpc_timeout: float = 30.0
     shape: str = "standard"
-    """Which saga it starts (:data:`SHAPES`)."""
+    """Which saga it starts (:data:`SHAPES`, or ``line<N>``)."""
+    context_bytes: int = CONTEXT_BYTES
     on_started: Callable[[str], None] | None = None
     """Called with each saga's id as its StartSaga returns (the watchers phase)."""
     _clients: list[SagaClient] = field(default_factory=list)
@@ -281,8 +322,8 @@ class Load:
     _next: int = 0
 
     def __post_init__(self) -> None:
-        self._ok = start_request(shape=self.shape)
-        self._fail = start_request(fail=True, shape=self.shape)
+        self._ok = start_request(shape=self.shape, context_bytes=self.context_bytes)
+        self._fail = start_request(fail=True, shape=self.shape, context_bytes=self.context_bytes)
 
     async def __aenter__(self) -> Load:
         self._clients = [SagaClient(t, timeout=self.rpc_timeout) for t in self.targets]

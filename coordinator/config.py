@@ -5,9 +5,12 @@ parses them (``coordinator.cli.server``)."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from coordinator import retention
+from coordinator.retention import Retention
 from sagaplane import defaults
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.urls import redact
@@ -46,6 +49,26 @@ class Settings:
     metrics_listen: str | None = None
     """Prometheus ``/metrics`` address host:port; None serves no metrics and opens no
     port (SAGAPLANE_METRICS_LISTEN)."""
+    retention: Retention = field(default_factory=Retention)
+    """What is deleted when (``--retention``, ``--retention-for``, ``--outbox-retention``;
+    see coordinator.retention)."""
+    http_listen: str | None = None
+    """The operator web page's address host:port; None serves no page and opens no port
+    (SAGAPLANE_HTTP_LISTEN)."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) of the gRPC server; with ``tls_key``, gRPC is served over
+    TLS (SAGAPLANE_TLS_CERT)."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert`` (SAGAPLANE_TLS_KEY)."""
+    tls_client_ca: str | None = None
+    """PEM CA certificate(s): every client must present a certificate they signed (mTLS;
+    needs ``tls_cert``) (SAGAPLANE_TLS_CLIENT_CA)."""
+    insecure: bool = False
+    """Serve plaintext gRPC on a non-loopback address (SAGAPLANE_INSECURE=1); without it
+    the coordinator refuses to (see coordinator.api.tls)."""
+    auth_tokens: str | None = None
+    """The access file: who may call what (coordinator.api.auth); None: everyone may do
+    everything (SAGAPLANE_AUTH_TOKENS). Reread on SIGHUP."""
 
 
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -113,6 +136,100 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         help="serve Prometheus metrics at http://HOST:PORT/metrics "
         "[SAGAPLANE_METRICS_LISTEN; default: off]",
     )
+    retention.add_arguments(parser, env)
+    parser.add_argument(
+        "--http-listen",
+        default=env.get("SAGAPLANE_HTTP_LISTEN") or d.http_listen,
+        metavar="HOST:PORT",
+        help="serve the operator web page at http://HOST:PORT/ "
+        "[SAGAPLANE_HTTP_LISTEN; default: off]",
+    )
+    add_security_arguments(parser, env)
+
+
+def add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """TLS and access control flags (see the README's Security section)."""
+    group = parser.add_argument_group("security")
+    group.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_TLS_CERT") or None,
+        help="serve gRPC over TLS with this certificate (chain) [SAGAPLANE_TLS_CERT]",
+    )
+    group.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_TLS_KEY") or None,
+        help="the private key of --tls-cert [SAGAPLANE_TLS_KEY]",
+    )
+    group.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_TLS_CLIENT_CA") or None,
+        help="require client certificates signed by this CA (mTLS) [SAGAPLANE_TLS_CLIENT_CA]",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env.get("SAGAPLANE_INSECURE", "0") in ("1", "true", "yes"),
+        help="allow plaintext gRPC on a non-loopback --listen address [SAGAPLANE_INSECURE=1]",
+    )
+    group.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        default=env.get("SAGAPLANE_AUTH_TOKENS") or None,
+        help="who may call what (tokens by SHA-256 and certificate subjects, each with a "
+        "role); every call needs a known caller; reread on SIGHUP [SAGAPLANE_AUTH_TOKENS]",
+    )
+
+
+class ConfigError(ValueError):
+    """The settings contradict each other or name files that do not do."""
+
+
+def check(settings: Settings) -> None:
+    """Raise ConfigError when the settings cannot be served as asked."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too")
+    if settings.tls_cert is None and not settings.insecure and not is_loopback(settings.listen):
+        raise ConfigError(
+            f"refusing to serve plaintext gRPC on {settings.listen}, which is not a loopback "
+            "address: anyone who can reach it could read and change every saga. Give "
+            "--tls-cert and --tls-key (SAGAPLANE_TLS_CERT, SAGAPLANE_TLS_KEY), or "
+            "--insecure (SAGAPLANE_INSECURE=1) if the network is trusted"
+        )
+    if settings.http_listen is not None:
+        if settings.tls_cert is not None:
+            # The page acts through the gRPC API over a connection of its own, which
+            # cannot yet verify the server's certificate or present a client's.
+            raise ConfigError(
+                "--http-listen cannot be used with --tls-cert yet: the web page would reach "
+                "the TLS API without verifying it; serve the page from a coordinator "
+                "without TLS on a trusted network, or leave it off"
+            )
+        if not settings.insecure and not is_loopback(settings.http_listen):
+            raise ConfigError(
+                f"refusing to serve the web page on {settings.http_listen}, which is not a "
+                "loopback address: it is plain HTTP, and callers' tokens would cross the "
+                "network in clear. Serve it on 127.0.0.1 (behind a TLS proxy), or give "
+                "--insecure (SAGAPLANE_INSECURE=1) if the network is trusted"
+            )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether ``host:port`` accepts connections from this machine only (127.0.0.0/8,
+    ::1, localhost). Without TLS the coordinator listens only there, unless told
+    ``--insecure``: anyone who can reach the port could read every saga and forge
+    requests on the wire."""
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or empty (every interface)
 
 
 def add_database_url(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -152,4 +269,11 @@ def from_args(args: argparse.Namespace) -> Settings:
         migrate=not args.no_migrate,
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,
+        retention=retention.from_args(args),
+        http_listen=args.http_listen or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
+        auth_tokens=args.auth_tokens,
     )

@@ -93,6 +93,7 @@ def history_to_proto(entry: HistoryEntry) -> saga_pb2.HistoryEntry:
         reason=entry.reason or "",
         at=_timestamp(entry.at),
         position=entry.position,
+        caller=entry.caller or "",
     )
 
 

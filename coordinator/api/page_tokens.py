@@ -1,13 +1,16 @@
 """Page tokens of ListActive and ListSagas: opaque, and authenticated with the
 coordinator's key.
 
-A token is ``base64url(version | after | filter | mac)``: the id the next page starts
-below, a digest of the filters it was issued for (ListActive: its name filter; ListSagas:
-:func:`coordinator.api.validation.filter_digest`, which no name can equal), and an
-HMAC-SHA256 (cut to 16 bytes) over both with a key that every coordinator replica reads
-from its database (``sagaplane_keys``, made by a migration). A token is never parsed as anything but
-these fixed-size fields, so a forged, tampered or truncated one is refused before any
-of it is used.
+A token is ``base64url(version | after | [created_at |] filter | mac)``: the id the next
+page starts below; for ListSagas (version 2) also that saga's created_at (microseconds
+since the epoch), so that a page continues where it should even when that saga has been
+deleted since (retention); a digest of the filters it was issued for (ListActive: its
+name filter; ListSagas: :func:`coordinator.api.validation.filter_digest`, which no name
+can equal); and an HMAC-SHA256 (cut to 16 bytes) over all of it with a key that every
+coordinator replica reads from its database (``sagaplane_keys``, made by a migration). A
+token is never parsed as anything but these fixed-size fields, so a forged, tampered or
+truncated one is refused before any of it is used. Version 1 tokens (no created_at) are
+still accepted: the saga's created_at is then looked up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import struct
+from datetime import UTC, datetime, timedelta
 
 from coordinator.errors import BadRequest
 
@@ -23,10 +28,15 @@ MAX_TOKEN_CHARS = 128
 """Longer page tokens are refused unread (a real one has 68 characters)."""
 
 _VERSION = b"\x01"
+_VERSION_AT = b"\x02"
+"""A token that carries its saga's created_at (ListSagas)."""
 _ID_BYTES = 26
+_AT_BYTES = 8
 _FILTER_BYTES = 8
 _MAC_BYTES = 16
 _SIZE = len(_VERSION) + _ID_BYTES + _FILTER_BYTES + _MAC_BYTES
+_SIZES = {_VERSION: _SIZE, _VERSION_AT: _SIZE + _AT_BYTES}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class PageTokens:
@@ -37,10 +47,14 @@ class PageTokens:
             raise ValueError("a page token key needs at least 16 bytes")
         self._key = key
 
-    def encode(self, after: str, name: str) -> str:
+    def encode(self, after: str, name: str, *, created_at: datetime | None = None) -> str:
         """A token to continue a listing filtered by ``name`` (its filters as one string)
-        after the saga ``after``."""
-        raw = _VERSION + after.encode("ascii") + _filter(name)
+        after the saga ``after`` (created at ``created_at``, for a listing in that order)."""
+        if created_at is None:
+            raw = _VERSION + after.encode("ascii") + _filter(name)
+        else:
+            micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+            raw = _VERSION_AT + after.encode("ascii") + struct.pack(">q", micros) + _filter(name)
         return base64.urlsafe_b64encode(raw + self._mac(raw)).decode("ascii").rstrip("=")
 
     def decode(
@@ -53,6 +67,18 @@ class PageTokens:
     ) -> str | None:
         """The id to continue after (None for the first page); BadRequest otherwise,
         saying the token is not one of ``listing``, or was issued for ``filters``."""
+        found = self.position(token, name, listing=listing, filters=filters)
+        return None if found is None else found[0]
+
+    def position(
+        self,
+        token: str,
+        name: str,
+        *,
+        listing: str = "ListActive",
+        filters: str = "a different name filter",
+    ) -> tuple[str, datetime | None] | None:
+        """As :meth:`decode`, with the saga's created_at when the token carries it."""
         if not token:
             return None
         foreign = f"is not a token returned by {listing}"
@@ -63,16 +89,21 @@ class PageTokens:
         except (binascii.Error, ValueError) as exc:
             raise BadRequest("page_token", foreign) from exc
         raw, mac = data[:-_MAC_BYTES], data[-_MAC_BYTES:]
-        if (
-            len(data) != _SIZE
-            or not raw.startswith(_VERSION)
-            or not hmac.compare_digest(mac, self._mac(raw))
-        ):
+        version = raw[: len(_VERSION)]
+        if len(data) != _SIZES.get(version) or not hmac.compare_digest(mac, self._mac(raw)):
             raise BadRequest("page_token", foreign)
-        after = raw[len(_VERSION) : len(_VERSION) + _ID_BYTES].decode("ascii")
+        start = len(_VERSION)
+        after = raw[start : start + _ID_BYTES].decode("ascii")
         if raw[-_FILTER_BYTES:] != _filter(name):
             raise BadRequest("page_token", f"was issued for {filters}")
-        return after
+        created_at = None
+        if version == _VERSION_AT:
+            [micros] = struct.unpack(">q", raw[start + _ID_BYTES : start + _ID_BYTES + _AT_BYTES])
+            try:
+                created_at = _EPOCH + timedelta(microseconds=micros)
+            except OverflowError:  # only a token made with our key gets here: never
+                raise BadRequest("page_token", foreign) from None
+        return after, created_at
 
     def _mac(self, raw: bytes) -> bytes:
         return hmac.new(self._key, raw, hashlib.sha256).digest()[:_MAC_BYTES]

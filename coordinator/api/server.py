@@ -54,10 +54,15 @@ class ApiServer:
 
     @classmethod
     async def bind(
-        cls, listen: str, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+        cls,
+        listen: str,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> ApiServer:
         """A server bound to ``listen`` (``host:port``), not serving yet; ``interceptors``
-        go around the API's own (the metrics' counter sees the final status).
+        go around the API's own (the metrics' counter sees the final status). With
+        ``credentials`` (coordinator.api.tls), the port serves TLS only.
 
         Raises :class:`ListenError`, e.g. ``address in use``, when the address is taken.
         """
@@ -78,7 +83,10 @@ class ApiServer:
         if taken is not None:
             raise ListenError(listen, taken)
         try:
-            port = server.add_insecure_port(listen)
+            if credentials is None:
+                port = server.add_insecure_port(listen)
+            else:
+                port = server.add_secure_port(listen, credentials)
         except RuntimeError:  # gRPC's "Failed to bind to address"
             port = 0
         if port == 0:

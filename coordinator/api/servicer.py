@@ -9,12 +9,13 @@ from typing import Any
 
 import grpc
 
-from coordinator import engine
-from coordinator.api import convert, validation
+from coordinator import engine, tracing
+from coordinator.api import auth, convert, validation
 from coordinator.api.page_tokens import PageTokens
 from coordinator.errors import BadRequest, KeyReused, SlowWatcher
 from coordinator.store.notifications import Listener
 from coordinator.store.repository import SagaStore, Started
+from sagaplane import logs
 from sagaplane.v1 import coordinator_pb2, coordinator_pb2_grpc, saga_pb2
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,20 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
     ) -> coordinator_pb2.StartSagaResponse:
         """Record a saga and dispatch its first step (idempotent with a key)."""
         spec = validation.start_request(request)
-        started = await self._store.start(spec, request=validation.canonical(request))
+        started = await self._store.start(
+            spec,
+            request=validation.canonical(request),
+            trace=tracing.saga_context(context),
+            caller=auth.caller(),
+        )
         if started.created:
-            log.info("saga %s started (%s, %d steps)", started.saga.id, spec.name, len(spec.steps))
+            log.info(
+                "saga %s started (%s, %d steps)",
+                started.saga.id,
+                spec.name,
+                len(spec.steps),
+                extra=logs.fields(started.saga.id),
+            )
         return coordinator_pb2.StartSagaResponse(
             saga=convert.saga_to_proto(started.saga), replayed=not started.created
         )
@@ -94,7 +106,13 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
                 )
 
         try:
-            started = await self._store.start_many(specs, requests=requests, accept=fits)
+            started = await self._store.start_many(
+                specs,
+                requests=requests,
+                accept=fits,
+                trace=tracing.saga_context(context),
+                caller=auth.caller(),
+            )
         except KeyReused as exc:
             raise KeyReused(violations=[v.under("sagas") for v in exc.violations]) from None
         response.replayed.extend(i for i, o in enumerate(started) if not o.created)
@@ -121,6 +139,7 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         transition = await self._store.apply(
             validation.saga_id(request.id),
             engine.CompensateRequested(reason=validation.reason(request.reason)),
+            caller=auth.caller(),
         )
         return coordinator_pb2.CompensateResponse(saga=convert.saga_to_proto(transition.saga))
 
@@ -152,14 +171,18 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         limit = validation.page_size(request.page_size)
         kept = validation.list_filter(request)
         digest = validation.filter_digest(kept)
-        after = self._page_tokens.decode(
+        position = self._page_tokens.position(
             request.page_token, digest, listing="ListSagas", filters="different filters"
         )
-        sagas = await self._store.list_sagas(limit=limit + 1, after=after, filters=kept)
+        after, after_created = position if position is not None else (None, None)
+        sagas = await self._store.list_sagas(
+            limit=limit + 1, after=after, after_created=after_created, filters=kept
+        )
         page = _page(sagas, limit)
         token = ""
         if len(page) < len(sagas):
-            token = self._page_tokens.encode(page[-1].id, digest)
+            last = sagas[len(page) - 1]
+            token = self._page_tokens.encode(last.id, digest, created_at=last.created_at)
         return coordinator_pb2.ListSagasResponse(sagas=page, next_page_token=token)
 
     # A coroutine that writes (grpc.aio's other form of a streaming handler), not the
@@ -200,7 +223,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
             resolution=validation.resolution(request.resolution),
             reason=validation.required_reason(request.reason),
         )
-        transition = await self._store.apply(validation.saga_id(request.id), event)
+        transition = await self._store.apply(
+            validation.saga_id(request.id), event, caller=auth.caller()
+        )
         log.warning(
             "saga %s compensation resolved (%s): %s", request.id, event.resolution, event.reason
         )

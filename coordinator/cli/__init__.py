@@ -1,10 +1,12 @@
 """``sagaplane``: the command line.
 
-Server commands run the coordinator (``serve``) and update its schema (``migrate``);
+Server commands run the coordinator (``serve``), update its schema (``migrate``) and
+delete what has expired (``prune``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
 ``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox,
-``dlq`` on the broker's dead-letter queue. Settings come
+``dlq`` on the broker's dead-letter queue; ``token`` makes entries of the
+coordinator's access file. Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -24,6 +26,7 @@ from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import silence_stdout
 from sagaplane import defaults
 from sagaplane.sagas import SagaState
+from sagaplane.urls import redact
 
 __all__ = ["CliError", "ExitCode", "build_parser", "main"]
 
@@ -63,6 +66,37 @@ def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
     group.add_argument(
         "--json", action="store_true", help="print JSON (for scripts) instead of tables"
     )
+    security = common.add_argument_group("security")
+    security.add_argument(
+        "--token",
+        default=env.get("SAGAPLANE_TOKEN") or None,
+        help="send `authorization: Bearer TOKEN` with every call [SAGAPLANE_TOKEN]",
+    )
+    security.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("SAGAPLANE_TLS", "0") in ("1", "true", "yes"),
+        help="connect over TLS, trusting the system's CAs (implied by the flags below) "
+        "[SAGAPLANE_TLS=1]",
+    )
+    security.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_TLS_CA") or None,
+        help="connect over TLS, trusting the CA in this file [SAGAPLANE_TLS_CA]",
+    )
+    security.add_argument(
+        "--client-cert",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_CLIENT_CERT") or None,
+        help="present this client certificate (mTLS) [SAGAPLANE_CLIENT_CERT]",
+    )
+    security.add_argument(
+        "--client-key",
+        metavar="PEM",
+        default=env.get("SAGAPLANE_CLIENT_KEY") or None,
+        help="the private key of --client-cert [SAGAPLANE_CLIENT_KEY]",
+    )
     return common
 
 
@@ -96,6 +130,8 @@ exit status:
   5  refused: an illegal transition, or an idempotency key reused for another request
   6  watched saga ended, but not as hoped (not completed; compensate: not compensated)
   7  --max-wait passed before the saga ended
+  8  denied: no token or an unknown one (UNAUTHENTICATED), or a role too low for the call
+     (PERMISSION_DENIED)
 
 Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 """
@@ -103,7 +139,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, dlq, imports, outbox, server
+    from coordinator.cli import client, dlq, imports, outbox, server, tokens
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -132,6 +168,15 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     server.add_migrate(
         add("migrate", server.migrate, "Apply the coordinator's pending database migrations."),
+        env,
+    )
+    server.add_prune(
+        add(
+            "prune",
+            server.prune,
+            "Delete what the retention rules say has expired (one pass, as every "
+            "coordinator does every --prune-interval); with --dry-run, only say what.",
+        ),
         env,
     )
     start = add(
@@ -274,6 +319,14 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         ),
         env,
     )
+    tokens.add_token(
+        add(
+            "token",
+            lambda args: ExitCode.USAGE,
+            "Make tokens for the coordinator's access file (--auth-tokens).",
+            epilog=tokens.TOKEN_EPILOG,
+        )
+    )
 
     add(
         "health",
@@ -294,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         parser = build_parser()
     except CliError as exc:
-        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        # Masked again here: an error that quotes a URL must not show its password.
+        print(f"sagaplane: error: {redact(exc.message)}", file=sys.stderr)
         sys.exit(exc.code)
     except ValueError as exc:
         # A SAGAPLANE_* variable that a flag's default is parsed from holds garbage.
@@ -308,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(args)
     except CliError as exc:
-        print(f"sagaplane: error: {exc.message}", file=sys.stderr)
+        # Masked again here: an error that quotes a URL must not show its password.
+        print(f"sagaplane: error: {redact(exc.message)}", file=sys.stderr)
         code = exc.code
     except KeyboardInterrupt:
         code = 130

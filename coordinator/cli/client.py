@@ -18,21 +18,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 
 from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from sagaplane import backoff, durations
-from sagaplane.client import Resolution, SagaClient, parse_start_request
+from sagaplane.client import Resolution, SagaClient, parse_start_request, tls_credentials
 from sagaplane.errors import (
     CoordinatorError,
     CoordinatorUnavailable,
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     SagaNotFound,
+    Unauthenticated,
 )
 from sagaplane.sagas import Saga, SagaState, StepStatus
 from sagaplane.v1 import coordinator_pb2, saga_pb2
@@ -64,16 +67,39 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 @asynccontextmanager
-async def connect(target: str, deadline: float, saga_id: str = "") -> AsyncIterator[SagaClient]:
-    """A :class:`SagaClient` whose calls each get ``deadline`` seconds (0: none), with the
+async def connect(args: argparse.Namespace, saga_id: str = "") -> AsyncIterator[SagaClient]:
+    """A :class:`SagaClient` to ``--coordinator`` whose calls each get ``--timeout``
+    seconds (0: none), over TLS and with a token when the flags say so, with the
     coordinator's errors turned into :class:`CliError`."""
-    client = SagaClient(target, timeout=deadline if deadline > 0 else None)
+    target: str = args.coordinator
+    deadline: float = args.timeout
+    client = SagaClient(
+        target,
+        timeout=deadline if deadline > 0 else None,
+        credentials=_credentials(args),
+        token=args.token or None,
+    )
     try:
         yield client
     except CoordinatorError as exc:
         raise _translate(exc, target, saga_id) from exc
     finally:
         await client.close()
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials from --tls, --tls-ca, --client-cert and --client-key (None:
+    plaintext)."""
+    if not (args.tls or args.tls_ca or args.client_cert or args.client_key):
+        return None
+    try:
+        return tls_credentials(args.tls_ca, cert=args.client_cert, key=args.client_key)
+    except ValueError as exc:
+        raise CliError(f"--client-cert and --client-key: {exc}", ExitCode.USAGE) from exc
+    except OSError as exc:
+        raise CliError(
+            f"cannot read {exc.filename}: {exc.strerror or exc}", ExitCode.USAGE
+        ) from exc
 
 
 def _translate(exc: CoordinatorError, target: str, saga_id: str) -> CliError:
@@ -88,6 +114,14 @@ def _translate(exc: CoordinatorError, target: str, saga_id: str) -> CliError:
         )
     if isinstance(exc, InvalidArgument):
         return CliError(f"the coordinator refused the request: {exc.message}", ExitCode.USAGE)
+    if isinstance(exc, Unauthenticated):
+        return CliError(
+            f"the coordinator does not know who you are ({exc.message}).\n"
+            "Pass a token it knows with --token (SAGAPLANE_TOKEN).",
+            ExitCode.DENIED,
+        )
+    if isinstance(exc, PermissionDenied):
+        return CliError(f"not allowed: {exc.message}", ExitCode.DENIED)
     if isinstance(exc, IllegalTransition | IdempotencyConflict):
         return CliError(f"refused: {exc.message}", ExitCode.REFUSED)
     return CliError(f"the coordinator answered with an error: {exc.message}")
@@ -162,7 +196,7 @@ def start(args: argparse.Namespace) -> int:
 
 
 async def _start(args: argparse.Namespace, request: coordinator_pb2.StartSagaRequest) -> int:
-    async with connect(args.coordinator, args.timeout) as client:
+    async with connect(args) as client:
         reply = await client.start_saga_reply(request)
         saga = reply.saga
         if not args.json:
@@ -203,7 +237,7 @@ def get(args: argparse.Namespace) -> int:
 
 
 async def _get(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as client:
+    async with connect(args, args.id) as client:
         saga = await client.get_saga(args.id, include_history=args.history)
     _show(saga, args, history=args.history)
     return ExitCode.OK
@@ -226,7 +260,7 @@ async def _list(args: argparse.Namespace) -> int:
     since = datetime.now(UTC) - args.since if args.since is not None else None
     sagas: list[saga_pb2.Saga] = []
     more = False
-    async with connect(args.coordinator, args.timeout) as client:
+    async with connect(args) as client:
         token = ""
         while len(sagas) < args.limit:
             size = min(args.limit - len(sagas), 1000)
@@ -281,7 +315,7 @@ def compensate(args: argparse.Namespace) -> int:
 
 
 async def _compensate(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as client:
+    async with connect(args, args.id) as client:
         try:
             saga = await client.compensate(args.id, args.reason)
         except IllegalTransition:
@@ -317,7 +351,7 @@ def watch(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout, args.id) as client:
+    async with connect(args, args.id) as client:
         return await _follow(client, args.id, args, hoped=SagaState.COMPLETED)
 
 
@@ -461,7 +495,7 @@ def resolve(args: argparse.Namespace) -> int:
 
 async def _resolve(args: argparse.Namespace) -> int:
     resolution = Resolution.RETRY if args.retry else Resolution.MARK_COMPENSATED
-    async with connect(args.coordinator, args.timeout, args.id) as client:
+    async with connect(args, args.id) as client:
         saga = await client.resolve_compensation(args.id, resolution, args.reason)
     _show(saga, args)
     return ExitCode.OK
@@ -485,7 +519,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 async def _health(args: argparse.Namespace) -> int:
-    async with connect(args.coordinator, args.timeout) as client:
+    async with connect(args) as client:
         status = await client.health()
     say(render.dumps({"status": status}) if args.json else status)
     return ExitCode.OK if status == "SERVING" else ExitCode.UNAVAILABLE

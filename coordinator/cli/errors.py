@@ -23,6 +23,9 @@ class ExitCode(IntEnum):
     """A watched saga ended, but not completed (for compensate: not compensated)."""
     TIMEOUT = 7
     """``--max-wait`` passed before the saga ended."""
+    DENIED = 8
+    """UNAUTHENTICATED (no token, or an unknown one) or PERMISSION_DENIED (the token's
+    role does not allow the call)."""
 
 
 class CliError(Exception):

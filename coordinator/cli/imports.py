@@ -504,7 +504,7 @@ async def _import(args: argparse.Namespace, rows: list[Row], summary: Summary) -
     code: int = ExitCode.OK
     with _progress(len(rows), args.quiet) as progress:
         try:
-            async with connect(args.coordinator, args.timeout) as client:
+            async with connect(args) as client:
                 await send(client, rows, args.chunk, summary, progress)
         except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us
             summary.interrupted = True

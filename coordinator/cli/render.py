@@ -261,8 +261,15 @@ def history_row(entry: saga_pb2.HistoryEntry, start: datetime | None) -> list[st
         entry.event,
         entry.step_name or "-",
         transition(entry),
-        entry.reason,
+        detail(entry),
     ]
+
+
+def detail(entry: saga_pb2.HistoryEntry) -> str:
+    """The reason given, and who caused the transition when known (``by ci``)."""
+    if not entry.caller:
+        return entry.reason
+    return f"{entry.reason} (by {entry.caller})" if entry.reason else f"by {entry.caller}"
 
 
 def elapsed(entry: saga_pb2.HistoryEntry, start: datetime | None) -> str:

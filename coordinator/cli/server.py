@@ -1,19 +1,19 @@
-"""The server commands: ``serve`` (the coordinator) and ``migrate``."""
+"""The server commands: ``serve`` (the coordinator), ``migrate`` and ``prune``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 from collections.abc import Mapping
 
 import psycopg
 from aiormq.exceptions import AMQPConnectionError
 
-from coordinator import config
+from coordinator import config, retention
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
+from sagaplane import logs, tracing
 from sagaplane.errors import BrokerUnavailable
 from sagaplane.runtime import run
 from sagaplane.topology import UnsupportedBrokerError
@@ -38,15 +38,35 @@ def _log_level(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity [SAGAPLANE_LOG_LEVEL; default %(default)s]",
     )
+    parser.add_argument(
+        "--log-format",
+        # argparse checks a flag against its choices, not a default from env: serve() does.
+        default=env.get("SAGAPLANE_LOG_FORMAT", "text"),
+        choices=logs.FORMATS,
+        help="text for people, json for one JSON object per line "
+        "[SAGAPLANE_LOG_FORMAT; default %(default)s]",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the coordinator until SIGTERM or SIGINT; graceful shutdown, then exit."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    if args.log_format not in logs.FORMATS:
+        raise CliError(
+            f"SAGAPLANE_LOG_FORMAT must be one of {', '.join(logs.FORMATS)}, "
+            f"not {args.log_format!r}",
+            ExitCode.USAGE,
+        )
+    logs.configure(args.log_level, args.log_format)
     settings = config.from_args(args)
-    return run(_serve(settings), event_loop=settings.event_loop)
+    try:
+        tracing.configure("sagaplane-coordinator")
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from exc
+    try:
+        return run(_serve(settings), event_loop=settings.event_loop)
+    finally:
+        # The spans still buffered are exported before the process ends.
+        tracing.shutdown()
 
 
 async def _serve(settings: config.Settings) -> int:
@@ -75,6 +95,8 @@ async def _serve(settings: config.Settings) -> int:
             f"cannot use RabbitMQ at {redact(settings.amqp_url)}: {_first_line(exc)}",
             ExitCode.UNAVAILABLE,
         ) from exc
+    except config.ConfigError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from exc
     except ListenError as exc:
         raise CliError(str(exc), ExitCode.UNAVAILABLE) from exc
     except OSError as exc:
@@ -102,6 +124,65 @@ async def _migrate(database_url: str) -> int:
         say(f"{where}: up to date, nothing to apply")
     for m in applied:
         say(f"{where}: applied {m.component}/{m.version:04d}_{m.name}")
+    return ExitCode.OK
+
+
+def add_prune(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """``prune`` takes the database and the retention rules, as ``serve`` does."""
+    config.add_database_url(parser, env)
+    retention.add_arguments(parser, env)
+    parser.add_argument("--dry-run", action="store_true", help="only say what a pass would delete")
+
+
+def prune(args: argparse.Namespace) -> int:
+    """One retention pass (what a coordinator does every --prune-interval), or with
+    --dry-run what it would delete."""
+    rules = retention.from_args(args)
+    return asyncio.run(_prune(args.database_url, rules, dry_run=args.dry_run))
+
+
+async def _prune(database_url: str, rules: retention.Retention, *, dry_run: bool) -> int:
+    from psycopg_pool import PoolTimeout
+
+    from coordinator.errors import StorageUnavailable
+    from coordinator.messaging.codec import encode_command
+    from coordinator.store.pool import open_pool
+    from coordinator.store.repository import SagaStore
+
+    where = redact(database_url)
+    try:
+        pool = await open_pool(database_url, size=2)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise CliError(
+            f"cannot use PostgreSQL at {where}: {_first_line(exc)}", ExitCode.UNAVAILABLE
+        ) from exc
+    try:
+        pruner = retention.Pruner(SagaStore(pool, encode_command), pool, rules)
+        say(f"{where}: {retention.describe(rules)}")
+        if dry_run:
+            expired, outbox = await pruner.dry_run()
+            for e in expired:
+                say(
+                    f"would delete {e.sagas} {e.name} sagas (ended {e.oldest:%Y-%m-%d %H:%M} "
+                    f"or later), {e.steps} steps, {e.history} history entries"
+                )
+            total = sum(e.sagas for e in expired)
+            say(f"would delete {total} sagas and {outbox} sent outbox rows in all")
+        else:
+            done = await pruner.run_pass()
+            say(
+                f"deleted {done.sagas} sagas ({done.steps} steps, {done.history} history "
+                f"entries) and {done.outbox} sent outbox rows"
+            )
+    except StorageUnavailable as exc:
+        raise CliError(f"lost PostgreSQL at {where}: {exc}", ExitCode.UNAVAILABLE) from exc
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedTable) as exc:
+        raise CliError(
+            f"{where} is not up to date ({_first_line(exc)}): run `sagaplane migrate` first",
+            ExitCode.UNAVAILABLE,
+        ) from exc
+    finally:
+        await pool.close()
     return ExitCode.OK
 
 

@@ -246,6 +246,9 @@ class HistoryEntry:
     """Set by the store from the database clock when read back."""
     position: int = 0
     """Set by the store when read back: larger for every later entry of the saga."""
+    caller: str | None = None
+    """Who caused it (a token's or client certificate's name), for transitions an API
+    call caused while access control is on; set by the store, never by the engine."""
 
 
 @dataclass(frozen=True, kw_only=True)

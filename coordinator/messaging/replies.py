@@ -26,11 +26,11 @@ import logging
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from coordinator.engine import Event
+from coordinator.engine import Event, StepReplied, Transition
 from coordinator.errors import StorageUnavailable, UnknownSaga
 from coordinator.messaging.codec import UndecodableReply, decode_reply
 from coordinator.store.repository import SagaStore
-from sagaplane import backoff, wire
+from sagaplane import backoff, logs, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.runtime import log_crash
 
@@ -157,7 +157,7 @@ class ReplyConsumer:
                 log.exception("reply %s failed; requeueing it", message.message_id)
                 await self._dead.requeue(message, f"{type(exc).__name__}: {exc}")
                 return
-        for (message, _), result in zip(decoded, results, strict=True):
+        for (message, (saga_id, event)), result in zip(decoded, results, strict=True):
             if isinstance(result.error, UnknownSaga):
                 # Can never apply: no such saga here. The dead-letter queue keeps it for a person.
                 await self._dead.send(message, str(result.error), cause="unknown_saga")
@@ -168,7 +168,25 @@ class ReplyConsumer:
                 )
                 continue
             if result.error is not None:
-                log.warning("reply %s not applied: %s", message.message_id, result.error)
+                log.warning(
+                    "reply %s not applied: %s",
+                    message.message_id,
+                    result.error,
+                    extra=_fields(saga_id, event, result.transition),
+                )
             elif result.transition is not None and result.transition.ignored:
-                log.info("reply %s ignored: %s", message.message_id, result.transition.ignored)
+                log.info(
+                    "reply %s ignored: %s",
+                    message.message_id,
+                    result.transition.ignored,
+                    extra=_fields(saga_id, event, result.transition),
+                )
             await settle(message.ack(), message)
+
+
+def _fields(saga_id: str, event: Event, transition: Transition | None) -> dict[str, object]:
+    """The log fields of a reply: its saga, its step's name (when known) and attempt."""
+    if not isinstance(event, StepReplied):
+        return logs.fields(saga_id)
+    step = transition.saga.step_by_id(event.step_id) if transition is not None else None
+    return logs.fields(saga_id, step.name if step is not None else None, event.attempt)

@@ -43,9 +43,10 @@ TASK_NAME = "sagaplane-history-listener"
 """The listener's background task, and its connection's application_name."""
 
 
-PUSHED_LIMIT = 64
-"""Transitions handed to one watcher and not taken yet, at most: past that (a watcher
-that does not read), they are dropped and the watcher reads from the database."""
+PUSHED_LIMIT = 256
+"""History entries handed to one watcher and not taken yet, at most: past that (a
+watcher that does not read), they are dropped and the watcher reads from the database.
+Only the newest saga handed over is kept, however many transitions came."""
 
 
 class Changes:
@@ -56,7 +57,12 @@ class Changes:
         self._changed = asyncio.Event()
         self.seen = 0
         """The newest history position the watcher has sent (it sets this)."""
-        self._pushed: list[tuple[int, Saga, Sequence[HistoryEntry]]] = []
+        # What was handed over since the last take: one chain of transitions, from
+        # position _prior on, or _broken if a link was missing or it grew too long.
+        self._prior: int | None = None
+        self._saga: Saga | None = None
+        self._entries: list[HistoryEntry] = []
+        self._broken = False
         self._upto = 0  # the newest position notified
         self._unknown = False  # woken without a position: read whatever there is
 
@@ -72,25 +78,26 @@ class Changes:
     def push(self, prior: int, saga: Saga, entries: Sequence[HistoryEntry]) -> None:
         """A transition this process committed: ``saga`` as written, with ``entries``,
         which come right after position ``prior`` in its history."""
-        if len(self._pushed) < PUSHED_LIMIT:
-            self._pushed.append((prior, saga, entries))
+        if self._prior is None:
+            self._prior = prior
+        elif not self._entries or prior != self._entries[-1].position:
+            self._broken = True
+        if not self._broken:
+            self._entries += entries
+            self._saga = saga
+            if not entries or len(self._entries) > PUSHED_LIMIT:
+                self._broken = True
+        if self._broken:
+            self._saga, self._entries = None, []
         self._changed.set()
 
     def take(self, after: int) -> tuple[Saga, list[HistoryEntry]] | None:
         """What was pushed, if it continues the history right after ``after`` with
         nothing missing: the newest saga and every entry after ``after``; else None
         (read the database)."""
-        pushed, self._pushed = self._pushed, []
-        saga: Saga | None = None
-        entries: list[HistoryEntry] = []
-        position = after
-        for prior, pushed_saga, pushed_entries in pushed:
-            if prior != position or not pushed_entries:
-                return None
-            saga = pushed_saga
-            entries += pushed_entries
-            position = pushed_entries[-1].position or position
-        if saga is None or len(pushed) == PUSHED_LIMIT:
+        prior, saga, entries, broken = self._prior, self._saga, self._entries, self._broken
+        self._prior, self._saga, self._entries, self._broken = None, None, [], False
+        if broken or saga is None or prior != after:
             return None
         return saga, entries
 
@@ -102,7 +109,7 @@ class Changes:
             await self._changed.wait()
             # Cleared before the caller reads, so a commit after its read wakes it again.
             self._changed.clear()
-            if self._pushed or self._unknown or self._upto > self.seen:
+            if self._prior is not None or self._unknown or self._upto > self.seen:
                 self._unknown = False
                 return
 

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -43,7 +43,7 @@ from coordinator.engine import (
 from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga, Violation
 from coordinator.store.notifications import Listener
 from coordinator.store.queries import q
-from sagaplane import batch
+from sagaplane import batch, tracing
 from sagaplane.outbox import (
     INSERT_MANY,
     INSERT_ONE,
@@ -129,6 +129,8 @@ class Observed:
     """What happened; None for a start."""
     transition: engine.Transition
     """What the engine made of it (``ignored`` set when nothing changed)."""
+    trace_context: Mapping[str, str] | None = None
+    """The saga's stored W3C trace context (None: not traced); see sagaplane.tracing."""
 
 
 Observer = Callable[[Sequence[Observed]], None]
@@ -144,6 +146,28 @@ class ActiveSagas:
     count: int
     oldest_age: float
     """Seconds since the oldest of them started."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pruned:
+    """What one batch of :meth:`SagaStore.prune_sagas` deleted."""
+
+    sagas: int
+    steps: int
+    history: int
+    """History entries."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Expired:
+    """The finished sagas of one name past their retention (see :meth:`SagaStore.expired`)."""
+
+    name: str
+    sagas: int
+    steps: int
+    history: int
+    oldest: datetime
+    """When the one that ended first ended."""
 
 
 @asynccontextmanager
@@ -173,8 +197,19 @@ class SagaStore:
         """This process's WatchSaga listener: handed every committed transition of a
         saga it has watchers for, so that they need not read it back."""
 
-    async def start(self, spec: SagaSpec, *, request: bytes) -> Started:
-        """Record a new saga and the command of its first step.
+    async def start(
+        self,
+        spec: SagaSpec,
+        *,
+        request: bytes,
+        trace: Mapping[str, str] | None = None,
+        caller: str | None = None,
+    ) -> Started:
+        """Record a new saga and the command of its first step; its history entries name
+        ``caller`` (who asked; None: nobody known).
+
+        ``trace`` is the W3C trace context the saga belongs to (StartSaga's span), stored
+        with it and continued by every command (None: not traced).
 
         ``request`` is the StartSaga request as bytes that are the same whenever the
         request is (protobuf's deterministic serialization): with an idempotency key
@@ -184,19 +219,27 @@ class SagaStore:
         fingerprint = _request_hash(request)
         async with self._transaction() as cur:
             [[row]] = await batch.run(cur, [("BEGIN", None), (q("now"), None)])
-            transition = _begin(spec, row["now"])
+            transition = _by(_begin(spec, row["now"]), caller)
             saga = transition.saga
-            insert = (q("insert_saga"), _saga_row(saga) | {"request_hash": fingerprint})
+            insert = (
+                q("insert_saga"),
+                _saga_row(saga) | {"request_hash": fingerprint, "trace_context": _trace(trace)},
+            )
+            traces = {saga.id: trace} if trace else {}
             if spec.idempotency_key is None:
                 # A fresh id cannot conflict: the saga goes in the one batch with the rest.
-                await self._write_and_commit(cur, [transition], new=True, first=[insert])
+                await self._write_and_commit(
+                    cur, [transition], new=True, first=[insert], traces=traces
+                )
             else:
                 # The key may be taken (a replay): see before writing anything else.
                 if not (await batch.run(cur, [insert]))[0]:
                     return await self._replay(cur, spec.idempotency_key, fingerprint)
-                await self._write_and_commit(cur, [transition], new=True)
+                await self._write_and_commit(cur, [transition], new=True, traces=traces)
             if self.observer is not None:
-                self.observer([Observed(before=None, event=None, transition=transition)])
+                self.observer(
+                    [Observed(before=None, event=None, transition=transition, trace_context=trace)]
+                )
             return Started(saga=saga, created=True)
 
     async def start_many(
@@ -205,6 +248,8 @@ class SagaStore:
         *,
         requests: Sequence[bytes],
         accept: Callable[[Sequence[Started]], None] | None = None,
+        trace: Mapping[str, str] | None = None,
+        caller: str | None = None,
     ) -> list[Started]:
         """Record many sagas and their first commands in ONE transaction: all or none.
 
@@ -214,7 +259,8 @@ class SagaStore:
         violations name each such spec by its index (``[17].idempotency_key``), and
         nothing is written. A key given twice here (with the same request, or KeyReused)
         is one saga, in both places. ``accept`` sees the outcomes before the commit and
-        may raise to roll everything back.
+        may raise to roll everything back. ``trace`` is stored with each saga, as for
+        :meth:`start`. The history entries name ``caller``.
 
         Every row goes in a few multi-row statements, in at most three round trips.
         """
@@ -234,12 +280,13 @@ class SagaStore:
                 if key is not None:
                     first[key] = i
                 owner.append(i)
-                new[i] = _begin(spec, row["now"])
+                new[i] = _by(_begin(spec, row["now"]), caller)
             insert = (
                 q("insert_sagas"),
                 {
                     "rows": batch.records(
-                        _saga_row(t.saga) | {"request_hash": fingerprints[i]}
+                        _saga_row(t.saga)
+                        | {"request_hash": fingerprints[i], "trace_context": _trace(trace)}
                         for i, t in new.items()
                     )
                 },
@@ -286,23 +333,30 @@ class SagaStore:
             ]
             if accept is not None:
                 accept(results)
-            await batch.run(cur, [*prefix, *self._insert_new(new.values()), ("COMMIT", None)])
+            await batch.run(
+                cur, [*prefix, *self._insert_new(new.values(), trace), ("COMMIT", None)]
+            )
             if self.observer is not None:
                 self.observer(
-                    [Observed(before=None, event=None, transition=t) for t in new.values()]
+                    [
+                        Observed(before=None, event=None, transition=t, trace_context=trace)
+                        for t in new.values()
+                    ]
                 )
             return results
 
-    def _insert_new(self, transitions: Iterable[engine.Transition]) -> list[batch.Statement]:
+    def _insert_new(
+        self, transitions: Iterable[engine.Transition], trace: Mapping[str, str] | None
+    ) -> list[batch.Statement]:
         """Multi-row inserts of the steps, history and commands of new sagas (whose saga
-        rows are inserted already)."""
+        rows are inserted already), all in the trace ``trace``."""
         steps: list[dict[str, Any]] = []
         history: list[dict[str, Any]] = []
         commands: list[OutboundMessage] = []
         for t in transitions:
             steps += (_step_row(t.saga.id, step) for step in t.saga.steps)
             history += (_history_row(t.saga.id, entry) for entry in t.history)
-            commands += (self._encode(command) for command in t.commands)
+            commands += (self._outbound(command, trace) for command in t.commands)
         statements: list[batch.Statement] = []
         if steps:
             statements.append((q("insert_steps"), {"rows": batch.records(steps)}))
@@ -357,12 +411,21 @@ class SagaStore:
         saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
         return saga, [_history_from_row(r) for r in history_rows]
 
-    async def list_sagas(self, *, limit: int, after: str | None, filters: SagaFilter) -> list[Saga]:
+    async def list_sagas(
+        self,
+        *,
+        limit: int,
+        after: str | None,
+        filters: SagaFilter,
+        after_created: datetime | None = None,
+    ) -> list[Saga]:
         """Sagas matching ``filters``, newest first (by created_at, then id), below the
-        saga ``after`` (keyset pagination)."""
+        saga ``after`` created at ``after_created`` (keyset pagination; without it, the
+        saga's created_at is looked up, and a deleted saga continues nowhere)."""
         params = {
             "limit": limit,
             "after": after,
+            "after_created": after_created,
             "states": [s.value for s in filters.states or SagaState],
             "name": filters.name,
             "created_after": filters.created_after,
@@ -418,9 +481,61 @@ class SagaStore:
                 for row in await cur.fetchall()
             ]
 
-    async def apply(self, saga_id: str, event: Event) -> engine.Transition:
-        """Apply one event in its own transaction; raises UnknownSaga or WrongState."""
-        (result,) = await self.apply_many([(saga_id, event)])
+    async def prune_sagas(
+        self, *, keep: timedelta | None, keep_for: Mapping[str, timedelta | None], limit: int
+    ) -> Pruned:
+        """Delete at most ``limit`` finished sagas that ended longer ago than their name's
+        window (``keep_for``, else ``keep``; None keeps them), with their steps and history.
+
+        One short transaction of two round trips. Sagas locked elsewhere (another pruner,
+        a transition in progress) are skipped, so concurrent pruners share the work and
+        never wait for each other or for anyone. A deleted saga is gone for every API
+        (NOT_FOUND) and its idempotency key is free again.
+        """
+        async with self._transaction() as cur:
+            [claimed] = await batch.run(
+                cur,
+                [("BEGIN", None), (q("prune_claim_sagas"), rule_params(keep, keep_for, limit))],
+            )
+            if not claimed:
+                await cur.execute("COMMIT")
+                return Pruned(sagas=0, steps=0, history=0)
+            ids = {"ids": [row["id"] for row in claimed]}
+            [history], [steps], [sagas] = await batch.run(
+                cur,
+                [
+                    (q("prune_delete_history"), ids),
+                    (q("prune_delete_steps"), ids),
+                    (q("prune_delete_sagas"), ids),
+                    ("COMMIT", None),
+                ],
+            )
+        return Pruned(sagas=sagas["count"], steps=steps["count"], history=history["count"])
+
+    async def expired(
+        self, *, keep: timedelta | None, keep_for: Mapping[str, timedelta | None]
+    ) -> list[Expired]:
+        """What :meth:`prune_sagas` would delete, all batches together, by saga name."""
+        async with self._reading() as cur:
+            await cur.execute(q("expired_sagas"), rule_params(keep, keep_for, 0))
+            return [
+                Expired(
+                    name=row["name"],
+                    sagas=row["sagas"],
+                    steps=int(row["steps"]),
+                    history=int(row["history"]),
+                    oldest=row["oldest"],
+                )
+                for row in await cur.fetchall()
+            ]
+
+    async def apply(
+        self, saga_id: str, event: Event, *, caller: str | None = None
+    ) -> engine.Transition:
+        """Apply one event in its own transaction; raises UnknownSaga or WrongState. The
+        history entries it writes name ``caller`` (who asked; None: nobody known)."""
+        async with self._transaction() as cur:
+            (result,) = await self._apply_in(cur, [(saga_id, event)], begin=True, caller=caller)
         if result.error is not None:
             raise result.error
         assert result.transition is not None
@@ -463,8 +578,10 @@ class SagaStore:
         events: Sequence[tuple[str, Event]],
         *,
         begin: bool,
+        caller: str | None = None,
     ) -> list[Applied]:
-        """Apply ``events`` and commit; with ``begin``, open the transaction too."""
+        """Apply ``events`` and commit; with ``begin``, open the transaction too. Their
+        history entries name ``caller``."""
         ids = sorted({saga_id for saga_id, _ in events})
         saga_rows, step_rows = await batch.run(
             cur,
@@ -476,6 +593,7 @@ class SagaStore:
         )
         steps = _group_steps(step_rows)
         sagas = {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in saga_rows}
+        traces = {row["id"]: row["trace_context"] for row in saga_rows if row["trace_context"]}
         original = dict(sagas)
         results: list[Applied] = []
         transitions: list[engine.Transition] = []
@@ -490,15 +608,20 @@ class SagaStore:
             try:
                 # lock_sagas reads now() with the rows: the transaction's one clock.
                 t = engine.apply(saga, event, now=saga_rows[0]["db_now"], new_token=new_token)
+                t = _by(t, caller)
             except WrongState as exc:
                 results.append(Applied(saga_id=saga_id, transition=None, error=exc))
                 continue
             if self.observer is not None:
-                observed.append(Observed(before=saga, event=event, transition=t))
+                observed.append(
+                    Observed(
+                        before=saga, event=event, transition=t, trace_context=traces.get(saga_id)
+                    )
+                )
             sagas[saga_id] = t.saga
             transitions.append(t)
             results.append(Applied(saga_id=saga_id, transition=t))
-        await self._write_and_commit(cur, transitions, original=original)
+        await self._write_and_commit(cur, transitions, original=original, traces=traces)
         if self.observer is not None:
             self.observer(observed)
         return results
@@ -526,11 +649,13 @@ class SagaStore:
         new: bool = False,
         first: Sequence[batch.Statement] = (),
         original: dict[str, Saga] | None = None,
+        traces: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """Write sagas, changed steps, history and outbox rows, and COMMIT: one batch.
 
         ``new``: the saga rows are inserted (by ``first``, or already), so their steps
         are inserted too, not updated. ``first`` goes at the head of the batch.
+        ``traces``: the stored trace context of the sagas that have one, by id.
         """
         statements = list(first)
         changed = [t for t in transitions if t.ignored is None]
@@ -554,7 +679,7 @@ class SagaStore:
             for entry in t.history
         ]
         statements += [
-            (INSERT_ONE, insert_params(self._encode(command)))
+            (INSERT_ONE, insert_params(self._outbound(command, (traces or {}).get(t.saga.id))))
             for t in changed
             for command in t.commands
         ]
@@ -571,6 +696,16 @@ class SagaStore:
             for saga_id, rows in written.items():
                 entries = [_history_from_row(r) for r in rows]
                 listener.committed(saga_id, rows[0]["prior"], latest[saga_id], entries)
+
+    def _outbound(self, command: Command, trace: Mapping[str, str] | None) -> OutboundMessage:
+        """The outbox row of ``command``; in a traced saga, its AMQP headers carry the
+        context of the command's attempt span (see sagaplane.tracing.child_carrier)."""
+        message = self._encode(command)
+        if trace:
+            headers = tracing.child_carrier(trace, message.message_id)
+            if headers is not None:
+                message = replace(message, headers=headers)
+        return message
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncClientCursor[DictRow]]:
@@ -610,6 +745,23 @@ def _begin(spec: SagaSpec, now: datetime) -> engine.Transition:
         new_token=new_token,
         timeout=spec.timeout,
     )
+
+
+def rule_params(
+    keep: timedelta | None, keep_for: Mapping[str, timedelta | None], limit: int
+) -> dict[str, Any]:
+    """The parameters of the retention statements (``queries.sql``, "retention"):
+    ``keep_for``'s windows, else ``keep``; at most ``limit`` sagas per batch."""
+    return {
+        "keep": keep,
+        "names": list(keep_for),
+        "keeps": list(keep_for.values()),
+        "limit": limit,
+    }
+
+
+def _trace(trace: Mapping[str, str] | None) -> Jsonb | None:
+    return Jsonb(dict(trace)) if trace else None
 
 
 def _reused(position: int, key: str, what: str) -> Violation:
@@ -718,6 +870,13 @@ def _step_row(saga_id: str, step: Step) -> dict[str, Any]:
     }
 
 
+def _by(transition: engine.Transition, caller: str | None) -> engine.Transition:
+    """``transition`` with ``caller`` recorded in each of its history entries."""
+    if caller is None or not transition.history:
+        return transition
+    return replace(transition, history=tuple(replace(e, caller=caller) for e in transition.history))
+
+
 def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
@@ -726,6 +885,7 @@ def _history_row(saga_id: str, entry: HistoryEntry) -> dict[str, Any]:
         "step_name": entry.step_name,
         "event": entry.event,
         "reason": entry.reason,
+        "caller": entry.caller,
     }
 
 
@@ -779,4 +939,5 @@ def _history_from_row(row: DictRow) -> HistoryEntry:
         reason=row["reason"],
         at=row["at"],
         position=row["id"],
+        caller=row["caller"],
     )

@@ -12,7 +12,7 @@ import sys
 
 from examples.shop import demo
 from examples.shop.services import BUILDERS, create_tables
-from sagaplane import defaults
+from sagaplane import defaults, logs
 from sagaplane.runtime import run
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     args = build_parser().parse_args()
     if args.command == "demo":
         sys.exit(demo.run(args))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Text, or JSON lines with SAGAPLANE_LOG_FORMAT=json (as Participant.main does).
+    logs.configure(logging.INFO, os.environ.get("SAGAPLANE_LOG_FORMAT", "text"))
     run(_run(args.command, args.amqp_url, args.database_url))
 
 

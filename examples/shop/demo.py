@@ -259,7 +259,8 @@ class Demo:
             self.say(
                 f"\nKept databases {dbname_of(self.database_url)}*"
                 + (f" and vhost {vhost}" if vhost else "")
-                + f". Look: psql {self.database_url} -c 'TABLE sagaplane_history'"
+                # Masked: a password must not reach the terminal's scrollback (or a CI log).
+                + f". Look: psql {redact(self.database_url)} -c 'TABLE sagaplane_history'"
             )
         else:
             self.step("dropped the demo's databases" + (" and vhost" if vhost else ""))

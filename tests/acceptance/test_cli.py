@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from coordinator.cli import main
+from helpers.cli import SAGAPLANE, Result, sagaplane
 from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.processes import CoordinatorProcess, free_port
 from helpers.shop import Shop, shop, shop_databases
@@ -25,37 +25,8 @@ from sagaplane.testing import Child
 
 __all__ = ["shop", "shop_databases"]  # fixtures, imported for pytest
 
-SAGAPLANE = str(Path(sys.executable).parent / "sagaplane")
+
 NOWHERE = "127.0.0.1:1"  # nothing listens there: connections are refused at once
-
-
-@dataclass
-class Result:
-    """What one run of the command printed, and its exit status."""
-
-    status: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        assert self.status == 0, self.err
-        return json.loads(self.out)
-
-
-async def sagaplane(*args: str, stdin: str | None = None, **env: str) -> Result:
-    """Run the console script with ``args``, with no SAGAPLANE_* setting but ``env``."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
-    proc = await asyncio.create_subprocess_exec(
-        SAGAPLANE,
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean | env,
-    )
-    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
 
 
 def address(coordinator: Coordinator) -> str:

@@ -203,6 +203,7 @@ async def test_the_compose_services_run_the_same_demo(amqp_url: str) -> None:
         "0.0.0.0:9464": f"127.0.0.1:{free_port()}",  # the coordinator's metrics
         "127.0.0.1:50051": f"127.0.0.1:{port}",
         "coordinator:50051": f"127.0.0.1:{port}",
+        "0.0.0.0:8080": f"127.0.0.1:{free_port()}",  # the web page
         "sagaplane": str(VENV_BIN / "sagaplane"),
         "python": sys.executable,
     }

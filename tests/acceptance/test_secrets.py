@@ -62,7 +62,18 @@ async def test_help_shows_urls_with_the_password_masked(command: list[str]) -> N
     assert "app:***@" in out
 
 
-async def test_a_coordinators_logs_hold_no_password(database_url: str, amqp_url: str) -> None:
+@pytest.mark.parametrize(
+    "observability",
+    [
+        {},
+        # JSON lines, and every span printed too (the console exporter writes to stdout).
+        {"SAGAPLANE_LOG_FORMAT": "json", "OTEL_TRACES_EXPORTER": "console"},
+    ],
+    ids=["text", "json-and-spans"],
+)
+async def test_a_coordinators_logs_hold_no_password(
+    database_url: str, amqp_url: str, observability: dict[str, str]
+) -> None:
     user = f"secret-test-{uuid.uuid4().hex[:8]}"
     vhost = amqp_url.rsplit("/", 1)[1]
     await rabbitmqctl("add_user", user, AMQP_SECRET)
@@ -78,6 +89,7 @@ async def test_a_coordinators_logs_hold_no_password(database_url: str, amqp_url:
             SAGAPLANE_LISTEN=f"127.0.0.1:{port}",
             SAGAPLANE_GRACE="1",
             SAGAPLANE_LOG_LEVEL="DEBUG",
+            **observability,
         )
         output: list[str] = []
 

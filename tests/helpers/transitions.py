@@ -61,3 +61,21 @@ async def undo_all(store: SagaStore, saga_id: str) -> None:
                 succeeded=True,
             ),
         )
+
+
+async def fail_compensation(store: SagaStore, saga_id: str, error: str = "undo failed") -> None:
+    """The compensation in flight fails for good: the saga is in compensation_failed."""
+    saga, _ = await store.get(saga_id)
+    step = next(s for s in saga.steps if s.status is engine.StepStatus.COMPENSATING)
+    await store.apply(
+        saga_id,
+        engine.StepReplied(
+            step_id=step.id,
+            kind=CommandKind.COMPENSATE,
+            attempt=step.compensation_attempts,
+            token=step.token or "",
+            succeeded=False,
+            error=error,
+            retryable=False,
+        ),
+    )

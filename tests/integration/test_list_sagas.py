@@ -4,6 +4,7 @@ newest first, filtered, keyset-paginated, and each page read from an index."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -181,13 +182,18 @@ async def test_a_page_is_an_index_range_scan_per_state_that_stops_after_one_page
         )
         await conn.execute("ANALYZE sagaplane_sagas")
         cur = psycopg.AsyncClientCursor(conn)
-        for filters, index in [
+        # A page token carries its saga's created_at (or, from an older version, not).
+        cases = [
             ({"states": ["completed", "failed"], "name": None}, "sagaplane_sagas_by_state"),
             ({"states": states, "name": "n7"}, "sagaplane_sagas_by_state_name"),
-        ]:
+        ]
+        for (filters, index), after_created in itertools.product(
+            cases, [None, datetime.now(UTC) - timedelta(seconds=15000)]
+        ):
             params = {
                 "limit": 51,
                 "after": "00000000000000000000015000",
+                "after_created": after_created,
                 "created_after": datetime.now(UTC) - timedelta(days=30),
                 "created_before": None,
                 "id": None,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aio_pika
 import grpc
 import psycopg
 import pytest
@@ -19,7 +21,9 @@ from coordinator.app import Coordinator
 from coordinator.store.notifications import TASK_NAME
 from coordinator.store.repository import SagaStore
 from helpers.coordinators import coordinator_settings
+from helpers.processes import CoordinatorProcess
 from helpers.transitions import STEPS, request, succeed, undo_all
+from sagaplane import topology
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
@@ -303,3 +307,81 @@ async def test_transitions_its_own_coordinator_commits_are_not_read_back(
     ]
     stored = (await stub.GetSaga(api.GetSagaRequest(id=saga_id))).saga
     assert later[-1].saga == stored
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident set size, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def test_watchers_that_never_read_leave_the_coordinators_memory_flat(
+    stub: Stub, coordinator: Coordinator, database_url: str, amqp_url: str
+) -> None:
+    """20 watchers that never read, on sagas whose every message carries 60 KiB, while
+    each saga goes through 30 transitions: the coordinator that serves them (a process
+    of its own; the transitions are committed by a replica) keeps nothing of what it
+    could not send: its memory does not grow with it. (That such a watcher is cut off
+    is test_a_watcher_that_never_reads_is_cut_off_and_the_server_keeps_serving.)"""
+    # The commands go to a queue that keeps none of them: delivered, so no relay keeps
+    # retrying 60 KiB messages while the memory is read.
+    broker = await aio_pika.connect(amqp_url)
+    channel = await broker.channel()
+    sink = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"}
+    )
+    await sink.bind(topology.COMMANDS_EXCHANGE, "shop.#")
+    served = CoordinatorProcess(database_url, amqp_url)
+    await served.start({"SAGAPLANE_WATCH_SEND_TIMEOUT": "1"})
+    store = store_of(coordinator)
+    big = "x" * 60_000
+    steps, warm = 60, 20
+    # Every step after the first runs beside the others: all commands go out during the
+    # first round, so the rounds measured hold only replies (no 60 KiB command to relay).
+    start = api.StartSagaRequest(
+        name="order.big",
+        steps=[api.StepSpec(name="s0", action="shop.s0")]
+        + [
+            api.StepSpec(name=f"s{i}", action=f"shop.s{i}", depends_on=["s0"])
+            for i in range(1, steps)
+        ],
+    )
+    start.context.fields["blob"].string_value = big
+    start.step_timeout.FromSeconds(3600)  # no attempt times out however slow this runs
+    options = [("grpc.http2.bdp_probe", 0)]
+    channels = [grpc.aio.insecure_channel(served.address, options=options) for _ in range(20)]
+    try:
+        ids = [(await stub.StartSaga(start)).saga.id for _ in channels]
+        streams = [
+            Stub(channel).WatchSaga(api.WatchSagaRequest(id=saga_id))
+            for channel, saga_id in zip(channels, ids, strict=True)
+        ]
+        for stream in streams:
+            await stream.wait_for_connection()
+        # A third of the transitions first: the watchers block and are cut off, the
+        # commands are relayed, and the allocator reaches its working size. Then the
+        # rest, which nobody can send.
+        for _ in range(warm):
+            for saga_id in ids:
+                await succeed(store, saga_id)
+        await asyncio.sleep(2)
+        before = rss_mib(served.pid)
+        for _ in range(steps - warm):
+            for saga_id in ids:
+                await succeed(store, saga_id)
+        await asyncio.sleep(2)
+        grown = rss_mib(served.pid) - before
+        unsent = len(ids) * (steps - warm) * len(big) / 2**20
+        print(f"coordinator RSS {before:.1f} MiB, then {grown:+.1f} MiB; {unsent:.0f} MiB unsent")
+        assert grown < unsent / 10, f"RSS grew {grown:.1f} MiB while {unsent:.0f} MiB went unsent"
+        # It still serves a watcher that reads.
+        async with grpc.aio.insecure_channel(served.address) as reading:
+            messages = [m async for m in Stub(reading).WatchSaga(api.WatchSagaRequest(id=ids[0]))]
+        assert messages[-1].saga.state == model.SAGA_STATE_COMPLETED
+    finally:
+        for slow_channel in channels:
+            await slow_channel.close()
+        await served.stop()
+        await broker.close()

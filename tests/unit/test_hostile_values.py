@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -295,3 +296,13 @@ def test_a_long_history_is_cut_to_fit_keeping_the_first_and_newest_entries() -> 
     small = model.Saga(id=ULID, history=[model.HistoryEntry(event="saga_started")])
     fit_history(small, budget)
     assert [h.event for h in small.history] == ["saga_started"]
+
+
+def test_a_list_sagas_page_token_carries_its_sagas_creation_time() -> None:
+    at = datetime(2026, 12, 1, 22, 59, 36, 123456, tzinfo=UTC)
+    token = TOKENS.encode(ULID, "digest", created_at=at)
+    assert TOKENS.position(token, "digest") == (ULID, at)
+    assert TOKENS.decode(token, "digest") == ULID
+    assert TOKENS.position(TOKENS.encode(ULID, "digest"), "digest") == (ULID, None)
+    with pytest.raises(BadRequest, match="not a token returned by ListSagas"):
+        PageTokens(b"o" * 32).position(token, "digest", listing="ListSagas")

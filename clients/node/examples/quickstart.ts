@@ -3,20 +3,37 @@
 // active sagas, then either compensates it (--compensate) or waits for its end (--wait).
 //
 //   npm run build && node dist/examples/quickstart.js [--address HOST:PORT] [--wait SECONDS] [--compensate]
+//       [--tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]] [--token TOKEN]
 //
+// --tls-ca connects over TLS (with --tls-cert/--tls-key: mTLS); the token (default
+// $SAGAPLANE_TOKEN) goes with every call as `authorization: Bearer TOKEN`.
 // Prints one JSON object per line: {"op": "start" | "get" | "list" | "compensate" | "end", ...},
 // sagas in the protobuf JSON mapping (the same JSON that grpcurl shows).
 import { randomUUID } from "node:crypto";
 
-import { DEFAULT_ADDRESS, Saga, SagaState, SagaplaneClient } from "../src";
+import * as grpc from "@grpc/grpc-js";
 
-function parseArgs(argv: string[]): { address: string; waitSeconds?: number; compensate: boolean } {
-  const args = { address: DEFAULT_ADDRESS, waitSeconds: undefined as number | undefined, compensate: false };
+import { DEFAULT_ADDRESS, Saga, SagaState, SagaplaneClient, TlsFiles, tlsCredentials } from "../src";
+
+interface Args {
+  address: string;
+  waitSeconds?: number;
+  compensate: boolean;
+  tls: TlsFiles;
+  token?: string;
+}
+
+function parseArgs(argv: string[]): Args {
+  const args: Args = { address: DEFAULT_ADDRESS, compensate: false, tls: {} };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--address") args.address = argv[++i];
     else if (arg === "--wait") args.waitSeconds = Number(argv[++i]);
     else if (arg === "--compensate") args.compensate = true;
+    else if (arg === "--tls-ca") args.tls.ca = argv[++i];
+    else if (arg === "--tls-cert") args.tls.cert = argv[++i];
+    else if (arg === "--tls-key") args.tls.key = argv[++i];
+    else if (arg === "--token") args.token = argv[++i];
     else throw new Error(`unknown argument ${arg}`);
   }
   return args;
@@ -28,7 +45,9 @@ function print(op: string, fields: Record<string, unknown>): void {
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const client = new SagaplaneClient(args.address);
+  const tls = args.tls.ca !== undefined || args.tls.cert !== undefined;
+  const credentials = tls ? tlsCredentials(args.tls) : grpc.credentials.createInsecure();
+  const client = new SagaplaneClient(args.address, credentials, { token: args.token });
   try {
     const started = await client.startSaga({
       name: "order.ship",

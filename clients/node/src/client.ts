@@ -1,6 +1,8 @@
 // A promise-based wrapper over the generated @grpc/grpc-js client. It adds nothing to
 // the contract: every call is the RPC of the same name, and `raw` is the generated
 // client for the RPCs (and call styles) this file does not wrap.
+import { readFileSync } from "node:fs";
+
 import * as grpc from "@grpc/grpc-js";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 
@@ -43,6 +45,27 @@ export interface CallOptions {
   metadata?: grpc.Metadata;
 }
 
+/** PEM files (paths) for a TLS channel: the CA that signed the coordinator's certificate
+ * (omitted: the system's roots), and this client's certificate and key for mTLS. */
+export interface TlsFiles {
+  ca?: string;
+  cert?: string;
+  key?: string;
+}
+
+/** TLS channel credentials from PEM files (read now), for `new SagaplaneClient(address, credentials)`. */
+export function tlsCredentials(files: TlsFiles = {}): grpc.ChannelCredentials {
+  if ((files.cert === undefined) !== (files.key === undefined)) {
+    throw new Error("a client certificate and its key go together: give both, or neither");
+  }
+  const read = (path?: string): Buffer | null => (path === undefined ? null : readFileSync(path));
+  return grpc.credentials.createSsl(read(files.ca), read(files.key), read(files.cert));
+}
+
+/** Options of the client itself: grpc-js channel options, and a bearer token sent with
+ * every call (default: $SAGAPLANE_TOKEN; unset: none). */
+export type ClientOptions = Partial<grpc.ClientOptions> & { token?: string };
+
 type Unary<Req, Res> = (
   request: Req,
   metadata: grpc.Metadata,
@@ -54,12 +77,16 @@ export class SagaplaneClient {
   /** The generated client (every RPC, callback style). */
   readonly raw: SagaCoordinatorServiceClient;
 
+  private readonly token: string | undefined;
+
   constructor(
     address: string = DEFAULT_ADDRESS,
     credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
-    options?: Partial<grpc.ClientOptions>,
+    options: ClientOptions = {},
   ) {
-    this.raw = new SagaCoordinatorServiceClient(address, credentials, options);
+    const { token, ...channelOptions } = options;
+    this.token = token ?? (process.env.SAGAPLANE_TOKEN || undefined);
+    this.raw = new SagaCoordinatorServiceClient(address, credentials, channelOptions);
   }
 
   /** StartSaga; resolves to the saga as recorded. Rejects with a grpc.ServiceError. */
@@ -104,7 +131,7 @@ export class SagaplaneClient {
   waitForEnd(id: string, options: { timeoutMs?: number; metadata?: grpc.Metadata } = {}): Promise<Saga> {
     const timeoutMs = options.timeoutMs ?? 60_000;
     return new Promise((resolve, reject) => {
-      const call = this.raw.watchSaga(WatchSagaRequest.fromPartial({ id }), options.metadata ?? new grpc.Metadata());
+      const call = this.raw.watchSaga(WatchSagaRequest.fromPartial({ id }), this.metadata(options.metadata));
       let last: Saga | undefined;
       let settled = false;
       const settle = (outcome: () => void): void => {
@@ -134,11 +161,21 @@ export class SagaplaneClient {
     this.raw.close();
   }
 
+  /** The call's metadata, with `authorization: Bearer <token>` when the client has a
+   * token (and the caller's metadata does not say otherwise). */
+  private metadata(given?: grpc.Metadata): grpc.Metadata {
+    const metadata = given ? given.clone() : new grpc.Metadata();
+    if (this.token && metadata.get("authorization").length === 0) {
+      metadata.set("authorization", `Bearer ${this.token}`);
+    }
+    return metadata;
+  }
+
   private call<Req, Res>(method: Unary<Req, Res>, request: Req, options?: CallOptions): Promise<Res> {
     const callOptions: Partial<grpc.CallOptions> = {};
     if (options?.timeoutMs !== undefined) callOptions.deadline = Date.now() + options.timeoutMs;
     return new Promise((resolve, reject) => {
-      method.call(this.raw, request, options?.metadata ?? new grpc.Metadata(), callOptions, (error, response) =>
+      method.call(this.raw, request, this.metadata(options?.metadata), callOptions, (error, response) =>
         error ? reject(error) : resolve(response),
       );
     });

@@ -1,7 +1,7 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
 from sagaplane import events
-from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request
+from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request, tls_credentials
 from sagaplane.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -15,11 +15,13 @@ from sagaplane.errors import (
     InvalidArgument,
     InvalidEvent,
     NonRetryableError,
+    PermissionDenied,
     ResourceExhausted,
     RetryableError,
     SagaNotFound,
     SagaplaneError,
     StepFailed,
+    Unauthenticated,
     WaitTimeout,
 )
 from sagaplane.events import Event, EventContext
@@ -60,6 +62,7 @@ __all__ = [
     "OutboundMessage",
     "OutboxRelay",
     "Participant",
+    "PermissionDenied",
     "Processed",
     "Resolution",
     "ResourceExhausted",
@@ -75,8 +78,10 @@ __all__ = [
     "StepKind",
     "StepSpec",
     "StepStatus",
+    "Unauthenticated",
     "WaitTimeout",
     "enqueue",
     "events",
     "saga_request",
+    "tls_credentials",
 ]

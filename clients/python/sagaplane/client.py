@@ -13,6 +13,7 @@ through this class, so whatever the API can do, it can do.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sagaplane import defaults, jsonform, structs
+from sagaplane import defaults, jsonform, structs, tracing
 from sagaplane.durations import to_duration
 from sagaplane.errors import (
     CoordinatorError,
@@ -50,6 +51,7 @@ __all__ = [
     "StartedSagas",
     "StepSpec",
     "saga_request",
+    "tls_credentials",
 ]
 
 DEFAULT_TARGET = defaults.COORDINATOR_ADDRESS
@@ -161,8 +163,9 @@ class SagaClient:
     """A connection to the coordinator; use ``async with SagaClient(...) as client:``.
 
     ``target`` is ``host:port`` (default: ``SAGAPLANE_COORDINATOR``, else
-    :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS and ``token`` to send
-    ``authorization: Bearer <token>`` with every call. ``timeout`` is each call's
+    :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS (:func:`tls_credentials`)
+    and ``token`` (default: ``SAGAPLANE_TOKEN``) to send ``authorization: Bearer
+    <token>`` with every call. ``timeout`` is each call's
     deadline in seconds (None: no deadline). With ``wait_for_ready``, a call made while
     the coordinator is unreachable waits (within its deadline) for it to come back
     instead of failing at once. ``options`` are grpc channel options.
@@ -180,6 +183,7 @@ class SagaClient:
     ) -> None:
         self.target = target or os.environ.get("SAGAPLANE_COORDINATOR") or DEFAULT_TARGET
         self._credentials = credentials
+        token = token or os.environ.get("SAGAPLANE_TOKEN")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -217,7 +221,9 @@ class SagaClient:
             return await call(
                 request,
                 timeout=self._timeout if deadline is None else deadline,
-                metadata=self._metadata,
+                # The caller's span, if any, becomes the parent of what the call does
+                # (a saga started by it belongs to the caller's trace).
+                metadata=self._metadata + tracing.outgoing(),
                 wait_for_ready=self._wait_for_ready,
             )
         except grpc.aio.AioRpcError as exc:
@@ -538,6 +544,16 @@ class SagaClient:
                     pass
                 await asyncio.sleep(poll)
 
+    def with_token(self, token: str | None) -> SagaClient:
+        """A client on this one's connection that sends ``token`` (None: no token at all)
+        with every call instead of this client's own: for a server that calls the
+        coordinator on behalf of its own callers, each with their credentials (the web
+        page). Cheap; close only the original (closing either closes the connection)."""
+        self._service()  # connected first, so that the clone shares the channel and stubs
+        clone = copy.copy(self)
+        clone._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return clone
+
     async def close(self) -> None:
         """Close the channel; safe to call twice. Calls in flight are cancelled."""
         channel, self._channel, self._stub, self._health = self._channel, None, None, None
@@ -554,6 +570,29 @@ class SagaClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    *,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials for :class:`SagaClient` from PEM files (read now, blocking): the
+    CA that signed the coordinator's certificate (None: the system's roots), and for
+    mTLS this client's certificate and key."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its key go together: give both, or neither")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
 
 
 def saga_request(

@@ -32,7 +32,7 @@ import psycopg
 from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import PoolTimeout
 
-from sagaplane import backoff, deadlines, wire
+from sagaplane import backoff, deadlines, logs, tracing, wire
 from sagaplane.consuming import DeadLetters, settle
 from sagaplane.handler import Handler
 from sagaplane.inbox import Inbox
@@ -135,6 +135,15 @@ class CommandConsumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         delivery = self._delivery(message)
+        command = delivery.command
+        if command is None:
+            await self._settle(message, delivery)
+            return
+        # Every line logged while this command is handled names its saga, step and attempt.
+        with logs.about(command.saga_id, command.step_name or None, command.attempt):
+            await self._settle(message, delivery)
+
+    async def _settle(self, message: AbstractIncomingMessage, delivery: Delivery) -> None:
         chain = _Chain(self._process, delivery)
         try:
             await chain.run(self._middleware)
@@ -206,6 +215,26 @@ class CommandConsumer:
             return Processed.DEAD_LETTERED
         assert command is not None and kind is not None
         handler = self._handlers[(kind, command.action)]
+        # The handler's span, with its transaction, under the attempt's span that the
+        # coordinator put in the command's headers (and over the reply it writes).
+        with tracing.span(
+            f"{kind} {command.action}",
+            parent=tracing.from_metadata((message.headers or {}).items()),
+            kind="consumer",
+            attributes={
+                "sagaplane.saga_id": command.saga_id,
+                "sagaplane.saga": command.saga_name,
+                "sagaplane.step": command.step_name,
+                "sagaplane.attempt": command.attempt,
+                "sagaplane.action": command.action,
+                "sagaplane.service": self._service,
+            },
+        ):
+            return await self._process_until_stored(delivery, handler)
+
+    async def _process_until_stored(self, delivery: Delivery, handler: Handler) -> Processed:
+        command, kind, message = delivery.command, delivery.kind, delivery.message
+        assert command is not None and kind is not None
         failures = 0
         while True:
             try:

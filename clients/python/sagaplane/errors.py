@@ -15,6 +15,8 @@
         ├── IllegalTransition        FAILED_PRECONDITION
         ├── CoordinatorUnavailable   UNAVAILABLE or DEADLINE_EXCEEDED: try again later
         ├── ResourceExhausted        RESOURCE_EXHAUSTED: e.g. a watch that read too slowly
+        ├── Unauthenticated          UNAUTHENTICATED: no token, or one the coordinator does not know
+        ├── PermissionDenied         PERMISSION_DENIED: the caller's role does not allow the call
         └── WaitTimeout              SagaClient.wait() gave up (also a TimeoutError)
 
 What a handler raises becomes the reply's ``StepError``: ``type`` is the exception's
@@ -54,11 +56,13 @@ __all__ = [
     "InvalidArgument",
     "InvalidEvent",
     "NonRetryableError",
+    "PermissionDenied",
     "ResourceExhausted",
     "RetryableError",
     "SagaNotFound",
     "SagaplaneError",
     "StepFailed",
+    "Unauthenticated",
     "WaitTimeout",
 ]
 
@@ -193,6 +197,14 @@ class ResourceExhausted(CoordinatorError):
     is cut off so: watch again from the last position seen)."""
 
 
+class Unauthenticated(CoordinatorError):
+    """The coordinator requires a token it knows (pass ``token``, or set SAGAPLANE_TOKEN)."""
+
+
+class PermissionDenied(CoordinatorError):
+    """The caller's role does not allow this call."""
+
+
 class WaitTimeout(CoordinatorError, TimeoutError):
     """The saga did not reach a terminal state in time."""
 
@@ -210,6 +222,8 @@ _BY_CODE: dict[grpc.StatusCode, type[CoordinatorError]] = {
     grpc.StatusCode.UNAVAILABLE: CoordinatorUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: CoordinatorUnavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

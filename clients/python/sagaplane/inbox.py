@@ -62,7 +62,7 @@ from psycopg import AsyncClientCursor, AsyncConnection
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import batch, structs, topology, wire
+from sagaplane import batch, structs, topology, tracing, wire
 from sagaplane.deadlines import Deadline
 from sagaplane.errors import DeadlineExceeded, NonRetryableError, StepFailed
 from sagaplane.handler import Handler, StepContext
@@ -209,6 +209,7 @@ class Inbox:
                         outcome = await self._run(conn, handler, ctx, deadline)
                         ran = time.monotonic() - began
                         if not outcome.succeeded:
+                            tracing.fail_current(f"{outcome.error_type}: {outcome.error_message}")
                             # The handler's writes go; the claim, outcome and reply stay.
                             finish.append((_ROLLBACK_TO_SAVEPOINT, None))
                         else:
@@ -520,4 +521,6 @@ def _reply(
         message_type=wire.REPLY_TYPE,
         body=reply.SerializeToString(),
         correlation_id=command.saga_id,
+        # The handler's span (current here): the trace goes back with the reply.
+        headers=tracing.carrier(),
     )

@@ -7,12 +7,13 @@ same transaction as the state change is what makes "state changed" and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.types.json import Jsonb
 
 from sagaplane import batch
 from sagaplane.queries import q
@@ -34,6 +35,8 @@ class OutboundMessage:
     """The serialized protobuf envelope."""
     correlation_id: str | None = None
     """Groups messages for people (the coordinator uses the saga id)."""
+    headers: Mapping[str, str] | None = None
+    """AMQP headers to publish with it: the trace context (see sagaplane.tracing)."""
 
 
 INSERT_ONE = q("insert_outbox_message")
@@ -50,6 +53,7 @@ def insert_params(message: OutboundMessage) -> dict[str, object]:
         "outbox_message_type": message.message_type,
         "outbox_body": message.body,
         "outbox_correlation_id": message.correlation_id,
+        "outbox_headers": Jsonb(dict(message.headers)) if message.headers else None,
     }
 
 
@@ -69,6 +73,7 @@ def insert_many_params(messages: Sequence[OutboundMessage]) -> dict[str, object]
                 "message_type": m.message_type,
                 "body": m.body,
                 "correlation_id": m.correlation_id,
+                "headers": Jsonb(dict(m.headers)) if m.headers else None,
             }
             for m in messages
         )

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, NoReturn, Self, TypeVar
 
@@ -45,7 +47,17 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaplane import amqp, deadlines, defaults, migrations, runtime, topology
+from sagaplane import (
+    amqp,
+    deadlines,
+    defaults,
+    logs,
+    migrations,
+    retention,
+    runtime,
+    topology,
+    tracing,
+)
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
 from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
@@ -88,6 +100,37 @@ E = TypeVar("E", bound=EventHandler)
 
 METRICS_LISTEN_ENV = "SAGAPLANE_PARTICIPANT_METRICS_LISTEN"
 """The environment variable a Participant takes ``metrics_listen`` from."""
+
+INBOX_RETENTION_ENV = "SAGAPLANE_INBOX_RETENTION"
+"""The environment variable a Participant takes ``inbox_retention`` from."""
+
+OUTBOX_RETENTION_ENV = "SAGAPLANE_OUTBOX_RETENTION"
+"""The environment variable a Participant takes ``outbox_retention`` from (the
+coordinator's ``--outbox-retention`` reads the same name)."""
+
+
+def _window(
+    name: str, value: str | timedelta | None, env: str, default: timedelta
+) -> timedelta | None:
+    """A retention window from the argument, else the environment, else the default."""
+    if value is None:
+        value = os.environ.get(env) or default
+    try:
+        return retention.parse_retention(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+
+
+async def _prune_inbox(
+    pool: AsyncConnectionPool[AsyncConnection[Any]], keep: timedelta, limit: int
+) -> int:
+    return await retention.prune_inbox(pool, keep=keep, limit=limit)
+
+
+async def _prune_outbox(
+    pool: AsyncConnectionPool[AsyncConnection[Any]], keep: timedelta, limit: int
+) -> int:
+    return await retention.prune_outbox(pool, keep=keep, limit=limit)
 
 
 def participant_migrations() -> list[migrations.Migration]:
@@ -170,6 +213,15 @@ class Participant:
     Event handlers (:meth:`on_event`) that raise are retried with exponential backoff
     from ``event_retry_initial`` up to ``event_retry_max`` seconds, and the event is
     dead-lettered with the error once ``event_max_attempts`` runs have failed.
+    Retention (:mod:`sagaplane.retention`): every ``prune_interval`` seconds, inbox rows
+    first received longer than ``inbox_retention`` ago (default
+    ``$SAGAPLANE_INBOX_RETENTION``, else 7 days) and outbox rows sent longer than
+    ``outbox_retention`` ago (default ``$SAGAPLANE_OUTBOX_RETENTION``, else 24 hours)
+    are deleted, in small batches that any number of instances can run at once. Each
+    takes a duration (``7d``, ``24h``, a ``timedelta``) or ``"off"`` to keep every row.
+    The inbox window must exceed the longest span over which a copy of a command can
+    still come (a redelivery, a retry of a step whose reply was lost): a copy that comes
+    later runs its handler again (README, "Retention").
     """
 
     def __init__(
@@ -195,6 +247,9 @@ class Participant:
         event_max_attempts: int = 5,
         event_retry_initial: float = 0.5,
         event_retry_max: float = 30.0,
+        inbox_retention: str | timedelta | None = None,
+        outbox_retention: str | timedelta | None = None,
+        prune_interval: float = retention.DEFAULT_INTERVAL,
     ) -> None:
         if not service:
             raise ConfigurationError("service must not be empty")
@@ -225,6 +280,22 @@ class Participant:
             except ValueError as exc:
                 raise ConfigurationError(f"metrics_listen: {exc}") from None
         self._metrics_server: MetricsServer | None = None
+        self._inbox_retention = _window(
+            "inbox_retention",
+            inbox_retention,
+            INBOX_RETENTION_ENV,
+            retention.DEFAULT_INBOX_RETENTION,
+        )
+        self._outbox_retention = _window(
+            "outbox_retention",
+            outbox_retention,
+            OUTBOX_RETENTION_ENV,
+            retention.DEFAULT_OUTBOX_RETENTION,
+        )
+        if not prune_interval > 0:
+            raise ConfigurationError("prune_interval must be a number of seconds > 0")
+        self._prune_interval = prune_interval
+        self._pruner: retention.PruneLoop | None = None
         self._clock_tolerance = clock_tolerance
         self.service = service
         self._amqp_url = amqp_url or os.environ.get("SAGAPLANE_AMQP_URL") or defaults.AMQP_URL
@@ -392,6 +463,11 @@ class Participant:
             return
         if not self._handlers and not self._event_handlers:
             raise ConfigurationError("register at least one step, compensation or event handler")
+        try:
+            # On when the OTEL_* / SAGAPLANE_TRACES_FILE environment asks (sagaplane.tracing).
+            tracing.configure(self.service)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
         self._started = True
         try:
             if self._migrate:
@@ -428,6 +504,8 @@ class Participant:
                 connection_name=self._name,
             )
             await self._relay.start()
+            self._pruner = self._prune_loop(self._pool)
+            await self._pruner.start()
             self._dead_letters = DeadLetters(
                 self._connection, queue=topology.participant_queue(self.service)
             )
@@ -497,6 +575,17 @@ class Participant:
             ", ".join(self.event_patterns),
         )
 
+    def _prune_loop(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> retention.PruneLoop:
+        jobs: dict[str, retention.Job] = {}
+        inbox, outbox = self._inbox_retention, self._outbox_retention
+        if inbox is not None:
+            jobs["inbox rows"] = functools.partial(_prune_inbox, pool, inbox)
+        if outbox is not None:
+            jobs["outbox rows"] = functools.partial(_prune_outbox, pool, outbox)
+        return retention.PruneLoop(
+            jobs, interval=self._prune_interval, name=f"{self._name}-retention"
+        )
+
     async def _serve_metrics(
         self, pool: AsyncConnectionPool[AsyncConnection[Any]]
     ) -> ParticipantMetrics | None:
@@ -533,21 +622,31 @@ class Participant:
     def main(self, *, event_loop: str = "uvloop") -> NoReturn:
         """Run as a program until SIGTERM or Ctrl-C, then exit: status 0 after a clean
         stop, 3 with one line on stderr when PostgreSQL or RabbitMQ cannot be reached,
-        2 for a configuration error. Logs go to stderr (INFO) unless logging is set up."""
+        2 for a configuration error. Logs go to stderr unless logging is set up: at
+        ``SAGAPLANE_LOG_LEVEL`` (INFO), as ``SAGAPLANE_LOG_FORMAT`` (``text``, or ``json``
+        for one JSON object per line; see :mod:`sagaplane.logs`)."""
         if not logging.getLogger().handlers:
-            logging.basicConfig(
-                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-            )
+            log_format = os.environ.get("SAGAPLANE_LOG_FORMAT", "text")
+            if log_format not in logs.FORMATS:
+                print(
+                    f"{self.service}: SAGAPLANE_LOG_FORMAT must be one of "
+                    f"{', '.join(logs.FORMATS)}, not {log_format!r}",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)
+            logs.configure(os.environ.get("SAGAPLANE_LOG_LEVEL", "INFO").upper(), log_format)
         try:
             runtime.run(self.run(), event_loop=event_loop)
         except (DatabaseUnavailable, BrokerUnavailable) as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(3) from None
         except ConfigurationError as exc:
-            print(f"{self.service}: {exc.message}", file=sys.stderr)
+            print(f"{self.service}: {redact(exc.message)}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:  # Ctrl-C: run() has stopped gracefully already
             pass
+        finally:
+            tracing.shutdown()  # the spans still buffered are exported
         raise SystemExit(0)
 
     async def run(self, *, handle_sigterm: bool = True) -> None:
@@ -595,6 +694,8 @@ class Participant:
             await self._consumer.drain(self._shutdown_timeout)
         if self._event_consumer is not None:
             await self._event_consumer.drain(self._shutdown_timeout)
+        if self._pruner is not None:
+            await self._pruner.stop()
         if self._relay is not None:
             try:
                 async with asyncio.timeout(self._connect_timeout):

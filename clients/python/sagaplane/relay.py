@@ -95,6 +95,7 @@ class _Row:
     body: bytes
     correlation_id: str | None
     attempts: int
+    headers: dict[str, Any] | None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -462,6 +463,7 @@ class OutboxRelay:
             type=row.message_type,
             content_type=EVENT_CONTENT_TYPE if is_event else CONTENT_TYPE,
             correlation_id=row.correlation_id,
+            headers=row.headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         # The timeout also covers waiting for a reconnecting connection, which
@@ -623,6 +625,7 @@ def _to_row(record: Sequence[Any]) -> _Row:
         body=bytes(record[5]),
         correlation_id=record[6],
         attempts=record[7],
+        headers=record[8],
     )
 
 

@@ -294,6 +294,12 @@ class HistoryEntry(_View):
         return self.proto.reason
 
     @property
+    def caller(self) -> str:
+        """Who caused it (the name of the token or client certificate of the call);
+        empty when access control is off, and for what replies and timers caused."""
+        return self.proto.caller
+
+    @property
     def at(self) -> datetime | None:
         """When (the database's clock)."""
         return _time(self.proto, "at")

@@ -6,9 +6,9 @@ SELECT now() AS now;
 -- name: insert_saga
 INSERT INTO sagaplane_sagas
     (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-     completed_at, deadline_at)
+     completed_at, deadline_at, trace_context)
 VALUES (%(id)s, %(name)s, %(state)s, %(context)s, %(idempotency_key)s, %(request_hash)s,
-        %(created_at)s, %(updated_at)s, %(completed_at)s, %(deadline_at)s)
+        %(created_at)s, %(updated_at)s, %(completed_at)s, %(deadline_at)s, %(trace_context)s)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 
@@ -22,13 +22,13 @@ RETURNING id;
 -- taken inserts nothing (see select_sagas_by_keys).
 INSERT INTO sagaplane_sagas
     (id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-     completed_at, deadline_at)
+     completed_at, deadline_at, trace_context)
 SELECT id, name, state, context, idempotency_key, request_hash, created_at, updated_at,
-       completed_at, deadline_at
+       completed_at, deadline_at, trace_context
 FROM jsonb_to_recordset(%(rows)s::jsonb)
     AS r (id text, name text, state text, context jsonb, idempotency_key text,
           request_hash bytea, created_at timestamptz, updated_at timestamptz,
-          completed_at timestamptz, deadline_at timestamptz)
+          completed_at timestamptz, deadline_at timestamptz, trace_context jsonb)
 ORDER BY idempotency_key
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
@@ -62,13 +62,14 @@ FROM jsonb_to_recordset(%(rows)s::jsonb)
 
 -- name: insert_histories
 -- In the array's order: a saga's history is read back in id order.
-INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
-SELECT saga_id, from_state, to_state, step_name, event, reason
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason,
+                               caller)
+SELECT saga_id, from_state, to_state, step_name, event, reason, caller
 FROM ROWS FROM (
         jsonb_to_recordset(%(rows)s::jsonb)
         AS (saga_id text, from_state text, to_state text, step_name text, event text,
-            reason text)
-    ) WITH ORDINALITY AS r (saga_id, from_state, to_state, step_name, event, reason, n)
+            reason text, caller text)
+    ) WITH ORDINALITY AS r (saga_id, from_state, to_state, step_name, event, reason, caller, n)
 ORDER BY n;
 
 -- name: find_by_idempotency_key
@@ -104,8 +105,10 @@ SET state = %(state)s, updated_at = %(updated_at)s, completed_at = %(completed_a
 WHERE id = %(id)s;
 
 -- name: insert_history
-INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason)
-VALUES (%(saga_id)s, %(from_state)s, %(to_state)s, %(step_name)s, %(event)s, %(reason)s);
+INSERT INTO sagaplane_history (saga_id, from_state, to_state, step_name, event, reason,
+                               caller)
+VALUES (%(saga_id)s, %(from_state)s, %(to_state)s, %(step_name)s, %(event)s, %(reason)s,
+        %(caller)s);
 
 -- name: lock_sagas
 -- Locks in id order, so that two transactions locking overlapping sets cannot deadlock.
@@ -143,12 +146,13 @@ ORDER BY h.id;
 -- for (sagaplane_sagas_by_state, or _by_state_name with a name; 0008), each stopping
 -- after one page, then the pages merged: the cost of a page does not grow with the
 -- table. Parameters are bound client-side (sagaplane.batch), so a filter left out
--- (NULL) folds away before planning. The page continues below the saga %(after)s,
--- whose created_at is looked up by its primary key. (A token whose saga was deleted since
--- finds nothing below it: once sagas are deleted (retention), the token must carry the
--- created_at itself.)
+-- (NULL) folds away before planning. The page continues below the saga %(after)s created
+-- at %(after_created)s, which the page token carries, so that a page continues where it
+-- should even when that saga has been deleted since (retention); a token of an older
+-- version carries no created_at, which is then looked up by the primary key.
 WITH after AS (
-    SELECT created_at, id FROM sagaplane_sagas WHERE id = %(after)s
+    SELECT coalesce(%(after_created)s::timestamptz,
+                    (SELECT created_at FROM sagaplane_sagas WHERE id = %(after)s)) AS created_at
 )
 SELECT page.* FROM unnest(%(states)s::text[]) AS wanted (state)
 CROSS JOIN LATERAL (
@@ -211,3 +215,85 @@ SELECT name, state, count(*) AS count,
 FROM sagaplane_sagas
 WHERE sagaplane_saga_is_active(state)
 GROUP BY name, state;
+
+-- == retention (coordinator/retention.py; 0009_retention.sql) =========================
+-- Finished sagas whose end (completed_at) is older than their name's window: the
+-- window of %(names)s[i] is %(keeps)s[i], of any other name %(keep)s (a NULL window
+-- keeps them all).
+
+-- name: prune_claim_sagas
+-- At most %(limit)s of them, locked for deletion. SKIP LOCKED: a saga another pruner
+-- (a replica) took, or that a transition holds right now, is left to a later batch, so
+-- two pruners never take the same saga and neither waits. The names come from a skip
+-- scan of sagaplane_sagas_finished (one index probe per name), then each name's expired
+-- sagas from the same index, oldest end first: no pass reads the sagas it keeps.
+WITH RECURSIVE names (name) AS (
+    (SELECT name FROM sagaplane_sagas WHERE sagaplane_saga_is_finished(state)
+     ORDER BY name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.name FROM sagaplane_sagas s
+            WHERE sagaplane_saga_is_finished(s.state) AND s.name > names.name
+            ORDER BY s.name LIMIT 1)
+    FROM names WHERE names.name IS NOT NULL
+), rules AS (
+    SELECT n.name, CASE WHEN o.name IS NULL THEN %(keep)s::interval ELSE o.keep END AS keep
+    FROM names AS n
+    LEFT JOIN unnest(%(names)s::text[], %(keeps)s::interval[]) AS o (name, keep)
+        ON o.name = n.name
+    WHERE n.name IS NOT NULL
+)
+SELECT doomed.id FROM rules
+CROSS JOIN LATERAL (
+    SELECT s.id FROM sagaplane_sagas s
+    WHERE sagaplane_saga_is_finished(s.state) AND s.name = rules.name
+      AND s.completed_at < now() - rules.keep
+    ORDER BY s.completed_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) AS doomed
+LIMIT %(limit)s;
+
+-- name: prune_delete_history
+-- History and steps first, each in a statement of its own: the cascade of the sagas'
+-- delete then finds nothing left to do, and each count is the rows that went.
+WITH deleted AS (DELETE FROM sagaplane_history WHERE saga_id = ANY(%(ids)s::text[]) RETURNING 1)
+SELECT count(*) AS count FROM deleted;
+
+-- name: prune_delete_steps
+WITH deleted AS (DELETE FROM sagaplane_steps WHERE saga_id = ANY(%(ids)s::text[]) RETURNING 1)
+SELECT count(*) AS count FROM deleted;
+
+-- name: prune_delete_sagas
+WITH deleted AS (DELETE FROM sagaplane_sagas WHERE id = ANY(%(ids)s::text[]) RETURNING 1)
+SELECT count(*) AS count FROM deleted;
+
+-- name: expired_sagas
+-- What prune_claim_sagas would take, every batch of it, by name (sagaplane prune
+-- --dry-run): the sagas, their steps and history rows, and the oldest end.
+WITH RECURSIVE names (name) AS (
+    (SELECT name FROM sagaplane_sagas WHERE sagaplane_saga_is_finished(state)
+     ORDER BY name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.name FROM sagaplane_sagas s
+            WHERE sagaplane_saga_is_finished(s.state) AND s.name > names.name
+            ORDER BY s.name LIMIT 1)
+    FROM names WHERE names.name IS NOT NULL
+), rules AS (
+    SELECT n.name, CASE WHEN o.name IS NULL THEN %(keep)s::interval ELSE o.keep END AS keep
+    FROM names AS n
+    LEFT JOIN unnest(%(names)s::text[], %(keeps)s::interval[]) AS o (name, keep)
+        ON o.name = n.name
+    WHERE n.name IS NOT NULL
+), doomed AS (
+    SELECT s.id, s.name, s.completed_at FROM rules
+    JOIN sagaplane_sagas s ON s.name = rules.name
+    WHERE sagaplane_saga_is_finished(s.state) AND s.completed_at < now() - rules.keep
+)
+SELECT d.name, count(*) AS sagas, min(d.completed_at) AS oldest,
+       coalesce(sum((SELECT count(*) FROM sagaplane_steps st WHERE st.saga_id = d.id)), 0)
+           AS steps,
+       coalesce(sum((SELECT count(*) FROM sagaplane_history h WHERE h.saga_id = d.id)), 0)
+           AS history
+FROM doomed AS d
+GROUP BY d.name
+ORDER BY d.name;

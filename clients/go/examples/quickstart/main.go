@@ -4,6 +4,10 @@
 // waits for its end (-wait).
 //
 //	go run ./examples/quickstart [-address HOST:PORT] [-wait 30s] [-compensate]
+//	    [-tls-ca ca.pem [-tls-cert client.pem -tls-key client.key]] [-token TOKEN]
+//
+// -tls-ca connects over TLS (with -tls-cert/-tls-key: mTLS); the token (default
+// $SAGAPLANE_TOKEN) goes with every call as "authorization: Bearer TOKEN".
 //
 // It prints one JSON object per line: {"op": "start" | "get" | "list" | "compensate" |
 // "end", ...}, sagas in the protobuf JSON mapping (the same JSON grpcurl shows).
@@ -12,14 +16,20 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
+	"io/ioutil"
 	"os"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -44,19 +54,57 @@ func main() {
 	address := flag.String("address", defaultAddress, "the coordinator's host:port ($SAGAPLANE_COORDINATOR)")
 	wait := flag.Duration("wait", 0, "wait this long for the saga to end (0: do not wait)")
 	compensate := flag.Bool("compensate", false, "compensate the saga after listing")
+	tlsCA := flag.String("tls-ca", "", "connect over TLS, trusting this PEM CA")
+	tlsCert := flag.String("tls-cert", "", "present this PEM client certificate (mTLS; with -tls-ca)")
+	tlsKey := flag.String("tls-key", "", "the private key of -tls-cert")
+	token := flag.String("token", os.Getenv("SAGAPLANE_TOKEN"), "bearer token sent with every call ($SAGAPLANE_TOKEN)")
 	flag.Parse()
-	if err := run(*address, *wait, *compensate); err != nil {
+	transport, err := transportOption(*tlsCA, *tlsCert, *tlsKey)
+	if err == nil {
+		err = run(*address, transport, *token, *wait, *compensate)
+	}
+	if err != nil {
 		// A gRPC error prints as "rpc error: code = NotFound desc = ...".
 		fmt.Fprintln(os.Stderr, "quickstart:", err)
 		os.Exit(1)
 	}
 }
 
-func run(address string, wait time.Duration, compensate bool) error {
+// transportOption is TLS when a CA is given (with a client certificate: mTLS), else
+// plaintext, as the coordinator listens by default. (WithInsecure exists in every
+// grpc-go version; newer code may prefer credentials/insecure.NewCredentials().)
+func transportOption(caFile, certFile, keyFile string) (grpc.DialOption, error) {
+	if caFile == "" {
+		if certFile != "" || keyFile != "" {
+			return nil, errors.New("-tls-cert and -tls-key need -tls-ca")
+		}
+		return grpc.WithInsecure(), nil
+	}
+	pem, err := ioutil.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+	}
+	config := &tls.Config{RootCAs: roots}
+	if certFile != "" || keyFile != "" {
+		pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(config)), nil
+}
+
+func run(address string, transport grpc.DialOption, token string, wait time.Duration, compensate bool) error {
 	ctx := context.Background()
-	// WithInsecure: plaintext, as the coordinator listens by default. (It exists in every
-	// grpc-go version; newer code may prefer credentials/insecure.NewCredentials().)
-	conn, err := grpc.Dial(address, grpc.WithInsecure())
+	if token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	}
+	conn, err := grpc.Dial(address, transport)
 	if err != nil {
 		return err
 	}

@@ -7,23 +7,24 @@
 -- One outbox row; its parameters are sagaplane.outbox.insert_params (prefixed, so that
 -- they can share a batch of statements with other named parameters).
 INSERT INTO sagaplane_outbox
-    (message_id, exchange, routing_key, message_type, body, correlation_id)
+    (message_id, exchange, routing_key, message_type, body, correlation_id, headers)
 VALUES (%(outbox_message_id)s, %(outbox_exchange)s, %(outbox_routing_key)s,
-        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s);
+        %(outbox_message_type)s, %(outbox_body)s, %(outbox_correlation_id)s,
+        %(outbox_headers)s);
 
 -- name: insert_outbox_messages
 -- Many outbox rows in one statement: %(outbox_rows)s is a JSON array of messages
 -- (sagaplane.outbox.insert_many_params). The rows keep the array's order (their ids,
 -- which the relay publishes in, follow it).
 INSERT INTO sagaplane_outbox
-    (message_id, exchange, routing_key, message_type, body, correlation_id)
-SELECT message_id, exchange, routing_key, message_type, body, correlation_id
+    (message_id, exchange, routing_key, message_type, body, correlation_id, headers)
+SELECT message_id, exchange, routing_key, message_type, body, correlation_id, headers
 FROM ROWS FROM (
         jsonb_to_recordset(%(outbox_rows)s::jsonb)
         AS (message_id text, exchange text, routing_key text, message_type text,
-            body bytea, correlation_id text)
+            body bytea, correlation_id text, headers jsonb)
     ) WITH ORDINALITY
-    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, n)
+    AS r (message_id, exchange, routing_key, message_type, body, correlation_id, headers, n)
 ORDER BY n;
 
 -- == operators' view of the outbox (sagaplane.outbox; `sagaplane outbox`) ===============
@@ -59,7 +60,8 @@ DELETE FROM sagaplane_outbox WHERE id = ANY(%(ids)s) AND sent_at IS NULL RETURNI
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
-SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts
+SELECT id, message_id, exchange, routing_key, message_type, body, correlation_id, attempts,
+       headers
 FROM sagaplane_outbox
 WHERE sent_at IS NULL AND parked_at IS NULL
   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
@@ -183,6 +185,61 @@ SET LOCAL idle_in_transaction_session_timeout = %(ms)s;
 -- name: deadline_transaction_timeout
 -- PostgreSQL 17 and later: the whole transaction, however its time is spent.
 SET LOCAL transaction_timeout = %(ms)s;
+
+-- == retention (sagaplane.retention) =================================================
+-- Each statement is one short transaction that deletes at most %(limit)s rows. Rows
+-- another pruner (a replica) has claimed are skipped, not waited for: replicas share the
+-- work and never delete the same row, and nothing that writes new rows waits for them.
+
+-- name: outbox_prune
+-- Sent rows older than %(keep)s, oldest first. The scan by id stops at the first row
+-- created within the window: a row's sent_at is never before its created_at, so no row
+-- from there on can have been sent before the cutoff (save a few of transactions that
+-- began earlier, taken by a later pass). A pass costs the rows it deletes and the old
+-- unsent (parked) rows it steps over, never the outbox's whole size.
+WITH bound AS (
+    SELECT coalesce(
+        (SELECT id FROM sagaplane_outbox
+         WHERE created_at >= now() - %(keep)s::interval ORDER BY id LIMIT 1),
+        9223372036854775807) AS id
+), doomed AS (
+    SELECT id FROM sagaplane_outbox
+    WHERE id < (SELECT id FROM bound) AND sent_at < now() - %(keep)s::interval
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM sagaplane_outbox WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) AS count FROM deleted;
+
+-- name: outbox_expired
+-- What outbox_prune would delete, every batch of it (sagaplane prune --dry-run).
+SELECT count(*) AS count FROM sagaplane_outbox
+WHERE id < coalesce(
+        (SELECT id FROM sagaplane_outbox
+         WHERE created_at >= now() - %(keep)s::interval ORDER BY id LIMIT 1),
+        9223372036854775807)
+  AND sent_at < now() - %(keep)s::interval;
+
+-- name: inbox_prune
+-- Rows first received longer than %(keep)s ago, oldest first, on sagaplane_inbox_received.
+-- A row whose command is being handled is locked by that transaction: skipped.
+WITH doomed AS (
+    SELECT step_id, kind FROM sagaplane_inbox
+    WHERE received_at < now() - %(keep)s::interval
+    ORDER BY received_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM sagaplane_inbox AS i USING doomed AS d
+    WHERE i.step_id = d.step_id AND i.kind = d.kind
+    RETURNING 1
+)
+SELECT count(*) AS count FROM deleted;
+
+-- name: inbox_expired
+SELECT count(*) AS count FROM sagaplane_inbox WHERE received_at < now() - %(keep)s::interval;
 
 -- == migrations (sagaplane.migrations) =================================================
 

@@ -337,6 +337,7 @@ class HistoryEntry(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     from_state: Global___SagaState.ValueType
     """The saga's state before the transition."""
     to_state: Global___SagaState.ValueType
@@ -355,6 +356,12 @@ class HistoryEntry(_message.Message):
     WatchSagaRequest.after_position resumes from. 0 for an entry made up by the
     coordinator (history_truncated).
     """
+    caller: _builtins.str
+    """Who caused the transition: the name of the caller's token or client certificate
+    (see the README's Security section), for the transitions an API call causes
+    (StartSaga, StartSagas, Compensate, ResolveCompensation). Empty when access
+    control is off, and for what replies and timers cause.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When the transition was committed (the database's clock)."""
@@ -369,10 +376,11 @@ class HistoryEntry(_message.Message):
         reason: _builtins.str = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         position: _builtins.int = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "event", b"event", "from_state", b"from_state", "position", b"position", "reason", b"reason", "step_name", b"step_name", "to_state", b"to_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "caller", b"caller", "event", b"event", "from_state", b"from_state", "position", b"position", "reason", b"reason", "step_name", b"step_name", "to_state", b"to_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

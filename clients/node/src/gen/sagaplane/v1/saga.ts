@@ -331,6 +331,13 @@ export interface HistoryEntry {
    * coordinator (history_truncated).
    */
   position: number;
+  /**
+   * Who caused the transition: the name of the caller's token or client certificate
+   * (see the README's Security section), for the transitions an API call causes
+   * (StartSaga, StartSagas, Compensate, ResolveCompensation). Empty when access
+   * control is off, and for what replies and timers cause.
+   */
+  caller: string;
 }
 
 /** A saga: a sequence of steps, each with an optional undo. */
@@ -924,7 +931,7 @@ export const Step: MessageFns<Step> = {
 };
 
 function createBaseHistoryEntry(): HistoryEntry {
-  return { fromState: 0, toState: 0, stepName: "", event: "", reason: "", at: undefined, position: 0 };
+  return { fromState: 0, toState: 0, stepName: "", event: "", reason: "", at: undefined, position: 0, caller: "" };
 }
 
 export const HistoryEntry: MessageFns<HistoryEntry> = {
@@ -949,6 +956,9 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     }
     if (message.position !== 0) {
       writer.uint32(56).int64(message.position);
+    }
+    if (message.caller !== "") {
+      writer.uint32(66).string(message.caller);
     }
     return writer;
   },
@@ -1022,6 +1032,14 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
             message.position = longToNumber(reader.int64());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.caller = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1055,6 +1073,7 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
       reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
       at: isSet(object.at) ? fromJsonTimestamp(object.at) : undefined,
       position: isSet(object.position) ? globalThis.Number(object.position) : 0,
+      caller: isSet(object.caller) ? globalThis.String(object.caller) : "",
     };
   },
 
@@ -1081,6 +1100,9 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     if (message.position !== 0) {
       obj.position = Math.round(message.position);
     }
+    if (message.caller !== "") {
+      obj.caller = message.caller;
+    }
     return obj;
   },
 
@@ -1096,6 +1118,7 @@ export const HistoryEntry: MessageFns<HistoryEntry> = {
     message.reason = object.reason ?? "";
     message.at = object.at ?? undefined;
     message.position = object.position ?? 0;
+    message.caller = object.caller ?? "";
     return message;
   },
 };
