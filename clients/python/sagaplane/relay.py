@@ -35,7 +35,7 @@ import enum
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -68,6 +68,8 @@ _CLAIM = q("relay_claim")
 _NO_SYNC = q("relay_no_sync")
 _MARK_SENT = q("relay_mark_sent")
 _MARK_FAILED = q("relay_mark_failed")
+_BEGIN_PUBLISHES = q("relay_begin_publishes")
+_FORGET_PUBLISHES = q("relay_forget_publishes")
 
 # Errors after which the loop backs off and tries again rather than dying.
 _RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -98,7 +100,14 @@ class _Row:
 class _Outcome:
     sent: list[int]
     failed: list[tuple[_Row, str]]
+    returned: set[int] = field(default_factory=set)
+    """Ids of the failed rows that the broker returned as unroutable."""
     transport_error: BaseException | None = None
+
+    def fail(self, row: _Row, result: object) -> None:
+        self.failed.append((row, _describe(result)))
+        if isinstance(result, aiormq.exceptions.PublishError):
+            self.returned.add(row.id)
 
 
 class _Kind(enum.Enum):
@@ -133,6 +142,12 @@ class OutboxRelay:
     to ``max_backoff`` seconds; :meth:`stop` waits ``shutdown_timeout`` seconds for the
     cycle in progress; ``connection_name`` names the AMQP connection in the broker.
 
+    Every publish the broker returns as unroutable is counted on its row (``returned``).
+    With ``track_delivery`` (the coordinator's relay) every publish is also counted
+    before it is made, in a transaction of its own, so that a row can be proven never
+    delivered (:mod:`sagaplane.delivery`); that costs one more round trip and commit
+    per batch, and a second pooled connection during it.
+
     Use ``async with relay:`` or :meth:`start` / :meth:`stop` to run it in the
     background; :meth:`run` to supervise it yourself (e.g. in a task group);
     :meth:`relay_once` for one cycle.
@@ -153,6 +168,7 @@ class OutboxRelay:
         shutdown_timeout: float = 10.0,
         listen_conninfo: str | None = None,
         connection_name: str = TASK_NAME,
+        track_delivery: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -171,6 +187,7 @@ class OutboxRelay:
         self._shutdown_timeout = shutdown_timeout
         self._listen_conninfo = listen_conninfo
         self._connection_name = connection_name
+        self._track_delivery = track_delivery
 
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -356,6 +373,7 @@ class OutboxRelay:
         # in flight must never share one: repeated ids go out in a later wave.
         waves = _waves(pending)
         for index, wave in enumerate(waves):
+            await self._begin_publishes(wave)
             results = await asyncio.gather(
                 *(self._publish_row(channel, row) for row in wave), return_exceptions=True
             )
@@ -364,7 +382,7 @@ class OutboxRelay:
                 if kind is _Kind.SENT:
                     outcome.sent.append(row.id)
                 elif kind is _Kind.ROW:
-                    outcome.failed.append((row, _describe(result)))
+                    outcome.fail(row, result)
                 elif kind is _Kind.CHANNEL:
                     suspects.append(row)
                 elif outcome.transport_error is None:
@@ -387,15 +405,29 @@ class OutboxRelay:
             except _RECOVERABLE as exc:
                 outcome.transport_error = exc
                 return
+            await self._begin_publishes([row])
             [result] = await asyncio.gather(self._publish_row(channel, row), return_exceptions=True)
             kind = _classify(result)
             if kind is _Kind.SENT:
                 outcome.sent.append(row.id)
             elif kind is _Kind.ROW or isinstance(result, aiormq.exceptions.ChannelClosed):
-                outcome.failed.append((row, _describe(result)))
+                outcome.fail(row, result)
             else:
                 outcome.transport_error = _as_exception(result)
                 return
+
+    async def _begin_publishes(self, rows: list[_Row]) -> None:
+        """Count a publish begun for each of ``rows``, committed before any is published.
+
+        Only with ``track_delivery``. On a connection of its own: the claim's transaction
+        holds the rows' locks and commits only after the publishes, and a crash in
+        between must still leave the count behind (see :mod:`sagaplane.delivery`). The
+        commit waits for its WAL flush, unlike the claim's.
+        """
+        if not self._track_delivery or not rows:
+            return
+        async with self._pool.connection() as side, side.transaction():
+            await side.execute(_BEGIN_PUBLISHES, ([row.id for row in rows],))
 
     async def _missing_exchanges(self, names: set[str]) -> dict[str, str]:
         """Passively declare the exchanges not seen yet; the missing ones, with the error."""
@@ -449,6 +481,9 @@ class OutboxRelay:
         statements: list[batch.Statement] = []
         if outcome.sent:
             statements.append((_MARK_SENT, (outcome.sent,)))
+            if self._track_delivery:
+                # A sent row can never count as undelivered: its counts are not needed.
+                statements.append((_FORGET_PUBLISHES, (outcome.sent,)))
         if outcome.failed:
             statements.append(
                 (
@@ -459,6 +494,7 @@ class OutboxRelay:
                         "retry_max": self._retry_max,
                         "ids": [row.id for row, _ in outcome.failed],
                         "errors": [error for _, error in outcome.failed],
+                        "returned": [row.id in outcome.returned for row, _ in outcome.failed],
                     },
                 )
             )
