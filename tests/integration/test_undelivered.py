@@ -18,12 +18,14 @@ from typing import Any
 import aio_pika
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from coordinator.app import Coordinator
 from helpers.cli import exit_status
 from helpers.coordinators import coordinator_settings
 from helpers.participants import ParticipantFactory, make_participant, participant_database, uid
-from sagaplane import RetryPolicy, SagaClient, StepContext, StepSpec
+from sagaplane import OutboxRelay, RetryPolicy, SagaClient, StepContext, StepSpec
+from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.testing import Child, free_port
 from sagaplane.topology import COMMANDS_EXCHANGE
 
@@ -273,5 +275,54 @@ async def test_a_publish_confirmed_before_its_relay_was_killed_is_still_compensa
             step = (await client.get_saga(saga.id)).step("create")
         assert step.outcome_unknown
         assert step.compensation_attempts >= 1
+    finally:
+        await connection.close()
+
+
+async def test_a_tracking_relay_counts_each_publish_before_it_and_each_return_after_it(
+    database_url: str, amqp_url: str
+) -> None:
+    action = f"nobody.home.{uid()}"
+    message = OutboundMessage(
+        message_id=f"m-{uid()}",
+        exchange=COMMANDS_EXCHANGE,
+        routing_key=action,
+        message_type="test",
+        body=b"x",
+    )
+
+    async def counts() -> tuple[Any, ...] | None:
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            cur = await conn.execute(
+                "SELECT o.attempts, o.returned, p.begun, o.sent_at IS NOT NULL "
+                "FROM sagaplane_outbox o LEFT JOIN sagaplane_outbox_publishes p "
+                "ON p.outbox_id = o.id WHERE o.message_id = %s",
+                (message.message_id,),
+            )
+            return await cur.fetchone()
+
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        # Two connections: the claim's, and the one the counts are committed on.
+        async with AsyncConnectionPool(database_url, min_size=2, max_size=2, open=False) as pool:
+            async with pool.connection() as conn:
+                await enqueue(conn, [message])
+            relay = OutboxRelay(pool, amqp_url, retry_initial=0.0, track_delivery=True)
+            try:
+                assert await relay.relay_once() == 0
+                assert await counts() == (1, 1, 1, False)  # returned: every publish so far
+                assert await relay.relay_once() == 0
+                assert await counts() == (2, 2, 2, False)
+                queue = await channel.declare_queue(f"test.{action}", auto_delete=True)
+                await queue.bind(exchange, action)
+                assert await relay.relay_once() == 1
+                # Sent: the counts are dropped (a sent row is never undelivered).
+                assert await counts() == (2, 2, None, True)
+            finally:
+                await relay.stop()
     finally:
         await connection.close()

@@ -8,7 +8,9 @@ broker confirmed it, so a crash anywhere repeats a publish but never loses one. 
 same reason the relay's commit does not wait for its WAL flush
 (``synchronous_commit = off`` for that transaction only): a "sent" lost in a crash is
 one more publish, which receivers deduplicate. A cycle is two round trips to
-PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`).
+PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`), and
+one more with ``track_delivery``: the publishes counted, and committed, before they are
+made (:mod:`sagaplane.delivery` says why).
 
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
 ``attempts`` reaches ``max_attempts``) only when it is that row's fault:
