@@ -45,9 +45,9 @@ __all__ = ["counts", "lock", "not_delivered", "problem", "returned", "withdraw"]
 def problem(routing_key: str) -> str:
     """What GetSaga says about a command that the broker returned as unroutable."""
     return (
-        f"command not delivered: no queue is bound to {routing_key!r} "
+        f'command not delivered: no queue is bound to "{routing_key}" '
         "— is a participant for it running?"
-    ).replace("'", '"')
+    )
 
 
 def lock(message_ids: Sequence[str]) -> batch.Statement:
