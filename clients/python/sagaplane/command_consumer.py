@@ -209,9 +209,11 @@ class CommandConsumer:
         if delivery.refusal is not None:
             return Processed.DEAD_LETTERED
         assert command is not None and kind is not None
-        handler = self._handlers.get((kind, command.action)) or self._no_handler(
-            kind, command.action
-        )
+        handler = self._handlers.get((kind, command.action))
+        # An action without a handler is any name a sender chose: not a metrics label.
+        label = None if handler is not None else ""
+        if handler is None:
+            handler = self._no_handler(kind, command.action)
         failures = 0
         while True:
             try:
@@ -221,6 +223,7 @@ class CommandConsumer:
                     handler,
                     message_id=message.message_id,
                     deadline=delivery.deadline,
+                    label=label,
                 )
             except _TRANSIENT as exc:
                 failures += 1
