@@ -628,7 +628,8 @@ async def _with_proofs(
     """``events``, each told which of its steps' commands in flight provably reached no
     queue (:mod:`sagaplane.delivery`): a timed-out attempt, or the steps a Compensate
     (or the saga's deadline) finds in flight. Their outbox rows are locked here until
-    the commit, waiting for a relay publishing them; the transition withdraws them."""
+    the commit (those a relay is publishing right now are skipped, and prove nothing);
+    the transition withdraws them."""
     asked: dict[int, list[Step]] = {}
     for n, (saga_id, event) in enumerate(events):
         saga = sagas.get(saga_id)
@@ -648,7 +649,10 @@ async def _with_proofs(
     ids = sorted({m for steps in asked.values() for s in steps if (m := _in_flight(s))})
     if not ids:
         return events
-    _, rows = await batch.run(cur, [delivery.lock(ids), delivery.counts(ids)])
+    [locked] = await batch.run(cur, [delivery.lock(ids)])
+    if not locked:
+        return events
+    [rows] = await batch.run(cur, [delivery.counts([row["id"] for row in locked])])
     proven = delivery.not_delivered(rows)
 
     def undelivered(steps: list[Step]) -> dict[str, str]:

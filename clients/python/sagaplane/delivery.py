@@ -6,9 +6,11 @@ was returned by the broker as unroutable. Why that is enough, and why nothing le
 
 1. A relay publishes a row only while its claim's transaction holds the row's lock
    (``FOR UPDATE SKIP LOCKED``), and records the outcome in that same transaction.
-   Whoever takes the row's lock (:data:`LOCK`, which waits) therefore sees no publish
-   in flight: the relay that held it has committed what it learned, or has rolled
-   back / died, and none can claim the row until we commit.
+   Whoever takes the row's lock (:func:`lock`) therefore sees no publish in flight:
+   the relay that held it has committed what it learned, or has rolled back / died,
+   and none can claim the row until we commit. A row that a relay holds right now is
+   skipped rather than waited for, and proves nothing. The counts are read in a later
+   statement (:func:`counts`), whose snapshot is taken once the lock is held.
 2. A relay with ``track_delivery`` counts each publish in
    ``sagaplane_outbox_publishes.begun`` and COMMITS that count (on another connection,
    synchronously) before it publishes. So every publish that ever happened is counted,
@@ -51,14 +53,15 @@ def problem(routing_key: str) -> str:
 
 
 def lock(message_ids: Sequence[str]) -> batch.Statement:
-    """Lock the unsent rows of ``message_ids``, waiting for a relay publishing them."""
+    """Lock the unsent rows of ``message_ids`` that no relay is publishing now; its rows
+    are their ids, for :func:`counts`."""
     return (q("delivery_lock"), {"message_ids": list(message_ids)})
 
 
-def counts(message_ids: Sequence[str]) -> batch.Statement:
-    """Read what the relays recorded of ``message_ids``; after :func:`lock`, in its own
-    statement. Its rows go to :func:`not_delivered`."""
-    return (q("delivery_counts"), {"message_ids": list(message_ids)})
+def counts(ids: Sequence[int]) -> batch.Statement:
+    """Read what the relays recorded of the rows :func:`lock` locked (``ids``), sent once
+    it returned. Its rows go to :func:`not_delivered`."""
+    return (q("delivery_counts"), {"ids": list(ids)})
 
 
 def not_delivered(rows: Iterable[Mapping[str, Any]]) -> set[str]:

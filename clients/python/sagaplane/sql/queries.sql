@@ -74,20 +74,22 @@ DELETE FROM sagaplane_outbox_publishes WHERE outbox_id = ANY(%s);
 -- == delivery proofs and withdrawals (sagaplane.delivery) ==============================
 
 -- name: delivery_lock
--- Waits for a relay that is publishing one of these rows to record what became of it;
--- from then until commit no relay can claim them (its claim skips locked rows).
+-- Rows a relay is publishing right now are skipped, not waited for (a transition never
+-- waits for the broker): what becomes of them is not known, so they prove nothing.
+-- From here until commit no relay can claim the rows locked (its claim skips them).
 SELECT id FROM sagaplane_outbox
 WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL
 ORDER BY id
-FOR UPDATE;
+FOR UPDATE SKIP LOCKED;
 
 -- name: delivery_counts
--- A statement of its own after delivery_lock, so that its snapshot is taken once the
--- locks are held: it sees every count committed by the relay that held them.
+-- Only the rows delivery_lock locked (%(ids)s), in a statement sent after it returned, so
+-- that its snapshot is taken once the locks are held: it sees every count committed by
+-- the relay that held them before.
 SELECT o.message_id,
        bool_and(o.returned >= 1 AND o.returned = coalesce(p.begun, 0)) AS undelivered
 FROM sagaplane_outbox o LEFT JOIN sagaplane_outbox_publishes p ON p.outbox_id = o.id
-WHERE o.message_id = ANY(%(message_ids)s::text[]) AND o.sent_at IS NULL
+WHERE o.id = ANY(%(ids)s::bigint[]) AND o.sent_at IS NULL
 GROUP BY o.message_id;
 
 -- name: delivery_withdraw
