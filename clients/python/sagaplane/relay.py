@@ -148,7 +148,7 @@ class OutboxRelay:
     With ``track_delivery`` (the coordinator's relay) every publish is also counted
     before it is made, in a transaction of its own, so that a row can be proven never
     delivered (:mod:`sagaplane.delivery`); that costs one more round trip and commit
-    per batch, and a second pooled connection during it.
+    per batch, on a connection of the relay's own (made like the LISTEN connection).
 
     Use ``async with relay:`` or :meth:`start` / :meth:`stop` to run it in the
     background; :meth:`run` to supervise it yourself (e.g. in a task group);
@@ -190,6 +190,8 @@ class OutboxRelay:
         self._listen_conninfo = listen_conninfo
         self._connection_name = connection_name
         self._track_delivery = track_delivery
+        # Autocommit: each count commits on its own (see _begin_publishes).
+        self._counts_conn: psycopg.AsyncConnection[Any] | None = None
 
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -428,8 +430,18 @@ class OutboxRelay:
         """
         if not self._track_delivery or not rows:
             return
-        async with self._pool.connection() as side, side.transaction():
-            await side.execute(_BEGIN_PUBLISHES, ([row.id for row in rows],))
+        # A connection of the relay's own, not the pool's: the claim holds one already,
+        # and waiting for a second behind the pool's other users would hold the rows.
+        if self._counts_conn is None or self._counts_conn.closed:
+            conninfo, kwargs = await self._listen_params()
+            self._counts_conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            await self._counts_conn.execute(_BEGIN_PUBLISHES, ([row.id for row in rows],))
+        except BaseException:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
 
     async def _missing_exchanges(self, names: set[str]) -> dict[str, str]:
         """Passively declare the exchanges not seen yet; the missing ones, with the error."""
@@ -560,6 +572,10 @@ class OutboxRelay:
                     await channel.close()
 
     async def _close_amqp(self) -> None:
+        if self._counts_conn is not None:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
         await self._discard_channel()
         if self._amqp_url is not None and self._connection is not None:
             connection, self._connection = self._connection, None
