@@ -171,12 +171,14 @@ async def test_attempts_that_time_out_unrouted_fail_the_step_without_compensatin
         Coordinator(settings) as coordinator,
         SagaClient(f"127.0.0.1:{coordinator.port}") as client,
     ):
+        # 3 s per attempt: time enough for the relay to try each command (a command it
+        # has not tried yet when its attempt times out proves nothing: compensated).
         policy = RetryPolicy(max_attempts=2, initial_interval=0.1)
         saga = await client.start_saga(
             "order.place",
-            [StepSpec("create", "orders.create", "orders.delete", timeout=1, retry_policy=policy)],
+            [StepSpec("create", "orders.create", "orders.delete", timeout=3, retry_policy=policy)],
         )
-        saga = await client.wait(saga.id, timeout=SOON)
+        saga = await client.wait(saga.id, timeout=SOON + 6)
         saga = await client.get_saga(saga.id, include_history=True)
     assert saga.state == "failed"
     step = saga.step("create")
