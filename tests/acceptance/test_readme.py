@@ -218,7 +218,10 @@ async def test_every_grpcurl_command_of_the_walkthrough_works_as_written(
 
     def compensating(r: Ran) -> None:
         saga = r.json()["saga"]
-        assert (saga["id"], saga["state"]) == (saga_id, "SAGA_STATE_COMPENSATING")
+        assert saga["id"] == saga_id
+        # COMPENSATED once the relay found no queue for the command (it is then known
+        # never to have been delivered); COMPENSATING if it had not tried it yet.
+        assert saga["state"] in ("SAGA_STATE_COMPENSATED", "SAGA_STATE_COMPENSATING")
 
     def not_found(r: Ran) -> None:
         assert r.status != 0
@@ -249,7 +252,8 @@ async def test_every_grpcurl_command_of_the_walkthrough_works_as_written(
     # What the walkthrough says happened, happened in the coordinator's database.
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute("SELECT state FROM sagaplane_sagas WHERE id = %s", (saga_id,))
-        assert await cur.fetchall() == [("compensating",)]
+        [(state,)] = await cur.fetchall()
+        assert state in ("compensated", "compensating")
 
 
 # -- the CLI section ---------------------------------------------------------------------

@@ -5,6 +5,7 @@
     │   ├── RetryableError           ... and retrying may succeed
     │   │   └── DeadlineExceeded     the attempt's deadline passed (the SDK's reply)
     │   └── NonRetryableError        ... and retrying cannot help
+    │       └── NoHandler            the participant has no handler for the action (the SDK's reply)
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
     ├── InvalidEvent                 a domain event that cannot be sent as given (also a ValueError)
     ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
@@ -114,6 +115,10 @@ class NonRetryableError(StepFailed):
     """The step failed, and retrying it cannot succeed."""
 
     retryable = False
+
+
+class NoHandler(NonRetryableError):
+    """The participant has no handler for the command's action (the SDK's reply)."""
 
 
 class ConfigurationError(SagaplaneError):

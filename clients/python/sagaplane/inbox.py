@@ -127,9 +127,12 @@ class Inbox:
         *,
         message_id: str | None,
         deadline: Deadline | None = None,
+        label: str | None = None,
     ) -> Processed:
         """Handle one command in one transaction: claim, run or replay, store, reply;
         the handler and the transaction under ``deadline`` (None: no deadline).
+        ``label`` is the action as the metrics count it (None: the command's action;
+        "" for an action this participant has no handler for, which a sender chose).
 
         Returns, once the transaction has committed, whether the handler ran
         (:attr:`~Processed.HANDLED`) or the reply was the inbox's stored outcome
@@ -236,7 +239,7 @@ class Inbox:
             result = processed.value
             if processed is Processed.HANDLED:
                 result = "succeeded" if outcome.succeeded else "failed"
-            self._metrics.handled(command.action, kind, result, ran)
+            self._metrics.handled(command.action if label is None else label, kind, result, ran)
         return processed
 
     async def _run(

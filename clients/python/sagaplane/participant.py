@@ -191,7 +191,7 @@ class Participant:
     ``call_next()`` returns a :class:`~sagaplane.middleware.Processed`: whether the
     handler ran (``HANDLED``), the inbox re-sent a stored outcome (``REPLAYED``), an
     execute after its compensation was refused (``REFUSED``), the message is
-    dead-lettered (``DEAD_LETTERED``: not a valid command, or no handler; see
+    dead-lettered (``DEAD_LETTERED``: not a valid command; see
     ``delivery.refusal``) or requeued (``REQUEUED``: stopped during a database outage).
     The message is settled after the outermost middleware returns. An exception from a
     middleware or from ``call_next()`` is a processing failure: the message is
@@ -385,8 +385,9 @@ class Participant:
     @property
     def dead_lettered(self) -> Mapping[str, int]:
         """Commands and events this participant dead-lettered, by cause (``undecodable``,
-        ``unknown_action``, ``failed``; events' as ``event_undecodable`` and
-        ``event_failed``); see :mod:`sagaplane.consuming`."""
+        ``failed``; events' as ``event_undecodable`` and ``event_failed``); see
+        :mod:`sagaplane.consuming`. A command for an action without a handler is not
+        dead-lettered: it is answered with a non-retryable failure."""
         counts = dict(self._dead_letters.counts) if self._dead_letters is not None else {}
         if self._event_dead_letters is not None:
             counts.update({f"event_{k}": v for k, v in self._event_dead_letters.counts.items()})

@@ -8,7 +8,9 @@ broker confirmed it, so a crash anywhere repeats a publish but never loses one. 
 same reason the relay's commit does not wait for its WAL flush
 (``synchronous_commit = off`` for that transaction only): a "sent" lost in a crash is
 one more publish, which receivers deduplicate. A cycle is two round trips to
-PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`).
+PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`), and
+one more with ``track_delivery``: the publishes counted, and committed, before they are
+made (:mod:`sagaplane.delivery` says why).
 
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
 ``attempts`` reaches ``max_attempts``) only when it is that row's fault:
@@ -71,6 +73,8 @@ _MARK_SENT = q("relay_mark_sent")
 _MARK_FAILED = q("relay_mark_failed")
 _MARK_INVALID = q("relay_mark_invalid")
 _EXPIRE = q("relay_expire")
+_BEGIN_PUBLISHES = q("relay_begin_publishes")
+_FORGET_PUBLISHES = q("relay_forget_publishes")
 
 # Errors after which the loop backs off and tries again rather than dying.
 _RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -102,9 +106,16 @@ class _Row:
 class _Outcome:
     sent: list[int]
     failed: list[tuple[_Row, str]]
+    returned: set[int] = field(default_factory=set)
+    """Ids of the failed rows that the broker returned as unroutable."""
     transport_error: BaseException | None = None
     # Rows that can never be published (a missing exchange): parked at once as invalid.
     invalid: list[tuple[_Row, str]] = field(default_factory=list)
+
+    def fail(self, row: _Row, result: object) -> None:
+        self.failed.append((row, _describe(result)))
+        if isinstance(result, aiormq.exceptions.PublishError):
+            self.returned.add(row.id)
 
 
 class _Kind(enum.Enum):
@@ -143,6 +154,12 @@ class OutboxRelay:
     exchange does not exist is parked as ``invalid`` at once. Each row's ``status`` (see
     ``sql/outbox/0005_status.sql``) shows where it is.
 
+    Every publish the broker returns as unroutable is counted on its row (``returned``).
+    With ``track_delivery`` (the coordinator's relay) every publish is also counted
+    before it is made, in a transaction of its own, so that a row can be proven never
+    delivered (:mod:`sagaplane.delivery`); that costs one more round trip and commit
+    per batch, on a connection of the relay's own (made like the LISTEN connection).
+
     Use ``async with relay:`` or :meth:`start` / :meth:`stop` to run it in the
     background; :meth:`run` to supervise it yourself (e.g. in a task group);
     :meth:`relay_once` for one cycle.
@@ -164,6 +181,7 @@ class OutboxRelay:
         listen_conninfo: str | None = None,
         connection_name: str = TASK_NAME,
         max_age: float | None = None,
+        track_delivery: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -185,6 +203,9 @@ class OutboxRelay:
         self._shutdown_timeout = shutdown_timeout
         self._listen_conninfo = listen_conninfo
         self._connection_name = connection_name
+        self._track_delivery = track_delivery
+        # Autocommit: each count commits on its own (see _begin_publishes).
+        self._counts_conn: psycopg.AsyncConnection[Any] | None = None
 
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -379,6 +400,7 @@ class OutboxRelay:
         # in flight must never share one: repeated ids go out in a later wave.
         waves = _waves(pending)
         for index, wave in enumerate(waves):
+            await self._begin_publishes(wave)
             results = await asyncio.gather(
                 *(self._publish_row(channel, row) for row in wave), return_exceptions=True
             )
@@ -387,7 +409,7 @@ class OutboxRelay:
                 if kind is _Kind.SENT:
                     outcome.sent.append(row.id)
                 elif kind is _Kind.ROW:
-                    outcome.failed.append((row, _describe(result)))
+                    outcome.fail(row, result)
                 elif kind is _Kind.CHANNEL:
                     suspects.append(row)
                 elif outcome.transport_error is None:
@@ -410,15 +432,39 @@ class OutboxRelay:
             except _RECOVERABLE as exc:
                 outcome.transport_error = exc
                 return
+            await self._begin_publishes([row])
             [result] = await asyncio.gather(self._publish_row(channel, row), return_exceptions=True)
             kind = _classify(result)
             if kind is _Kind.SENT:
                 outcome.sent.append(row.id)
             elif kind is _Kind.ROW or isinstance(result, aiormq.exceptions.ChannelClosed):
-                outcome.failed.append((row, _describe(result)))
+                outcome.fail(row, result)
             else:
                 outcome.transport_error = _as_exception(result)
                 return
+
+    async def _begin_publishes(self, rows: list[_Row]) -> None:
+        """Count a publish begun for each of ``rows``, committed before any is published.
+
+        Only with ``track_delivery``. On a connection of its own: the claim's transaction
+        holds the rows' locks and commits only after the publishes, and a crash in
+        between must still leave the count behind (see :mod:`sagaplane.delivery`). The
+        commit waits for its WAL flush, unlike the claim's.
+        """
+        if not self._track_delivery or not rows:
+            return
+        # A connection of the relay's own, not the pool's: the claim holds one already,
+        # and waiting for a second behind the pool's other users would hold the rows.
+        if self._counts_conn is None or self._counts_conn.closed:
+            conninfo, kwargs = await self._listen_params()
+            self._counts_conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            await self._counts_conn.execute(_BEGIN_PUBLISHES, ([row.id for row in rows],))
+        except BaseException:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
 
     async def _missing_exchanges(self, names: set[str]) -> dict[str, str]:
         """Passively declare the exchanges not seen yet; the missing ones, with the error."""
@@ -476,6 +522,9 @@ class OutboxRelay:
         statements: list[batch.Statement] = []
         if outcome.sent:
             statements.append((_MARK_SENT, (outcome.sent,)))
+            if self._track_delivery:
+                # A sent row can never count as undelivered: its counts are not needed.
+                statements.append((_FORGET_PUBLISHES, (outcome.sent,)))
         if outcome.invalid:
             statements.append(
                 (
@@ -502,6 +551,7 @@ class OutboxRelay:
                         "retry_max": self._retry_max,
                         "ids": [row.id for row, _ in outcome.failed],
                         "errors": [error for _, error in outcome.failed],
+                        "returned": [row.id in outcome.returned for row, _ in outcome.failed],
                     },
                 )
             )
@@ -565,6 +615,10 @@ class OutboxRelay:
                     await channel.close()
 
     async def _close_amqp(self) -> None:
+        if self._counts_conn is not None:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
         await self._discard_channel()
         if self._amqp_url is not None and self._connection is not None:
             connection, self._connection = self._connection, None

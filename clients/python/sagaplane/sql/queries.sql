@@ -100,15 +100,66 @@ WHERE o.id = f.id;
 
 -- name: relay_mark_failed
 -- Exponential backoff, so a command for a participant not deployed yet waits minutes
--- (not one poll interval per attempt) before it is parked.
+-- (not one poll interval per attempt) before it is parked. A publish the broker returned
+-- as unroutable is counted in ``returned`` (see sagaplane/delivery.py).
 UPDATE sagaplane_outbox AS o
 SET attempts = o.attempts + 1,
     last_error = f.error,
+    returned = o.returned + f.returned::int,
     parked_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END,
     next_attempt_at = now() + make_interval(
         secs => least(%(retry_initial)s * power(2, o.attempts), %(retry_max)s))
-FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(returned)s::boolean[])
+    AS f(id, error, returned)
 WHERE o.id = f.id;
+
+-- name: relay_begin_publishes
+-- Run and committed on a connection of its own before the rows are published, while the
+-- claim holds their locks (sagaplane/delivery.py says why).
+INSERT INTO sagaplane_outbox_publishes (outbox_id, begun)
+SELECT id, 1 FROM unnest(%s::bigint[]) AS ids(id)
+ON CONFLICT (outbox_id) DO UPDATE SET begun = sagaplane_outbox_publishes.begun + 1;
+
+-- name: relay_forget_publishes
+DELETE FROM sagaplane_outbox_publishes WHERE outbox_id = ANY(%s);
+
+-- == delivery proofs and withdrawals (sagaplane.delivery) ==============================
+
+-- name: delivery_lock
+-- Rows a relay is publishing right now are skipped, not waited for (a transition never
+-- waits for the broker): what becomes of them is not known, so they prove nothing.
+-- From here until commit no relay can claim the rows locked (its claim skips them).
+SELECT id FROM sagaplane_outbox
+WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL
+ORDER BY id
+FOR UPDATE SKIP LOCKED;
+
+-- name: delivery_counts
+-- Only the rows delivery_lock locked (%(ids)s), in a statement sent after it returned, so
+-- that its snapshot is taken once the locks are held: it sees every count committed by
+-- the relay that held them before.
+SELECT o.message_id,
+       bool_and(o.returned >= 1 AND o.returned = coalesce(p.begun, 0)) AS undelivered
+FROM sagaplane_outbox o LEFT JOIN sagaplane_outbox_publishes p ON p.outbox_id = o.id
+WHERE o.id = ANY(%(ids)s::bigint[]) AND o.sent_at IS NULL
+GROUP BY o.message_id;
+
+-- name: delivery_withdraw
+-- Rows a relay is publishing right now are left alone (SKIP LOCKED): receivers drop a
+-- command that is no longer in flight, and the caller does not wait for the broker.
+WITH gone AS (
+    DELETE FROM sagaplane_outbox
+    WHERE id IN (SELECT id FROM sagaplane_outbox
+                 WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING id
+)
+DELETE FROM sagaplane_outbox_publishes WHERE outbox_id IN (SELECT id FROM gone);
+
+-- name: delivery_returned
+-- Unsent rows that the broker returned at least once: their commands reach no queue.
+SELECT message_id, routing_key FROM sagaplane_outbox
+WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL AND returned > 0;
 
 -- == the participant's inbox (sagaplane.inbox) =========================================
 
