@@ -36,6 +36,7 @@ from bench.infra import (
     run_command,
     wait_for_services,
 )
+from bench.participant import EMIT_EVENTS_ENV
 from bench.profile import Recorder, render, summarize
 from bench.workload import (
     CONTEXT_BYTES,
@@ -65,6 +66,7 @@ PHASES = (
     "stored",
     "watchers",
     "observability",
+    "events",
     "steps",
     "context",
     "waiting",
@@ -850,6 +852,44 @@ async def _observed_loop(
     return figures
 
 
+EVENTS_BUDGET = 0.15
+"""Issue 16: one domain event per step may cost at most this share of sagas/s."""
+
+
+async def events_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The standard closed loop (``--observability-sagas`` sagas) without and with one
+    domain event emitted per step (``bench.participant``'s ``EMIT_EVENTS_ENV``), in the
+    same run: the sagas/s ratio against the 15% budget. Nobody subscribes to the events,
+    so the broker drops them after the relay's confirmed publish (what every emitter pays)."""
+    variants: dict[str, Any] = {}
+    for name, emit in (("off", "0"), ("on", "1")):
+        prefix = f"events_{name}_"
+        system = await start_system(
+            env, args, prefix=prefix, participant_envs=[{EMIT_EVENTS_ENV: emit}] * len(SERVICES)
+        )
+        processes = [*system.coordinators, *system.participants.values()]
+        try:
+            variants[name] = await _observed_loop(env, args, system, processes, [])
+        finally:
+            await env.stop_processes(processes)
+            for role in ("coordinator", *SERVICES):
+                with contextlib.suppress(psycopg.Error):
+                    await env.drop_database(prefix + role)
+    ratio = _ratio(variants["on"]["sagas_per_s"], variants["off"]["sagas_per_s"])
+    within = ratio is not None and ratio >= 1 - EVENTS_BUDGET
+    results["events"] = {
+        "variants": variants,
+        "ratio": ratio,
+        "budget": EVENTS_BUDGET,
+        "within_budget": within,
+    }
+    _progress(
+        f"  events: {variants['on']['sagas_per_s']} sagas/s with one event per step against "
+        f"{variants['off']['sagas_per_s']} without = {ratio} (may cost "
+        f"{100 * EVENTS_BUDGET:.0f}%: {'within budget' if within else 'OVER BUDGET'})"
+    )
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -1429,6 +1469,8 @@ async def run(args: argparse.Namespace) -> int:
                 await phase("stored", lambda: stored_phase(env, args, results))
             if "observability" in args.phase_set:
                 await phase("observability", lambda: observability_phase(env, args, results))
+            if "events" in args.phase_set:
+                await phase("events", lambda: events_phase(env, args, results))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(env.close())

@@ -4,6 +4,9 @@ Each handler does exactly ONE small INSERT on ``ctx.tx`` (the SDK's local transa
 so what is measured is the SDK and the coordinator, not business logic. A step whose
 input says ``"fail": true`` fails non-retryably before writing (to exercise
 compensation when the harness asks for failures).
+
+With ``$SAGAPLANE_BENCH_EMIT_EVENTS`` set to 1 (the ``events`` phase), every step handler
+also emits one domain event (``ctx.emit``, ``bench.<action>``), in the same transaction.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from typing import Any
 
@@ -37,12 +41,16 @@ CREATE TABLE IF NOT EXISTS bench_effects (
 
 _INSERT = "INSERT INTO bench_effects (saga_id, action) VALUES (%s, %s)"
 
+EMIT_EVENTS_ENV = "SAGAPLANE_BENCH_EMIT_EVENTS"
+"""Set to 1: each step handler emits one domain event (see the module docstring)."""
+
 
 def build(
     service: str, *, amqp_url: str, database_url: str, prefetch: int, pool_size: int
 ) -> Participant:
     """The participant of ``service``, with its step and compensation handlers."""
     action, undo = ACTIONS[service]
+    emit_events = os.environ.get(EMIT_EVENTS_ENV) == "1"
     p = Participant(
         service,
         amqp_url=amqp_url,
@@ -57,6 +65,8 @@ def build(
         if ctx.input.get("fail"):
             raise NonRetryableError("the benchmark asked this step to fail")
         await ctx.tx.execute(_INSERT, (ctx.saga_id, ctx.action))
+        if emit_events:
+            await ctx.emit(f"bench.{ctx.action}", {"saga_id": ctx.saga_id}, subject=ctx.step_id)
         return {"ok": True}
 
     @p.compensation(undo)

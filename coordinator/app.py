@@ -139,7 +139,8 @@ class Coordinator:
         # reconnection. get_queue(ensure=False) would build an unregistered one, and the
         # coordinator would stop consuming replies for good after RabbitMQ restarts.
         replies = await channel.get_queue(topology.REPLIES_QUEUE)
-        self._relay = OutboxRelay(self._pool, self._amqp)
+        # Tracked, so that a command proven never delivered needs no compensation.
+        self._relay = OutboxRelay(self._pool, self._amqp, track_delivery=True)
         await self._relay.start()
         self._dead_letters = DeadLetters(self._amqp, queue=topology.REPLIES_QUEUE)
         self._replies = ReplyConsumer(self.store, replies, self._dead_letters, signing_keys=ring)

@@ -78,6 +78,7 @@ def step_to_proto(step: Step, steps: Sequence[Step]) -> saga_pb2.Step:
         outcome_unknown=step.outcome_unknown,
         depends_on=[steps[d].name for d in graph.dependencies(steps, step.position)],
         when=step.when or "",
+        delivery_problem=step.delivery_problem or "",
     )
 
 

@@ -4,7 +4,9 @@ Server commands run the coordinator (``serve``), update its schema (``migrate``)
 delete what has expired (``prune``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
-``health``); ``token`` makes entries of the coordinator's access file. Settings come
+``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox,
+``dlq`` on the broker's dead-letter queue; ``token`` makes entries of the
+coordinator's access file. Settings come
 from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
@@ -137,7 +139,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, imports, server, tokens
+    from coordinator.cli import client, dlq, imports, outbox, server, tokens
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -289,6 +291,34 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     )
     resolve.add_argument("--reason", required=True, help="who decided, and why (required)")
 
+    outbox.add_outbox(
+        add(
+            "outbox",
+            _subcommand,
+            "An outbox's rows by status (the coordinator's or a participant's database): "
+            "stats, list the failed, invalid and expired ones, retry or discard rows.",
+        ),
+        env,
+    )
+    outbox.add_relay(
+        add(
+            "relay",
+            _subcommand,
+            "Publish a database's outbox until SIGTERM: the relay on its own, for a "
+            "service that emits events but runs no participant.",
+        ),
+        env,
+    )
+
+    dlq.add_dlq(
+        add(
+            "dlq",
+            _subcommand,
+            "The dead-letter queue: list what each message is and why it died, or replay "
+            "messages back to the queue they came from.",
+        ),
+        env,
+    )
     tokens.add_token(
         add(
             "token",
@@ -305,6 +335,11 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         parents=[common],
     )
     return parser
+
+
+def _subcommand(args: argparse.Namespace) -> int:
+    # Replaced by the subcommand's own run (set_defaults on the subparser wins).
+    raise CliError("no command given", ExitCode.USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -172,6 +172,9 @@ def result(step: saga_pb2.Step) -> str:
     """
     output = compact(step.output) if step.HasField("output") else ""
     status = step.status
+    if step.delivery_problem:
+        # The command in flight reaches nobody: what to fix comes before anything else.
+        return step.delivery_problem
     if status == saga_pb2.STEP_STATUS_COMPENSATED:
         tries = step.compensation_attempts
         parts = [

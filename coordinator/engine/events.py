@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from coordinator.engine.model import CommandKind, JsonObject
@@ -39,6 +40,9 @@ class CompensateRequested:
     """A client asked to undo the saga."""
 
     reason: str = ""
+    undelivered: Mapping[str, str] = field(default_factory=dict)
+    """Steps (by id) whose command in flight provably reached no queue, with why: the
+    store's proof (:mod:`sagaplane.delivery`); such a step is recorded as not run."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,11 +50,17 @@ class TimerFired:
     """A step's ``deadline_at`` passed: its attempt timed out, or its retry is due."""
 
     step_id: str
+    undelivered: str | None = None
+    """Why the timed-out attempt's command provably reached no queue (the store's proof,
+    :mod:`sagaplane.delivery`); None when it may have been delivered."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SagaDeadlinePassed:
     """The saga's own deadline passed."""
+
+    undelivered: Mapping[str, str] = field(default_factory=dict)
+    """As :attr:`CompensateRequested.undelivered`."""
 
 
 class Resolution(StrEnum):

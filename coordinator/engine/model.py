@@ -144,6 +144,10 @@ class Step:
     first), which makes a saga of such steps run one after another."""
     when: str | None = None
     """A CEL condition (:mod:`coordinator.engine.conditions`): false skips the step."""
+    delivery_problem: str | None = None
+    """Why the command in flight has not reached a participant (no queue is bound to
+    its action). Read by the store for clients from what the outbox relay recorded; not
+    stored with the step, and never set on a saga the engine is given."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -149,7 +149,7 @@ def apply(saga: Saga, event: Event, *, now: datetime, new_token: TokenFactory) -
     if isinstance(event, TimerFired):
         return _on_timer(saga, event, now, new_token)
     if isinstance(event, SagaDeadlinePassed):
-        return _on_saga_deadline(saga, now, new_token)
+        return _on_saga_deadline(saga, event, now, new_token)
     if isinstance(event, CompensationResolved):
         return _on_resolved(saga, event, now, new_token)
     return _on_compensate(saga, event, now, new_token)
@@ -262,8 +262,16 @@ def _on_timer(saga: Saga, ev: TimerFired, now: datetime, new_token: TokenFactory
     seconds = f"{step.timeout.total_seconds():g}"
     if step.status is StepStatus.STARTED:
         error = f"attempt {step.attempts} timed out after {seconds}s"
+        if ev.undelivered is not None:
+            # Proven never delivered: the action cannot have run, nothing to undo for it.
+            error = f"{error}; {ev.undelivered}"
         b.attempt_failed(
-            i, CommandKind.EXECUTE, error, retryable=True, unknown=True, names_attempt=True
+            i,
+            CommandKind.EXECUTE,
+            error,
+            retryable=True,
+            unknown=ev.undelivered is None,
+            names_attempt=True,
         )
     elif step.status is StepStatus.COMPENSATING:
         error = f"compensation attempt {step.compensation_attempts} timed out after {seconds}s"
@@ -281,10 +289,14 @@ def _on_timer(saga: Saga, ev: TimerFired, now: datetime, new_token: TokenFactory
     return b.build()
 
 
-def _on_saga_deadline(saga: Saga, now: datetime, new_token: TokenFactory) -> Transition:
+def _on_saga_deadline(
+    saga: Saga, ev: SagaDeadlinePassed, now: datetime, new_token: TokenFactory
+) -> Transition:
     if saga.state is not SagaState.STARTED or saga.deadline_at is None or saga.deadline_at > now:
         return Transition(saga=saga, ignored="the saga's deadline does not apply")
-    return _begin_compensation(saga, now, new_token, "saga_deadline_passed", "deadline passed")
+    return _begin_compensation(
+        saga, now, new_token, "saga_deadline_passed", "deadline passed", ev.undelivered
+    )
 
 
 def _on_compensate(
@@ -298,13 +310,21 @@ def _on_compensate(
             "saga is compensation_failed: a compensation failed and needs a person; "
             "use ResolveCompensation"
         )
-    return _begin_compensation(saga, now, new_token, "compensation_requested", ev.reason or None)
+    return _begin_compensation(
+        saga, now, new_token, "compensation_requested", ev.reason or None, ev.undelivered
+    )
 
 
 def _begin_compensation(
-    saga: Saga, now: datetime, new_token: TokenFactory, event: str, reason: str | None
+    saga: Saga,
+    now: datetime,
+    new_token: TokenFactory,
+    event: str,
+    reason: str | None,
+    undelivered: Mapping[str, str],
 ) -> Transition:
     b = _Builder(saga, now, new_token)
+    b.not_run(undelivered)
     b.stop_forward()
     b.move(SagaState.COMPENSATING, None, event, reason)
     b.saga = replace(b.saga, completed_at=None, deadline_at=None)
@@ -384,6 +404,17 @@ class _Builder:
     def finish(self, to: SagaState, event: str, reason: str | None = None) -> None:
         self.move(to, None, event, reason)
         self.saga = replace(self.saga, completed_at=self.now, deadline_at=None)
+
+    def not_run(self, undelivered: Mapping[str, str]) -> None:
+        """Steps in flight whose command provably reached no queue fail without having
+        run: they are not awaited, and (unless an earlier attempt's outcome is unknown)
+        not compensated."""
+        for i, s in enumerate(self.steps):
+            why = undelivered.get(s.id)
+            if why is not None and s.status is StepStatus.STARTED:
+                error = f"attempt {s.attempts} not run: {why}"
+                self.set_step(i, status=StepStatus.FAILED, error=error, executed_at=self.now)
+                self.record_step(s, "step_not_delivered", error)
 
     def stop_forward(self) -> None:
         """No step runs forward any more: pending ones are skipped, retries cancelled."""

@@ -28,6 +28,8 @@ from ulid import ULID
 from coordinator import engine
 from coordinator.engine import (
     Command,
+    CommandKind,
+    CompensateRequested,
     Event,
     HistoryEntry,
     RetryPolicy,
@@ -36,6 +38,7 @@ from coordinator.engine import (
     SagaSpec,
     SagaState,
     Step,
+    StepReplied,
     StepStatus,
     TimerFired,
     WrongState,
@@ -43,7 +46,7 @@ from coordinator.engine import (
 from coordinator.errors import KeyReused, StorageUnavailable, UnknownSaga, Violation
 from coordinator.store.notifications import Listener
 from coordinator.store.queries import q
-from sagaplane import batch, tracing
+from sagaplane import batch, delivery, tracing, wire
 from sagaplane.outbox import (
     INSERT_MANY,
     INSERT_ONE,
@@ -390,7 +393,7 @@ class SagaStore:
             if history:
                 await cur.execute(q("select_history"), {"saga_id": saga_id})
                 entries = [_history_from_row(row) for row in await cur.fetchall()]
-            return sagas[saga_id], entries
+            return await _with_delivery_problems(cur, sagas[saga_id]), entries
 
     async def changes(self, saga_id: str, *, after: int) -> tuple[Saga, list[HistoryEntry]]:
         """The saga and its history entries with positions above ``after``, read in one
@@ -406,9 +409,13 @@ class SagaStore:
                     ("COMMIT", None),
                 ],
             )
-        if not saga_rows:
+            saga = None
+            if saga_rows:
+                saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
+                # After the snapshot's COMMIT: a hint about the outbox, not saga state.
+                saga = await _with_delivery_problems(cur, saga)
+        if saga is None:
             raise UnknownSaga(saga_id)
-        saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
         return saga, [_history_from_row(r) for r in history_rows]
 
     async def list_sagas(
@@ -595,9 +602,12 @@ class SagaStore:
         sagas = {row["id"]: _saga_from_row(row, steps.get(row["id"], ())) for row in saga_rows}
         traces = {row["id"]: row["trace_context"] for row in saga_rows if row["trace_context"]}
         original = dict(sagas)
+        if saga_rows:
+            events = await _with_proofs(cur, sagas, events, saga_rows[0]["db_now"])
         results: list[Applied] = []
         transitions: list[engine.Transition] = []
         observed: list[Observed] = []
+        withdrawn: list[str] = []
         for saga_id, event in events:
             saga = sagas.get(saga_id)
             if saga is None:
@@ -618,10 +628,19 @@ class SagaStore:
                         before=saga, event=event, transition=t, trace_context=traces.get(saga_id)
                     )
                 )
+            if not isinstance(event, StepReplied):
+                # A reply's command was delivered (its row is sent, or being marked so).
+                withdrawn += _left_flight(saga, t.saga)
             sagas[saga_id] = t.saga
             transitions.append(t)
             results.append(Applied(saga_id=saga_id, transition=t))
-        await self._write_and_commit(cur, transitions, original=original, traces=traces)
+        await self._write_and_commit(
+            cur,
+            transitions,
+            original=original,
+            traces=traces,
+            last=[delivery.withdraw(withdrawn)] if withdrawn else [],
+        )
         if self.observer is not None:
             self.observer(observed)
         return results
@@ -650,12 +669,14 @@ class SagaStore:
         first: Sequence[batch.Statement] = (),
         original: dict[str, Saga] | None = None,
         traces: Mapping[str, Mapping[str, str]] | None = None,
+        last: Sequence[batch.Statement] = (),
     ) -> None:
         """Write sagas, changed steps, history and outbox rows, and COMMIT: one batch.
 
         ``new``: the saga rows are inserted (by ``first``, or already), so their steps
-        are inserted too, not updated. ``first`` goes at the head of the batch.
-        ``traces``: the stored trace context of the sagas that have one, by id.
+        are inserted too, not updated. ``first`` goes at the head of the batch, ``last``
+        just before the COMMIT. ``traces``: the stored trace context of the sagas that
+        have one, by id.
         """
         statements = list(first)
         changed = [t for t in transitions if t.ignored is None]
@@ -683,9 +704,11 @@ class SagaStore:
             for t in changed
             for command in t.commands
         ]
+        statements += last
         listener = self.listener
         watched = [] if new or listener is None else [s for s in latest if listener.watched(s)]
         if watched:
+            # Last before the COMMIT: its rows are the batch's last result.
             statements.append((q("select_written_history"), {"ids": watched}))
         statements.append(("COMMIT", None))
         results = await batch.run(cur, statements)
@@ -731,6 +754,93 @@ class SagaStore:
         """A cursor for reads; autocommit, so no BEGIN or COMMIT round trips."""
         async with _storage_errors(), self._pool.connection() as conn:
             yield AsyncClientCursor(conn, row_factory=dict_row)
+
+
+def _in_flight(step: Step) -> str | None:
+    """The message id of the step's command in flight, if one is."""
+    if step.status is StepStatus.STARTED:
+        return wire.command_id(step.id, CommandKind.EXECUTE.value, step.attempts)
+    if step.status is StepStatus.COMPENSATING:
+        return wire.command_id(step.id, CommandKind.COMPENSATE.value, step.compensation_attempts)
+    return None
+
+
+def _left_flight(before: Saga, after: Saga) -> list[str]:
+    """The message ids of commands that were in flight before and no longer are: the
+    saga moved past them, so their outbox rows (if still unsent) are withdrawn."""
+    now_in_flight = {_in_flight(s) for s in after.steps}
+    return [m for s in before.steps if (m := _in_flight(s)) is not None and m not in now_in_flight]
+
+
+async def _with_proofs(
+    cur: AsyncClientCursor[DictRow],
+    sagas: dict[str, Saga],
+    events: Sequence[tuple[str, Event]],
+    now: datetime,
+) -> Sequence[tuple[str, Event]]:
+    """``events``, each told which of its steps' commands in flight provably reached no
+    queue (:mod:`sagaplane.delivery`): a timed-out attempt, or the steps a Compensate
+    (or the saga's deadline) finds in flight. Their outbox rows are locked here until
+    the commit (those a relay is publishing right now are skipped, and prove nothing);
+    the transition withdraws them."""
+    asked: dict[int, list[Step]] = {}
+    for n, (saga_id, event) in enumerate(events):
+        saga = sagas.get(saga_id)
+        if saga is None:
+            continue
+        if isinstance(event, TimerFired):
+            step = saga.step_by_id(event.step_id)
+            if (
+                step is not None
+                and step.status is StepStatus.STARTED
+                and step.deadline_at is not None
+                and step.deadline_at <= now
+            ):
+                asked[n] = [step]
+        elif isinstance(event, CompensateRequested | SagaDeadlinePassed):
+            asked[n] = [s for s in saga.steps if s.status is StepStatus.STARTED]
+    ids = sorted({m for steps in asked.values() for s in steps if (m := _in_flight(s))})
+    if not ids:
+        return events
+    [locked] = await batch.run(cur, [delivery.lock(ids)])
+    if not locked:
+        return events
+    [rows] = await batch.run(cur, [delivery.counts([row["id"] for row in locked])])
+    proven = delivery.not_delivered(rows)
+
+    def undelivered(steps: list[Step]) -> dict[str, str]:
+        return {s.id: delivery.problem(s.action) for s in steps if _in_flight(s) in proven}
+
+    told = list(events)
+    for n, steps in asked.items():
+        saga_id, event = events[n]
+        found = undelivered(steps)
+        if not found:
+            continue
+        if isinstance(event, TimerFired):
+            told[n] = (saga_id, replace(event, undelivered=found[event.step_id]))
+        elif isinstance(event, CompensateRequested | SagaDeadlinePassed):
+            told[n] = (saga_id, replace(event, undelivered=found))
+    return told
+
+
+async def _with_delivery_problems(cur: AsyncClientCursor[DictRow], saga: Saga) -> Saga:
+    """``saga`` with the delivery problem of each command in flight that the broker
+    returned as unroutable (what the relay recorded on its outbox row)."""
+    ids = {m: s.position for s in saga.steps if (m := _in_flight(s)) is not None}
+    if not ids:
+        return saga
+    [rows] = await batch.run(cur, [delivery.returned(list(ids))])
+    found = {ids[row["message_id"]]: row["routing_key"] for row in rows}
+    if not found:
+        return saga
+    steps = tuple(
+        replace(s, delivery_problem=delivery.problem(found[s.position]))
+        if s.position in found
+        else s
+        for s in saga.steps
+    )
+    return replace(saga, steps=steps)
 
 
 def _begin(spec: SagaSpec, now: datetime) -> engine.Transition:

@@ -336,6 +336,9 @@ def _steps(steps: Iterable[Step]) -> str:
     for step in steps:
         output = _json(step.output) if step.output is not None else ""
         error = f"<p class=error>{e(step.error)}</p>" if step.error else ""
+        if step.delivery_problem:
+            # Why a step waits: its command reached no queue (no participant for it).
+            error += f"<p class=error>{e(step.delivery_problem)}</p>"
         rows.append(
             f'<tr data-step="{e(step.name)}"><td>{e(step.name)}</td><td>{e(step.action)}'
             f"<br><small>{e(step.compensation or '')}</small></td><td>{_state(step.status)}</td>"

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(
         commands.add_parser(
             "demo",
-            help="the demo shop end to end: a coordinator and four participants as real "
+            help="the demo shop end to end: a coordinator and five participants as real "
             "processes, one saga that completes and one that is compensated",
             epilog=demo.EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,

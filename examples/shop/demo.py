@@ -1,13 +1,14 @@
 """``python -m examples.shop demo``: the demo shop, end to end, with real processes.
 
-A plain run needs only the local PostgreSQL and RabbitMQ. It creates
-its own databases (the coordinator's, and one per participant) and RabbitMQ vhost,
-named after a run id so that runs never collide; starts the coordinator and the four
-participants of ``examples/shop`` as child processes; runs one order that completes
-and one whose payment is refused, so that what was done is compensated; prints
-each transition as it happens, then each saga's final state and history, and what the
-services' own databases hold; stops every process with SIGTERM; and drops what it
-created (unless ``--keep``). Exit status 0 only if everything ended as it should.
+A plain run needs only the local PostgreSQL and RabbitMQ. It creates its own databases
+(the coordinator's, and one per participant) and RabbitMQ vhost, named after a run id so
+that runs never collide; starts the coordinator and the five participants of
+``examples/shop`` as child processes; runs one order that completes and one whose
+payment is refused, so that what was done is compensated; prints each transition as it
+happens, then each saga's final state and history, what the services' own databases
+hold, and the domain events the notifications service consumed; stops every process
+with SIGTERM; and drops what it created (unless ``--keep``). Exit status 0 only if
+everything ended as it should.
 
 ``--setup-only`` and ``--attach`` split that in two for docker compose: the first
 creates the databases and migrates, the second drives an already running coordinator
@@ -473,6 +474,7 @@ class Demo:
     async def wait_ready(self, target: str, amqp_url: str) -> None:
         """Until the coordinator is SERVING and every participant consumes its queue."""
         queues = [topology.participant_queue(s) for s in self.services]
+        queues.append(topology.events_queue("notifications"))
         try:
             async with asyncio.timeout(self.args.startup_timeout):
                 async with SagaClient(target) as client:
@@ -531,6 +533,7 @@ class Demo:
             self.say(render.saga_text(outcome.saga.proto, history=True))
         problems = [p for o in outcomes for p in o.problems()]
         problems += await self.show_services([o.saga.id for o in outcomes])
+        problems += await self.show_events([o.saga.id for o in outcomes])
         self.outcomes, self.problems = outcomes, problems
         return ExitCode.OK if not problems else ExitCode.ERROR
 
@@ -588,6 +591,45 @@ class Demo:
         self.say("\nIn the services' own databases (each wrote in its own local transaction)")
         self.say(render.table(["SERVICE", "TABLE", "SAGA 1", "SAGA 2"], rows, indent="  "))
         return problems
+
+    async def show_events(self, saga_ids: list[str]) -> list[str]:
+        """The domain events the notifications service consumed; problems found.
+
+        Both orders were created (``order.created``, even the one compensated later: it
+        was created, and its ``orders.delete`` comes after), one was charged
+        (``payment.charged``); each must be there exactly once."""
+        first, second = saga_ids
+        expected = sorted(
+            [(first, "order.created"), (first, "payment.charged"), (second, "order.created")]
+        )
+        url = self.participant_urls()["notifications"]
+        rows: list[tuple[Any, ...]] = []
+        # Events are published after their steps commit, and consumed asynchronously.
+        deadline = time.monotonic() + 15
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    "SELECT saga_id, type, text FROM shop_notifications"
+                    " WHERE saga_id = ANY(%s) ORDER BY id",
+                    (saga_ids,),
+                )
+                rows = await cur.fetchall()
+                if len(rows) >= len(expected) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        self.say(
+            "\nDomain events (CloudEvents, emitted in the steps' transactions) that the"
+            "\nnotifications service consumed, each once"
+        )
+        table = [
+            ["saga 1" if saga_id == first else "saga 2", type_, text]
+            for saga_id, type_, text in rows
+        ]
+        self.say(render.table(["SAGA", "EVENT", "NOTIFICATION"], table, indent="  "))
+        got = sorted((saga_id, type_) for saga_id, type_, _ in rows)
+        if got != expected:
+            return [f"notifications: got events {got}, expected {expected}"]
+        return []
 
     def verdict_line(self, status: int) -> str:
         """The last line: what happened, in one sentence."""

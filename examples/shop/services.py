@@ -1,7 +1,13 @@
-"""The four demo services. Every handler does its business write and records an
-effect row in the SDK's local transaction, so both commit (or roll back) with the
-inbox row and the reply. The tables have no unique constraints on purpose: a
-duplicated effect would stay visible.
+"""The demo services. Every handler does its business write and records an effect row
+in the SDK's local transaction, so both commit (or roll back) with the inbox row and the
+reply. The tables have no unique constraints on purpose: a duplicated effect would stay
+visible.
+
+Two handlers announce what they did as domain events, in the same transaction
+(``ctx.emit``): ``orders.create`` emits ``order.created`` and ``payment.charge`` emits
+``payment.charged``. The fifth service, ``notifications``, runs no saga step: it
+consumes those events (``on_event``) and records (and logs) a notification for each,
+once per event however often it is delivered.
 
 The shop's order saga (:func:`order_steps`) is a graph::
 
@@ -16,14 +22,17 @@ same order as a plain line of three steps.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from sagaplane import NonRetryableError, Participant, StepContext
+from sagaplane import EventContext, NonRetryableError, Participant, StepContext
+
+log = logging.getLogger("examples.shop.notifications")
 
 PAYMENT_LIMIT = 1000
 """payment.charge fails (non-retryable) for amounts above this."""
 
-SERVICES = ("orders", "inventory", "fulfillment", "payment")
+SERVICES = ("orders", "inventory", "fulfillment", "payment", "notifications")
 
 SCHEMAS = {
     "orders": """
@@ -56,6 +65,12 @@ SCHEMAS = {
         -- A database of an earlier demo (docker compose keeps its volume) lacks it.
         ALTER TABLE shop_payments ADD COLUMN IF NOT EXISTS order_id bigint;
     """,
+    "notifications": """
+        CREATE TABLE IF NOT EXISTS shop_notifications (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id text NOT NULL, type text NOT NULL, saga_id text, text text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now());
+    """,
 }
 
 EFFECTS = """
@@ -86,8 +101,15 @@ def orders(amqp_url: str, database_url: str) -> Participant:
             (ctx.saga_id, sku, qty),
         )
         row = await cur.fetchone()
+        order_id = row[0] if row else None
         await _effect(ctx)
-        return {"order_id": row[0] if row else None}
+        # Published once this step's outcome commits; never if the transaction rolls back.
+        await ctx.emit(
+            "order.created",
+            {"order_id": order_id, "saga_id": ctx.saga_id, "sku": sku, "qty": qty},
+            subject=str(order_id),
+        )
+        return {"order_id": order_id}
 
     @p.compensation("orders.delete")
     async def delete(ctx: StepContext) -> None:
@@ -186,6 +208,11 @@ def payment(amqp_url: str, database_url: str) -> Participant:
             (ctx.saga_id, _order_id(ctx), amount),
         )
         await _effect(ctx)
+        await ctx.emit(
+            "payment.charged",
+            {"order_id": _order_id(ctx), "saga_id": ctx.saga_id, "amount": amount},
+            subject=str(_order_id(ctx)),
+        )
         return {"charged": amount}
 
     @p.compensation("payment.refund")
@@ -198,11 +225,36 @@ def payment(amqp_url: str, database_url: str) -> Participant:
     return p
 
 
+def notifications(amqp_url: str, database_url: str) -> Participant:
+    """The notifications service: tells the customer about new orders and payments, from
+    the events the other services emit. Each event is recorded once in
+    ``shop_notifications`` (the SDK's event inbox drops redeliveries)."""
+    p = Participant("notifications", amqp_url=amqp_url, database_url=database_url)
+
+    @p.on_event("order.created")
+    @p.on_event("payment.charged")
+    async def notify(ctx: EventContext) -> None:
+        event, data = ctx.event, ctx.event.data or {}
+        if event.type == "order.created":
+            text = f"order {data.get('order_id')} received: {data.get('qty')} x {data.get('sku')}"
+        else:
+            text = f"payment of {data.get('amount')} taken for order {data.get('order_id')}"
+        await ctx.tx.execute(
+            "INSERT INTO shop_notifications (event_id, type, saga_id, text)"
+            " VALUES (%s, %s, %s, %s)",
+            (event.id, event.type, data.get("saga_id"), text),
+        )
+        log.info("notification: %s (event %s from %s)", text, event.id, event.source)
+
+    return p
+
+
 BUILDERS = {
     "orders": orders,
     "inventory": inventory,
     "fulfillment": fulfillment,
     "payment": payment,
+    "notifications": notifications,
 }
 
 

@@ -83,6 +83,13 @@ def check_demo_output(out: str) -> None:
     assert re.search(r"fulfillment\s+shop_addresses\s+valid\s+valid", out)
     assert re.search(r"fulfillment\s+shop_gift_wraps\s+wrapped\s+\(no row\)", out)
     assert re.search(r"payment\s+shop_payments\s+charged\s+\(no row\)", out)
+    # The domain events, each consumed once: both orders were created, one was charged.
+    events = out[out.index("\nDomain events (CloudEvents") :]
+    assert re.search(r"saga 1\s+order\.created\s+order \d+ received: 1 x book", events)
+    assert re.search(r"saga 1\s+payment\.charged\s+payment of 42\.0 taken for order \d+", events)
+    assert re.search(r"saga 2\s+order\.created\s+order \d+ received", events)
+    assert not re.search(r"saga 2\s+payment\.charged", events)
+    assert events.count("order.created") == 2 and events.count("payment.charged") == 1
     assert re.search(r"Demo OK in [\d.]+s: saga \w{26} completed, saga \w{26} compensated\.", out)
 
 
@@ -109,7 +116,7 @@ async def test_the_readme_demo_command_runs_the_demo_end_to_end() -> None:
         assert step in out
     assert re.search(
         r"stopped coordinator \(exit 0\), orders \(exit 0\), inventory \(exit 0\), "
-        r"fulfillment \(exit 0\), payment \(exit 0\)",
+        r"fulfillment \(exit 0\), payment \(exit 0\), notifications \(exit 0\)",
         out,
     )
     assert session_processes(proc.pid) == []

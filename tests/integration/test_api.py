@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aio_pika
 import grpc
 import psycopg
 import pytest
@@ -13,7 +14,7 @@ from coordinator import engine
 from coordinator.app import Coordinator
 from coordinator.engine import CommandKind
 from coordinator.store.repository import SagaStore
-from sagaplane import structs
+from sagaplane import structs, topology
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc, messages_pb2
 from sagaplane.v1 import saga_pb2 as model
@@ -147,10 +148,17 @@ async def test_list_active_leaves_out_finished_sagas(stub: Stub, coordinator: Co
     assert saga_id not in [s.id for s in page.sagas]
 
 
-async def test_compensate_is_recorded_and_idempotent(stub: Stub) -> None:
-    saga_id = (await stub.StartSaga(order_request())).saga.id
-
-    first = (await stub.Compensate(api.CompensateRequest(id=saga_id, reason="customer left"))).saga
+async def test_compensate_is_recorded_and_idempotent(stub: Stub, amqp_url: str) -> None:
+    async with await aio_pika.connect(amqp_url) as connection:
+        # A queue takes the first command, as a participant's would: it may have been
+        # delivered, so it is awaited (a command that reached no queue would not be).
+        channel = await connection.channel()
+        commands = await channel.get_exchange(topology.COMMANDS_EXCHANGE)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(commands, "orders.create")
+        saga_id = (await stub.StartSaga(order_request())).saga.id
+        answer = await stub.Compensate(api.CompensateRequest(id=saga_id, reason="customer left"))
+    first = answer.saga
     assert first.state == model.SAGA_STATE_COMPENSATING
     # The first step's command is still in flight: its reply is awaited before undoing it.
     assert [s.status for s in first.steps] == [

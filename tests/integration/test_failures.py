@@ -207,11 +207,11 @@ async def test_an_attempt_nobody_answers_times_out_and_is_retried(fast_stub: Stu
     assert saga.state == model.SAGA_STATE_FAILED
     assert saga.steps[0].attempts == 3
     reasons = [h.reason for h in saga.history if h.event == "step_attempt_failed"]
-    assert [r.split(" (")[0] for r in reasons] == [
-        "attempt 1 timed out after 0.3s",
-        "attempt 2 timed out after 0.3s",
-    ]
-    assert saga.steps[0].error == "attempt 3 timed out after 0.3s"
+    # Each may add that its command reached no queue (when the relay had tried it).
+    assert len(reasons) == 2
+    assert reasons[0].startswith("attempt 1 timed out after 0.3s")
+    assert reasons[1].startswith("attempt 2 timed out after 0.3s")
+    assert saga.steps[0].error.startswith("attempt 3 timed out after 0.3s")
 
 
 async def test_a_saga_past_its_deadline_compensates(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from coordinator.app import Coordinator
 from helpers.shop import Shop, order_request, shop, shop_databases, wait_terminal
-from sagaplane import structs, topology
+from sagaplane import structs, topology, wire
 from sagaplane.consuming import QUEUE_HEADER, REASON_HEADER
 from sagaplane.limits import MAX_MESSAGE_BYTES
 from sagaplane.v1 import coordinator_pb2 as api
@@ -57,6 +57,10 @@ class Poison:
     queue: str
     type: str
     body: bytes
+    answered: tuple[str, str] | None = None
+    """For a valid command the participant answers (an action it has no handler for):
+    the id and queue of its reply, which the coordinator dead-letters instead (a saga
+    it never heard of)."""
 
 
 @pytest.fixture
@@ -155,9 +159,10 @@ def poison(draw: st.DrawFn, stuck: Stuck) -> Poison:
         field = draw(st.sampled_from(["saga_id", "step_id"]))
         body = _command(action="orders.create", **(base | {field: "a\x00b"}))
         return Poison(ORDERS, COMMAND_TYPE, body)
-    if choice == 10:
+    if choice == 10:  # no handler: answered with a NoHandler failure, for an unknown saga
         body = _command(action="payment.refund_everything", **base)
-        return Poison(PAYMENT, COMMAND_TYPE, body)
+        reply = wire.reply_id(base["step_id"], "execute", 1)
+        return Poison(PAYMENT, COMMAND_TYPE, body, answered=(reply, topology.REPLIES_QUEUE))
     body = _command(action="orders.create", saga_name="n" * 201, **base)
     return Poison(ORDERS, COMMAND_TYPE, body)
 
@@ -201,11 +206,15 @@ async def check_round(
     # Well inside the 30 s step timeout: nothing waited one out.
     done = await wait_terminal(stub, sagas, timeout=15)
     assert {s.state for s in done.values()} == {model.SAGA_STATE_COMPLETED}
-    dead = await dead_letters(channel, set(ids))
-    assert set(dead) == set(ids), "healthy messages dead-lettered, or bad ones not"
+    want = {message.answered or (message_id, message.queue) for message_id, message in ids.items()}
+    dead = await dead_letters(channel, {message_id for message_id, _ in want})
+    assert set(dead) == {message_id for message_id, _ in want}, (
+        "healthy messages dead-lettered, or bad ones not"
+    )
+    queues = dict(want)
     for message_id, headers in dead.items():
         assert headers.get(REASON_HEADER), f"{message_id} dead-lettered without a reason"
-        assert headers.get(QUEUE_HEADER) == ids[message_id].queue
+        assert headers.get(QUEUE_HEADER) == queues[message_id]
     assert all(not task.done() for task in coordinator.tasks()), "a background task ended"
 
 

@@ -721,7 +721,7 @@ async def test_an_execute_arriving_after_its_compensation_is_not_run(
     assert executed == 0
 
 
-async def test_undecodable_and_unknown_commands_are_dead_lettered_and_work_goes_on(
+async def test_undecodable_commands_are_dead_lettered_unknown_ones_answered_and_work_goes_on(
     make_participant: ParticipantFactory, broker: Broker
 ) -> None:
     action, other = _action("orders.create"), _action("orders.other")
@@ -741,9 +741,13 @@ async def test_undecodable_and_unknown_commands_are_dead_lettered_and_work_goes_
     await broker.publish_raw(action, b"\xff\xfe not a protobuf \x00", message_id=garbage_id)
     assert await broker.dead_letter(garbage_id) == b"\xff\xfe not a protobuf \x00"
 
-    # A valid envelope for an action/kind this service has no handler for.
-    unknown_id = await broker.send(action=other, saga_id=_uid(), step_id=_uid(), kind=EXECUTE)
-    await broker.dead_letter(unknown_id)
+    # A valid envelope for an action/kind this service has no handler for: answered with
+    # a non-retryable failure naming the action, so that its saga compensates at once.
+    await broker.send(action=other, saga_id=_uid(), step_id=_uid(), kind=EXECUTE)
+    refused = await broker.reply()
+    assert refused.outcome == FAILED
+    assert (refused.error.type, refused.error.retryable) == ("NoHandler", False)
+    assert f"no execute handler for action {other!r}" in refused.error.message
 
     # An envelope missing required fields.
     empty_id = f"empty-{_uid()}"
@@ -1046,14 +1050,15 @@ async def test_middleware_sees_messages_that_are_dead_lettered_with_the_reason_i
     await broker.publish_raw(action, b"\xff\xfe not a protobuf \x00", message_id=garbage_id)
     garbage_reason = await broker.dead_letter_reason(garbage_id)
     unknown_id = await broker.send(action=other, saga_id=_uid(), step_id=_uid(), kind=EXECUTE)
-    unknown_reason = await broker.dead_letter_reason(unknown_id)
+    refused = await broker.reply()
     assert seen == {
         garbage_id: (True, garbage_reason, Processed.DEAD_LETTERED),
-        unknown_id: (False, unknown_reason, Processed.DEAD_LETTERED),
+        # Processed: answered with a NoHandler failure, not dead-lettered.
+        unknown_id: (False, None, Processed.HANDLED),
     }
     assert "not a StepCommand" in garbage_reason
-    assert f"no execute handler for action {other!r}" in unknown_reason
-    assert participant.dead_lettered == {"undecodable": 1, "unknown_action": 1}
+    assert f"no execute handler for action {other!r}" in refused.error.message
+    assert participant.dead_lettered == {"undecodable": 1}
     await broker.no_more_replies()
 
 

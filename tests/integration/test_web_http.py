@@ -325,3 +325,19 @@ async def test_the_page_acts_with_its_callers_credentials(web: Coordinator) -> N
     finally:
         await pages.stop()
         await server.stop(0)
+
+
+async def test_a_step_whose_command_reached_no_queue_says_so(
+    http: aiohttp.ClientSession, client: SagaClient
+) -> None:
+    """No participant consumes shop.create: the step's page says why the saga waits."""
+    saga = await client.start_saga_request(request())
+    for _ in range(int(WAIT / 0.05)):  # until the relay's publish came back unroutable
+        if (await client.get_saga(saga.id)).steps[0].delivery_problem:
+            break
+        await asyncio.sleep(0.05)
+    async with http.get(f"/sagas/{saga.id}") as answer:
+        assert answer.status == 200
+        page = await answer.text()
+    assert "command not delivered: no queue is bound to" in page
+    assert "shop.create" in page

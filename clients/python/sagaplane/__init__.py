@@ -1,5 +1,6 @@
 """Sagaplane's Python SDK: participants, the coordinator client, the outbox and its relay."""
 
+from sagaplane import events
 from sagaplane.client import Resolution, SagaClient, StepSpec, saga_request, tls_credentials
 from sagaplane.errors import (
     BrokerUnavailable,
@@ -12,6 +13,8 @@ from sagaplane.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidArgument,
+    InvalidEvent,
+    NoHandler,
     NonRetryableError,
     PermissionDenied,
     ResourceExhausted,
@@ -22,6 +25,7 @@ from sagaplane.errors import (
     Unauthenticated,
     WaitTimeout,
 )
+from sagaplane.events import Event, EventContext
 from sagaplane.outbox import OutboundMessage, enqueue
 from sagaplane.participant import (
     CallNext,
@@ -46,12 +50,16 @@ __all__ = [
     "DatabaseUnavailable",
     "DeadlineExceeded",
     "Delivery",
+    "Event",
+    "EventContext",
     "FieldViolation",
     "Handler",
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
+    "InvalidEvent",
     "Middleware",
+    "NoHandler",
     "NonRetryableError",
     "OutboundMessage",
     "OutboxRelay",
@@ -75,6 +83,7 @@ __all__ = [
     "Unauthenticated",
     "WaitTimeout",
     "enqueue",
+    "events",
     "saga_request",
     "tls_credentials",
 ]

@@ -5,11 +5,15 @@ Every message is handled in a task of its own: decoded into a
 around the processing, and settled after the outermost middleware returned.
 
 A message that is not a valid StepCommand (garbage, ids or names past the wire's limits,
-JSON that PostgreSQL cannot hold; see :func:`sagaplane.wire.decode_command`), or names
-an action this service did not register, is dead-lettered to ``sagaplane.dead-letter``
-with its reason (:class:`~sagaplane.consuming.DeadLetters`), alone. With signing keys
-(:mod:`sagaplane.signing`), so is a command not signed by the coordinator (cause
-``signature``), before anything in it is read.
+JSON that PostgreSQL cannot hold; see :func:`sagaplane.wire.decode_command`) is
+dead-lettered to ``sagaplane.dead-letter`` with its reason
+(:class:`~sagaplane.consuming.DeadLetters`), alone. A valid command for an action this
+service has no handler for (of its kind) is answered, through the inbox like any other,
+with a non-retryable failure that names the action
+(:class:`~sagaplane.errors.NoHandler`): the saga learns at once, rather than waiting out
+its timeouts for a command that sits in the dead-letter queue.
+With signing keys (:mod:`sagaplane.signing`), a command not signed by the
+coordinator is dead-lettered (cause ``signature``), before anything in it is read.
 
 A valid command is processed by the :class:`~sagaplane.inbox.Inbox` in one transaction
 and acked only after its COMMIT (and the middleware): a crash before the ack redelivers
@@ -36,7 +40,8 @@ from psycopg_pool import PoolTimeout
 
 from sagaplane import backoff, deadlines, logs, signing, tracing, wire
 from sagaplane.consuming import DeadLetters, settle
-from sagaplane.handler import Handler
+from sagaplane.errors import NoHandler
+from sagaplane.handler import Handler, StepContext
 from sagaplane.inbox import Inbox
 from sagaplane.metrics import ParticipantMetrics
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
@@ -172,9 +177,7 @@ class CommandConsumer:
             await settle(message.ack(), message)
         elif chain.processed is Processed.DEAD_LETTERED:
             assert delivery.refusal is not None
-            cause = "undecodable" if delivery.command is None else "unknown_action"
-            if delivery.refusal.startswith(_UNSIGNED):
-                cause = "signature"
+            cause = "signature" if delivery.refusal.startswith(_UNSIGNED) else "undecodable"
             await self._dead_letters.send(message, delivery.refusal, cause=cause)
             self._count(delivery, "dead_lettered")
         else:
@@ -218,16 +221,16 @@ class CommandConsumer:
                 refusal=f"cannot be decoded: {type(exc).__name__}",
             )
         kind = wire.KIND_FROM_PROTO[command.kind]
-        refusal: str | None = None
-        if (kind, command.action) not in self._handlers:
-            refusal = (
-                f"participant {self._service} has no {kind} handler for action {command.action!r}"
-            )
         deadline = deadlines.for_command(
             command, arrived_at=arrived_at, arrived=arrived, clock_tolerance=self._clock_tolerance
         )
         return Delivery(
-            message=message, command=command, kind=kind, refusal=refusal, deadline=deadline
+            message=message, command=command, kind=kind, refusal=None, deadline=deadline
+        )
+
+    def _no_handler(self, kind: StepKind, action: str) -> Handler:
+        return _NoHandler(
+            f"participant {self._service} has no {kind} handler for action {action!r}"
         )
 
     async def _process(self, delivery: Delivery) -> Processed:
@@ -237,7 +240,11 @@ class CommandConsumer:
         if delivery.refusal is not None:
             return Processed.DEAD_LETTERED
         assert command is not None and kind is not None
-        handler = self._handlers[(kind, command.action)]
+        handler = self._handlers.get((kind, command.action))
+        # An action without a handler is any name a sender chose: not a metrics label.
+        label = None if handler is not None else ""
+        if handler is None:
+            handler = self._no_handler(kind, command.action)
         # The handler's span, with its transaction, under the attempt's span that the
         # coordinator put in the command's headers (and over the reply it writes).
         with tracing.span(
@@ -253,9 +260,11 @@ class CommandConsumer:
                 "sagaplane.service": self._service,
             },
         ):
-            return await self._process_until_stored(delivery, handler)
+            return await self._process_until_stored(delivery, handler, label)
 
-    async def _process_until_stored(self, delivery: Delivery, handler: Handler) -> Processed:
+    async def _process_until_stored(
+        self, delivery: Delivery, handler: Handler, label: str | None
+    ) -> Processed:
         command, kind, message = delivery.command, delivery.kind, delivery.message
         assert command is not None and kind is not None
         failures = 0
@@ -267,6 +276,7 @@ class CommandConsumer:
                     handler,
                     message_id=message.message_id,
                     deadline=delivery.deadline,
+                    label=label,
                 )
             except _TRANSIENT as exc:
                 failures += 1
@@ -284,6 +294,16 @@ class CommandConsumer:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._stopping.wait()
+
+
+class _NoHandler:
+    """The handler of an action the participant does not handle: a non-retryable failure."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    async def __call__(self, ctx: StepContext) -> None:
+        raise NoHandler(self._message)
 
 
 class _Chain:

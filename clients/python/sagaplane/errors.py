@@ -5,7 +5,9 @@
     │   ├── RetryableError           ... and retrying may succeed
     │   │   └── DeadlineExceeded     the attempt's deadline passed (the SDK's reply)
     │   └── NonRetryableError        ... and retrying cannot help
+    │       └── NoHandler            the participant has no handler for the action (the SDK's reply)
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
+    ├── InvalidEvent                 a domain event that cannot be sent as given (also a ValueError)
     ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
         ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field(s)
@@ -53,6 +55,7 @@ __all__ = [
     "IdempotencyConflict",
     "IllegalTransition",
     "InvalidArgument",
+    "InvalidEvent",
     "NonRetryableError",
     "PermissionDenied",
     "ResourceExhausted",
@@ -114,8 +117,16 @@ class NonRetryableError(StepFailed):
     retryable = False
 
 
+class NoHandler(NonRetryableError):
+    """The participant has no handler for the command's action (the SDK's reply)."""
+
+
 class ConfigurationError(SagaplaneError):
     """The SDK was set up wrongly."""
+
+
+class InvalidEvent(SagaplaneError, ValueError):
+    """The domain event cannot be sent as given; the message names the attribute."""
 
 
 class BrokerUnavailable(SagaplaneError, ConnectionError):

@@ -12,7 +12,9 @@ from typing import Any
 from psycopg import AsyncClientCursor, AsyncConnection
 
 from sagaplane import batch as batches
-from sagaplane.wire import StepKind
+from sagaplane import events
+from sagaplane.outbox import OutboundMessage
+from sagaplane.wire import Event, StepKind
 
 __all__ = ["Handler", "StepContext"]
 
@@ -47,7 +49,7 @@ class StepContext:
     """The connection, inside the command's transaction (a savepoint). Write with it and
     do not commit or roll back: the SDK commits your writes with the inbox row and the
     reply (a handler that ends the transaction is a bug: its command is requeued). To
-    publish domain events atomically, :func:`sagaplane.outbox.enqueue` them on it."""
+    publish domain events atomically, :meth:`emit` them."""
     results: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """What the completed steps this one depends on (directly or not) returned, by step
     name: ``ctx.results["create"]["order_id"]``."""
@@ -57,6 +59,34 @@ class StepContext:
     deadline, and the handler runs as long as it takes."""
     _cutoff: float | None = field(default=None, repr=False)
     """:attr:`deadline` on ``time.monotonic()``, which no clock change moves."""
+    service: str = ""
+    """The participant service running the handler (the ``source`` of its events)."""
+    _events: list[OutboundMessage] = field(default_factory=list, repr=False)
+    """What :meth:`emit` wrote, for the SDK to add to the outbox with the reply."""
+
+    async def emit(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        subject: str | None = None,
+        id: str | None = None,
+        extensions: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """Write a domain event (CloudEvents 1.0) to the outbox in the step's transaction:
+        published once the step's outcome commits, never if the handler fails (its
+        writes, this event among them, roll back). Source: this service; id: a new ULID
+        unless given; see :func:`sagaplane.events.emit`. Raises
+        :class:`~sagaplane.errors.InvalidEvent` at once for an event that cannot be sent.
+
+        The outbox row goes in the statement batch that stores the step's outcome and
+        commits, so an event costs no round trip to PostgreSQL of its own.
+        """
+        event = events.new_event(
+            type, data, source=self.service, subject=subject, id=id, extensions=extensions
+        )
+        self._events.append(events.outbound(event))
+        return event
 
     async def batch(self, statements: Iterable[batches.Statement]) -> list[list[Any]]:
         """Run ``statements`` on :attr:`tx` in ONE round trip to PostgreSQL; the rows of

@@ -129,9 +129,12 @@ class Inbox:
         *,
         message_id: str | None,
         deadline: Deadline | None = None,
+        label: str | None = None,
     ) -> Processed:
         """Handle one command in one transaction: claim, run or replay, store, reply;
         the handler and the transaction under ``deadline`` (None: no deadline).
+        ``label`` is the action as the metrics count it (None: the command's action;
+        "" for an action this participant has no handler for, which a sender chose).
 
         Returns, once the transaction has committed, whether the handler ran
         (:attr:`~Processed.HANDLED`) or the reply was the inbox's stored outcome
@@ -206,7 +209,7 @@ class Inbox:
                             # The claim waited (for a copy of this command) longer than the
                             # margin: PostgreSQL's limits counted from before. Renewed.
                             await batch.run(cur, _postgres_limits(deadline, conn))
-                        ctx = _context(cleaned_id, command, kind, conn, deadline)
+                        ctx = _context(cleaned_id, command, kind, conn, deadline, self._service)
                         began = time.monotonic()
                         outcome = await self._run(conn, handler, ctx, deadline)
                         ran = time.monotonic() - began
@@ -214,6 +217,9 @@ class Inbox:
                             tracing.fail_current(f"{outcome.error_type}: {outcome.error_message}")
                             # The handler's writes go; the claim, outcome and reply stay.
                             finish.append((_ROLLBACK_TO_SAVEPOINT, None))
+                        else:
+                            # Its events (ctx.emit) commit with its writes and the outcome.
+                            finish += [(INSERT_ONE, insert_params(m)) for m in ctx._events]
                     params = {**key, "message_id": cleaned_id, **outcome.params(command.attempt)}
                     finish.append((_STORE, params))
                 reply = _reply(command, kind, outcome, self._reply_exchange)
@@ -237,7 +243,7 @@ class Inbox:
             result = processed.value
             if processed is Processed.HANDLED:
                 result = "succeeded" if outcome.succeeded else "failed"
-            self._metrics.handled(command.action, kind, result, ran)
+            self._metrics.handled(command.action if label is None else label, kind, result, ran)
         return processed
 
     async def _run(
@@ -434,6 +440,7 @@ def _context(
     kind: StepKind,
     conn: AsyncConnection[Any],
     deadline: Deadline | None,
+    service: str,
 ) -> StepContext:
     input, context, output = wire.payloads(command)  # checked by decode_command already
     return StepContext(
@@ -452,6 +459,7 @@ def _context(
         results=wire.results(command),
         deadline=None if deadline is None else deadline.cutoff_at,
         _cutoff=None if deadline is None else deadline.cutoff,
+        service=service,
     )
 
 

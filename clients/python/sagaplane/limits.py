@@ -23,6 +23,9 @@ from datetime import timedelta
 __all__ = [
     "MAX_ERROR_MESSAGE_CHARS",
     "MAX_ERROR_TYPE_CHARS",
+    "MAX_EVENT_ATTRIBUTE_CHARS",
+    "MAX_EVENT_BYTES",
+    "MAX_EVENT_TYPE_BYTES",
     "MAX_ID_CHARS",
     "MAX_JSON_DEPTH",
     "MAX_MESSAGE_BYTES",
@@ -57,6 +60,12 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 compensation of a saga's 100th step that depends on the 99 others: its input with
 references resolved, the context, its own output and 99 outputs of 64 KiB each, 6.6 MiB
 in all (``tests/unit/test_command_size.py`` builds it); a reply is far smaller."""
+MAX_EVENT_BYTES = 256 * 1024
+"""A domain event as it is sent (the whole CloudEvent, JSON): what ``emit`` accepts."""
+MAX_EVENT_TYPE_BYTES = 255
+"""An event's ``type``, in UTF-8: it is the AMQP routing key, a short string."""
+MAX_EVENT_ATTRIBUTE_CHARS = 1000
+"""An event's ``id``, ``source`` and ``subject`` (``id`` and ``source`` key the inbox)."""
 MAX_STEP_TIMEOUT = timedelta(days=1)
 """A step's per-attempt timeout (StartSaga's ``timeout`` and ``step_timeout``, and a
 StepCommand's ``timeout``)."""

@@ -13,8 +13,8 @@ the SDK settles the message (ack, dead-letter or requeue, by that value) only af
 outermost middleware has returned. What a middleware returns is ignored.
 
 Every message taken from the queue goes through the middleware, including one that is
-not a valid StepCommand or names an action without a handler: ``delivery.refusal``
-says why, ``call_next()`` processes nothing and returns :attr:`Processed.DEAD_LETTERED`.
+not a valid StepCommand: ``delivery.refusal`` says why, ``call_next()`` processes
+nothing and returns :attr:`Processed.DEAD_LETTERED`.
 Only messages delivered while the participant stops are returned to the queue unseen.
 
 A middleware that raises (before or after ``call_next()``), a ``call_next()`` that
@@ -78,7 +78,8 @@ class Delivery:
     """The command's kind; None when :attr:`command` is."""
     refusal: str | None
     """Why the SDK dead-letters the message instead of processing it (not a valid
-    StepCommand, or no handler for its action and kind); None for one it processes."""
+    StepCommand); None for one it processes (a command for an action without a handler
+    is processed: answered with a non-retryable :class:`~sagaplane.errors.NoHandler`)."""
     deadline: Deadline | None = None
     """When the command's attempt ends here, counted from the message's arrival (see
     :mod:`sagaplane.deadlines`); None without a deadline. Time a middleware spends

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
@@ -87,3 +89,91 @@ async def enqueue(conn: AsyncConnection[object], messages: Sequence[OutboundMess
         return
     async with conn.cursor() as cur:
         await cur.executemany(INSERT_ONE, [insert_params(m) for m in messages])
+
+
+# -- what operators see (``sagaplane outbox``) ---------------------------------------------
+
+STATUSES = ("pending", "failed", "published", "invalid", "expired")
+"""Every outbox row's status (``sql/outbox/0005_status.sql`` says what each means)."""
+PROBLEM_STATUSES = ("failed", "invalid", "expired")
+"""The statuses a person may have to act on."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxStats:
+    """How many rows of each status an outbox holds."""
+
+    counts: dict[str, int]
+    """Rows per status (every status of :data:`STATUSES`, 0 included)."""
+    oldest_pending_s: float | None
+    """Seconds the oldest row not published (pending or failed) has waited; None if none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxRow:
+    """One outbox row, as ``sagaplane outbox list`` shows it."""
+
+    id: int
+    status: str
+    message_id: str
+    exchange: str
+    routing_key: str
+    message_type: str
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None
+    last_error: str | None
+
+
+async def stats(conn: AsyncConnection[Any]) -> OutboxStats:
+    """Count the rows of the outbox on ``conn`` per status."""
+    cur = await conn.execute(q("outbox_stats"))
+    counts = dict.fromkeys(STATUSES, 0)
+    oldest: float | None = None
+    for status, count, waited in await cur.fetchall():
+        counts[str(status)] = int(count)
+        if waited is not None:
+            oldest = float(waited) if oldest is None else max(oldest, float(waited))
+    return OutboxStats(counts=counts, oldest_pending_s=oldest)
+
+
+async def problems(
+    conn: AsyncConnection[Any],
+    statuses: Sequence[str] = PROBLEM_STATUSES,
+    *,
+    limit: int = 50,
+    after: int = 0,
+) -> list[OutboxRow]:
+    """The rows in ``statuses`` with an id above ``after``, oldest first, at most ``limit``."""
+    cur = await conn.execute(
+        q("outbox_problems"), {"statuses": list(statuses), "limit": limit, "after": after}
+    )
+    return [
+        OutboxRow(
+            id=r[0],
+            status=r[1],
+            message_id=r[2],
+            exchange=r[3],
+            routing_key=r[4],
+            message_type=r[5],
+            attempts=r[6],
+            created_at=r[7],
+            next_attempt_at=r[8],
+            last_error=r[9],
+        )
+        for r in await cur.fetchall()
+    ]
+
+
+async def retry(conn: AsyncConnection[Any], ids: Sequence[int]) -> list[int]:
+    """Put the unpublished rows of ``ids`` back to pending (attempts, error and age
+    reset); the ids changed. The caller commits; the relay publishes them after."""
+    cur = await conn.execute(q("outbox_retry"), {"ids": list(ids)})
+    return sorted(int(r[0]) for r in await cur.fetchall())
+
+
+async def discard(conn: AsyncConnection[Any], ids: Sequence[int]) -> list[int]:
+    """Delete the unpublished rows of ``ids`` (never to be published); the ids deleted.
+    The caller commits."""
+    cur = await conn.execute(q("outbox_discard"), {"ids": list(ids)})
+    return sorted(int(r[0]) for r in await cur.fetchall())

@@ -17,6 +17,11 @@ on is in :mod:`sagaplane.wire`.
 Middleware (:mod:`sagaplane.middleware`) wraps the processing of each delivered
 command: before the handler, after the commit, before the ack.
 
+Domain events: handlers emit them with ``ctx.emit`` (:mod:`sagaplane.events`); a
+participant consumes them with :meth:`Participant.on_event` handlers, from its events
+queue ``sagaplane.events.<service>``, each event once in its database (see
+:mod:`sagaplane.event_consumer`). A participant may have event handlers only.
+
 This module is the public face: :class:`Participant` (registration and lifecycle), and
 :class:`StepContext`, :data:`Handler`, :class:`StepKind` and the middleware types,
 re-exported here.
@@ -57,6 +62,8 @@ from sagaplane import (
 from sagaplane.command_consumer import CommandConsumer
 from sagaplane.consuming import DeadLetters
 from sagaplane.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
+from sagaplane.event_consumer import EventConsumer
+from sagaplane.events import EventContext, EventHandler
 from sagaplane.handler import Handler, StepContext
 from sagaplane.inbox import Inbox
 from sagaplane.metrics import (
@@ -69,12 +76,15 @@ from sagaplane.metrics import (
 )
 from sagaplane.middleware import CallNext, Delivery, Middleware, Processed
 from sagaplane.relay import OutboxRelay
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.urls import redact
 from sagaplane.wire import StepKind
 
 __all__ = [
     "CallNext",
     "Delivery",
+    "EventContext",
+    "EventHandler",
     "Handler",
     "Middleware",
     "Participant",
@@ -87,6 +97,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 H = TypeVar("H", bound=Handler)
+E = TypeVar("E", bound=EventHandler)
 
 METRICS_LISTEN_ENV = "SAGAPLANE_PARTICIPANT_METRICS_LISTEN"
 """The environment variable a Participant takes ``metrics_listen`` from."""
@@ -193,7 +204,7 @@ class Participant:
     ``call_next()`` returns a :class:`~sagaplane.middleware.Processed`: whether the
     handler ran (``HANDLED``), the inbox re-sent a stored outcome (``REPLAYED``), an
     execute after its compensation was refused (``REFUSED``), the message is
-    dead-lettered (``DEAD_LETTERED``: not a valid command, or no handler; see
+    dead-lettered (``DEAD_LETTERED``: not a valid command; see
     ``delivery.refusal``) or requeued (``REQUEUED``: stopped during a database outage).
     The message is settled after the outermost middleware returns. An exception from a
     middleware or from ``call_next()`` is a processing failure: the message is
@@ -205,6 +216,16 @@ class Participant:
     ``/metrics`` (see :mod:`sagaplane.metrics`); None or empty serves none and opens no
     port.
 
+    The outbox relay's ``relay_poll_interval`` (seconds), ``relay_batch_size`` (rows per
+    cycle), ``relay_max_attempts`` (failed publishes before a row is parked) and
+    ``relay_max_age`` (seconds before an unpublished row expires) default to
+    ``$SAGAPLANE_OUTBOX_POLL_INTERVAL`` (1.0), ``$SAGAPLANE_OUTBOX_BATCH_SIZE`` (500),
+    ``$SAGAPLANE_OUTBOX_MAX_ATTEMPTS`` (20) and ``$SAGAPLANE_OUTBOX_MAX_AGE`` (never); see
+    :class:`~sagaplane.relay_settings.RelaySettings`.
+
+    Event handlers (:meth:`on_event`) that raise are retried with exponential backoff
+    from ``event_retry_initial`` up to ``event_retry_max`` seconds, and the event is
+    dead-lettered with the error once ``event_max_attempts`` runs have failed.
     Retention (:mod:`sagaplane.retention`): every ``prune_interval`` seconds, inbox rows
     first received longer than ``inbox_retention`` ago (default
     ``$SAGAPLANE_INBOX_RETENTION``, else 7 days) and outbox rows sent longer than
@@ -236,11 +257,17 @@ class Participant:
         migrate: bool = True,
         shutdown_timeout: float = 30.0,
         connect_timeout: float = 30.0,
-        relay_poll_interval: float = 1.0,
+        relay_poll_interval: float | None = None,
+        relay_batch_size: int | None = None,
+        relay_max_attempts: int | None = None,
+        relay_max_age: float | None = None,
         reply_exchange: str = topology.REPLIES_EXCHANGE,
         middleware: Sequence[Middleware] = (),
         clock_tolerance: float | None = deadlines.DEFAULT_CLOCK_TOLERANCE,
         metrics_listen: str | None = None,
+        event_max_attempts: int = 5,
+        event_retry_initial: float = 0.5,
+        event_retry_max: float = 30.0,
         inbox_retention: str | timedelta | None = None,
         outbox_retention: str | timedelta | None = None,
         prune_interval: float = retention.DEFAULT_INTERVAL,
@@ -252,6 +279,12 @@ class Participant:
             raise ConfigurationError("prefetch and pool_size must be at least 1")
         if not reply_exchange:
             raise ConfigurationError("reply_exchange must not be empty")
+        if event_max_attempts < 1:
+            raise ConfigurationError("event_max_attempts must be at least 1")
+        if not event_retry_initial >= 0 or not event_retry_max >= event_retry_initial:
+            raise ConfigurationError(
+                "event_retry_initial must be >= 0 and event_retry_max >= event_retry_initial"
+            )
         if not all(callable(layer) for layer in middleware):
             raise ConfigurationError("every middleware must be a coroutine function")
         if clock_tolerance is not None and not clock_tolerance >= 0:
@@ -296,12 +329,31 @@ class Participant:
         self._migrate = migrate
         self._shutdown_timeout = shutdown_timeout
         self._connect_timeout = connect_timeout
-        self._relay_poll_interval = relay_poll_interval
+        try:
+            from_env = RelaySettings.from_env(os.environ)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self._relay_settings = RelaySettings(
+            batch_size=relay_batch_size or from_env.batch_size,
+            poll_interval=(
+                relay_poll_interval if relay_poll_interval is not None else from_env.poll_interval
+            ),
+            max_attempts=relay_max_attempts or from_env.max_attempts,
+            max_age=relay_max_age or from_env.max_age,
+        )
         self._reply_exchange = reply_exchange
         self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
 
+        self._event_max_attempts = event_max_attempts
+        self._event_retry_initial = event_retry_initial
+        self._event_retry_max = event_retry_max
         self._handlers: dict[tuple[StepKind, str], Handler] = {}
+        self._event_handlers: list[tuple[str, EventHandler]] = []
+        self._events_queue: AbstractQueue | None = None
+        self._events_tag: str | None = None
+        self._event_dead_letters: DeadLetters | None = None
+        self._event_consumer: EventConsumer | None = None
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -328,11 +380,41 @@ class Participant:
         """
         return self._register(StepKind.COMPENSATE, action)
 
+    def on_event(self, pattern: str) -> Callable[[E], E]:
+        """Register the decorated coroutine function as a handler of the domain events
+        whose type matches ``pattern``, an AMQP topic pattern (``order.created``,
+        ``order.*``, ``payment.#``).
+
+        The service's events queue is bound to the pattern at start. Each event runs
+        every matching handler once (in registration order) in one transaction, with
+        an inbox row keyed by its source and id; see :mod:`sagaplane.event_consumer`.
+        """
+        if not pattern or len(pattern.encode()) > 255:
+            raise ConfigurationError("an event pattern must be 1 to 255 bytes")
+
+        def decorator(handler: E) -> E:
+            if self._started:
+                raise ConfigurationError(f"register the event pattern {pattern!r} before start()")
+            self._event_handlers.append((pattern, handler))
+            return handler
+
+        return decorator
+
+    @property
+    def event_patterns(self) -> list[str]:
+        """Every registered event pattern (what the events queue is bound to)."""
+        return list(dict.fromkeys(pattern for pattern, _ in self._event_handlers))
+
     @property
     def dead_lettered(self) -> Mapping[str, int]:
-        """Commands this participant dead-lettered, by cause (``undecodable``,
-        ``unknown_action``, ``failed``, ``signature``); see :mod:`sagaplane.consuming`."""
-        return self._dead_letters.counts if self._dead_letters is not None else {}
+        """Commands and events this participant dead-lettered, by cause (``undecodable``,
+        ``failed``, ``signature``; events' as ``event_undecodable`` and ``event_failed``);
+        see :mod:`sagaplane.consuming`. A command for an action without a handler is not
+        dead-lettered: it is answered with a non-retryable failure."""
+        counts = dict(self._dead_letters.counts) if self._dead_letters is not None else {}
+        if self._event_dead_letters is not None:
+            counts.update({f"event_{k}": v for k, v in self._event_dead_letters.counts.items()})
+        return counts
 
     @property
     def metrics_port(self) -> int | None:
@@ -412,8 +494,8 @@ class Participant:
             raise RuntimeError("a stopped Participant cannot be restarted")
         if self._started:
             return
-        if not self._handlers:
-            raise ConfigurationError("register at least one step or compensation handler")
+        if not self._handlers and not self._event_handlers:
+            raise ConfigurationError("register at least one step, compensation or event handler")
         try:
             # On when the OTEL_* / SAGAPLANE_TRACES_FILE environment asks (sagaplane.tracing).
             tracing.configure(self.service)
@@ -448,7 +530,10 @@ class Participant:
             self._relay = OutboxRelay(
                 self._pool,
                 self._connection,
-                poll_interval=self._relay_poll_interval,
+                poll_interval=self._relay_settings.poll_interval,
+                batch_size=self._relay_settings.batch_size,
+                max_attempts=self._relay_settings.max_attempts,
+                max_age=self._relay_settings.max_age,
                 connection_name=self._name,
             )
             await self._relay.start()
@@ -482,6 +567,8 @@ class Participant:
                 signing_keys=self._signing_keys,
             )
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
+            if self._event_handlers:
+                await self._consume_events(self._pool, self._connection, self._channel)
         except BaseException:
             await self.stop()
             raise
@@ -490,6 +577,37 @@ class Participant:
             self.service,
             topology.participant_queue(self.service),
             ", ".join(self.actions),
+        )
+
+    async def _consume_events(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        connection: AbstractRobustConnection,
+        channel: AbstractChannel,
+    ) -> None:
+        self._event_dead_letters = DeadLetters(
+            connection, queue=topology.events_queue(self.service)
+        )
+        self._events_queue = await topology.declare_events_queue(
+            channel, self.service, self.event_patterns
+        )
+        self._event_consumer = EventConsumer(
+            service=self.service,
+            pool=pool,
+            handlers=self._event_handlers,
+            dead_letters=self._event_dead_letters,
+            stopping=self._stop_requested,
+            task_prefix=self._name,
+            max_attempts=self._event_max_attempts,
+            retry_initial=self._event_retry_initial,
+            retry_max=self._event_retry_max,
+        )
+        self._events_tag = await self._events_queue.consume(self._event_consumer.on_message)
+        log.info(
+            "participant %s consuming events from %s (%s)",
+            self.service,
+            self._events_queue.name,
+            ", ".join(self.event_patterns),
         )
 
     def _prune_loop(self, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> retention.PruneLoop:
@@ -601,8 +719,16 @@ class Participant:
                     await self._queue.cancel(self._consumer_tag)
             except Exception as exc:  # the channel may already be gone; closing it below
                 log.warning("participant %s: cancelling the consumer: %s", self.service, exc)
+        if self._events_queue is not None and self._events_tag is not None:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._events_queue.cancel(self._events_tag)
+            except Exception as exc:
+                log.warning("participant %s: cancelling the event consumer: %s", self.service, exc)
         if self._consumer is not None:
             await self._consumer.drain(self._shutdown_timeout)
+        if self._event_consumer is not None:
+            await self._event_consumer.drain(self._shutdown_timeout)
         if self._pruner is not None:
             await self._pruner.stop()
         if self._relay is not None:
@@ -619,6 +745,8 @@ class Participant:
                 log.exception("participant %s: the outbox relay had crashed", self.service)
         if self._dead_letters is not None:
             await self._dead_letters.close()
+        if self._event_dead_letters is not None:
+            await self._event_dead_letters.close()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()

@@ -8,12 +8,15 @@ broker confirmed it, so a crash anywhere repeats a publish but never loses one. 
 same reason the relay's commit does not wait for its WAL flush
 (``synchronous_commit = off`` for that transaction only): a "sent" lost in a crash is
 one more publish, which receivers deduplicate. A cycle is two round trips to
-PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`).
+PostgreSQL (``BEGIN`` + claim, then mark + ``COMMIT``; see :mod:`sagaplane.batch`), and
+one more with ``track_delivery``: the publishes counted, and committed, before they are
+made (:mod:`sagaplane.delivery` says why).
 
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
 ``attempts`` reaches ``max_attempts``) only when it is that row's fault:
 
-- the broker returned it (``mandatory``: no queue is bound for its routing key),
+- the broker returned it (``mandatory``: no queue is bound for its routing key; not
+  for a domain event, published to ``sagaplane.events`` without ``mandatory``),
   nacked it, or its exchange does not exist (checked passively, on a side channel,
   before the first publish to each exchange: a publish to a missing exchange would
   close the channel under every other publish in flight);
@@ -35,7 +38,7 @@ import enum
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -51,7 +54,7 @@ from psycopg_pool import AsyncConnectionPool
 from sagaplane import amqp, backoff, batch
 from sagaplane.queries import q
 from sagaplane.runtime import log_crash
-from sagaplane.topology import CONTENT_TYPE
+from sagaplane.topology import CONTENT_TYPE, EVENT_CONTENT_TYPE, EVENTS_EXCHANGE
 
 __all__ = ["NOTIFY_CHANNEL", "OutboxRelay"]
 
@@ -68,6 +71,10 @@ _CLAIM = q("relay_claim")
 _NO_SYNC = q("relay_no_sync")
 _MARK_SENT = q("relay_mark_sent")
 _MARK_FAILED = q("relay_mark_failed")
+_MARK_INVALID = q("relay_mark_invalid")
+_EXPIRE = q("relay_expire")
+_BEGIN_PUBLISHES = q("relay_begin_publishes")
+_FORGET_PUBLISHES = q("relay_forget_publishes")
 
 # Errors after which the loop backs off and tries again rather than dying.
 _RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -99,7 +106,16 @@ class _Row:
 class _Outcome:
     sent: list[int]
     failed: list[tuple[_Row, str]]
+    returned: set[int] = field(default_factory=set)
+    """Ids of the failed rows that the broker returned as unroutable."""
     transport_error: BaseException | None = None
+    # Rows that can never be published (a missing exchange): parked at once as invalid.
+    invalid: list[tuple[_Row, str]] = field(default_factory=list)
+
+    def fail(self, row: _Row, result: object) -> None:
+        self.failed.append((row, _describe(result)))
+        if isinstance(result, aiormq.exceptions.PublishError):
+            self.returned.add(row.id)
 
 
 class _Kind(enum.Enum):
@@ -133,6 +149,16 @@ class OutboxRelay:
     ``confirm_timeout`` seconds counts as a lost connection; reconnections back off up
     to ``max_backoff`` seconds; :meth:`stop` waits ``shutdown_timeout`` seconds for the
     cycle in progress; ``connection_name`` names the AMQP connection in the broker.
+    With ``max_age`` (seconds; None, the default, for never), a row not published that
+    long after it was written is parked as ``expired`` and never published. A row whose
+    exchange does not exist is parked as ``invalid`` at once. Each row's ``status`` (see
+    ``sql/outbox/0005_status.sql``) shows where it is.
+
+    Every publish the broker returns as unroutable is counted on its row (``returned``).
+    With ``track_delivery`` (the coordinator's relay) every publish is also counted
+    before it is made, in a transaction of its own, so that a row can be proven never
+    delivered (:mod:`sagaplane.delivery`); that costs one more round trip and commit
+    per batch, on a connection of the relay's own (made like the LISTEN connection).
 
     Use ``async with relay:`` or :meth:`start` / :meth:`stop` to run it in the
     background; :meth:`run` to supervise it yourself (e.g. in a task group);
@@ -154,11 +180,16 @@ class OutboxRelay:
         shutdown_timeout: float = 10.0,
         listen_conninfo: str | None = None,
         connection_name: str = TASK_NAME,
+        max_age: float | None = None,
+        track_delivery: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_age is not None and not max_age > 0:
+            raise ValueError("max_age must be a positive number of seconds, or None")
+        self._max_age = max_age
         self._pool = pool
         self._amqp_url = amqp if isinstance(amqp, str) else None
         self._connection: AbstractRobustConnection | None = None if isinstance(amqp, str) else amqp
@@ -172,6 +203,9 @@ class OutboxRelay:
         self._shutdown_timeout = shutdown_timeout
         self._listen_conninfo = listen_conninfo
         self._connection_name = connection_name
+        self._track_delivery = track_delivery
+        # Autocommit: each count commits on its own (see _begin_publishes).
+        self._counts_conn: psycopg.AsyncConnection[Any] | None = None
 
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -316,8 +350,17 @@ class OutboxRelay:
                     await conn.set_autocommit(True)
                 try:
                     cur = AsyncClientCursor(conn, row_factory=tuple_row)
+                    expire: list[batch.Statement] = []
+                    if self._max_age is not None:
+                        expire.append((_EXPIRE, {"max_age": self._max_age}))
                     [claimed] = await batch.run(
-                        cur, [("BEGIN", None), (_NO_SYNC, None), (_CLAIM, (self._batch_size,))]
+                        cur,
+                        [
+                            ("BEGIN", None),
+                            (_NO_SYNC, None),
+                            *expire,
+                            (_CLAIM, (self._batch_size,)),
+                        ],
                     )
                     rows = [_to_row(r) for r in claimed]
                     if not rows:
@@ -346,7 +389,7 @@ class OutboxRelay:
         pending: list[_Row] = []
         for row in rows:
             if row.exchange in missing:
-                outcome.failed.append((row, missing[row.exchange]))
+                outcome.invalid.append((row, missing[row.exchange]))
             else:
                 pending.append(row)
         if self._one_by_one:
@@ -357,6 +400,7 @@ class OutboxRelay:
         # in flight must never share one: repeated ids go out in a later wave.
         waves = _waves(pending)
         for index, wave in enumerate(waves):
+            await self._begin_publishes(wave)
             results = await asyncio.gather(
                 *(self._publish_row(channel, row) for row in wave), return_exceptions=True
             )
@@ -365,7 +409,7 @@ class OutboxRelay:
                 if kind is _Kind.SENT:
                     outcome.sent.append(row.id)
                 elif kind is _Kind.ROW:
-                    outcome.failed.append((row, _describe(result)))
+                    outcome.fail(row, result)
                 elif kind is _Kind.CHANNEL:
                     suspects.append(row)
                 elif outcome.transport_error is None:
@@ -388,15 +432,39 @@ class OutboxRelay:
             except _RECOVERABLE as exc:
                 outcome.transport_error = exc
                 return
+            await self._begin_publishes([row])
             [result] = await asyncio.gather(self._publish_row(channel, row), return_exceptions=True)
             kind = _classify(result)
             if kind is _Kind.SENT:
                 outcome.sent.append(row.id)
             elif kind is _Kind.ROW or isinstance(result, aiormq.exceptions.ChannelClosed):
-                outcome.failed.append((row, _describe(result)))
+                outcome.fail(row, result)
             else:
                 outcome.transport_error = _as_exception(result)
                 return
+
+    async def _begin_publishes(self, rows: list[_Row]) -> None:
+        """Count a publish begun for each of ``rows``, committed before any is published.
+
+        Only with ``track_delivery``. On a connection of its own: the claim's transaction
+        holds the rows' locks and commits only after the publishes, and a crash in
+        between must still leave the count behind (see :mod:`sagaplane.delivery`). The
+        commit waits for its WAL flush, unlike the claim's.
+        """
+        if not self._track_delivery or not rows:
+            return
+        # A connection of the relay's own, not the pool's: the claim holds one already,
+        # and waiting for a second behind the pool's other users would hold the rows.
+        if self._counts_conn is None or self._counts_conn.closed:
+            conninfo, kwargs = await self._listen_params()
+            self._counts_conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            await self._counts_conn.execute(_BEGIN_PUBLISHES, ([row.id for row in rows],))
+        except BaseException:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
 
     async def _missing_exchanges(self, names: set[str]) -> dict[str, str]:
         """Passively declare the exchanges not seen yet; the missing ones, with the error."""
@@ -432,11 +500,14 @@ class OutboxRelay:
         if exchange is None:
             exchange = await channel.get_exchange(row.exchange, ensure=False)
             self._exchanges[row.exchange] = exchange
+        # A domain event is publish/subscribe: no queue bound for its type is no failure
+        # (not mandatory, so the broker drops it rather than returning it).
+        is_event = row.exchange == EVENTS_EXCHANGE
         message = aio_pika.Message(
             row.body,
             message_id=row.message_id,
             type=row.message_type,
-            content_type=CONTENT_TYPE,
+            content_type=EVENT_CONTENT_TYPE if is_event else CONTENT_TYPE,
             correlation_id=row.correlation_id,
             headers=row.headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -444,13 +515,32 @@ class OutboxRelay:
         # The timeout also covers waiting for a reconnecting connection, which
         # aio-pika does before it writes anything.
         async with asyncio.timeout(self._confirm_timeout):
-            return await exchange.publish(message, row.routing_key, mandatory=True)
+            return await exchange.publish(message, row.routing_key, mandatory=not is_event)
 
     def _record(self, outcome: _Outcome) -> list[batch.Statement]:
         """The statements that record ``outcome`` (logging what failed)."""
         statements: list[batch.Statement] = []
         if outcome.sent:
             statements.append((_MARK_SENT, (outcome.sent,)))
+            if self._track_delivery:
+                # A sent row can never count as undelivered: its counts are not needed.
+                statements.append((_FORGET_PUBLISHES, (outcome.sent,)))
+        if outcome.invalid:
+            statements.append(
+                (
+                    _MARK_INVALID,
+                    {
+                        "ids": [row.id for row, _ in outcome.invalid],
+                        "errors": [error for _, error in outcome.invalid],
+                    },
+                )
+            )
+            logger.error(
+                "outbox rows that can never be published, parked as invalid: %s",
+                ", ".join(
+                    f"{row.id} (message {row.message_id}): {e}" for row, e in outcome.invalid
+                ),
+            )
         if outcome.failed:
             statements.append(
                 (
@@ -461,6 +551,7 @@ class OutboxRelay:
                         "retry_max": self._retry_max,
                         "ids": [row.id for row, _ in outcome.failed],
                         "errors": [error for _, error in outcome.failed],
+                        "returned": [row.id in outcome.returned for row, _ in outcome.failed],
                     },
                 )
             )
@@ -524,6 +615,10 @@ class OutboxRelay:
                     await channel.close()
 
     async def _close_amqp(self) -> None:
+        if self._counts_conn is not None:
+            conn, self._counts_conn = self._counts_conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
         await self._discard_channel()
         if self._amqp_url is not None and self._connection is not None:
             connection, self._connection = self._connection, None

@@ -245,6 +245,12 @@ class Step(_View):
         return self.proto.outcome_unknown
 
     @property
+    def delivery_problem(self) -> str | None:
+        """Why its command in flight has reached no participant (no queue is bound to
+        the action); None when nothing is known to be wrong."""
+        return self.proto.delivery_problem or None
+
+    @property
     def depends_on(self) -> tuple[str, ...]:
         """Names of the steps it waits for (empty: none)."""
         return tuple(self.proto.depends_on)

@@ -39,6 +39,11 @@ REPLIES_QUEUE = "sagaplane.replies"
 """The one queue all coordinator replicas consume replies from."""
 REPLIES_ROUTING_KEY = "reply"
 """Routing key of every reply."""
+EVENTS_EXCHANGE = "sagaplane.events"
+"""Topic exchange for domain events (CloudEvents), routed by the event's type. Plain
+pub/sub: an event that no queue is bound for is dropped by the broker, not an error."""
+EVENT_CONTENT_TYPE = "application/cloudevents+json"
+"""The content type of every event: CloudEvents' JSON format, structured content mode."""
 DEAD_LETTER_EXCHANGE = "sagaplane.dead-letter"
 """Fanout exchange that receives messages that can never be processed."""
 DEAD_LETTER_QUEUE = "sagaplane.dead-letter"
@@ -60,6 +65,12 @@ class UnsupportedBrokerError(RuntimeError):
 def participant_queue(service: str) -> str:
     """The durable queue of a participant service."""
     return f"sagaplane.participant.{service}"
+
+
+def events_queue(service: str) -> str:
+    """The durable queue a service consumes domain events from (see :meth:`on_event
+    <sagaplane.participant.Participant.on_event>`)."""
+    return f"sagaplane.events.{service}"
 
 
 def bindings_queue(service: str) -> str:
@@ -99,6 +110,7 @@ async def declare_core(channel: AbstractChannel) -> None:
     """
     await _check_broker(channel)
     await channel.declare_exchange(COMMANDS_EXCHANGE, ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(EVENTS_EXCHANGE, ExchangeType.TOPIC, durable=True)
     replies = await channel.declare_exchange(REPLIES_EXCHANGE, ExchangeType.DIRECT, durable=True)
     dead = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, ExchangeType.FANOUT, durable=True)
     dead_queue = await channel.declare_queue(
@@ -130,19 +142,42 @@ async def declare_participant_queue(
     wanted = list(dict.fromkeys(actions))
     for action in wanted:
         await queue.bind(commands, routing_key=action)
-    await _unbind_unregistered(channel, commands, queue, service, wanted)
+    await _unbind_unregistered(channel, commands, queue, service, wanted, bindings_queue(service))
+    return queue
+
+
+async def declare_events_queue(
+    channel: AbstractChannel, service: str, patterns: Iterable[str]
+) -> AbstractQueue:
+    """Declare the events queue of ``service``, bound to :data:`EVENTS_EXCHANGE` with
+    each of its topic ``patterns`` and to no other pattern it was bound to before
+    (idempotent; recorded as the command queue's actions are, see the module docstring).
+
+    Declares the core topology first; ``channel`` must be in publisher-confirm mode.
+    """
+    await declare_core(channel)
+    events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
+    queue = await channel.declare_queue(
+        events_queue(service), durable=True, arguments=work_queue_arguments()
+    )
+    wanted = list(dict.fromkeys(patterns))
+    for pattern in wanted:
+        await queue.bind(events, routing_key=pattern)
+    ledger = f"{events_queue(service)}.bindings"
+    await _unbind_unregistered(channel, events, queue, service, wanted, ledger)
     return queue
 
 
 async def _unbind_unregistered(
     channel: AbstractChannel,
-    commands: AbstractExchange,
+    exchange: AbstractExchange,
     queue: AbstractQueue,
     service: str,
     wanted: list[str],
+    ledger_name: str,
 ) -> None:
     ledger = await channel.declare_queue(
-        bindings_queue(service), durable=True, arguments={"x-queue-type": "quorum"}
+        ledger_name, durable=True, arguments={"x-queue-type": "quorum"}
     )
     records = []
     while (record := await ledger.get(no_ack=False, fail=False)) is not None:
@@ -151,9 +186,9 @@ async def _unbind_unregistered(
     for record in records:
         bound |= _actions_of(record.body, service)
     for action in sorted(bound - set(wanted)):
-        await queue.unbind(commands, routing_key=action)
+        await queue.unbind(exchange, routing_key=action)
         log.info(
-            "participant %s: unbound action %s from %s (no handler registered for it)",
+            "participant %s: unbound %s from %s (no handler registered for it)",
             service,
             action,
             queue.name,
@@ -201,3 +236,20 @@ def _parse_version(raw: object) -> tuple[int, int] | None:
         return None
     match = re.match(r"(\d+)\.(\d+)", raw)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Whether a topic exchange routes ``routing_key`` to a binding of ``pattern``: words
+    separated by dots, ``*`` standing for exactly one word, ``#`` for zero or more."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])

@@ -4,21 +4,39 @@ What the two ends must agree on beyond ``proto/sagaplane/v1/messages.proto``: th
 of a command in both vocabularies (:class:`StepKind` and the protobuf ``CommandKind``),
 the message ids (:func:`command_id`, :func:`reply_id`), the AMQP ``type`` of each
 envelope, and what makes a StepCommand one that a participant can handle
-(:func:`decode_command`). The coordinator's codec (``coordinator/messaging/codec.py``)
-and the SDK's participant both use this module; it imports nothing of the coordinator.
+(:func:`decode_command`), and the domain events' envelope (:class:`Event`,
+:func:`encode_event`, :func:`decode_event`). The coordinator's codec
+(``coordinator/messaging/codec.py``) and the SDK's participant both use this module; it
+imports nothing of the coordinator.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
+from cloudevents.core.bindings import rabbitmq
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.v1.event import CloudEvent
 from google.protobuf.message import DecodeError
 
 from sagaplane import structs
-from sagaplane.limits import MAX_ID_CHARS, MAX_MESSAGE_BYTES, MAX_STEP_TIMEOUT, MAX_TEXT_CHARS
+from sagaplane.errors import InvalidEvent
+from sagaplane.limits import (
+    MAX_EVENT_ATTRIBUTE_CHARS,
+    MAX_EVENT_BYTES,
+    MAX_EVENT_TYPE_BYTES,
+    MAX_ID_CHARS,
+    MAX_MESSAGE_BYTES,
+    MAX_STEP_TIMEOUT,
+    MAX_TEXT_CHARS,
+)
+from sagaplane.topology import EVENT_CONTENT_TYPE
 from sagaplane.v1 import messages_pb2
 
 __all__ = [
@@ -27,11 +45,14 @@ __all__ = [
     "KIND_TO_PROTO",
     "REPLY_TYPE",
     "TEXT_LIMITS",
+    "Event",
     "StepKind",
     "Undecodable",
     "command_id",
     "deadline",
     "decode_command",
+    "decode_event",
+    "encode_event",
     "payloads",
     "reply_id",
     "results",
@@ -177,3 +198,159 @@ def _check_deadline(command: messages_pb2.StepCommand) -> None:
         raise Undecodable(f"timeout must be positive and at most {MAX_STEP_TIMEOUT}")
     if not 0 <= at.nanos < _NANOS or not _MIN_SECONDS <= at.seconds <= _MAX_SECONDS:
         raise Undecodable("deadline is not a valid timestamp")
+
+
+# == domain events ======================================================================
+#
+# A domain event is a CloudEvents 1.0 event in the JSON event format, sent in the AMQP
+# binding's STRUCTURED content mode: the body is the whole event (attributes and data)
+# as one JSON object, content type application/cloudevents+json. Structured, not binary
+# (attributes as ``ce-`` headers), because the body then needs nothing but a JSON parser
+# to read, in any language, with any AMQP client; and because the outbox row's body is
+# then the whole event, with no per-row headers for the relay to carry. Binary-mode
+# events (from other producers) are accepted on the way in all the same.
+
+_DATA_CONTENT_TYPE = "application/json"
+_CORE_ATTRIBUTES = frozenset(
+    {"specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """A CloudEvents 1.0 event, as emitted or as received."""
+
+    type: str
+    """What happened (``order.created``); the routing key, matched by ``on_event`` patterns."""
+    source: str
+    """Who says so: by default the emitting service's name. With :attr:`id`, unique."""
+    id: str
+    """Unique per source (a ULID by default); consumers deduplicate on (source, id)."""
+    time: datetime | None
+    """When it was emitted (aware)."""
+    subject: str | None = None
+    """What it is about within the source (an order id, say)."""
+    data: Any = None
+    """The payload: a JSON object (dict) for events Sagaplane emits."""
+    extensions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """CloudEvents extension attributes (lowercase alphanumeric names)."""
+
+
+def encode_event(event: Event) -> bytes:
+    """The event in CloudEvents' JSON format (structured mode); raises :class:`InvalidEvent`."""
+    _check_event_text("type", event.type)
+    _check_event_text("source", event.source)
+    _check_event_text("id", event.id)
+    if len(event.type.encode()) > MAX_EVENT_TYPE_BYTES:
+        raise InvalidEvent(f"type must be at most {MAX_EVENT_TYPE_BYTES} bytes (a routing key)")
+    if event.subject is not None:
+        _check_event_text("subject", event.subject)
+    if event.data is not None and not isinstance(event.data, Mapping):
+        raise InvalidEvent(f"data must be a JSON object (a dict), not {type(event.data).__name__}")
+    clash = sorted(_CORE_ATTRIBUTES & set(event.extensions))
+    if clash:
+        raise InvalidEvent(f"extensions must not set the core attribute(s) {', '.join(clash)}")
+    attributes: dict[str, Any] = {
+        **event.extensions,
+        "specversion": "1.0",
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "datacontenttype": _DATA_CONTENT_TYPE,
+    }
+    if event.time is not None:
+        attributes["time"] = event.time
+    if event.subject is not None:
+        attributes["subject"] = event.subject
+    try:
+        cloud = CloudEvent(attributes, None if event.data is None else dict(event.data))
+        body = rabbitmq.to_structured_event(cloud).body
+    except BaseCloudEventException as exc:
+        raise InvalidEvent(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"data is not JSON: {exc}") from None
+    if len(body) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"the event is {len(body)} bytes; at most {MAX_EVENT_BYTES} are sent")
+    return body
+
+
+def decode_event(
+    body: bytes, content_type: str | None, headers: Mapping[str, Any] | None = None
+) -> Event:
+    """A received event, structured or binary mode (``ce-`` headers); raises
+    :class:`Undecodable` with the reason for anything that is not a CloudEvents 1.0 event
+    within the limits."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise Undecodable(f"the event is {len(body)} bytes, more than {MAX_MESSAGE_BYTES}")
+    text_headers = {
+        str(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for k, v in (headers or {}).items()
+    }
+    if not (content_type or "").startswith("application/cloudevents") and not any(
+        k.startswith("ce-") for k in text_headers
+    ):
+        raise Undecodable(
+            f"not a CloudEvent: content type {content_type!r} and no ce- headers "
+            f"(expected {EVENT_CONTENT_TYPE})"
+        )
+    # The library fills in a missing id, specversion or time (a random id would defeat
+    # deduplication): they must be there on the wire.
+    present = _present_attributes(body, content_type, text_headers)
+    for required in ("specversion", "id"):
+        if required not in present:
+            raise Undecodable(f"not a CloudEvent: it has no {required}")
+    try:
+        message = rabbitmq.RabbitMQMessage(
+            headers=text_headers, content_type=content_type, body=body
+        )
+        cloud = rabbitmq.from_rabbitmq_event(message)
+    except Exception as exc:  # the library raises what its parsers raise
+        raise Undecodable(f"not a CloudEvents 1.0 event: {type(exc).__name__}: {exc}") from None
+    if cloud.get_specversion() != "1.0":
+        raise Undecodable(f"specversion {cloud.get_specversion()!r} is not 1.0")
+    for name in ("id", "source", "type", "subject"):
+        value = cloud.get_attributes().get(name)
+        if value is None and name == "subject":
+            continue
+        if not isinstance(value, str) or not value:
+            raise Undecodable(f"the event's {name} must be a non-empty string")
+        if len(value) > MAX_EVENT_ATTRIBUTE_CHARS or "\x00" in value:
+            raise Undecodable(
+                f"the event's {name} is longer than {MAX_EVENT_ATTRIBUTE_CHARS} characters "
+                "or holds a NUL character"
+            )
+    event_time = cloud.get_time() if "time" in present else None
+    if event_time is not None and event_time.tzinfo is None:
+        event_time = event_time.replace(tzinfo=UTC)
+    return Event(
+        type=cloud.get_type(),
+        source=cloud.get_source(),
+        id=cloud.get_id(),
+        time=event_time,
+        subject=cloud.get_subject(),
+        data=cloud.get_data(),
+        extensions={k: v for k, v in cloud.get_attributes().items() if k not in _CORE_ATTRIBUTES},
+    )
+
+
+def _present_attributes(
+    body: bytes, content_type: str | None, headers: Mapping[str, str]
+) -> set[str]:
+    if (content_type or "").startswith("application/cloudevents"):
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:
+            raise Undecodable(f"not a CloudEvent: the body is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise Undecodable("not a CloudEvent: the body is not a JSON object")
+        return set(parsed)
+    return {k[3:] for k in headers if k.startswith("ce-")}
+
+
+def _check_event_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidEvent(f"{name} must be a non-empty string")
+    if len(value) > MAX_EVENT_ATTRIBUTE_CHARS:
+        raise InvalidEvent(f"{name} must be at most {MAX_EVENT_ATTRIBUTE_CHARS} characters")
+    if "\x00" in value:
+        raise InvalidEvent(f"{name} must not contain NUL characters")

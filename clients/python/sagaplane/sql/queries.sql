@@ -27,6 +27,36 @@ FROM ROWS FROM (
     AS r (message_id, exchange, routing_key, message_type, body, correlation_id, headers, n)
 ORDER BY n;
 
+-- == operators' view of the outbox (sagaplane.outbox; `sagaplane outbox`) ===============
+
+-- name: outbox_stats
+-- Rows per status, and how long the oldest unpublished, unparked row has waited.
+SELECT status, count(*),
+       extract(epoch FROM now() - min(created_at) FILTER (WHERE status IN ('pending', 'failed')))
+FROM sagaplane_outbox
+GROUP BY status;
+
+-- name: outbox_problems
+-- The rows in the given statuses (failed, invalid, expired), oldest first.
+SELECT id, status, message_id, exchange, routing_key, message_type, attempts, created_at,
+       next_attempt_at, last_error
+FROM sagaplane_outbox
+WHERE status = ANY(%(statuses)s) AND id > %(after)s
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: outbox_retry
+-- Back to pending, published by the relay's next cycle (unpublished rows only).
+UPDATE sagaplane_outbox
+SET parked_at = NULL, park_reason = NULL, attempts = 0, next_attempt_at = NULL,
+    last_error = NULL, created_at = now()
+WHERE id = ANY(%(ids)s) AND sent_at IS NULL
+RETURNING id;
+
+-- name: outbox_discard
+-- Never to be published: the unpublished rows are deleted.
+DELETE FROM sagaplane_outbox WHERE id = ANY(%(ids)s) AND sent_at IS NULL RETURNING id;
+
 -- == the outbox relay (sagaplane.relay) ================================================
 
 -- name: relay_claim
@@ -48,17 +78,88 @@ SET LOCAL synchronous_commit TO off;
 -- name: relay_mark_sent
 UPDATE sagaplane_outbox SET sent_at = now() WHERE id = ANY(%s);
 
+-- name: relay_expire
+-- Rows older than the relay's max_age are parked as expired, never published (rows a
+-- relay is publishing right now are skipped: they are not late). Reads the pending index.
+UPDATE sagaplane_outbox
+SET parked_at = now(), park_reason = 'expired',
+    last_error = 'not published within max_age (' || %(max_age)s || 's)'
+WHERE id IN (
+    SELECT id FROM sagaplane_outbox
+    WHERE sent_at IS NULL AND parked_at IS NULL
+      AND created_at < now() - make_interval(secs => %(max_age)s)
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: relay_mark_invalid
+-- Rows that can never be published (their exchange does not exist): parked at once.
+UPDATE sagaplane_outbox AS o
+SET attempts = o.attempts + 1, last_error = f.error, parked_at = now(), park_reason = 'invalid'
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+WHERE o.id = f.id;
+
 -- name: relay_mark_failed
 -- Exponential backoff, so a command for a participant not deployed yet waits minutes
--- (not one poll interval per attempt) before it is parked.
+-- (not one poll interval per attempt) before it is parked. A publish the broker returned
+-- as unroutable is counted in ``returned`` (see sagaplane/delivery.py).
 UPDATE sagaplane_outbox AS o
 SET attempts = o.attempts + 1,
     last_error = f.error,
+    returned = o.returned + f.returned::int,
     parked_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END,
     next_attempt_at = now() + make_interval(
         secs => least(%(retry_initial)s * power(2, o.attempts), %(retry_max)s))
-FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(returned)s::boolean[])
+    AS f(id, error, returned)
 WHERE o.id = f.id;
+
+-- name: relay_begin_publishes
+-- Run and committed on a connection of its own before the rows are published, while the
+-- claim holds their locks (sagaplane/delivery.py says why).
+INSERT INTO sagaplane_outbox_publishes (outbox_id, begun)
+SELECT id, 1 FROM unnest(%s::bigint[]) AS ids(id)
+ON CONFLICT (outbox_id) DO UPDATE SET begun = sagaplane_outbox_publishes.begun + 1;
+
+-- name: relay_forget_publishes
+DELETE FROM sagaplane_outbox_publishes WHERE outbox_id = ANY(%s);
+
+-- == delivery proofs and withdrawals (sagaplane.delivery) ==============================
+
+-- name: delivery_lock
+-- Rows a relay is publishing right now are skipped, not waited for (a transition never
+-- waits for the broker): what becomes of them is not known, so they prove nothing.
+-- From here until commit no relay can claim the rows locked (its claim skips them).
+SELECT id FROM sagaplane_outbox
+WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL
+ORDER BY id
+FOR UPDATE SKIP LOCKED;
+
+-- name: delivery_counts
+-- Only the rows delivery_lock locked (%(ids)s), in a statement sent after it returned, so
+-- that its snapshot is taken once the locks are held: it sees every count committed by
+-- the relay that held them before.
+SELECT o.message_id,
+       bool_and(o.returned >= 1 AND o.returned = coalesce(p.begun, 0)) AS undelivered
+FROM sagaplane_outbox o LEFT JOIN sagaplane_outbox_publishes p ON p.outbox_id = o.id
+WHERE o.id = ANY(%(ids)s::bigint[]) AND o.sent_at IS NULL
+GROUP BY o.message_id;
+
+-- name: delivery_withdraw
+-- Rows a relay is publishing right now are left alone (SKIP LOCKED): receivers drop a
+-- command that is no longer in flight, and the caller does not wait for the broker.
+WITH gone AS (
+    DELETE FROM sagaplane_outbox
+    WHERE id IN (SELECT id FROM sagaplane_outbox
+                 WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING id
+)
+DELETE FROM sagaplane_outbox_publishes WHERE outbox_id IN (SELECT id FROM gone);
+
+-- name: delivery_returned
+-- Unsent rows that the broker returned at least once: their commands reach no queue.
+SELECT message_id, routing_key FROM sagaplane_outbox
+WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL AND returned > 0;
 
 -- == the participant's inbox (sagaplane.inbox) =========================================
 
@@ -97,6 +198,14 @@ WHERE step_id = %(step_id)s AND kind = %(kind)s;
 -- name: inbox_replayed
 UPDATE sagaplane_inbox SET replies = replies + 1, last_replied_at = now()
 WHERE step_id = %(step_id)s AND kind = %(kind)s;
+
+-- name: event_inbox_claim
+-- Claims the event for this consumer, or (a copy is being or was handled) waits for the
+-- other transaction and returns nothing.
+INSERT INTO sagaplane_event_inbox (consumer, source, id, type)
+VALUES (%(consumer)s, %(source)s, %(id)s, %(type)s)
+ON CONFLICT (consumer, source, id) DO NOTHING
+RETURNING 1;
 
 -- name: handler_savepoint
 -- Where a failing handler's writes roll back to; taken right after the claim.

@@ -224,6 +224,7 @@ class Step(_message.Message):
     OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     WHEN_FIELD_NUMBER: _builtins.int
+    DELIVERY_PROBLEM_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id of the step (a ULID)."""
     name: _builtins.str
@@ -251,6 +252,13 @@ class Step(_message.Message):
     """
     when: _builtins.str
     """The condition the step runs under (empty: always); see StepSpec.when."""
+    delivery_problem: _builtins.str
+    """Why the command in flight has not reached a participant, e.g. `command not
+    delivered: no queue is bound to "orders.create" — is a participant for it
+    running?`; empty when nothing is known to be wrong. A step whose command
+    provably reached no queue is not compensated: when its attempt times out,
+    or Compensate is called while it waits, it is recorded as not run.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The JSON object handed to the action."""
@@ -315,10 +323,11 @@ class Step(_message.Message):
         outcome_unknown: _builtins.bool = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         when: _builtins.str = ...,
+        delivery_problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensated_at", b"compensated_at", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "executed_at", b"executed_at", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "depends_on", b"depends_on", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout", "when", b"when"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "attempts", b"attempts", "compensated_at", b"compensated_at", "compensation", b"compensation", "compensation_attempts", b"compensation_attempts", "compensation_retry_policy", b"compensation_retry_policy", "deadline_at", b"deadline_at", "delivery_problem", b"delivery_problem", "depends_on", b"depends_on", "error", b"error", "executed_at", b"executed_at", "id", b"id", "input", b"input", "name", b"name", "outcome_unknown", b"outcome_unknown", "output", b"output", "retry_policy", b"retry_policy", "status", b"status", "timeout", b"timeout", "when", b"when"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

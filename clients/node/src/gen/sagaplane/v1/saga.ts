@@ -303,6 +303,14 @@ export interface Step {
   dependsOn: string[];
   /** The condition the step runs under (empty: always); see StepSpec.when. */
   when: string;
+  /**
+   * Why the command in flight has not reached a participant, e.g. `command not
+   * delivered: no queue is bound to "orders.create" — is a participant for it
+   * running?`; empty when nothing is known to be wrong. A step whose command
+   * provably reached no queue is not compensated: when its attempt times out,
+   * or Compensate is called while it waits, it is recorded as not run.
+   */
+  deliveryProblem: string;
 }
 
 /** One recorded transition of a saga. The history is append-only. */
@@ -535,6 +543,7 @@ function createBaseStep(): Step {
     outcomeUnknown: false,
     dependsOn: [],
     when: "",
+    deliveryProblem: "",
   };
 }
 
@@ -596,6 +605,9 @@ export const Step: MessageFns<Step> = {
     }
     if (message.when !== "") {
       writer.uint32(154).string(message.when);
+    }
+    if (message.deliveryProblem !== "") {
+      writer.uint32(162).string(message.deliveryProblem);
     }
     return writer;
   },
@@ -765,6 +777,14 @@ export const Step: MessageFns<Step> = {
             message.when = reader.string();
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.deliveryProblem = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -830,6 +850,11 @@ export const Step: MessageFns<Step> = {
         ? object.depends_on.map((e: any) => globalThis.String(e))
         : [],
       when: isSet(object.when) ? globalThis.String(object.when) : "",
+      deliveryProblem: isSet(object.deliveryProblem)
+        ? globalThis.String(object.deliveryProblem)
+        : isSet(object.delivery_problem)
+        ? globalThis.String(object.delivery_problem)
+        : "",
     };
   },
 
@@ -892,6 +917,9 @@ export const Step: MessageFns<Step> = {
     if (message.when !== "") {
       obj.when = message.when;
     }
+    if (message.deliveryProblem !== "") {
+      obj.deliveryProblem = message.deliveryProblem;
+    }
     return obj;
   },
 
@@ -926,6 +954,7 @@ export const Step: MessageFns<Step> = {
     message.outcomeUnknown = object.outcomeUnknown ?? false;
     message.dependsOn = object.dependsOn?.map((e) => e) || [];
     message.when = object.when ?? "";
+    message.deliveryProblem = object.deliveryProblem ?? "";
     return message;
   },
 };

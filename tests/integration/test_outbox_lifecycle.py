@@ -1,0 +1,194 @@
+"""Every outbox row's status, and ``sagaplane outbox`` / ``sagaplane relay``, against the
+real PostgreSQL and RabbitMQ: a row for a missing exchange ends invalid at once, a row past
+max_age expires unpublished, an unroutable command is failed (retrying) until a queue is
+bound, then published; operators see each of these, retry and discard rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from aio_pika.abc import AbstractChannel
+from relay_fixtures import (
+    amqp,
+    amqp_url,
+    amqp_vhost,
+    channel,
+    clean_outbox,
+    drain,
+    enqueue_committed,
+    make_relay,
+    message,
+    outbox_database,
+    outbox_pool,
+    outbox_rows,
+    sink,
+)
+
+from sagaplane import events, topology
+from sagaplane.relay import OutboxRelay
+from sagaplane.testing import Child
+
+__fixtures__ = (
+    amqp,
+    amqp_url,
+    amqp_vhost,
+    channel,
+    clean_outbox,
+    make_relay,
+    outbox_database,
+    outbox_pool,
+)
+pytestmark = pytest.mark.usefixtures("clean_outbox")
+
+ROOT = Path(__file__).resolve().parents[2]
+MakeRelay = Callable[..., OutboxRelay]
+
+
+async def sagaplane(*argv: str) -> tuple[int, str, str]:
+    """``sagaplane *argv`` as a process: its status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator.cli", *argv, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def stats(database_url: str) -> dict[str, Any]:
+    status, out, err = await sagaplane("outbox", "stats", "--database-url", database_url, "--json")
+    assert status == 0, err
+    return dict(json.loads(out))
+
+
+async def listed(database_url: str, *flags: str) -> list[dict[str, Any]]:
+    status, out, err = await sagaplane(
+        "outbox", "list", "--database-url", database_url, "--json", *flags
+    )
+    assert status == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def test_a_row_for_a_missing_exchange_is_invalid_at_once_with_its_error(
+    outbox_database: str, channel: AbstractChannel, make_relay: MakeRelay
+) -> None:
+    exchange, _ = await sink(channel)
+    gone = message("no-such-exchange")
+    good = message(exchange)
+    await enqueue_committed(outbox_database, [gone, good])
+
+    assert await make_relay(max_attempts=20).relay_once() == 1
+    row = (await outbox_rows(outbox_database))[gone.message_id]
+    assert row["status"] == "invalid" and row["parked_at"] is not None
+    assert "no-such-exchange" in row["last_error"] and "NOT_FOUND" in row["last_error"]
+    assert (await stats(outbox_database))["counts"] == {
+        "pending": 0,
+        "failed": 0,
+        "published": 1,
+        "invalid": 1,
+        "expired": 0,
+    }
+    [shown] = await listed(outbox_database)
+    assert (shown["message_id"], shown["status"]) == (gone.message_id, "invalid")
+    assert "NOT_FOUND" in shown["last_error"]
+    status, out, _ = await sagaplane("outbox", "list", "--database-url", outbox_database)
+    assert status == 0 and "invalid" in out and "no-such-exchange" in out
+
+    # A person creates the exchange and retries the row: it is published.
+    await channel.declare_exchange("no-such-exchange", "fanout", auto_delete=True)
+    bound = await channel.declare_queue(exclusive=True)
+    await bound.bind("no-such-exchange")
+    status, out, _ = await sagaplane(
+        "outbox", "retry", str(row["id"]), "--database-url", outbox_database
+    )
+    assert status == 0 and f"outbox row {row['id']}: back to pending" in out
+    assert await make_relay().relay_once() == 1
+    assert [m.message_id for m in await drain(bound, 1)] == [gone.message_id]
+    assert (await outbox_rows(outbox_database))[gone.message_id]["status"] == "published"
+
+
+async def test_a_row_older_than_max_age_expires_and_is_not_published(
+    outbox_database: str, channel: AbstractChannel, make_relay: MakeRelay
+) -> None:
+    exchange, queue = await sink(channel)
+    late, fresh = message(exchange), message(exchange)
+    await enqueue_committed(outbox_database, [late, fresh])
+    async with await psycopg.AsyncConnection.connect(outbox_database, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
+            " WHERE message_id = %s",
+            (late.message_id,),
+        )
+
+    assert await make_relay(max_age=3600).relay_once() == 1
+    rows = await outbox_rows(outbox_database)
+    assert rows[late.message_id]["status"] == "expired"
+    assert "max_age" in rows[late.message_id]["last_error"]
+    assert rows[fresh.message_id]["status"] == "published"
+    assert [m.message_id for m in await drain(queue, 1)] == [fresh.message_id]
+    found = await stats(outbox_database)
+    assert found["counts"]["expired"] == 1 and found["oldest_pending_s"] is None
+    assert [r["status"] for r in await listed(outbox_database, "--status", "expired")] == [
+        "expired"
+    ]
+
+    status, out, _ = await sagaplane(
+        "outbox", "discard", str(rows[late.message_id]["id"]), "999999",
+        "--database-url", outbox_database,
+    )  # fmt: skip
+    assert status == 4  # one of them does not exist
+    assert "discarded" in out and "outbox row 999999: no such unpublished row" in out
+    assert late.message_id not in await outbox_rows(outbox_database)
+
+
+async def test_an_unroutable_command_is_failed_until_a_queue_is_bound_then_published(
+    outbox_database: str, channel: AbstractChannel, make_relay: MakeRelay
+) -> None:
+    exchange, _ = await sink(channel, routing_keys=["other"])
+    command = message(exchange, routing_key="late.action")
+    await enqueue_committed(outbox_database, [command])
+    relay = make_relay(retry_initial=0.0)
+
+    assert await relay.relay_once() == 0
+    row = (await outbox_rows(outbox_database))[command.message_id]
+    assert (row["status"], row["attempts"]) == ("failed", 1)
+    found = await stats(outbox_database)
+    assert found["counts"]["failed"] == 1 and found["oldest_pending_s"] >= 0
+    [shown] = await listed(outbox_database)
+    assert shown["status"] == "failed" and "NO_ROUTE" in shown["last_error"]
+
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, routing_key="late.action")
+    assert await relay.relay_once() == 1
+    assert (await outbox_rows(outbox_database))[command.message_id]["status"] == "published"
+    assert [m.message_id for m in await drain(queue, 1)] == [command.message_id]
+
+
+async def test_sagaplane_relay_publishes_an_outbox_on_its_own(
+    outbox_database: str, amqp_url: str, channel: AbstractChannel
+) -> None:
+    await topology.declare_core(channel)
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(topology.EVENTS_EXCHANGE, routing_key="user.*")
+    worker = Child(
+        "relay",
+        [sys.executable, "-m", "coordinator.cli", "relay", "--database-url", outbox_database,
+         "--amqp-url", amqp_url],
+        cwd=ROOT,
+    )  # fmt: skip
+    await worker.start()
+    try:
+        async with await psycopg.AsyncConnection.connect(outbox_database) as conn:
+            sent = await events.emit(conn, "user.signed_up", {"user": 1}, source="web")
+            await conn.commit()
+        [got] = await drain(queue, 1, within=60)
+        assert got.message_id == sent.id
+    finally:
+        assert await worker.stop() == 0, worker.tail()
