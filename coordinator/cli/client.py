@@ -71,13 +71,30 @@ async def connect(args: argparse.Namespace, saga_id: str = "") -> AsyncIterator[
     """A :class:`SagaClient` to ``--coordinator`` whose calls each get ``--timeout``
     seconds (0: none), over TLS and with a token when the flags say so, with the
     coordinator's errors turned into :class:`CliError`."""
-    target: str = args.coordinator
-    deadline: float = args.timeout
-    client = SagaClient(
-        target,
-        timeout=deadline if deadline > 0 else None,
+    async with connect_to(
+        args.coordinator,
+        args.timeout,
         credentials=_credentials(args),
         token=args.token or None,
+        saga_id=saga_id,
+    ) as client:
+        yield client
+
+
+@asynccontextmanager
+async def connect_to(
+    target: str,
+    deadline: float,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+    saga_id: str = "",
+) -> AsyncIterator[SagaClient]:
+    """A :class:`SagaClient` to ``target`` whose calls each get ``deadline`` seconds (0:
+    none), with the coordinator's errors turned into :class:`CliError` (as
+    :func:`connect`, for a program that has no command line of its own)."""
+    client = SagaClient(
+        target, timeout=deadline if deadline > 0 else None, credentials=credentials, token=token
     )
     try:
         yield client

@@ -40,7 +40,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from coordinator import config
 from coordinator.cli import render
-from coordinator.cli.client import connect, follow
+from coordinator.cli.client import connect_to, follow
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from coordinator.store.migrate import migrate
@@ -521,7 +521,7 @@ class Demo:
             ),
         ]
         outcomes: list[Outcome] = []
-        async with connect(target, 10.0) as client:
+        async with connect_to(target, 10.0) as client:
             for title, context, steps, state, statuses in plans:
                 self.say("")
                 self.say(title)
