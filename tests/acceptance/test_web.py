@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.app import Coordinator
+from helpers.broker import commands_sink
 from helpers.coordinators import coordinator_settings
 from helpers.transitions import fail_compensation, request, succeed, undo_all
 from sagaplane import SagaClient
@@ -50,9 +51,10 @@ def _size(path: Path) -> int:
 
 @pytest.fixture
 async def web(database_url: str, amqp_url: str) -> AsyncIterator[Coordinator]:
-    """A coordinator serving its web page on a free port."""
+    """A coordinator serving its web page on a free port; its commands are delivered
+    (to a queue that never answers: the tests reply through the store)."""
     settings = coordinator_settings(database_url, amqp_url, http_listen="127.0.0.1:0")
-    async with Coordinator(settings) as running:
+    async with commands_sink(amqp_url), Coordinator(settings) as running:
         yield running
 
 

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aio_pika
 import grpc
 import psycopg
 import pytest
@@ -20,10 +19,10 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.store.notifications import TASK_NAME
 from coordinator.store.repository import SagaStore
+from helpers.broker import commands_sink
 from helpers.coordinators import coordinator_settings
 from helpers.processes import CoordinatorProcess
 from helpers.transitions import STEPS, request, succeed, undo_all
-from sagaplane import topology
 from sagaplane.v1 import coordinator_pb2 as api
 from sagaplane.v1 import coordinator_pb2_grpc
 from sagaplane.v1 import saga_pb2 as model
@@ -327,15 +326,15 @@ async def test_watchers_that_never_read_leave_the_coordinators_memory_flat(
     is test_a_watcher_that_never_reads_is_cut_off_and_the_server_keeps_serving.)"""
     # The commands go to a queue that keeps none of them: delivered, so no relay keeps
     # retrying 60 KiB messages while the memory is read.
-    broker = await aio_pika.connect(amqp_url)
-    channel = await broker.channel()
-    sink = await channel.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "drop-head"}
-    )
-    await sink.bind(topology.COMMANDS_EXCHANGE, "shop.#")
+    async with commands_sink(amqp_url):
+        await _watch_without_reading(stub, store_of(coordinator), database_url, amqp_url)
+
+
+async def _watch_without_reading(
+    stub: Stub, store: SagaStore, database_url: str, amqp_url: str
+) -> None:
     served = CoordinatorProcess(database_url, amqp_url)
     await served.start({"SAGAPLANE_WATCH_SEND_TIMEOUT": "1"})
-    store = store_of(coordinator)
     big = "x" * 60_000
     steps, warm = 60, 20
     # Every step after the first runs beside the others: all commands go out during the
@@ -384,4 +383,3 @@ async def test_watchers_that_never_read_leave_the_coordinators_memory_flat(
         for slow_channel in channels:
             await slow_channel.close()
         await served.stop()
-        await broker.close()
