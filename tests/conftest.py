@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.app import Coordinator
 from coordinator.store.migrate import migrate
-from helpers.broker import fresh_vhost
+from helpers.broker import commands_sink, fresh_vhost
 from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from sagaplane.v1 import coordinator_pb2_grpc
@@ -57,3 +57,12 @@ async def stub(
     """A gRPC stub connected to the running coordinator over a real channel."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
         yield coordinator_pb2_grpc.SagaCoordinatorServiceStub(channel)
+
+
+@pytest.fixture
+async def delivered(amqp_url: str) -> AsyncIterator[None]:
+    """Every command of the test's vhost is delivered, to a queue that never answers (as
+    to a participant that is busy): the coordinator then awaits replies, where a command
+    that reached no queue would be proven undelivered and its step not run."""
+    async with commands_sink(amqp_url, "#"):
+        yield

@@ -254,7 +254,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
 
 
 async def test_sighup_reloads_the_access_file_of_a_running_coordinator(
-    database_url: str, amqp_url: str, tmp_path: Path
+    database_url: str, amqp_url: str, tmp_path: Path, delivered: None
 ) -> None:
     path = access_file(tmp_path / "access.yaml", {"ci": "reader", "ops": "operator"})
     process = CoordinatorProcess(database_url, amqp_url)

@@ -150,7 +150,7 @@ async def test_names_outputs_and_errors_are_shown_as_text(
 
 
 async def test_actions_need_the_pages_header_and_origin(
-    http: aiohttp.ClientSession, client: SagaClient, web: Coordinator
+    http: aiohttp.ClientSession, client: SagaClient, web: Coordinator, delivered: None
 ) -> None:
     saga = await client.start_saga_request(request())
     path = f"/sagas/{saga.id}/compensate"

@@ -70,14 +70,14 @@ async def tour(
 
 
 async def test_node_quickstart_over_mtls_with_a_token(
-    secured: tuple[Coordinator, Authority, Pair], node_quickstart: Path
+    secured: tuple[Coordinator, Authority, Pair], node_quickstart: Path, delivered: None
 ) -> None:
     flags = {"address": "--address", "prefix": "--", "compensate": "--compensate"}
     await tour(["node", node_quickstart], flags, secured)
 
 
 async def test_go_quickstart_over_mtls_with_a_token(
-    secured: tuple[Coordinator, Authority, Pair], go_quickstart: Path
+    secured: tuple[Coordinator, Authority, Pair], go_quickstart: Path, delivered: None
 ) -> None:
     flags = {"address": "-address", "prefix": "-", "compensate": "-compensate"}
     await tour([go_quickstart], flags, secured)

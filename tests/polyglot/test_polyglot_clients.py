@@ -76,7 +76,7 @@ async def check_tour(ops: dict[str, dict[str, Any]], stub: Stub, *, source: str)
 
 
 async def test_node_client_starts_gets_lists_and_compensates(
-    coordinator: Coordinator, stub: Stub, node_quickstart: Path
+    coordinator: Coordinator, stub: Stub, node_quickstart: Path, delivered: None
 ) -> None:
     _, out, _ = await run(
         "node",
@@ -90,7 +90,7 @@ async def test_node_client_starts_gets_lists_and_compensates(
 
 
 async def test_go_client_starts_gets_lists_and_compensates(
-    coordinator: Coordinator, stub: Stub, go_quickstart: Path
+    coordinator: Coordinator, stub: Stub, go_quickstart: Path, delivered: None
 ) -> None:
     _, out, _ = await run(
         go_quickstart,
