@@ -325,6 +325,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--profile-participant", choices=SERVICES, default="orders")
     g.add_argument("--profile-rate", type=int, default=100)
     g.add_argument("--profile-native", action="store_true", help="include native frames")
+    g.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="only samples holding the GIL (py-spy --gil): Python's CPU, without the waits "
+        "in native code that py-spy cannot tell from work",
+    )
     g = p.add_argument_group("where")
     g.add_argument(
         "--database-url",
@@ -514,6 +520,7 @@ async def measured_closed_loop(
                 stem.with_name("profile-coordinator.txt"),
                 rate=args.profile_rate,
                 native=args.profile_native,
+                gil=args.profile_gil,
             )
         )
         part = system.participants[args.profile_participant]
@@ -523,6 +530,7 @@ async def measured_closed_loop(
                 stem.with_name(f"profile-{part.name}.txt"),
                 rate=args.profile_rate,
                 native=args.profile_native,
+                gil=args.profile_gil,
             )
         )
         await asyncio.gather(*(r.start() for r in recorders))

@@ -184,8 +184,11 @@ def py_spy_binary() -> str:
 class Recorder:
     """``py-spy record`` attached to a running process until :meth:`stop`."""
 
-    def __init__(self, pid: int, output: Path, *, rate: int = 100, native: bool = False):
+    def __init__(
+        self, pid: int, output: Path, *, rate: int = 100, native: bool = False, gil: bool = False
+    ):
         self.pid = pid
+        self.gil = gil
         self.output = output
         self.rate = rate
         self.native = native
@@ -207,6 +210,8 @@ class Recorder:
         ]
         if self.native:
             argv.append("--native")
+        if self.gil:
+            argv.append("--gil")
         self._child = Child(f"py-spy {self.pid}", argv, log_path=self._log)
         await self._child.start()
         await asyncio.sleep(0.5)  # attached (py-spy reads the interpreter's memory first)

@@ -65,6 +65,11 @@ class Changes:
         self._broken = False
         self._upto = 0  # the newest position notified
         self._unknown = False  # woken without a position: read whatever there is
+        # Commits of this saga by this process between their COMMIT and their hand-over
+        # (Listener.expecting): a notification meanwhile is most likely of that commit,
+        # which is on its way in memory; it wakes the watcher only once they are through.
+        self._expecting = 0
+        self._held = False
 
     def wake(self, upto: int | None = None) -> None:
         """Something may have changed (up to position ``upto``, if known): the next
@@ -73,7 +78,26 @@ class Changes:
             self._unknown = True
         else:
             self._upto = max(self._upto, upto)
+            if self._expecting:
+                # The commit being handed over is probably this one: reading it back from
+                # the database now would be wasted (see expect()).
+                self._held = True
+                return
         self._changed.set()
+
+    def expect(self) -> None:
+        """This process is committing a transition of the saga, to be handed over by
+        :meth:`push`: notifications wait until :meth:`expected`."""
+        self._expecting += 1
+
+    def expected(self) -> None:
+        """The commit announced by :meth:`expect` was handed over, or failed: a
+        notification held meanwhile wakes the watcher now (its position may be of
+        another replica's commit; :meth:`wait` skips it if the hand-over covered it)."""
+        self._expecting = max(0, self._expecting - 1)
+        if not self._expecting and self._held:
+            self._held = False
+            self._changed.set()
 
     def push(self, prior: int, saga: Saga, entries: Sequence[HistoryEntry]) -> None:
         """A transition this process committed: ``saga`` as written, with ``entries``,
@@ -92,14 +116,30 @@ class Changes:
         self._changed.set()
 
     def take(self, after: int) -> tuple[Saga, list[HistoryEntry]] | None:
-        """What was pushed, if it continues the history right after ``after`` with
-        nothing missing: the newest saga and every entry after ``after``; else None
-        (read the database)."""
+        """What was pushed, if it continues the history from ``after`` with nothing
+        missing: the newest saga and every entry after ``after`` (none if the watcher
+        has read past the chain already); else None (read the database).
+
+        The chain may begin before ``after``: a watcher's first read can already hold a
+        commit that was being handed over while it read. Its links are consecutive
+        positions of the saga's history, so ``after`` being one of them (or its start)
+        means the entries past it are exactly what the watcher lacks."""
         prior, saga, entries, broken = self._prior, self._saga, self._entries, self._broken
         self._prior, self._saga, self._entries, self._broken = None, None, [], False
-        if broken or saga is None or prior != after:
+        if broken or saga is None or prior is None or after < prior:
             return None
-        return saga, entries
+        positions = [e.position for e in entries]
+        if self._upto > max(after, positions[-1]):
+            # A notification of a later commit (another replica's) came while this
+            # chain was handed over: the watcher's next wait() returns for it.
+            self._changed.set()
+        if after == prior:
+            return saga, entries
+        if after > positions[-1]:
+            return saga, []  # older than what the watcher has sent: nothing new
+        if after not in positions:
+            return None
+        return saga, entries[positions.index(after) + 1 :]
 
     async def wait(self) -> None:
         """Until something may have changed since the last return; read after it.
@@ -177,6 +217,22 @@ class Listener:
         (see the module docstring)."""
         for changes in self._watchers.get(saga_id, ()):
             changes.push(prior, saga, entries)
+
+    @contextlib.contextmanager
+    def expecting(self, saga_ids: Sequence[str]) -> Iterator[None]:
+        """Around a commit of transitions of ``saga_ids`` and their hand-over
+        (:meth:`committed`): the commit's own notification can reach the listener
+        before the committing task resumes, and would send its watchers to the database
+        for what is about to be handed to them. Notifications of these sagas wait until
+        the block ends (however it ends); then any held one wakes its watchers."""
+        told = [c for saga_id in saga_ids for c in self._watchers.get(saga_id, ())]
+        for changes in told:
+            changes.expect()
+        try:
+            yield
+        finally:
+            for changes in told:
+                changes.expected()
 
     def _wake_all(self) -> None:
         for watchers in self._watchers.values():

@@ -385,38 +385,47 @@ class SagaStore:
 
     async def get(self, saga_id: str, *, history: bool = False) -> tuple[Saga, list[HistoryEntry]]:
         """The saga with this id, and its history when asked; raises UnknownSaga."""
+        ids = {"ids": [saga_id]}
         async with self._reading() as cur:
-            sagas = await self._load(cur, [saga_id])
-            if saga_id not in sagas:
-                raise UnknownSaga(saga_id)
-            entries: list[HistoryEntry] = []
-            if history:
-                await cur.execute(q("select_history"), {"saga_id": saga_id})
-                entries = [_history_from_row(row) for row in await cur.fetchall()]
-            return await _with_delivery_problems(cur, sagas[saga_id]), entries
+            # One round trip: the saga, its steps, its history if asked, and what the
+            # outbox says about its commands in flight.
+            results = await batch.run(
+                cur,
+                [
+                    (q("select_sagas"), ids),
+                    (q("select_steps"), ids),
+                    *([(q("select_history"), {"saga_id": saga_id})] if history else []),
+                    (q("select_returned_commands"), ids),
+                ],
+            )
+        saga_rows, step_rows, returned = results[0], results[1], results[-1]
+        if not saga_rows:
+            raise UnknownSaga(saga_id)
+        saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
+        entries = [_history_from_row(row) for row in results[2]] if history else []
+        return _with_delivery_problems(saga, returned), entries
 
     async def changes(self, saga_id: str, *, after: int) -> tuple[Saga, list[HistoryEntry]]:
         """The saga and its history entries with positions above ``after``, read in one
-        snapshot (so the saga is exactly as those entries left it); raises UnknownSaga."""
+        snapshot (so the saga is exactly as those entries left it) and one round trip;
+        raises UnknownSaga."""
+        ids = {"ids": [saga_id]}
         async with self._transaction() as cur:
-            saga_rows, step_rows, history_rows = await batch.run(
+            saga_rows, step_rows, history_rows, returned = await batch.run(
                 cur,
                 [
                     ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", None),
-                    (q("select_sagas"), {"ids": [saga_id]}),
-                    (q("select_steps"), {"ids": [saga_id]}),
+                    (q("select_sagas"), ids),
+                    (q("select_steps"), ids),
                     (q("select_history_after"), {"saga_id": saga_id, "after": after}),
+                    (q("select_returned_commands"), ids),
                     ("COMMIT", None),
                 ],
             )
-            saga = None
-            if saga_rows:
-                saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
-                # After the snapshot's COMMIT: a hint about the outbox, not saga state.
-                saga = await _with_delivery_problems(cur, saga)
-        if saga is None:
+        if not saga_rows:
             raise UnknownSaga(saga_id)
-        return saga, [_history_from_row(r) for r in history_rows]
+        saga = _saga_from_row(saga_rows[0], [_step_from_row(r) for r in step_rows])
+        return _with_delivery_problems(saga, returned), [_history_from_row(r) for r in history_rows]
 
     async def list_sagas(
         self,
@@ -711,8 +720,11 @@ class SagaStore:
             # Last before the COMMIT: its rows are the batch's last result.
             statements.append((q("select_written_history"), {"ids": watched}))
         statements.append(("COMMIT", None))
-        results = await batch.run(cur, statements)
-        if watched and listener is not None:
+        if not watched or listener is None:
+            await batch.run(cur, statements)
+            return
+        with listener.expecting(watched):
+            results = await batch.run(cur, statements)
             written: dict[str, list[DictRow]] = {}
             for row in results[-1]:
                 written.setdefault(row["saga_id"], []).append(row)
@@ -824,14 +836,15 @@ async def _with_proofs(
     return told
 
 
-async def _with_delivery_problems(cur: AsyncClientCursor[DictRow], saga: Saga) -> Saga:
+def _with_delivery_problems(saga: Saga, returned: Sequence[DictRow]) -> Saga:
     """``saga`` with the delivery problem of each command in flight that the broker
-    returned as unroutable (what the relay recorded on its outbox row)."""
-    ids = {m: s.position for s in saga.steps if (m := _in_flight(s)) is not None}
-    if not ids:
+    returned as unroutable (what the relay recorded on its outbox row): ``returned`` are
+    the saga's unsent outbox rows returned at least once (``select_returned_commands``),
+    of which only those of a command still in flight count."""
+    if not returned:
         return saga
-    [rows] = await batch.run(cur, [delivery.returned(list(ids))])
-    found = {ids[row["message_id"]]: row["routing_key"] for row in rows}
+    routing = {row["message_id"]: row["routing_key"] for row in returned}
+    found = {s.position: routing[m] for s in saga.steps if (m := _in_flight(s)) in routing}
     if not found:
         return saga
     steps = tuple(

@@ -55,6 +55,85 @@ def test_a_gap_sends_the_watcher_to_the_database() -> None:
     assert changes.take(8) is None
 
 
+def test_a_first_read_that_holds_part_of_the_chain_takes_the_rest() -> None:
+    # The watcher's first read ran while commits 9 and 10 were being handed over and
+    # already saw 9: it lacks only 10, and needs no second read.
+    changes = Changes("01SAGA")
+    last = saga(SagaState.COMPLETED)
+    changes.push(8, saga(), entries(9))
+    changes.push(9, last, entries(10))
+    taken = changes.take(9)
+    assert taken is not None
+    assert taken[0] is last
+    assert [e.position for e in taken[1]] == [10]
+
+
+def test_a_chain_the_watcher_has_read_past_is_nothing_new() -> None:
+    changes = Changes("01SAGA")
+    changes.push(8, saga(), entries(9, 10))
+    taken = changes.take(12)
+    assert taken is not None
+    assert taken[1] == []
+
+
+def test_a_position_that_is_not_a_link_of_the_chain_reads_the_database() -> None:
+    changes = Changes("01SAGA")
+    changes.push(8, saga(), entries(10, 12))
+    assert changes.take(11) is None
+
+
+async def test_a_notification_during_a_hand_over_waits_for_it() -> None:
+    changes = Changes("01SAGA")
+    changes.seen = 8
+    changes.expect()
+    changes.wake(10)  # the commit's own notification, ahead of its hand-over
+    waiting = asyncio.ensure_future(changes.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # held: no read of what is about to be handed over
+    changes.push(8, saga(), entries(10))
+    changes.expected()
+    await asyncio.wait_for(waiting, 1)
+    taken = changes.take(8)
+    assert taken is not None and [e.position for e in taken[1]] == [10]
+    changes.seen = 10
+    # Nothing is left to wake for: the held notification was the commit handed over.
+    again = asyncio.ensure_future(changes.wait())
+    await asyncio.sleep(0)
+    assert not again.done()
+    again.cancel()
+
+
+async def test_a_held_notification_of_another_commit_wakes_after_the_hand_over() -> None:
+    changes = Changes("01SAGA")
+    changes.seen = 8
+    changes.expect()
+    changes.wake(12)  # another replica's commit, after the one being handed over
+    changes.push(8, saga(), entries(10))
+    changes.expected()
+    await asyncio.wait_for(changes.wait(), 1)
+    taken = changes.take(8)
+    assert taken is not None
+    changes.seen = 10
+    await asyncio.wait_for(changes.wait(), 1)  # 12 is still to be read
+
+
+async def test_a_failed_commit_releases_a_held_notification() -> None:
+    changes = Changes("01SAGA")
+    changes.seen = 8
+    changes.expect()
+    changes.wake(10)
+    changes.expected()  # the commit failed: nothing is handed over
+    await asyncio.wait_for(changes.wait(), 1)
+    assert changes.take(8) is None  # the watcher reads the database
+
+
+async def test_a_reconnection_is_never_held() -> None:
+    changes = Changes("01SAGA")
+    changes.expect()
+    changes.wake(None)
+    await asyncio.wait_for(changes.wait(), 1)
+
+
 def test_nothing_pushed_is_nothing_taken() -> None:
     assert Changes("01SAGA").take(0) is None
 

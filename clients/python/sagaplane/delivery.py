@@ -41,7 +41,7 @@ from typing import Any
 from sagaplane import batch
 from sagaplane.queries import q
 
-__all__ = ["counts", "lock", "not_delivered", "problem", "returned", "withdraw"]
+__all__ = ["counts", "lock", "not_delivered", "problem", "withdraw"]
 
 
 def problem(routing_key: str) -> str:
@@ -74,9 +74,3 @@ def withdraw(message_ids: Sequence[str]) -> batch.Statement:
     """Delete the unsent rows of ``message_ids`` (those a relay is not publishing now, or
     that the caller locked): their messages are no longer wanted."""
     return (q("delivery_withdraw"), {"message_ids": list(message_ids)})
-
-
-def returned(message_ids: Sequence[str]) -> batch.Statement:
-    """Read which of ``message_ids`` are unsent and were returned as unroutable (rows of
-    message id and routing key)."""
-    return (q("delivery_returned"), {"message_ids": list(message_ids)})

@@ -123,6 +123,14 @@ SELECT * FROM sagaplane_steps WHERE saga_id = ANY(%(ids)s) ORDER BY saga_id, pos
 -- name: select_history
 SELECT * FROM sagaplane_history WHERE saga_id = %(saga_id)s ORDER BY id;
 
+-- name: select_returned_commands
+-- The unsent outbox rows of these sagas' commands that the broker returned as unroutable
+-- (sagaplane/delivery.py): GetSaga and WatchSaga show why such a step waits. Read with the
+-- saga in the same round trip, from the partial index of migration 0014, which holds only
+-- such rows (the coordinator's outbox rows carry their saga's id as correlation_id).
+SELECT message_id, routing_key FROM sagaplane_outbox
+WHERE correlation_id = ANY(%(ids)s::text[]) AND sent_at IS NULL AND returned > 0;
+
 -- name: select_history_after
 -- WatchSaga's catch-up: the entries after the watcher's last position. Per saga, ids
 -- grow in commit order (the saga row lock serialises its transitions).

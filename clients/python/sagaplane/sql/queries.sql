@@ -156,11 +156,6 @@ WITH gone AS (
 )
 DELETE FROM sagaplane_outbox_publishes WHERE outbox_id IN (SELECT id FROM gone);
 
--- name: delivery_returned
--- Unsent rows that the broker returned at least once: their commands reach no queue.
-SELECT message_id, routing_key FROM sagaplane_outbox
-WHERE message_id = ANY(%(message_ids)s::text[]) AND sent_at IS NULL AND returned > 0;
-
 -- == the participant's inbox (sagaplane.inbox) =========================================
 
 -- name: inbox_claim
