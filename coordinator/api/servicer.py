@@ -194,6 +194,7 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         saga_id = validation.saga_id(request.id)
         after = validation.after_position(request.after_position)
         # Registered before the first read: a commit after that read always wakes us.
+        views = convert.SagaViews()
         with self._listener.watch(saga_id) as changes:
             first = True
             while True:
@@ -205,7 +206,7 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
                 else:
                     saga, entries = await self._store.changes(saga_id, after=after)
                 if first or entries:
-                    for message in _watch_messages(saga, entries):
+                    for message in _watch_messages(views.view(saga), entries):
                         await self._send(context, message)
                         if message.history:
                             after = message.history[-1].position
@@ -271,11 +272,11 @@ def _page(sagas: Sequence[engine.Saga], limit: int) -> list[saga_pb2.Saga]:
 
 
 def _watch_messages(
-    saga: engine.Saga, entries: Sequence[engine.HistoryEntry]
+    wire: saga_pb2.Saga, entries: Sequence[engine.HistoryEntry]
 ) -> Iterator[coordinator_pb2.WatchSagaResponse]:
-    """``saga`` with ``entries``, in as many messages as needed to keep each one below
-    MAX_RESPONSE_BYTES (only a long history in the first message needs more than one)."""
-    wire = convert.saga_to_proto(saga)
+    """The saga ``wire`` with ``entries``, in as many messages as needed to keep each one
+    below MAX_RESPONSE_BYTES (only a long history in the first message needs more than
+    one)."""
     room = MAX_RESPONSE_BYTES - wire.ByteSize()
     message = coordinator_pb2.WatchSagaResponse(saga=wire)
     size = 0
