@@ -15,7 +15,11 @@ unbinds what the record lists beyond that, publishes the new record (confirmed),
 only then acks the old one: a start that dies half way leaves the old record in place,
 and the next start reads every record it finds. Replicas of one service that register
 different actions (say, during a rolling deploy that removes a handler) end with the
-bindings of the last one to start.
+bindings of the last one to start. The record is published through a fanout exchange
+of the same name bound to that queue only, not through the default exchange: RabbitMQ
+checks a publish against the exchange alone, so the right to publish to the default
+exchange is the right to put a message in every queue of the vhost, which a
+least-privilege participant must not have.
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def events_queue(service: str) -> str:
 
 def bindings_queue(service: str) -> str:
     """Where a participant service records the actions its queue is bound to (see the
-    module docstring)."""
+    module docstring); the fanout exchange that the record is published through has the
+    same name."""
     return f"{participant_queue(service)}.bindings"
 
 
@@ -179,6 +184,9 @@ async def _unbind_unregistered(
     ledger = await channel.declare_queue(
         ledger_name, durable=True, arguments={"x-queue-type": "quorum"}
     )
+    # The record's own way in (see the module docstring: not the default exchange).
+    recorder = await channel.declare_exchange(ledger_name, ExchangeType.FANOUT, durable=True)
+    await ledger.bind(recorder)
     records = []
     while (record := await ledger.get(no_ack=False, fail=False)) is not None:
         records.append(record)
@@ -193,13 +201,13 @@ async def _unbind_unregistered(
             action,
             queue.name,
         )
-    await channel.default_exchange.publish(
+    await recorder.publish(
         Message(
             json.dumps(wanted).encode(),
             content_type="application/json",
             delivery_mode=DeliveryMode.PERSISTENT,
         ),
-        routing_key=ledger.name,
+        routing_key="",
     )
     for record in records:
         await record.ack()
