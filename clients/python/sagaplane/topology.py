@@ -95,6 +95,12 @@ def bindings_queue(service: str) -> str:
     return f"{participant_queue(service)}.bindings"
 
 
+def events_bindings_queue(service: str) -> str:
+    """Where a service records the topic patterns its events queue is bound to (as
+    :func:`bindings_queue`, with an exchange of the same name)."""
+    return f"{events_queue(service)}.bindings"
+
+
 def work_queue_arguments() -> dict[str, Any]:
     """Arguments of every queue that a consumer works from (all but the dead-letter queue).
 
@@ -237,7 +243,7 @@ async def declare_events_queue(
     wanted = list(dict.fromkeys(patterns))
     for pattern in wanted:
         await queue.bind(events, routing_key=pattern)
-    ledger = f"{events_queue(service)}.bindings"
+    ledger = events_bindings_queue(service)
     await _unbind_unregistered(channel, events, queue, service, wanted, ledger)
     return queue
 
