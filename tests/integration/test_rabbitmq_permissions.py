@@ -45,6 +45,7 @@ from sagaplane import (
 from sagaplane.amqp import reply_text, vhost_of
 from sagaplane.consuming import REASON_HEADER
 from sagaplane.testing import RabbitmqctlFailed
+from sagaplane.urls import redact
 
 SERVICES = ("orders", "payment")
 
@@ -253,7 +254,7 @@ async def _refusal(
 
 
 async def test_a_services_user_is_refused_what_belongs_to_others(
-    users: Users, amqp_url: str
+    users: Users, amqp_url: str, database_url: str
 ) -> None:
     async with await aio_pika.connect(amqp_url) as admin:
         # payment's queue, as payment's own start would declare it.
@@ -324,6 +325,24 @@ async def test_a_services_user_is_refused_what_belongs_to_others(
         channel = await admin.channel()
         queue = await channel.declare_queue(topology.participant_queue("payment"), passive=True)
         assert queue.declaration_result.message_count == 0  # nothing got in
+
+    # Nor can it be the coordinator: `serve` says so in one line.
+    serve = await sagaplane(
+        "serve",
+        "--database-url",
+        database_url,
+        "--amqp-url",
+        users.url("orders"),
+        "--listen",
+        "127.0.0.1:0",
+    )
+    assert serve.status == 2
+    assert serve.err.splitlines()[-1] == (
+        f"sagaplane: error: RabbitMQ at {redact(users.url('orders'))} refused the "
+        "coordinator's user: ACCESS_REFUSED - access to exchange 'sagaplane.commands' "
+        f"{where}; it needs the permissions that `sagaplane rabbitmq-permissions` prints "
+        "for --coordinator-user"
+    )
 
 
 async def test_a_participant_checks_the_core_topology_it_may_not_declare(
