@@ -5,9 +5,10 @@ delete what has expired (``prune``);
 client commands talk to a running coordinator through :class:`sagaplane.SagaClient`
 (``start``, ``import``, ``get``, ``list``, ``compensate``, ``watch``, ``resolve``,
 ``health``); ``outbox`` and ``relay`` work on any database with Sagaplane's outbox,
-``dlq`` on the broker's dead-letter queue; ``token`` makes entries of the
-coordinator's access file. Settings come
-from flags, else ``SAGAPLANE_*`` environment variables, else defaults.
+``dlq`` on the broker's dead-letter queue; ``rabbitmq-permissions`` makes
+least-privilege RabbitMQ users; ``token`` makes entries of the coordinator's access
+file. Settings come from flags, else ``SAGAPLANE_*`` environment variables, else
+defaults.
 
 Output is for people by default; ``--json`` prints JSON for scripts (the proto JSON
 mapping with the proto's field names, as ``grpcurl`` takes it). Errors go to stderr,
@@ -139,7 +140,7 @@ Run `sagaplane COMMAND --help` for a command's flags and environment variables.
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole command line; flag defaults come from ``env`` (the process's by default)."""
-    from coordinator.cli import client, dlq, imports, outbox, server, tokens
+    from coordinator.cli import client, dlq, imports, outbox, rabbitmq, server, tokens
 
     env = os.environ if env is None else env
     parser = argparse.ArgumentParser(
@@ -316,6 +317,17 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             _subcommand,
             "The dead-letter queue: list what each message is and why it died, or replay "
             "messages back to the queue they came from.",
+        ),
+        env,
+    )
+    rabbitmq.add_rabbitmq_permissions(
+        add(
+            "rabbitmq-permissions",
+            rabbitmq.run,
+            "Least-privilege RabbitMQ users for the coordinator and each participant service: "
+            "print the rabbitmqctl commands, or run them with --apply (which also declares "
+            "the core topology that the participants may not declare).",
+            epilog=rabbitmq.EPILOG,
         ),
         env,
     )

@@ -8,12 +8,13 @@ import signal
 from collections.abc import Mapping
 
 import psycopg
-from aiormq.exceptions import AMQPConnectionError
+from aiormq.exceptions import AMQPConnectionError, ChannelAccessRefused
 
 from coordinator import config, retention
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from sagaplane import logs, tracing
+from sagaplane.amqp import reply_text
 from sagaplane.errors import BrokerUnavailable
 from sagaplane.runtime import run
 from sagaplane.topology import UnsupportedBrokerError
@@ -94,6 +95,13 @@ async def _serve(settings: config.Settings) -> int:
         raise CliError(
             f"cannot use RabbitMQ at {redact(settings.amqp_url)}: {_first_line(exc)}",
             ExitCode.UNAVAILABLE,
+        ) from exc
+    except ChannelAccessRefused as exc:
+        raise CliError(
+            f"RabbitMQ at {redact(settings.amqp_url)} refused the coordinator's user: "
+            f"{reply_text(exc)}; it needs the permissions that `sagaplane "
+            "rabbitmq-permissions` prints for --coordinator-user",
+            ExitCode.USAGE,
         ) from exc
     except config.ConfigError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from exc

@@ -192,6 +192,7 @@ async def test_the_node_participant_declares_the_python_sdks_topology(
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
+        await topology.declare_core(channel)
         queue = await topology.declare_participant_queue(
             channel, "shipping", ["shipping.schedule", "shipping.cancel"]
         )

@@ -22,6 +22,7 @@ from sagaplane.errors import (
     SagaNotFound,
     SagaplaneError,
     StepFailed,
+    TopologyMissing,
     Unauthenticated,
     WaitTimeout,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "StepKind",
     "StepSpec",
     "StepStatus",
+    "TopologyMissing",
     "Unauthenticated",
     "WaitTimeout",
     "enqueue",

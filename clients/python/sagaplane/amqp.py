@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractRobustConnection
 from sagaplane.errors import BrokerUnavailable
 from sagaplane.urls import redact
 
-__all__ = ["connect", "describe_failure", "vhost_of"]
+__all__ = ["connect", "describe_failure", "reply_text", "vhost_of", "with_vhost"]
 
 
 # The timeout is the connection's own (aio-pika's, also used for its handshake), so an
@@ -56,6 +56,11 @@ def vhost_of(url: str) -> str:
     """The vhost an AMQP URL names (``/`` when its path is empty), as RabbitMQ sees it."""
     path = urlsplit(url).path
     return "/" if path in ("", "/") else unquote(path[1:])
+
+
+def with_vhost(url: str, vhost: str) -> str:
+    """The same broker and user, another vhost."""
+    return urlunsplit(urlsplit(url)._replace(path="/" + quote(vhost, safe="")))
 
 
 def describe_failure(url: str, exc: BaseException, *, timeout: float | None = None) -> str:
@@ -90,6 +95,12 @@ def _why(exc: BaseException, user: str, vhost: str, timeout: float | None) -> st
     if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
         return _first_line(" ".join(str(a) for a in exc.args))
     return _first_line(str(exc)) or type(exc).__name__
+
+
+def reply_text(exc: BaseException) -> str:
+    """The broker's own words in an aiormq channel error (``ACCESS_REFUSED - access to
+    queue 'q' in vhost 'v' refused for user 'u'``), without aiormq's framing."""
+    return next((a for a in exc.args if isinstance(a, str)), str(exc))
 
 
 def _first_line(text: str) -> str:

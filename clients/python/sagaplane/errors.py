@@ -9,6 +9,7 @@
     ├── ConfigurationError           the SDK was set up wrongly (e.g. an action registered twice)
     ├── InvalidEvent                 a domain event that cannot be sent as given (also a ValueError)
     ├── BrokerUnavailable            RabbitMQ cannot be reached, or refused the login or vhost
+    │   └── TopologyMissing          the core topology is missing, and this user may not declare it
     └── CoordinatorError             a call to the coordinator failed; ``.code`` is the gRPC status
         ├── InvalidArgument          INVALID_ARGUMENT: the request names the bad field(s)
         ├── SagaNotFound             NOT_FOUND
@@ -63,6 +64,7 @@ __all__ = [
     "SagaNotFound",
     "SagaplaneError",
     "StepFailed",
+    "TopologyMissing",
     "Unauthenticated",
     "WaitTimeout",
 ]
@@ -131,6 +133,12 @@ class InvalidEvent(SagaplaneError, ValueError):
 
 class BrokerUnavailable(SagaplaneError, ConnectionError):
     """RabbitMQ cannot be reached, or refused the connection."""
+
+
+class TopologyMissing(BrokerUnavailable):
+    """RabbitMQ lacks Sagaplane's core topology (its exchanges, the replies and
+    dead-letter queues), and this user may not declare it: start the coordinator first,
+    or run `sagaplane rabbitmq-permissions --apply`."""
 
 
 class DatabaseUnavailable(SagaplaneError, ConnectionError):

@@ -44,6 +44,7 @@ from typing import Any, NoReturn, Self, TypeVar
 
 import psycopg
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aiormq.exceptions import ChannelAccessRefused
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -163,7 +164,11 @@ class Participant:
 
     ``amqp_url`` defaults to ``$SAGAPLANE_AMQP_URL`` (else the local broker's guest
     account, as the coordinator's), ``database_url`` (the service's own database) to
-    ``$SAGAPLANE_DATABASE_URL``. ``schema`` is SQL for the service's own tables, run at
+    ``$SAGAPLANE_DATABASE_URL``. A user of the service's own (``sagaplane
+    rabbitmq-permissions``) may not declare the coordinator's exchanges and queues, only
+    check them: :meth:`start` raises :class:`~sagaplane.errors.TopologyMissing` while
+    they do not exist, and a ConfigurationError quoting the broker when the user lacks a
+    permission that the service needs. ``schema`` is SQL for the service's own tables, run at
     :meth:`start` after the SDK's migrations, in one transaction: write it so that it
     can run again (``CREATE TABLE IF NOT EXISTS``). It suits a small service or an
     example; a service with a migration tool of its own runs that instead.
@@ -544,10 +549,7 @@ class Participant:
             )
             self._channel = await self._connection.channel()
             await self._channel.set_qos(prefetch_count=self._prefetch)
-            # Declares the core topology (exchanges, replies and dead-letter queues) too.
-            self._queue = await topology.declare_participant_queue(
-                self._channel, self.service, self.actions
-            )
+            self._queue = await self._declare(self._connection, self._channel)
             self._consumer = CommandConsumer(
                 service=self.service,
                 handlers=self._handlers,
@@ -569,6 +571,9 @@ class Participant:
             self._consumer_tag = await self._queue.consume(self._consumer.on_message)
             if self._event_handlers:
                 await self._consume_events(self._pool, self._connection, self._channel)
+        except ChannelAccessRefused as exc:
+            await self.stop()
+            raise self._refused(exc) from exc
         except BaseException:
             await self.stop()
             raise
@@ -577,6 +582,22 @@ class Participant:
             self.service,
             topology.participant_queue(self.service),
             ", ".join(self.actions),
+        )
+
+    async def _declare(
+        self, connection: AbstractRobustConnection, channel: AbstractChannel
+    ) -> AbstractQueue:
+        """The core topology (declared, or checked when this user may not declare it),
+        then this service's queue."""
+        await topology.ensure_core(connection)
+        return await topology.declare_participant_queue(channel, self.service, self.actions)
+
+    def _refused(self, exc: ChannelAccessRefused) -> ConfigurationError:
+        """The broker refused this service's user something it needs of its own."""
+        return ConfigurationError(
+            f"RabbitMQ refused this service's user: {amqp.reply_text(exc)}. It needs the "
+            f"permissions that `sagaplane rabbitmq-permissions --service {self.service}` "
+            f"prints, and actions named {self.service}.*"
         )
 
     async def _consume_events(

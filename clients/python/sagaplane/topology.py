@@ -4,6 +4,12 @@ Everything here is declared idempotently, so every process may (and should) decl
 what it uses at start-up, in any order. The publishers (:mod:`sagaplane.relay`) never
 declare anything: they only publish, and an unroutable message is a failed publish.
 
+The core topology (:func:`declare_core`: the exchanges, the replies and dead-letter
+queues) is the coordinator's. A participant declares it too when its user may
+(:func:`ensure_core`), so that it can start before the coordinator; a least-privilege
+participant (``sagaplane rabbitmq-permissions``) may not, and only checks that it is
+there. Its own queues it always declares.
+
 A participant's queue is bound to exactly the actions it registers: at start, the
 actions it no longer registers are unbound, so that their commands are not delivered
 to a service that can only dead-letter them. AMQP cannot list a queue's bindings (only
@@ -15,19 +21,28 @@ unbinds what the record lists beyond that, publishes the new record (confirmed),
 only then acks the old one: a start that dies half way leaves the old record in place,
 and the next start reads every record it finds. Replicas of one service that register
 different actions (say, during a rolling deploy that removes a handler) end with the
-bindings of the last one to start.
+bindings of the last one to start. The record is published through a fanout exchange
+of the same name bound to that queue only, not through the default exchange: RabbitMQ
+checks a publish against the exchange alone, so the right to publish to the default
+exchange is the right to put a message in every queue of the vhost, which a
+least-privilege participant must not have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aio_pika import DeliveryMode, ExchangeType, Message
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika import Channel, DeliveryMode, ExchangeType, Message
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+
+from sagaplane.amqp import reply_text
+from sagaplane.errors import TopologyMissing
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +90,15 @@ def events_queue(service: str) -> str:
 
 def bindings_queue(service: str) -> str:
     """Where a participant service records the actions its queue is bound to (see the
-    module docstring)."""
+    module docstring); the fanout exchange that the record is published through has the
+    same name."""
     return f"{participant_queue(service)}.bindings"
+
+
+def events_bindings_queue(service: str) -> str:
+    """Where a service records the topic patterns its events queue is bound to (as
+    :func:`bindings_queue`, with an exchange of the same name)."""
+    return f"{events_queue(service)}.bindings"
 
 
 def work_queue_arguments() -> dict[str, Any]:
@@ -123,18 +145,76 @@ async def declare_core(channel: AbstractChannel) -> None:
     await replies_queue.bind(replies, routing_key=REPLIES_ROUTING_KEY)
 
 
+async def ensure_core(connection: AbstractConnection) -> None:
+    """Declare the core topology (:func:`declare_core`) if this user may, else check
+    that it is there; either on a channel of its own, closed after.
+
+    A user without the right to declare it (``ACCESS_REFUSED``: a least-privilege
+    participant) needs none to check it: a passive declaration only asks whether a
+    name exists. Raises :class:`~sagaplane.errors.TopologyMissing`, naming what is
+    missing, when it is not there; :class:`UnsupportedBrokerError` for a broker too old.
+    """
+    try:
+        # Not the caller's channel: the broker closes a channel on a refusal, and a
+        # robust channel would reopen itself and re-declare what it holds behind our back.
+        async with _scratch_channel(connection) as channel:
+            await declare_core(channel)
+        return
+    except ChannelAccessRefused as exc:
+        refusal = reply_text(exc)
+    log.info("not allowed to declare the core topology (%s); checking that it exists", refusal)
+    missing: list[str] = []
+    for kind, name in _CORE:
+        # A failed passive declaration closes its channel too: one channel per name.
+        async with _scratch_channel(connection) as channel:
+            try:
+                if kind == "exchange":
+                    await channel.declare_exchange(name, passive=True)
+                else:
+                    await channel.declare_queue(name, passive=True)
+            except ChannelNotFoundEntity:
+                missing.append(f"{kind} {name}")
+    if missing:
+        raise TopologyMissing(
+            f"RabbitMQ lacks {', '.join(missing)}, and this user may not declare them "
+            f"({refusal}): start the coordinator first (it declares them), or run "
+            "`sagaplane rabbitmq-permissions --apply` as the broker's administrator"
+        )
+
+
+_CORE = (
+    ("exchange", COMMANDS_EXCHANGE),
+    ("exchange", EVENTS_EXCHANGE),
+    ("exchange", REPLIES_EXCHANGE),
+    ("exchange", DEAD_LETTER_EXCHANGE),
+    ("queue", REPLIES_QUEUE),
+    ("queue", DEAD_LETTER_QUEUE),
+)
+"""What :func:`declare_core` declares, as :func:`ensure_core` checks it."""
+
+
+@contextlib.asynccontextmanager
+async def _scratch_channel(connection: AbstractConnection) -> AsyncIterator[AbstractChannel]:
+    # A plain channel even on a robust connection: it is never reopened or restored.
+    channel = Channel(connection, publisher_confirms=False)
+    await channel.initialize()
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 async def declare_participant_queue(
     channel: AbstractChannel, service: str, actions: Iterable[str]
 ) -> AbstractQueue:
     """Declare the queue of ``service``, bound to each of its ``actions`` and to no
     other action it was bound to before (idempotent; see the module docstring).
 
-    Declares the core topology first, so a participant that starts before the
-    coordinator can still bind its queue and publish its replies. ``channel`` must be
-    in publisher-confirm mode (aio-pika's default), as the record of the bindings is
-    published on it.
+    The core topology must be there (:func:`ensure_core`, :func:`declare_core`).
+    ``channel`` must be in publisher-confirm mode (aio-pika's default), as the record of
+    the bindings is published on it.
     """
-    await declare_core(channel)
     commands = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
     queue = await channel.declare_queue(
         participant_queue(service), durable=True, arguments=work_queue_arguments()
@@ -153,9 +233,9 @@ async def declare_events_queue(
     each of its topic ``patterns`` and to no other pattern it was bound to before
     (idempotent; recorded as the command queue's actions are, see the module docstring).
 
-    Declares the core topology first; ``channel`` must be in publisher-confirm mode.
+    The core topology must be there (:func:`ensure_core`, :func:`declare_core`);
+    ``channel`` must be in publisher-confirm mode.
     """
-    await declare_core(channel)
     events = await channel.get_exchange(EVENTS_EXCHANGE, ensure=False)
     queue = await channel.declare_queue(
         events_queue(service), durable=True, arguments=work_queue_arguments()
@@ -163,7 +243,7 @@ async def declare_events_queue(
     wanted = list(dict.fromkeys(patterns))
     for pattern in wanted:
         await queue.bind(events, routing_key=pattern)
-    ledger = f"{events_queue(service)}.bindings"
+    ledger = events_bindings_queue(service)
     await _unbind_unregistered(channel, events, queue, service, wanted, ledger)
     return queue
 
@@ -179,6 +259,9 @@ async def _unbind_unregistered(
     ledger = await channel.declare_queue(
         ledger_name, durable=True, arguments={"x-queue-type": "quorum"}
     )
+    # The record's own way in (see the module docstring: not the default exchange).
+    recorder = await channel.declare_exchange(ledger_name, ExchangeType.FANOUT, durable=True)
+    await ledger.bind(recorder)
     records = []
     while (record := await ledger.get(no_ack=False, fail=False)) is not None:
         records.append(record)
@@ -193,13 +276,13 @@ async def _unbind_unregistered(
             action,
             queue.name,
         )
-    await channel.default_exchange.publish(
+    await recorder.publish(
         Message(
             json.dumps(wanted).encode(),
             content_type="application/json",
             delivery_mode=DeliveryMode.PERSISTENT,
         ),
-        routing_key=ledger.name,
+        routing_key="",
     )
     for record in records:
         await record.ack()

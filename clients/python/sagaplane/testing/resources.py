@@ -13,6 +13,9 @@ from aiormq.exceptions import AMQPConnectionError, AMQPError, ProbableAuthentica
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from sagaplane.amqp import with_vhost
+from sagaplane.rabbitmqctl import RabbitmqctlFailed, rabbitmqctl
+
 __all__ = [
     "RabbitmqctlFailed",
     "create_database",
@@ -87,42 +90,6 @@ def _drop(name: str) -> sql.Composed:
 
 
 # -- RabbitMQ -------------------------------------------------------------------------------
-
-
-def with_vhost(url: str, vhost: str) -> str:
-    """The same broker and user, another vhost."""
-    return urlunsplit(urlsplit(url)._replace(path="/" + quote(vhost, safe="")))
-
-
-class RabbitmqctlFailed(RuntimeError):
-    """rabbitmqctl exited with an error, or could not be run; the message says why."""
-
-
-async def rabbitmqctl(*args: str, within: float = 60.0) -> str:
-    """Run ``rabbitmqctl -q args`` (on the broker's machine, as its administrator);
-    its output, or :class:`RabbitmqctlFailed` with what it said."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-q",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        raise RabbitmqctlFailed(f"rabbitmqctl cannot run: {exc}") from exc
-    try:
-        async with asyncio.timeout(within):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise RabbitmqctlFailed(f"rabbitmqctl {' '.join(args)}: no answer in {within:g}s") from None
-    text = out.decode(errors="replace")
-    if proc.returncode != 0:
-        raise RabbitmqctlFailed(f"rabbitmqctl {' '.join(args)}: {text.strip() or 'failed'}")
-    return text
 
 
 async def create_vhost(vhost: str, user: str = "guest") -> None:
