@@ -114,13 +114,26 @@ def add_relay(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
 
 def _stats(args: argparse.Namespace) -> int:
     found = asyncio.run(_with_conn(args.database_url, outbox.stats))
+    failed_at = found.last_failed_at.isoformat() if found.last_failed_at else None
     if args.json:
-        say(json.dumps({"counts": found.counts, "oldest_pending_s": found.oldest_pending_s}))
+        say(
+            json.dumps(
+                {
+                    "counts": found.counts,
+                    "oldest_pending_s": found.oldest_pending_s,
+                    "last_failed_at": failed_at,
+                    "last_error": found.last_error,
+                }
+            )
+        )
         return ExitCode.OK
     rows = [[status, str(count)] for status, count in found.counts.items()]
     say(render.table(["STATUS", "ROWS"], rows))
     if found.oldest_pending_s is not None:
         say(f"oldest unpublished row: waiting {found.oldest_pending_s:.1f}s")
+    if found.last_error is not None:
+        error = found.last_error.replace("\n", " ")[:500]
+        say(f"last failure ({found.counts['failed']} failed, at {failed_at}): {error}")
     return ExitCode.OK
 
 
@@ -144,6 +157,7 @@ def _list(args: argparse.Namespace) -> int:
                         "message_type": row.message_type,
                         "attempts": row.attempts,
                         "created_at": row.created_at.isoformat(),
+                        "failed_at": row.failed_at.isoformat() if row.failed_at else None,
                         "last_error": row.last_error,
                     }
                 )
