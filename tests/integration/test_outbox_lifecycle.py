@@ -266,6 +266,38 @@ async def test_a_broker_outage_leaves_rows_failed_with_the_error_then_published(
     assert found["last_error"] is None
 
 
+async def test_while_the_broker_is_away_rows_past_max_age_still_expire(
+    outbox_database: str, outbox_pool: AsyncConnectionPool[Any], amqp_vhost: str
+) -> None:
+    late, fresh = message("sagaplane.events"), message("sagaplane.events")
+    await enqueue_committed(outbox_database, [late, fresh])
+    async with await psycopg.AsyncConnection.connect(outbox_database, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
+            " WHERE message_id = %s",
+            (late.message_id,),
+        )
+    host, port = AMQP_HOST.rsplit(":", 1)
+    async with TcpProxy(host, int(port)) as proxy:
+        await proxy.cut()  # a broker that has been away since before the relay started
+        relay = OutboxRelay(
+            outbox_pool,
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/{amqp_vhost}",
+            max_age=3600,
+            confirm_timeout=2.0,
+        )
+        try:
+            with pytest.raises(ConnectionError, match="connection refused"):
+                await relay.relay_once()
+        finally:
+            await relay.stop()
+    rows = await outbox_rows(outbox_database)
+    assert rows[late.message_id]["status"] == "expired"
+    assert rows[fresh.message_id]["status"] == "failed"
+    assert "connection refused" in rows[fresh.message_id]["last_error"]
+    assert rows[fresh.message_id]["attempts"] == 0
+
+
 async def test_sagaplane_relay_publishes_an_outbox_on_its_own(
     outbox_database: str, amqp_url: str, channel: AbstractChannel
 ) -> None:
