@@ -76,39 +76,7 @@ def add_relay(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         default=env.get("SAGAPLANE_AMQP_URL", defaults.AMQP_URL),
         help=f"RabbitMQ URL [SAGAPLANE_AMQP_URL; default {config.shown(defaults.AMQP_URL)}]",
     )
-    try:
-        d = RelaySettings.from_env(env)
-    except ValueError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from None
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="rows per cycle [SAGAPLANE_OUTBOX_BATCH_SIZE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--poll-interval",
-        metavar="SECONDS",
-        type=float,
-        default=d.poll_interval,
-        help="longest wait when no NOTIFY comes [SAGAPLANE_OUTBOX_POLL_INTERVAL; "
-        "default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-attempts",
-        type=int,
-        default=d.max_attempts,
-        help="failed publishes before a row is parked [SAGAPLANE_OUTBOX_MAX_ATTEMPTS; "
-        "default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-age",
-        metavar="SECONDS",
-        type=float,
-        default=d.max_age or 0.0,
-        help="park rows not published this long after they were written as expired, "
-        "0 for never [SAGAPLANE_OUTBOX_MAX_AGE; default %(default)s]",
-    )
+    config.add_relay_arguments(parser, env)
     parser.set_defaults(run=_relay)
 
 
@@ -229,12 +197,10 @@ async def _with_conn(database_url: str, work: Any) -> Any:
 
 def _relay(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = RelaySettings(
-        batch_size=args.batch_size,
-        poll_interval=args.poll_interval,
-        max_attempts=args.max_attempts,
-        max_age=args.max_age or None,
-    )
+    try:
+        settings = config.relay_from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
     return int(run(_run_relay(args.database_url, args.amqp_url, settings)))
 
 
@@ -254,14 +220,8 @@ async def _run_relay(database_url: str, amqp_url: str, settings: RelaySettings) 
             ExitCode.UNAVAILABLE,
         ) from exc
     try:
-        relay = OutboxRelay(
-            pool,
-            amqp_url,
-            batch_size=settings.batch_size,
-            poll_interval=settings.poll_interval,
-            max_attempts=settings.max_attempts,
-            max_age=settings.max_age,
-            connection_name="sagaplane-relay",
+        relay = OutboxRelay.from_settings(
+            pool, amqp_url, settings, connection_name="sagaplane-relay"
         )
         async with relay:
             logging.getLogger(__name__).info("relaying the outbox of %s", redact(database_url))

@@ -3,12 +3,14 @@ real PostgreSQL and RabbitMQ: a row for a missing exchange ends invalid at once,
 max_age expires unpublished, an unroutable command is failed (retrying) until a queue is
 bound, then published, and a broker outage (a proxy the test cuts) leaves rows failed with
 the error, never parked, then published when it is back; operators see each of these,
-retry and discard rows."""
+retry and discard rows. The coordinator's relay takes the same SAGAPLANE_OUTBOX_* settings
+as ``sagaplane relay``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from sagaplane.outbox import OutboundMessage
 from sagaplane.relay import OutboxRelay
 from sagaplane.testing import Child
 
+# database_url (a migrated coordinator database) comes from tests/conftest.py.
 __fixtures__ = (
     amqp,
     amqp_url,
@@ -296,6 +299,39 @@ async def test_while_the_broker_is_away_rows_past_max_age_still_expire(
     assert rows[fresh.message_id]["status"] == "failed"
     assert "connection refused" in rows[fresh.message_id]["last_error"]
     assert rows[fresh.message_id]["attempts"] == 0
+
+
+async def test_a_coordinator_started_with_an_outbox_max_age_expires_late_rows(
+    database_url: str, amqp_url: str
+) -> None:
+    late, fresh = message(topology.EVENTS_EXCHANGE), message(topology.EVENTS_EXCHANGE)
+    await enqueue_committed(database_url, [late, fresh])
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
+            " WHERE message_id = %s",
+            (late.message_id,),
+        )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
+    coordinator = Child(
+        "coordinator",
+        [sys.executable, "-m", "coordinator.cli", "serve", "--no-migrate"],
+        cwd=ROOT,
+        env=clean
+        | {
+            "SAGAPLANE_DATABASE_URL": database_url,
+            "SAGAPLANE_AMQP_URL": amqp_url,
+            "SAGAPLANE_LISTEN": "127.0.0.1:0",
+            "SAGAPLANE_OUTBOX_MAX_AGE": "3600",
+        },
+    )
+    await coordinator.start()
+    try:
+        await statuses_become(database_url, [late], "expired", within=60)
+        await statuses_become(database_url, [fresh], "published", within=10)
+    finally:
+        assert await coordinator.stop() == 0, coordinator.tail()
+    assert (await stats(database_url))["counts"]["expired"] == 1
 
 
 async def test_sagaplane_relay_publishes_an_outbox_on_its_own(

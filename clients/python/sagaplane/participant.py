@@ -331,16 +331,18 @@ class Participant:
         self._connect_timeout = connect_timeout
         try:
             from_env = RelaySettings.from_env(os.environ)
+            self._relay_settings = RelaySettings(
+                batch_size=relay_batch_size or from_env.batch_size,
+                poll_interval=(
+                    relay_poll_interval
+                    if relay_poll_interval is not None
+                    else from_env.poll_interval
+                ),
+                max_attempts=relay_max_attempts or from_env.max_attempts,
+                max_age=relay_max_age or from_env.max_age,
+            )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._relay_settings = RelaySettings(
-            batch_size=relay_batch_size or from_env.batch_size,
-            poll_interval=(
-                relay_poll_interval if relay_poll_interval is not None else from_env.poll_interval
-            ),
-            max_attempts=relay_max_attempts or from_env.max_attempts,
-            max_age=relay_max_age or from_env.max_age,
-        )
         self._reply_exchange = reply_exchange
         self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
@@ -527,14 +529,8 @@ class Participant:
                 self._amqp_url, name=self._name, timeout=self._connect_timeout
             )
             # The relay shares the connection and opens its own (confirming) channel.
-            self._relay = OutboxRelay(
-                self._pool,
-                self._connection,
-                poll_interval=self._relay_settings.poll_interval,
-                batch_size=self._relay_settings.batch_size,
-                max_attempts=self._relay_settings.max_attempts,
-                max_age=self._relay_settings.max_age,
-                connection_name=self._name,
+            self._relay = OutboxRelay.from_settings(
+                self._pool, self._connection, self._relay_settings, connection_name=self._name
             )
             await self._relay.start()
             self._pruner = self._prune_loop(self._pool)

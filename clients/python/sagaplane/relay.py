@@ -59,6 +59,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sagaplane import amqp, backoff, batch
 from sagaplane.queries import q
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.runtime import log_crash
 from sagaplane.topology import CONTENT_TYPE, EVENT_CONTENT_TYPE, EVENTS_EXCHANGE
 from sagaplane.urls import redact
@@ -240,6 +241,27 @@ class OutboxRelay:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        pool: AsyncConnectionPool[Any],
+        amqp: str | AbstractRobustConnection,
+        settings: RelaySettings,
+        **options: Any,
+    ) -> OutboxRelay:
+        """A relay with the operator's ``settings`` (batch size, poll interval, max
+        attempts, max age: :class:`~sagaplane.relay_settings.RelaySettings`, the one
+        place that maps them); ``options`` are the other arguments of the constructor."""
+        return cls(
+            pool,
+            amqp,
+            batch_size=settings.batch_size,
+            poll_interval=settings.poll_interval,
+            max_attempts=settings.max_attempts,
+            max_age=settings.max_age,
+            **options,
+        )
 
     @property
     def task(self) -> asyncio.Task[None] | None:
