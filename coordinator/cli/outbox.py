@@ -2,12 +2,15 @@
 ``sagaplane relay``: the outbox relay on its own.
 
 Both work on any database with Sagaplane's outbox: the coordinator's, or a participant
-service's own (``--database-url``). ``stats`` counts the rows per status and says how
-long the oldest unpublished row has waited; ``list`` shows the rows that may need a
-person (``failed``, ``invalid``, ``expired``) with their last error; ``retry`` puts rows
-back to ``pending`` for the relay; ``discard`` deletes rows that must never be published.
-``relay`` publishes a database's outbox until SIGTERM, for a service that emits events
-but runs no participant (its web process writes, this worker publishes).
+service's own (``--database-url``). ``stats`` counts the rows per status, says how long
+the oldest unpublished row has waited and what the latest failure of the ``failed`` rows
+was (a broker refusing them, or one that cannot be reached); ``list`` shows the rows that
+may need a person (``failed``, ``invalid``, ``expired``) with their last error; ``retry``
+puts rows back to ``pending`` for the relay; ``discard`` deletes rows that must never be
+published. ``relay`` publishes a database's outbox until SIGTERM, for a service that
+emits events but runs no participant (its web process writes, this worker publishes),
+with the relay settings ``sagaplane serve`` takes too
+(:func:`coordinator.config.add_relay_arguments`).
 """
 
 from __future__ import annotations

@@ -217,8 +217,9 @@ class Participant:
     port.
 
     The outbox relay's ``relay_poll_interval`` (seconds), ``relay_batch_size`` (rows per
-    cycle), ``relay_max_attempts`` (failed publishes before a row is parked) and
-    ``relay_max_age`` (seconds before an unpublished row expires) default to
+    cycle), ``relay_max_attempts`` (publishes the broker refused before a row is parked;
+    a broker outage counts none) and ``relay_max_age`` (seconds before an unpublished
+    row expires) default to
     ``$SAGAPLANE_OUTBOX_POLL_INTERVAL`` (1.0), ``$SAGAPLANE_OUTBOX_BATCH_SIZE`` (500),
     ``$SAGAPLANE_OUTBOX_MAX_ATTEMPTS`` (20) and ``$SAGAPLANE_OUTBOX_MAX_AGE`` (never); see
     :class:`~sagaplane.relay_settings.RelaySettings`.
