@@ -77,6 +77,16 @@ async def stats(database_url: str) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+async def written_hours_ago(database_url: str, message: OutboundMessage, hours: int) -> None:
+    """Make the outbox row of ``message`` look written ``hours`` ago."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE sagaplane_outbox SET created_at = now() - make_interval(hours => %s)"
+            " WHERE message_id = %s",
+            (hours, message.message_id),
+        )
+
+
 async def statuses_become(
     database_url: str, messages: list[OutboundMessage], status: str, *, within: float = 30.0
 ) -> list[dict[str, Any]]:
@@ -145,12 +155,7 @@ async def test_a_row_older_than_max_age_expires_and_is_not_published(
     exchange, queue = await sink(channel)
     late, fresh = message(exchange), message(exchange)
     await enqueue_committed(outbox_database, [late, fresh])
-    async with await psycopg.AsyncConnection.connect(outbox_database, autocommit=True) as conn:
-        await conn.execute(
-            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
-            " WHERE message_id = %s",
-            (late.message_id,),
-        )
+    await written_hours_ago(outbox_database, late, 2)
 
     assert await make_relay(max_age=3600).relay_once() == 1
     rows = await outbox_rows(outbox_database)
@@ -274,12 +279,7 @@ async def test_while_the_broker_is_away_rows_past_max_age_still_expire(
 ) -> None:
     late, fresh = message("sagaplane.events"), message("sagaplane.events")
     await enqueue_committed(outbox_database, [late, fresh])
-    async with await psycopg.AsyncConnection.connect(outbox_database, autocommit=True) as conn:
-        await conn.execute(
-            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
-            " WHERE message_id = %s",
-            (late.message_id,),
-        )
+    await written_hours_ago(outbox_database, late, 2)
     host, port = AMQP_HOST.rsplit(":", 1)
     async with TcpProxy(host, int(port)) as proxy:
         await proxy.cut()  # a broker that has been away since before the relay started
@@ -306,12 +306,7 @@ async def test_a_coordinator_started_with_an_outbox_max_age_expires_late_rows(
 ) -> None:
     late, fresh = message(topology.EVENTS_EXCHANGE), message(topology.EVENTS_EXCHANGE)
     await enqueue_committed(database_url, [late, fresh])
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(
-            "UPDATE sagaplane_outbox SET created_at = now() - interval '2 hours'"
-            " WHERE message_id = %s",
-            (late.message_id,),
-        )
+    await written_hours_ago(database_url, late, 2)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGAPLANE_")}
     coordinator = Child(
         "coordinator",
