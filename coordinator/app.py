@@ -140,7 +140,9 @@ class Coordinator:
         # coordinator would stop consuming replies for good after RabbitMQ restarts.
         replies = await channel.get_queue(topology.REPLIES_QUEUE)
         # Tracked, so that a command proven never delivered needs no compensation.
-        self._relay = OutboxRelay(self._pool, self._amqp, track_delivery=True)
+        self._relay = OutboxRelay.from_settings(
+            self._pool, self._amqp, self.settings.relay, track_delivery=True
+        )
         await self._relay.start()
         self._dead_letters = DeadLetters(self._amqp, queue=topology.REPLIES_QUEUE)
         self._replies = ReplyConsumer(self.store, replies, self._dead_letters, signing_keys=ring)

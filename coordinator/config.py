@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from coordinator import retention
 from coordinator.retention import Retention
 from sagaplane import defaults
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.urls import redact
 
@@ -52,6 +53,9 @@ class Settings:
     retention: Retention = field(default_factory=Retention)
     """What is deleted when (``--retention``, ``--retention-for``, ``--outbox-retention``;
     see coordinator.retention)."""
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    """The outbox relay's batch size, poll interval, max attempts and max age
+    (``--batch-size`` etc., ``SAGAPLANE_OUTBOX_*``: :func:`add_relay_arguments`)."""
     http_listen: str | None = None
     """The operator web page's address host:port; None serves no page and opens no port
     (SAGAPLANE_HTTP_LISTEN)."""
@@ -140,6 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         "[SAGAPLANE_METRICS_LISTEN; default: off]",
     )
     retention.add_arguments(parser, env)
+    add_relay_arguments(parser, env)
     parser.add_argument(
         "--http-listen",
         default=env.get("SAGAPLANE_HTTP_LISTEN") or d.http_listen,
@@ -148,6 +153,59 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> No
         "[SAGAPLANE_HTTP_LISTEN; default: off]",
     )
     add_security_arguments(parser, env)
+
+
+def add_relay_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """The outbox relay's flags (``serve`` and ``relay`` share them), defaults from the
+    ``SAGAPLANE_OUTBOX_*`` variables of ``env`` (ValueError naming one that is bad)."""
+    d = RelaySettings.from_env(env)
+    group = parser.add_argument_group(
+        "outbox relay", "How the outbox's rows are published (see `sagaplane outbox`)."
+    )
+    group.add_argument(
+        "--batch-size",
+        metavar="ROWS",
+        type=int,
+        default=d.batch_size,
+        help="rows claimed and published per cycle "
+        "[SAGAPLANE_OUTBOX_BATCH_SIZE; default %(default)s]",
+    )
+    group.add_argument(
+        "--poll-interval",
+        metavar="SECONDS",
+        type=float,
+        default=d.poll_interval,
+        help="longest wait when no NOTIFY comes [SAGAPLANE_OUTBOX_POLL_INTERVAL; "
+        "default %(default)s]",
+    )
+    group.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=int,
+        default=d.max_attempts,
+        help="publishes refused by the broker (no queue bound, a nack) before a row is "
+        "parked; a broker outage counts none [SAGAPLANE_OUTBOX_MAX_ATTEMPTS; "
+        "default %(default)s]",
+    )
+    group.add_argument(
+        "--max-age",
+        metavar="SECONDS",
+        type=float,
+        default=d.max_age or 0.0,
+        help="park rows not published this long after they were written as expired, "
+        "0 for never [SAGAPLANE_OUTBOX_MAX_AGE; default %(default)s]",
+    )
+
+
+def relay_from_args(args: argparse.Namespace) -> RelaySettings:
+    """The relay settings the flags of :func:`add_relay_arguments` say (ValueError for
+    one out of range)."""
+    return RelaySettings(
+        batch_size=args.batch_size,
+        poll_interval=args.poll_interval,
+        max_attempts=args.max_attempts,
+        max_age=args.max_age or None,
+    )
 
 
 def add_security_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -267,7 +325,7 @@ def _choice(env: Mapping[str, str], name: str, choices: Sequence[str], default: 
 
 
 def from_args(args: argparse.Namespace) -> Settings:
-    """Settings from parsed flags."""
+    """Settings from parsed flags (ValueError for a relay setting out of range)."""
     return Settings(
         database_url=args.database_url,
         amqp_url=args.amqp_url,
@@ -281,6 +339,7 @@ def from_args(args: argparse.Namespace) -> Settings:
         event_loop=args.event_loop,
         metrics_listen=args.metrics_listen or None,
         retention=retention.from_args(args),
+        relay=relay_from_args(args),
         http_listen=args.http_listen or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -8,16 +8,32 @@ then removes them from the dead-letter queue. Replaying is safe where the consum
 deduplicates (a participant's inbox, an SDK consumer's event inbox): a message that was
 handled after all is not handled twice.
 
-The messages are read with ``basic.get`` and returned with a requeue: RabbitMQ 4 counts
-that as a delivery of the dead-letter queue's messages (its quorum queues drop a message
-after 20 by default), so do not list a large queue in a loop.
+Listing is not free of effects, and cannot be: a quorum queue has no way to show a
+message without delivering it. ``list`` takes each message (``basic.get``) and gives it
+back with ``basic.nack(requeue=True)`` (never ``basic.reject``), all of them even when it
+fails half way. What a return costs depends on the broker (``x-delivery-count`` is shown
+as each message's delivery count, so the cost can be seen):
+
+- RabbitMQ 3.10 to 3.13: each listing adds one to every listed message's delivery count
+  (checked on 3.10.8: nack, reject and a closed channel each add one). The dead-letter
+  queue has no delivery limit (:func:`sagaplane.topology.dead_letter_queue_arguments`),
+  so nothing is ever dropped.
+- RabbitMQ 4.0 to 4.2: the same count, and quorum queues get a default delivery limit
+  of 20, past which a message of the dead-letter queue (it has no dead-letter exchange)
+  is dropped: listing it 20 times loses it. ``list`` warns on these brokers; lift the
+  limit with the policy the README gives (Operations: dead letters).
+- RabbitMQ 4.3 and later: ``basic.nack`` returns count only in ``x-acquired-count``,
+  not toward the delivery limit; only a listing killed before it gave the messages back
+  (its connection lost) counts one, as a failed delivery.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,12 +45,26 @@ from coordinator.cli import render
 from coordinator.cli.errors import CliError, ExitCode
 from coordinator.cli.output import say
 from coordinator.config import shown
-from sagaplane import defaults, wire
+from sagaplane import defaults, topology, wire
 from sagaplane.consuming import QUEUE_HEADER, REASON_HEADER, ROUTING_KEY_HEADER
 from sagaplane.topology import DEAD_LETTER_QUEUE, EVENT_CONTENT_TYPE
 from sagaplane.urls import redact
 
-__all__ = ["add_dlq"]
+# Brokers on which every return of a message counts toward a delivery limit that quorum
+# queues have by default (20): RabbitMQ 4.0 up to, not including, 4.3.
+_RETURNS_COUNTED = ((4, 0), (4, 3))
+
+LIST_EPILOG = """\
+Listing takes each message and gives it back (basic.get, then basic.nack with requeue):
+a quorum queue cannot show a message without delivering it. DELIVERY COUNT is the
+broker's x-delivery-count. RabbitMQ 3.x adds one to it per listing, and the dead-letter
+queue has no delivery limit there: nothing is dropped. RabbitMQ 4.0 to 4.2 add one too,
+and drop a dead-letter message past their default limit of 20: `list` warns there; lift
+the limit with a policy (README, Operations). RabbitMQ 4.3 and later do not count a
+listing toward the limit.
+"""
+
+__all__ = ["add_dlq", "describe", "listing_counts_toward_the_limit"]
 
 
 def add_dlq(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -57,16 +87,18 @@ def add_dlq(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         )
         return sub
 
-    action("list", "What each dead message is, why it died, where it came from.").set_defaults(
-        run=_list
-    )
+    listing = action("list", "What each dead message is, why it died, where it came from.")
+    listing.epilog = LIST_EPILOG
+    listing.formatter_class = argparse.RawDescriptionHelpFormatter
+    listing.set_defaults(run=_list)
     replay = action("replay", "Publish dead messages back to the queue they came from.")
     replay.add_argument("ids", metavar="MESSAGE_ID", nargs="+", help="AMQP message ids")
     replay.set_defaults(run=_replay)
 
 
 def describe(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """A dead message for people: its id, kind, reason, origin queue and routing key."""
+    """A dead message for people: its id, kind, reason, origin queue and routing key, and
+    the broker's counts of its deliveries (None where the broker keeps none)."""
     headers: dict[str, Any] = dict(message.headers or {})
     deaths = headers.get("x-death")
     first = deaths[0] if isinstance(deaths, list) and deaths else None
@@ -95,7 +127,15 @@ def describe(message: AbstractIncomingMessage) -> dict[str, Any]:
         "reason": _text(reason),
         "queue": _text(headers.get(QUEUE_HEADER) or death.get("queue") or ""),
         "routing_key": _text(routing_key or ""),
+        # Returns to the dead-letter queue so far (the delivery limit is weighed against it).
+        "delivery_count": _count(headers.get("x-delivery-count")),
+        # Every time it was handed out (RabbitMQ 4.3 and later only).
+        "acquired_count": _count(headers.get("x-acquired-count")),
     }
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _text(value: Any) -> str:
@@ -125,30 +165,41 @@ async def _run(args: argparse.Namespace, *, replay: set[str]) -> int:
             raise CliError(
                 f"there is no queue {DEAD_LETTER_QUEUE} here", ExitCode.NOT_FOUND
             ) from None
+        version = await topology.broker_version(channel)
+        if not replay and version is not None and listing_counts_toward_the_limit(version):
+            _warn_returns_counted(version)
         taken: list[AbstractIncomingMessage] = []
-        while len(taken) < args.limit:
-            message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            taken.append(message)
         found: list[dict[str, Any]] = []
         replayed: set[str] = set()
-        for message in taken:
-            info = describe(message)
-            if message.message_id in replay and message.message_id not in replayed:
-                if not info["queue"]:
-                    say(f"message {message.message_id}: where it came from is not known; kept")
-                    await message.nack(requeue=True)
-                    continue
-                await _publish_back(channel, message, info["queue"])
-                await message.ack()
-                replayed.add(str(message.message_id))
-                info["replayed_to"] = info["queue"]
-                found.append(info)
-            else:
-                await message.nack(requeue=True)
-                if not replay:
+        try:
+            while len(taken) < args.limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(message)
+            for message in taken:
+                info = describe(message)
+                if message.message_id in replay and message.message_id not in replayed:
+                    if not info["queue"]:
+                        say(f"message {message.message_id}: where it came from is not known; kept")
+                        await _give_back(message)
+                        continue
+                    await _publish_back(channel, message, info["queue"])
+                    await message.ack()
+                    replayed.add(str(message.message_id))
+                    info["replayed_to"] = info["queue"]
                     found.append(info)
+                else:
+                    await _give_back(message)
+                    if not replay:
+                        found.append(info)
+        finally:
+            # Every message goes back explicitly, even after a failure: RabbitMQ 4.3 counts
+            # one left to the closing connection as a failed delivery, not a nack.
+            for message in taken:
+                if not message.processed:
+                    with contextlib.suppress(Exception):
+                        await _give_back(message)
     finally:
         await connection.close()
     if args.json:
@@ -159,14 +210,46 @@ async def _run(args: argparse.Namespace, *, replay: set[str]) -> int:
             say(f"message {info['message_id']} ({info['kind']}): replayed to {info['queue']}")
     else:
         rows = [
-            [str(i["message_id"]), i["kind"], i["queue"], i["routing_key"], i["reason"][:200]]
+            [
+                str(i["message_id"]),
+                i["kind"],
+                i["queue"],
+                i["routing_key"],
+                "" if i["delivery_count"] is None else str(i["delivery_count"]),
+                i["reason"][:200],
+            ]
             for i in found
         ]
-        say(render.table(["MESSAGE ID", "KIND", "FROM QUEUE", "ROUTING KEY", "REASON"], rows))
+        headings = ["MESSAGE ID", "KIND", "FROM QUEUE", "ROUTING KEY", "DELIVERY COUNT", "REASON"]
+        say(render.table(headings, rows))
+        if len(taken) >= args.limit:
+            print(f"(the first {len(taken)} only; raise --limit for more)", file=sys.stderr)
     missing = sorted(replay - replayed)
     for message_id in missing:
         say(f"message {message_id}: not in {DEAD_LETTER_QUEUE}")
     return ExitCode.OK if not missing else ExitCode.NOT_FOUND
+
+
+async def _give_back(message: AbstractIncomingMessage) -> None:
+    # nack, not reject: RabbitMQ 4.3 and later count a reject toward the delivery limit.
+    await message.nack(requeue=True)
+
+
+def listing_counts_toward_the_limit(version: tuple[int, int]) -> bool:
+    """Whether a broker of ``version`` counts a listing's return of a message toward a
+    delivery limit that its quorum queues have by default (RabbitMQ 4.0 to 4.2)."""
+    low, high = _RETURNS_COUNTED
+    return low <= version < high
+
+
+def _warn_returns_counted(version: tuple[int, int]) -> None:
+    print(
+        f"sagaplane: warning: RabbitMQ {version[0]}.{version[1]} counts this listing as a "
+        f"delivery of every message listed, and drops a message of {DEAD_LETTER_QUEUE} past "
+        "its delivery limit (20 unless a policy says otherwise): see DELIVERY COUNT, and "
+        "lift the limit with the policy in the README (Operations: dead letters)",
+        file=sys.stderr,
+    )
 
 
 async def _publish_back(

@@ -2,12 +2,15 @@
 ``sagaplane relay``: the outbox relay on its own.
 
 Both work on any database with Sagaplane's outbox: the coordinator's, or a participant
-service's own (``--database-url``). ``stats`` counts the rows per status and says how
-long the oldest unpublished row has waited; ``list`` shows the rows that may need a
-person (``failed``, ``invalid``, ``expired``) with their last error; ``retry`` puts rows
-back to ``pending`` for the relay; ``discard`` deletes rows that must never be published.
-``relay`` publishes a database's outbox until SIGTERM, for a service that emits events
-but runs no participant (its web process writes, this worker publishes).
+service's own (``--database-url``). ``stats`` counts the rows per status, says how long
+the oldest unpublished row has waited and what the latest failure of the ``failed`` rows
+was (a broker refusing them, or one that cannot be reached); ``list`` shows the rows that
+may need a person (``failed``, ``invalid``, ``expired``) with their last error; ``retry``
+puts rows back to ``pending`` for the relay; ``discard`` deletes rows that must never be
+published. ``relay`` publishes a database's outbox until SIGTERM, for a service that
+emits events but runs no participant (its web process writes, this worker publishes),
+with the relay settings ``sagaplane serve`` takes too
+(:func:`coordinator.config.add_relay_arguments`).
 """
 
 from __future__ import annotations
@@ -76,51 +79,32 @@ def add_relay(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         default=env.get("SAGAPLANE_AMQP_URL", defaults.AMQP_URL),
         help=f"RabbitMQ URL [SAGAPLANE_AMQP_URL; default {config.shown(defaults.AMQP_URL)}]",
     )
-    try:
-        d = RelaySettings.from_env(env)
-    except ValueError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from None
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="rows per cycle [SAGAPLANE_OUTBOX_BATCH_SIZE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--poll-interval",
-        metavar="SECONDS",
-        type=float,
-        default=d.poll_interval,
-        help="longest wait when no NOTIFY comes [SAGAPLANE_OUTBOX_POLL_INTERVAL; "
-        "default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-attempts",
-        type=int,
-        default=d.max_attempts,
-        help="failed publishes before a row is parked [SAGAPLANE_OUTBOX_MAX_ATTEMPTS; "
-        "default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-age",
-        metavar="SECONDS",
-        type=float,
-        default=d.max_age or 0.0,
-        help="park rows not published this long after they were written as expired, "
-        "0 for never [SAGAPLANE_OUTBOX_MAX_AGE; default %(default)s]",
-    )
+    config.add_relay_arguments(parser, env)
     parser.set_defaults(run=_relay)
 
 
 def _stats(args: argparse.Namespace) -> int:
     found = asyncio.run(_with_conn(args.database_url, outbox.stats))
+    failed_at = found.last_failed_at.isoformat() if found.last_failed_at else None
     if args.json:
-        say(json.dumps({"counts": found.counts, "oldest_pending_s": found.oldest_pending_s}))
+        say(
+            json.dumps(
+                {
+                    "counts": found.counts,
+                    "oldest_pending_s": found.oldest_pending_s,
+                    "last_failed_at": failed_at,
+                    "last_error": found.last_error,
+                }
+            )
+        )
         return ExitCode.OK
     rows = [[status, str(count)] for status, count in found.counts.items()]
     say(render.table(["STATUS", "ROWS"], rows))
     if found.oldest_pending_s is not None:
         say(f"oldest unpublished row: waiting {found.oldest_pending_s:.1f}s")
+    if found.last_error is not None:
+        error = found.last_error.replace("\n", " ")[:500]
+        say(f"last failure ({found.counts['failed']} failed, at {failed_at}): {error}")
     return ExitCode.OK
 
 
@@ -144,6 +128,7 @@ def _list(args: argparse.Namespace) -> int:
                         "message_type": row.message_type,
                         "attempts": row.attempts,
                         "created_at": row.created_at.isoformat(),
+                        "failed_at": row.failed_at.isoformat() if row.failed_at else None,
                         "last_error": row.last_error,
                     }
                 )
@@ -215,12 +200,10 @@ async def _with_conn(database_url: str, work: Any) -> Any:
 
 def _relay(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = RelaySettings(
-        batch_size=args.batch_size,
-        poll_interval=args.poll_interval,
-        max_attempts=args.max_attempts,
-        max_age=args.max_age or None,
-    )
+    try:
+        settings = config.relay_from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
     return int(run(_run_relay(args.database_url, args.amqp_url, settings)))
 
 
@@ -240,14 +223,8 @@ async def _run_relay(database_url: str, amqp_url: str, settings: RelaySettings) 
             ExitCode.UNAVAILABLE,
         ) from exc
     try:
-        relay = OutboxRelay(
-            pool,
-            amqp_url,
-            batch_size=settings.batch_size,
-            poll_interval=settings.poll_interval,
-            max_attempts=settings.max_attempts,
-            max_age=settings.max_age,
-            connection_name="sagaplane-relay",
+        relay = OutboxRelay.from_settings(
+            pool, amqp_url, settings, connection_name="sagaplane-relay"
         )
         async with relay:
             logging.getLogger(__name__).info("relaying the outbox of %s", redact(database_url))

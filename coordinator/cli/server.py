@@ -57,8 +57,11 @@ def serve(args: argparse.Namespace) -> int:
             f"not {args.log_format!r}",
             ExitCode.USAGE,
         )
+    try:
+        settings = config.from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
     logs.configure(args.log_level, args.log_format)
-    settings = config.from_args(args)
     try:
         tracing.configure("sagaplane-coordinator")
     except ValueError as exc:

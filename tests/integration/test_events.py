@@ -553,6 +553,23 @@ async def test_dlq_list_says_what_died_and_why_and_replay_of_a_fixed_event_runs_
     assert mine["routing_key"] == e.type
     assert "failed 2 times" in mine["reason"] and "misconfigured" in mine["reason"]
 
+    # Listing gives every message back (nothing is lost), and shows what a listing costs.
+    counts = [mine["delivery_count"] or 0]
+    for _ in range(2):
+        status, out, err = await _sagaplane("dlq", "list", "--amqp-url", amqp_url)
+        assert status == 0, err
+        assert "DELIVERY COUNT" in out and e.id in out
+        status, out, err = await _sagaplane("dlq", "list", "--amqp-url", amqp_url, "--json")
+        [again] = [d for d in map(json.loads, out.splitlines()) if d["message_id"] == e.id]
+        counts.append(again["delivery_count"] or 0)
+    async with await aio_pika.connect(amqp_url) as connection:
+        version = await topology.broker_version(await connection.channel())
+    if version is not None and version < (4, 3):
+        # Each listing's return counts as a delivery (two listings per round above).
+        assert counts == [counts[0], counts[0] + 2, counts[0] + 4], counts
+    else:
+        assert counts == [counts[0]] * 3, counts  # basic.nack no longer counts
+
     fixed = True
     status, out, err = await _sagaplane("dlq", "replay", e.id, "--amqp-url", amqp_url)
     assert status == 0, err

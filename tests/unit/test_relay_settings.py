@@ -1,4 +1,6 @@
-"""The relay's settings from the environment (SAGAPLANE_OUTBOX_*), and the event wire."""
+"""The relay's settings from the environment (SAGAPLANE_OUTBOX_*) and from the flags of
+``sagaplane serve`` and ``sagaplane relay`` (one parser for both, flags over the
+environment), refused by name when out of range; and the event wire."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from coordinator import config
+from coordinator.cli import build_parser
+from helpers.cli import exit_status
 from sagaplane import ConfigurationError, Participant, topology, wire
 from sagaplane.relay_settings import RelaySettings
 
@@ -29,6 +34,53 @@ def test_a_bad_setting_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("SAGAPLANE_OUTBOX_BATCH_SIZE", "lots")
     with pytest.raises(ConfigurationError, match="SAGAPLANE_OUTBOX_BATCH_SIZE='lots'"):
         Participant("svc", database_url="postgresql:///x")
+
+
+@pytest.mark.parametrize("command", ["serve", "relay"])
+def test_serve_and_relay_take_the_relay_settings_from_flags_over_the_environment(
+    command: str,
+) -> None:
+    env = {"SAGAPLANE_OUTBOX_BATCH_SIZE": "50", "SAGAPLANE_OUTBOX_MAX_AGE": "3600"}
+    parser = build_parser(env)
+    assert config.relay_from_args(parser.parse_args([command])) == RelaySettings(
+        batch_size=50, max_age=3600.0
+    )
+    flags = ["--batch-size", "7", "--poll-interval", "0.25", "--max-attempts", "3"]
+    assert config.relay_from_args(
+        parser.parse_args([command, *flags, "--max-age", "0"])
+    ) == RelaySettings(batch_size=7, poll_interval=0.25, max_attempts=3, max_age=None)
+    assert config.relay_from_args(build_parser({}).parse_args([command])) == RelaySettings()
+
+
+def test_the_coordinator_hands_its_relay_settings_on() -> None:
+    args = build_parser({"SAGAPLANE_OUTBOX_MAX_ATTEMPTS": "4"}).parse_args(["serve"])
+    assert config.from_args(args).relay == RelaySettings(max_attempts=4)
+    assert config.Settings().relay == RelaySettings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--batch-size", "0"], {}, "SAGAPLANE_OUTBOX_BATCH_SIZE"),
+        (["--poll-interval", "0"], {}, "--poll-interval"),
+        ([], {"SAGAPLANE_OUTBOX_MAX_ATTEMPTS": "0"}, "SAGAPLANE_OUTBOX_MAX_ATTEMPTS"),
+        ([], {"SAGAPLANE_OUTBOX_MAX_AGE": "-5"}, "--max-age"),
+        ([], {"SAGAPLANE_OUTBOX_BATCH_SIZE": "lots"}, "SAGAPLANE_OUTBOX_BATCH_SIZE='lots'"),
+    ],
+)
+def test_a_relay_setting_out_of_range_is_a_usage_error_naming_it(
+    argv: list[str],
+    env: dict[str, str],
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # Refused before anything is connected to (the URLs lead nowhere).
+    nowhere = ["--database-url", "postgresql://nobody@127.0.0.1:1/x"]
+    assert exit_status(["serve", *argv, *nowhere, "--listen", "127.0.0.1:0"]) == 2
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

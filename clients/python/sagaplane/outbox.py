@@ -94,7 +94,8 @@ async def enqueue(conn: AsyncConnection[object], messages: Sequence[OutboundMess
 # -- what operators see (``sagaplane outbox``) ---------------------------------------------
 
 STATUSES = ("pending", "failed", "published", "invalid", "expired")
-"""Every outbox row's status (``sql/outbox/0005_status.sql`` says what each means)."""
+"""Every outbox row's status (``sql/outbox/0005_status.sql`` and ``0006_failed_at.sql``
+say what each means)."""
 PROBLEM_STATUSES = ("failed", "invalid", "expired")
 """The statuses a person may have to act on."""
 
@@ -107,6 +108,10 @@ class OutboxStats:
     """Rows per status (every status of :data:`STATUSES`, 0 included)."""
     oldest_pending_s: float | None
     """Seconds the oldest row not published (pending or failed) has waited; None if none."""
+    last_failed_at: datetime | None = None
+    """When the latest failure among the ``failed`` rows happened; None if none failed."""
+    last_error: str | None = None
+    """Why it failed (the broker refused the row, or could not be reached)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,13 +125,17 @@ class OutboxRow:
     routing_key: str
     message_type: str
     attempts: int
+    """Failed publishes charged to the row (its own fault; an outage charges none)."""
     created_at: datetime
     next_attempt_at: datetime | None
     last_error: str | None
+    failed_at: datetime | None = None
+    """When a publish of it last failed, for any reason."""
 
 
 async def stats(conn: AsyncConnection[Any]) -> OutboxStats:
-    """Count the rows of the outbox on ``conn`` per status."""
+    """Count the rows of the outbox on ``conn`` per status; the latest failure among the
+    failed ones."""
     cur = await conn.execute(q("outbox_stats"))
     counts = dict.fromkeys(STATUSES, 0)
     oldest: float | None = None
@@ -134,7 +143,14 @@ async def stats(conn: AsyncConnection[Any]) -> OutboxStats:
         counts[str(status)] = int(count)
         if waited is not None:
             oldest = float(waited) if oldest is None else max(oldest, float(waited))
-    return OutboxStats(counts=counts, oldest_pending_s=oldest)
+    failed_at, error = None, None
+    if counts["failed"]:
+        cur = await conn.execute(q("outbox_last_failure"))
+        if (last := await cur.fetchone()) is not None:
+            failed_at, error = last[0], last[1]
+    return OutboxStats(
+        counts=counts, oldest_pending_s=oldest, last_failed_at=failed_at, last_error=error
+    )
 
 
 async def problems(
@@ -160,6 +176,7 @@ async def problems(
             created_at=r[7],
             next_attempt_at=r[8],
             last_error=r[9],
+            failed_at=r[10],
         )
         for r in await cur.fetchall()
     ]

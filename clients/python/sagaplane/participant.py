@@ -222,8 +222,9 @@ class Participant:
     port.
 
     The outbox relay's ``relay_poll_interval`` (seconds), ``relay_batch_size`` (rows per
-    cycle), ``relay_max_attempts`` (failed publishes before a row is parked) and
-    ``relay_max_age`` (seconds before an unpublished row expires) default to
+    cycle), ``relay_max_attempts`` (publishes the broker refused before a row is parked;
+    a broker outage counts none) and ``relay_max_age`` (seconds before an unpublished
+    row expires) default to
     ``$SAGAPLANE_OUTBOX_POLL_INTERVAL`` (1.0), ``$SAGAPLANE_OUTBOX_BATCH_SIZE`` (500),
     ``$SAGAPLANE_OUTBOX_MAX_ATTEMPTS`` (20) and ``$SAGAPLANE_OUTBOX_MAX_AGE`` (never); see
     :class:`~sagaplane.relay_settings.RelaySettings`.
@@ -336,16 +337,18 @@ class Participant:
         self._connect_timeout = connect_timeout
         try:
             from_env = RelaySettings.from_env(os.environ)
+            self._relay_settings = RelaySettings(
+                batch_size=relay_batch_size or from_env.batch_size,
+                poll_interval=(
+                    relay_poll_interval
+                    if relay_poll_interval is not None
+                    else from_env.poll_interval
+                ),
+                max_attempts=relay_max_attempts or from_env.max_attempts,
+                max_age=relay_max_age or from_env.max_age,
+            )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self._relay_settings = RelaySettings(
-            batch_size=relay_batch_size or from_env.batch_size,
-            poll_interval=(
-                relay_poll_interval if relay_poll_interval is not None else from_env.poll_interval
-            ),
-            max_attempts=relay_max_attempts or from_env.max_attempts,
-            max_age=relay_max_age or from_env.max_age,
-        )
         self._reply_exchange = reply_exchange
         self._middleware = tuple(middleware)
         self._name = f"sagaplane-participant-{service}"
@@ -532,14 +535,8 @@ class Participant:
                 self._amqp_url, name=self._name, timeout=self._connect_timeout
             )
             # The relay shares the connection and opens its own (confirming) channel.
-            self._relay = OutboxRelay(
-                self._pool,
-                self._connection,
-                poll_interval=self._relay_settings.poll_interval,
-                batch_size=self._relay_settings.batch_size,
-                max_attempts=self._relay_settings.max_attempts,
-                max_age=self._relay_settings.max_age,
-                connection_name=self._name,
+            self._relay = OutboxRelay.from_settings(
+                self._pool, self._connection, self._relay_settings, connection_name=self._name
             )
             await self._relay.start()
             self._pruner = self._prune_loop(self._pool)

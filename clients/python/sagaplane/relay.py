@@ -13,7 +13,8 @@ one more with ``track_delivery``: the publishes counted, and committed, before t
 made (:mod:`sagaplane.delivery` says why).
 
 A failed publish is charged to its row (``attempts``, ``last_error``; parked once
-``attempts`` reaches ``max_attempts``) only when it is that row's fault:
+``attempts`` reaches ``max_attempts``; retried after an exponential backoff with jitter,
+:mod:`sagaplane.backoff`) only when it is that row's fault:
 
 - the broker returned it (``mandatory``: no queue is bound for its routing key; not
   for a domain event, published to ``sagaplane.events`` without ``mandatory``),
@@ -24,10 +25,15 @@ A failed publish is charged to its row (``attempts``, ``last_error``; parked onc
   only the guilty one, so those rows are published again one at a time, and a
   channel closed under a lone publish is that row's fault.
 
-A lost connection or a broker that does not answer in time is nobody's fault: the
-rows are left as they were, the relay backs off, reconnects, and publishes its next
-batch one row at a time, so that a row which takes the connection down with it
-(aiormq can turn a channel error into a connection error) is found and charged too.
+A lost connection or a broker that does not answer in time is nobody's fault: no
+attempt is charged (an outage never parks a row, however long it lasts), but the error
+is recorded on the rows that did not go out (``failed_at``, ``last_error``: their status
+is ``failed``), so that an operator sees what is stuck and why. While the broker stays
+away, each cycle records it on the batch it was about to publish, and expires what is
+past ``max_age``; PostgreSQL is still there. The relay backs off, reconnects, and
+publishes its next batch one row at a time, so that a row which takes the connection
+down with it (aiormq can turn a channel error into a connection error) is found and
+charged too.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import contextlib
 import enum
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -53,8 +59,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from sagaplane import amqp, backoff, batch
 from sagaplane.queries import q
+from sagaplane.relay_settings import RelaySettings
 from sagaplane.runtime import log_crash
 from sagaplane.topology import CONTENT_TYPE, EVENT_CONTENT_TYPE, EVENTS_EXCHANGE
+from sagaplane.urls import redact
 
 __all__ = ["NOTIFY_CHANNEL", "OutboxRelay"]
 
@@ -72,6 +80,8 @@ _NO_SYNC = q("relay_no_sync")
 _MARK_SENT = q("relay_mark_sent")
 _MARK_FAILED = q("relay_mark_failed")
 _MARK_INVALID = q("relay_mark_invalid")
+_MARK_UNREACHABLE = q("relay_mark_unreachable")
+_MARK_INTERRUPTED = q("relay_mark_interrupted")
 _EXPIRE = q("relay_expire")
 _BEGIN_PUBLISHES = q("relay_begin_publishes")
 _FORGET_PUBLISHES = q("relay_forget_publishes")
@@ -143,16 +153,19 @@ class OutboxRelay:
 
     ``batch_size`` rows are claimed and published per cycle; ``poll_interval`` seconds
     is the longest an idle relay waits when no NOTIFY comes; a row is parked once it
-    has failed ``max_attempts`` times, its attempts spaced by an exponential backoff
-    from ``retry_initial`` up to ``retry_max`` seconds (about 15 minutes in all with the
-    defaults); a publish not confirmed within
-    ``confirm_timeout`` seconds counts as a lost connection; reconnections back off up
-    to ``max_backoff`` seconds; :meth:`stop` waits ``shutdown_timeout`` seconds for the
-    cycle in progress; ``connection_name`` names the AMQP connection in the broker.
-    With ``max_age`` (seconds; None, the default, for never), a row not published that
-    long after it was written is parked as ``expired`` and never published. A row whose
-    exchange does not exist is parked as ``invalid`` at once. Each row's ``status`` (see
-    ``sql/outbox/0005_status.sql``) shows where it is.
+    has failed ``max_attempts`` times by its own fault, its attempts spaced by an
+    exponential backoff with jitter (:func:`sagaplane.backoff.delay`: the n-th wait is
+    between half and all of ``retry_initial * 2**n``, at most ``retry_max`` seconds;
+    7.5 to 15 minutes in all with the defaults); a publish not confirmed within
+    ``confirm_timeout`` seconds counts as a lost connection, as does a connection not
+    back within it; reconnections back off up to ``max_backoff`` seconds; :meth:`stop`
+    waits ``shutdown_timeout`` seconds for the cycle in progress; ``connection_name``
+    names the AMQP connection in the broker. With ``max_age`` (seconds; None, the
+    default, for never), a row not published that long after it was written is parked
+    as ``expired`` and never published. A row whose exchange does not exist is parked as
+    ``invalid`` at once. A row the broker's absence kept from going out is ``failed``
+    with the error, never charged an attempt. Each row's ``status`` (see
+    ``sql/outbox/0006_failed_at.sql``) shows where it is.
 
     Every publish the broker returns as unroutable is counted on its row (``returned``).
     With ``track_delivery`` (the coordinator's relay) every publish is also counted
@@ -208,6 +221,10 @@ class OutboxRelay:
         self._counts_conn: psycopg.AsyncConnection[Any] | None = None
 
         self._channel: AbstractChannel | None = None
+        # Why the AMQP connection was last lost, or failed to come back (aio-pika hands its
+        # close callbacks both), for the error recorded on the rows while it is away.
+        self._lost: str | None = None
+        self._watched: AbstractRobustConnection | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._known_exchanges: set[str] = set()
         # After a lost connection, publish the next batch a row at a time (see above).
@@ -224,6 +241,27 @@ class OutboxRelay:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        pool: AsyncConnectionPool[Any],
+        amqp: str | AbstractRobustConnection,
+        settings: RelaySettings,
+        **options: Any,
+    ) -> OutboxRelay:
+        """A relay with the operator's ``settings`` (batch size, poll interval, max
+        attempts, max age: :class:`~sagaplane.relay_settings.RelaySettings`, the one
+        place that maps them); ``options`` are the other arguments of the constructor."""
+        return cls(
+            pool,
+            amqp,
+            batch_size=settings.batch_size,
+            poll_interval=settings.poll_interval,
+            max_attempts=settings.max_attempts,
+            max_age=settings.max_age,
+            **options,
+        )
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -339,42 +377,26 @@ class OutboxRelay:
             try:
                 # Ready before claiming, so rows are not locked while the broker is away.
                 channel = await self._ready_channel()
-            except _RECOVERABLE:
+            except _RECOVERABLE as exc:
                 await self._discard_channel()
+                await self._record_unreachable(exc)
                 raise
-            async with self._pool.connection() as conn:
-                # Batches need an autocommit connection (see sagaplane.batch); a pool of
-                # the caller's may hand out others, which get their setting back.
-                restore = not conn.autocommit
-                if restore:
-                    await conn.set_autocommit(True)
-                try:
-                    cur = AsyncClientCursor(conn, row_factory=tuple_row)
-                    expire: list[batch.Statement] = []
-                    if self._max_age is not None:
-                        expire.append((_EXPIRE, {"max_age": self._max_age}))
-                    [claimed] = await batch.run(
-                        cur,
-                        [
-                            ("BEGIN", None),
-                            (_NO_SYNC, None),
-                            *expire,
-                            (_CLAIM, (self._batch_size,)),
-                        ],
-                    )
-                    rows = [_to_row(r) for r in claimed]
-                    if not rows:
-                        await cur.execute("COMMIT")
-                        return 0, 0
-                    outcome = await self._publish(channel, rows)
-                    await batch.run(cur, [*self._record(outcome), ("COMMIT", None)])
-                except BaseException:
-                    await batch.rollback_after_error(conn)
-                    raise
-                finally:
-                    if restore and not conn.broken:
-                        with contextlib.suppress(psycopg.Error):
-                            await conn.set_autocommit(False)
+            async with self._batch_cursor() as cur:
+                [claimed] = await batch.run(
+                    cur,
+                    [
+                        ("BEGIN", None),
+                        (_NO_SYNC, None),
+                        *self._expire(),
+                        (_CLAIM, (self._batch_size,)),
+                    ],
+                )
+                rows = [_to_row(r) for r in claimed]
+                if not rows:
+                    await cur.execute("COMMIT")
+                    return 0, 0
+                outcome = await self._publish(channel, rows)
+                await batch.run(cur, [*self._record(outcome, rows), ("COMMIT", None)])
             if outcome.transport_error is not None:
                 self._one_by_one = True
                 # A channel that timed out may be stuck; the next cycle opens a fresh one.
@@ -382,6 +404,57 @@ class OutboxRelay:
                 raise outcome.transport_error
             self._one_by_one = False
             return len(rows), len(outcome.sent)
+
+    @contextlib.asynccontextmanager
+    async def _batch_cursor(
+        self, pool_wait: float | None = None
+    ) -> AsyncIterator[AsyncClientCursor[tuple[Any, ...]]]:
+        """A cursor for :func:`sagaplane.batch.run` on a connection of the pool (waiting at
+        most ``pool_wait`` seconds for one; the pool's timeout by default); what the caller
+        began is rolled back if it fails."""
+        async with self._pool.connection(timeout=pool_wait) as conn:
+            # Batches need an autocommit connection (see sagaplane.batch); a pool of the
+            # caller's may hand out others, which get their setting back.
+            restore = not conn.autocommit
+            if restore:
+                await conn.set_autocommit(True)
+            try:
+                yield AsyncClientCursor(conn, row_factory=tuple_row)
+            except BaseException:
+                await batch.rollback_after_error(conn)
+                raise
+            finally:
+                if restore and not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.set_autocommit(False)
+
+    def _expire(self) -> list[batch.Statement]:
+        if self._max_age is None:
+            return []
+        return [(_EXPIRE, {"max_age": self._max_age})]
+
+    async def _record_unreachable(self, exc: BaseException) -> None:
+        """Record ``exc`` on the rows the relay was about to publish (their status:
+        ``failed``, no attempt charged), and expire what is past ``max_age``: the broker
+        is away, PostgreSQL need not be. A database that fails too is only logged here:
+        the broker's error is the one the caller raises."""
+        statements: list[batch.Statement] = [
+            ("BEGIN", None),
+            (_NO_SYNC, None),
+            *self._expire(),
+            (_MARK_UNREACHABLE, {"error": _describe(exc), "limit": self._batch_size}),
+            ("COMMIT", None),
+        ]
+        try:
+            # Not the pool's whole timeout: the loop must get back to the broker.
+            async with self._batch_cursor(pool_wait=self._confirm_timeout) as cur:
+                await batch.run(cur, statements)
+        except psycopg.Error as db_exc:
+            logger.warning(
+                "outbox relay: could not record that RabbitMQ is unreachable: %s: %s",
+                type(db_exc).__name__,
+                db_exc,
+            )
 
     async def _publish(self, channel: AbstractChannel, rows: list[_Row]) -> _Outcome:
         outcome = _Outcome(sent=[], failed=[])
@@ -517,9 +590,16 @@ class OutboxRelay:
         async with asyncio.timeout(self._confirm_timeout):
             return await exchange.publish(message, row.routing_key, mandatory=not is_event)
 
-    def _record(self, outcome: _Outcome) -> list[batch.Statement]:
-        """The statements that record ``outcome`` (logging what failed)."""
+    def _record(self, outcome: _Outcome, rows: list[_Row]) -> list[batch.Statement]:
+        """The statements that record ``outcome`` of publishing ``rows`` (logging what
+        failed)."""
         statements: list[batch.Statement] = []
+        if outcome.transport_error is not None:
+            settled = {*outcome.sent, *(r.id for r, _ in outcome.failed)}
+            settled.update(r.id for r, _ in outcome.invalid)
+            if unsettled := [row.id for row in rows if row.id not in settled]:
+                error = _describe(outcome.transport_error)
+                statements.append((_MARK_INTERRUPTED, {"ids": unsettled, "error": error}))
         if outcome.sent:
             statements.append((_MARK_SENT, (outcome.sent,)))
             if self._track_delivery:
@@ -547,11 +627,18 @@ class OutboxRelay:
                     _MARK_FAILED,
                     {
                         "max_attempts": self._max_attempts,
-                        "retry_initial": self._retry_initial,
-                        "retry_max": self._retry_max,
                         "ids": [row.id for row, _ in outcome.failed],
                         "errors": [error for _, error in outcome.failed],
                         "returned": [row.id in outcome.returned for row, _ in outcome.failed],
+                        # The row's failures so far, this one included (1 for the first).
+                        "delays": [
+                            backoff.delay(
+                                row.attempts + 1,
+                                initial=self._retry_initial,
+                                maximum=self._retry_max,
+                            )
+                            for row, _ in outcome.failed
+                        ],
                     },
                 )
             )
@@ -587,6 +674,7 @@ class OutboxRelay:
                         timeout=self._confirm_timeout,
                         **options,
                     )
+                self._watch(self._connection)
                 await self._connection.ready()
                 if self._channel is not None and self._channel.is_closed:
                     await self._discard_channel()
@@ -603,6 +691,25 @@ class OutboxRelay:
                 return self._channel
         except RuntimeError as exc:  # aiormq's "connection closed" while opening
             raise ConnectionError(f"AMQP connection unavailable: {exc}") from exc
+        except TimeoutError as exc:
+            # The words an operator reads on the rows (a bare TimeoutError says nothing).
+            where = redact(self._amqp_url) if self._amqp_url else str(self._connection)
+            within = f"within {self._confirm_timeout:g}s"
+            if self._connection is not None and self._connection.connected.is_set():
+                raise ConnectionError(f"RabbitMQ at {where} opened no channel {within}") from exc
+            why = f"last error: {self._lost}" if self._lost else "down, or unreachable"
+            raise ConnectionError(f"no connection to RabbitMQ at {where} {within} ({why})") from exc
+
+    def _watch(self, connection: AbstractRobustConnection) -> None:
+        """Keep why ``connection`` was last lost or failed to reconnect (once per
+        connection)."""
+        if self._watched is not connection:
+            connection.close_callbacks.add(self._on_connection_lost)
+            self._watched = connection
+
+    def _on_connection_lost(self, _connection: object, exc: BaseException | None) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self._lost = _describe(exc)
 
     async def _discard_channel(self) -> None:
         channel, self._channel = self._channel, None
@@ -620,6 +727,11 @@ class OutboxRelay:
             with contextlib.suppress(Exception):
                 await conn.close()
         await self._discard_channel()
+        if self._watched is not None:
+            watched, self._watched = self._watched, None
+            # The caller's connection outlives the relay; it must not call back into it.
+            with contextlib.suppress(RuntimeError):  # a frozen collection (closing)
+                watched.close_callbacks.discard(self._on_connection_lost)
         if self._amqp_url is not None and self._connection is not None:
             connection, self._connection = self._connection, None
             with contextlib.suppress(Exception):

@@ -120,7 +120,19 @@ def work_queue_arguments() -> dict[str, Any]:
 
 
 def dead_letter_queue_arguments() -> dict[str, Any]:
-    """Arguments of :data:`DEAD_LETTER_QUEUE`: quorum, and nothing that could drop a message."""
+    """Arguments of :data:`DEAD_LETTER_QUEUE`: quorum, no length limit, no dead-letter
+    exchange, and no ``x-delivery-limit`` of its own.
+
+    Without one, RabbitMQ 3.x sets no delivery limit, but RabbitMQ 4.0 and later apply
+    their default of 20 deliveries, after which a message of this queue (which has no
+    dead-letter exchange) is dropped; 4.0 to 4.2 count every return to the queue, so
+    every ``sagaplane dlq list`` (:mod:`coordinator.cli.dlq` says what each version
+    counts). These arguments cannot simply gain ``x-delivery-limit``: the broker refuses
+    to redeclare an existing queue with another value (``PRECONDITION_FAILED``, checked on
+    RabbitMQ 3.10), and RabbitMQ 3.x reads the "unlimited" -1 of 4.x as 0, dropping each
+    message at its first return. On 4.0 to 4.2, lift the limit with a policy instead
+    (README, Operations: dead letters).
+    """
     return {"x-queue-type": "quorum"}
 
 
@@ -299,9 +311,15 @@ def _actions_of(body: bytes, service: str) -> set[str]:
     return set(actions)
 
 
-async def _check_broker(channel: AbstractChannel) -> None:
+async def broker_version(channel: AbstractChannel) -> tuple[int, int] | None:
+    """The (major, minor) version the broker of ``channel`` reports; None if it reports
+    none that can be read (a proxy, an unusual build)."""
     underlay = await channel.get_underlay_channel()
-    version = _parse_version(underlay.connection.server_properties.get("version"))
+    return _parse_version(underlay.connection.server_properties.get("version"))
+
+
+async def _check_broker(channel: AbstractChannel) -> None:
+    version = await broker_version(channel)
     # An unknown version (a proxy, an unusual build) gets the benefit of the doubt.
     if version is not None and version < MIN_BROKER_VERSION:
         wanted = ".".join(map(str, MIN_BROKER_VERSION))

@@ -36,10 +36,18 @@ SELECT status, count(*),
 FROM sagaplane_outbox
 GROUP BY status;
 
+-- name: outbox_last_failure
+-- The latest failure among the rows still to publish (status failed): when, and why.
+SELECT failed_at, last_error
+FROM sagaplane_outbox
+WHERE sent_at IS NULL AND parked_at IS NULL AND failed_at IS NOT NULL
+ORDER BY failed_at DESC
+LIMIT 1;
+
 -- name: outbox_problems
 -- The rows in the given statuses (failed, invalid, expired), oldest first.
 SELECT id, status, message_id, exchange, routing_key, message_type, attempts, created_at,
-       next_attempt_at, last_error
+       next_attempt_at, last_error, failed_at
 FROM sagaplane_outbox
 WHERE status = ANY(%(statuses)s) AND id > %(after)s
 ORDER BY id
@@ -49,7 +57,7 @@ LIMIT %(limit)s;
 -- Back to pending, published by the relay's next cycle (unpublished rows only).
 UPDATE sagaplane_outbox
 SET parked_at = NULL, park_reason = NULL, attempts = 0, next_attempt_at = NULL,
-    last_error = NULL, created_at = now()
+    last_error = NULL, failed_at = NULL, created_at = now()
 WHERE id = ANY(%(ids)s) AND sent_at IS NULL
 RETURNING id;
 
@@ -94,24 +102,51 @@ WHERE id IN (
 -- name: relay_mark_invalid
 -- Rows that can never be published (their exchange does not exist): parked at once.
 UPDATE sagaplane_outbox AS o
-SET attempts = o.attempts + 1, last_error = f.error, parked_at = now(), park_reason = 'invalid'
+SET attempts = o.attempts + 1, last_error = f.error, failed_at = now(), parked_at = now(),
+    park_reason = 'invalid'
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS f(id, error)
 WHERE o.id = f.id;
 
 -- name: relay_mark_failed
--- Exponential backoff, so a command for a participant not deployed yet waits minutes
--- (not one poll interval per attempt) before it is parked. A publish the broker returned
--- as unroutable is counted in ``returned`` (see sagaplane/delivery.py).
+-- A publish that failed by the row's own fault: charged an attempt, parked at max_attempts.
+-- Each row waits its own delay (exponential backoff with jitter, from sagaplane.backoff),
+-- so a command for a participant not deployed yet waits minutes (not one poll interval
+-- per attempt) before it is parked, and rows that failed together are not retried
+-- together. A publish the broker returned as unroutable is counted in ``returned`` (see
+-- sagaplane/delivery.py).
 UPDATE sagaplane_outbox AS o
 SET attempts = o.attempts + 1,
     last_error = f.error,
+    failed_at = now(),
     returned = o.returned + f.returned::int,
     parked_at = CASE WHEN o.attempts + 1 >= %(max_attempts)s THEN now() END,
-    next_attempt_at = now() + make_interval(
-        secs => least(%(retry_initial)s * power(2, o.attempts), %(retry_max)s))
-FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(returned)s::boolean[])
-    AS f(id, error, returned)
+    next_attempt_at = now() + make_interval(secs => f.delay)
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[], %(returned)s::boolean[],
+            %(delays)s::float8[])
+    AS f(id, error, returned, delay)
 WHERE o.id = f.id;
+
+-- name: relay_mark_unreachable
+-- The broker could not be reached before a cycle (refused, lost, not answering): the
+-- rows the relay was about to publish (what relay_claim would take) get the error, and
+-- show as failed, without an attempt charged (an outage is nobody's fault and must never
+-- park a row) and without a later next_attempt_at (they go out as soon as it is back).
+-- One statement; reads the pending index, as the claim does.
+UPDATE sagaplane_outbox
+SET failed_at = now(), last_error = %(error)s
+WHERE id IN (
+    SELECT id FROM sagaplane_outbox
+    WHERE sent_at IS NULL AND parked_at IS NULL
+      AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: relay_mark_interrupted
+-- The rows of a batch whose publish the broker never settled (the connection was lost or
+-- it did not answer in time): as relay_mark_unreachable, by id (they are claimed).
+UPDATE sagaplane_outbox SET failed_at = now(), last_error = %(error)s WHERE id = ANY(%(ids)s);
 
 -- name: relay_begin_publishes
 -- Run and committed on a connection of its own before the rows are published, while the
