@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import observability, peers
+from bench import observability, peers, variants
 from bench.tables import fmt, table
 
 
@@ -532,14 +532,22 @@ def render(results: dict[str, Any]) -> str:
         for st in stored:
             lines += _disturbed(f"reads at {st['stored']:,}", st)
 
-    if results.get("observability"):
+    # A run saved before the rounds (bench/variants.py) has one figure per variant and
+    # none of the rounds' keys: its JSON still holds them.
+    if "rounds" in results.get("observability", {}):
         lines += observability.render(results["observability"])
+    if "rounds" in results.get("events", {}):
+        lines += variants.render(
+            results["events"],
+            title="Domain events' cost (closed loop; off: none, on: one event per step; CPU ="
+            " coordinator + participants)",
+        )
 
     lines += _peers(results.get("peers")) + _growth(results)
 
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issues 6, 20 and 21)"]
+        lines += ["", "Targets (issues 6, 16, 19, 20 and 21)"]
         lines += table(
             [
                 [
