@@ -26,6 +26,7 @@ from bench import (
     observability,
     peers,
     report,
+    security,
     starts,
     stored,
     variants,
@@ -78,6 +79,7 @@ PHASES = (
     "watchers",
     "observability",
     "events",
+    "security",
     "steps",
     "context",
     "waiting",
@@ -978,6 +980,75 @@ async def events_phase(env: Environment, args: argparse.Namespace, results: dict
     _verdicts("events", found)
 
 
+async def security_phase(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """The standard closed loop with TLS, tokens and signing off and on, in alternating
+    rounds (bench/variants.py), against issue 17's 5% budget; every run checked to be
+    what its name says (see :mod:`bench.security`)."""
+    secured = await security.secure(env.workdir / "security", SERVICES)
+    credentials = secured.credentials()
+
+    async def run(name: str, n: int) -> dict[str, Any]:
+        on = name == "on"
+        prefix = f"sec_{name}_r{n}_"
+
+        async def check(system: System) -> dict[str, Any]:
+            return await security.check(
+                system.targets[0],
+                coordinator_url=system.coordinator_url,
+                participant_urls={s: env.db_url(prefix + s) for s in SERVICES},
+                credentials=system.credentials,
+                token=system.token,
+            )
+
+        before = await security.dead_letters(env.amqp_url)
+        figures = await _variant_run(
+            env,
+            args,
+            prefix=prefix,
+            coordinator_env=secured.coordinator_env() if on else security.OFF_COORDINATOR,
+            participant_envs=[
+                secured.participant_env(s) if on else security.OFF_PARTICIPANT for s in SERVICES
+            ],
+            credentials=credentials if on else None,
+            token=secured.token if on else None,
+            check=check,
+        )
+        # The dead-letter queue belongs to the vhost, which every phase shares: what this
+        # run added.
+        figures["dead_letters"] = await security.dead_letters(env.amqp_url) - before
+        return figures
+
+    runs = await variants.run_rounds(
+        ["off", "on"],
+        run,
+        rounds=args.variant_rounds,
+        phase="security",
+        progress=_progress,
+        labels=security.LABELS,
+    )
+    found = variants.compare(runs, baseline="off", budgets={"on": security.BUDGET})
+    problems = {
+        name: [f"round {n}: {p}" for n, r in enumerate(rs, 1) for p in security.verified(name, r)]
+        for name, rs in runs.items()
+    }
+    results["security"] = {
+        **found,
+        # As the events phase: the judged figure and its verdict, and whether every run
+        # was what its name says (else the ratio may compare "off" with itself).
+        "ratio": found["ratios"].get("on"),
+        "budget": security.BUDGET,
+        "within_budget": found["within_budget"].get("on", False),
+        "problems": {name: found for name, found in problems.items() if found},
+        "verified": not any(problems.values()),
+    }
+    _verdicts("security", found)
+    for name, found_problems in problems.items():
+        for problem in found_problems:
+            _progress(f"  security: {name} NOT AS NAMED: {problem}")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -1435,6 +1506,20 @@ def targets(results: dict[str, Any]) -> None:
             ev["within_budget"],
             _variant_disturbed(ev, "on"),
         )
+    sec = results.get("security")
+    if sec and sec.get("ratio") is not None:
+        measured = _variant_measured(sec, "on")
+        if not sec["verified"]:
+            measured += "; NOT AS NAMED: " + "; ".join(
+                p for found in sec["problems"].values() for p in found
+            )
+        add(
+            f"TLS, tokens and signing on cost <= {100 * security.BUDGET:.0f}% of sagas/s"
+            " (issue 17)",
+            measured,
+            sec["within_budget"] and sec["verified"],
+            _variant_disturbed(sec, "on"),
+        )
     p = results.get("peers")
     if p and "dbos" in p:
         tp = p["sagaplane"]["throughput"]
@@ -1582,6 +1667,8 @@ async def run(args: argparse.Namespace) -> int:
                 await phase("observability", lambda: observability_phase(env, args, results))
             if "events" in args.phase_set:
                 await phase("events", lambda: events_phase(env, args, results))
+            if "security" in args.phase_set:
+                await phase("security", lambda: security_phase(env, args, results))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(env.close())

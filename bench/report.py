@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import observability, peers, variants
+from bench import observability, peers, security, variants
 from bench.tables import fmt, table
 
 
@@ -543,11 +543,19 @@ def render(results: dict[str, Any]) -> str:
             " coordinator + participants)",
         )
 
+    if "rounds" in results.get("security", {}):
+        lines += variants.render(
+            results["security"],
+            title="TLS, tokens and signing's cost (closed loop; on: gRPC over TLS with a token,"
+            " every command and reply signed; CPU = coordinator + participants)",
+            notes=security.notes(results["security"]),
+        )
+
     lines += _peers(results.get("peers")) + _growth(results)
 
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issues 6, 16, 19, 20 and 21)"]
+        lines += ["", "Targets (issues 6, 16, 17, 19, 20 and 21)"]
         lines += table(
             [
                 [
