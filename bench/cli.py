@@ -960,23 +960,15 @@ async def events_phase(env: Environment, args: argparse.Namespace, results: dict
             env, args, prefix=f"events_{name}_r{n}_", participant_envs=[emit] * len(SERVICES)
         )
 
-    runs = await variants.run_rounds(
-        ["off", "on"],
+    found = await variants.on_against_off(
         run,
+        budget=EVENTS_BUDGET,
         rounds=args.variant_rounds,
         phase="events",
         progress=_progress,
         labels={"off": "no events", "on": "one event per step"},
     )
-    found = variants.compare(runs, baseline="off", budgets={"on": EVENTS_BUDGET})
-    # "ratio", "budget" and "within_budget" (a bool here) keep their meaning from before
-    # the rounds: the judged figure and its verdict.
-    results["events"] = {
-        **found,
-        "ratio": found["ratios"].get("on"),
-        "budget": EVENTS_BUDGET,
-        "within_budget": found["within_budget"].get("on", False),
-    }
+    results["events"] = found
     _verdicts("events", found)
 
 
@@ -1020,29 +1012,22 @@ async def security_phase(
         figures["dead_letters"] = await security.dead_letters(env.amqp_url) - before
         return figures
 
-    runs = await variants.run_rounds(
-        ["off", "on"],
+    found = await variants.on_against_off(
         run,
+        budget=security.BUDGET,
         rounds=args.variant_rounds,
         phase="security",
         progress=_progress,
         labels=security.LABELS,
     )
-    found = variants.compare(runs, baseline="off", budgets={"on": security.BUDGET})
     problems = {
         name: [f"round {n}: {p}" for n, r in enumerate(rs, 1) for p in security.verified(name, r)]
-        for name, rs in runs.items()
+        for name, rs in found["runs"].items()
     }
-    results["security"] = {
-        **found,
-        # As the events phase: the judged figure and its verdict, and whether every run
-        # was what its name says (else the ratio may compare "off" with itself).
-        "ratio": found["ratios"].get("on"),
-        "budget": security.BUDGET,
-        "within_budget": found["within_budget"].get("on", False),
-        "problems": {name: found for name, found in problems.items() if found},
-        "verified": not any(problems.values()),
-    }
+    # Whether every run was what its name says: else the ratio may compare "off" with itself.
+    found["problems"] = {name: listed for name, listed in problems.items() if listed}
+    found["verified"] = not any(problems.values())
+    results["security"] = found
     _verdicts("security", found)
     for name, found_problems in problems.items():
         for problem in found_problems:

@@ -158,6 +158,31 @@ def compare(
     return found
 
 
+async def on_against_off(
+    run: Run,
+    *,
+    budget: float,
+    rounds: int,
+    phase: str,
+    progress: Callable[[str], None],
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A feature's cost: ``off`` and ``on`` in ``rounds`` alternating rounds,
+    :func:`compare`-d, with ``on``'s judged figure as ``ratio``, ``budget``, and its
+    verdict as ``within_budget`` (a bool here: the keys of the phases' JSON from before
+    the rounds, kept)."""
+    runs = await run_rounds(
+        ["off", "on"], run, rounds=rounds, phase=phase, progress=progress, labels=labels
+    )
+    found = compare(runs, baseline="off", budgets={"on": budget})
+    return {
+        **found,
+        "ratio": found["ratios"].get("on"),
+        "budget": budget,
+        "within_budget": found["within_budget"].get("on", False),
+    }
+
+
 def verdict_text(found: Mapping[str, Any], name: str) -> str:
     """One line on a compared variant: its paired ratios and their median, the ratio of
     the medians, the CPU per saga's increase, and the verdict on its budget."""

@@ -121,3 +121,18 @@ def test_a_missing_figure_gives_no_ratio_instead_of_failing() -> None:
     assert found["comparisons"]["on"]["cpu_increase_pct"] is None
     assert found["within_budget"] == {}
     variants.render(found, title="Security")
+
+
+async def test_on_against_off_keeps_the_keys_of_the_phases_from_before_the_rounds() -> None:
+    speeds = {("off", 1): 100.0, ("on", 1): 88.0, ("on", 2): 80.0, ("off", 2): 90.0}
+
+    async def run(name: str, n: int) -> dict[str, Any]:
+        return _run(speeds[(name, n)], 10.0)
+
+    found = await variants.on_against_off(
+        run, budget=0.15, rounds=2, phase="events", progress=lambda _: None
+    )
+    assert found["comparisons"]["on"]["paired_sagas_per_s"] == [0.88, 0.889]
+    assert found["ratio"] == 0.884
+    assert found["budget"] == 0.15
+    assert found["within_budget"] is True
