@@ -210,7 +210,7 @@ def render(o: Mapping[str, Any]) -> list[str]:
         p99 = max((s["scrape_ms"]["p99"] or 0.0) for s in scraped)
         notes["metrics"] = [
             f"{sum(s['scrapes'] for s in scraped)} scrapes of {scraped[0]['targets']} targets"
-            f" every {scraped[0]['interval_s']:g} s over {len(scraped)} runs, worst p99"
+            f" every {scraped[0]['interval_s']:g} s over {len(scraped)} run(s), worst p99"
             f" {p99} ms, {sum(s['failures'] for s in scraped)} failed"
         ]
     if "tracing" in o["runs"]:

@@ -151,8 +151,17 @@ def compare(
         found["ratios"][name] = judged
         if name in budgets and judged is not None:
             # Judged on the figure as printed (3 digits): a printed 0.950 passes a 5% budget.
-            within = judged >= round(1 - budgets[name], 6)
-            comparison |= {"budget": budgets[name], "within_budget": within}
+            floor = round(1 - budgets[name], 6)
+            within = judged >= floor
+            comparison |= {
+                "budget": budgets[name],
+                "within_budget": within,
+                # How many rounds alone would have passed: rounds that disagree say the
+                # machine moved more than the budget, whatever the median says.
+                "rounds_within_budget": sum(
+                    1 for r in comparison["paired_sagas_per_s"] if r is not None and r >= floor
+                ),
+            }
             found["within_budget"][name] = within
         found["comparisons"][name] = comparison
     return found
@@ -202,6 +211,9 @@ def verdict_text(found: Mapping[str, Any], name: str) -> str:
         text += f"; may cost {100 * c['budget']:.0f}%: " + (
             "within budget" if c["within_budget"] else "OVER BUDGET"
         )
+        rounds = len(c["paired_sagas_per_s"])
+        if rounds > 1 and "rounds_within_budget" in c:
+            text += f" ({c['rounds_within_budget']} of {rounds} rounds within)"
     return text
 
 

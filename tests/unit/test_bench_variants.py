@@ -80,6 +80,8 @@ def test_a_variant_is_judged_on_the_median_of_its_ratios_to_the_same_rounds_base
     assert found["ratios"] == {"on": 0.98}
     assert found["within_budget"] == {"on": True}
     assert c["within_budget"] and c["budget"] == 0.05
+    assert c["rounds_within_budget"] == 2  # round 3 alone would have failed
+    assert "within budget (2 of 3 rounds within)" in variants.verdict_text(found, "on")
 
 
 def test_over_budget_and_exactly_on_it() -> None:
