@@ -17,9 +17,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import grpc
 import psycopg
 
-from bench import baselines, growth, observability, peers, report, starts, stored, watchers
+from bench import (
+    baselines,
+    growth,
+    observability,
+    peers,
+    report,
+    security,
+    starts,
+    stored,
+    variants,
+    watchers,
+)
 from bench.breakdown import breakdown
 from bench.infra import (
     ROOT,
@@ -67,6 +79,7 @@ PHASES = (
     "watchers",
     "observability",
     "events",
+    "security",
     "steps",
     "context",
     "waiting",
@@ -91,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "start_sagas": 5000,
     "start_chunk": 500,
     "observability_sagas": 5000,
+    "variant_rounds": 3,
     "peer_sagas": 3000,
     "peer_workflows": 1500,
     "peer_one_at_a_time": 300,
@@ -122,6 +136,7 @@ QUICK: dict[str, Any] = {
     "start_sagas": 600,
     "start_chunk": 100,
     "observability_sagas": 300,
+    "variant_rounds": 1,
     "peer_sagas": 300,
     "peer_workflows": 300,
     "peer_one_at_a_time": 50,
@@ -195,12 +210,21 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("starting sagas (--phases starts)")
     g.add_argument("--start-sagas", type=int, help="sagas started each way " + _d("start_sagas"))
     g.add_argument("--start-chunk", type=int, help="sagas per StartSagas call " + _d("start_chunk"))
-    g = p.add_argument_group("observability's cost (--phases observability)")
+    g = p.add_argument_group(
+        "variants compared: observability's, events' and security's cost "
+        "(--phases observability,events,security)"
+    )
     g.add_argument(
         "--observability-sagas",
         type=int,
-        help="closed-loop sagas per variant (metrics off, metrics on, tracing on) "
-        + _d("observability_sagas"),
+        help="closed-loop sagas per run of a variant (observability: metrics off, metrics "
+        "on, tracing on; events: off, on; security: off, on) " + _d("observability_sagas"),
+    )
+    g.add_argument(
+        "--variant-rounds",
+        type=int,
+        help="rounds of every variant, the order alternating (A B C, C B A, ...), each run "
+        "on a fresh system; judged on the median of per-round ratios " + _d("variant_rounds"),
     )
     g.add_argument(
         "--scrape-interval",
@@ -360,6 +384,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = args.phase_set - set(PHASES)
     if unknown:
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if args.variant_rounds < 1:
+        p.error("--variant-rounds must be at least 1")
     return args
 
 
@@ -371,6 +397,10 @@ class System:
     coordinators: list[Child]
     targets: list[str]
     participants: dict[str, Child]
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials of the harness's clients (None: plaintext gRPC)."""
+    token: str | None = None
+    """The bearer token of the harness's clients (None: ``SagaClient``'s default)."""
 
 
 def _coordinator(
@@ -419,11 +449,17 @@ def _python(
     return environment.python(module, *argv, env=env, name=name)
 
 
-async def _start_coordinator(process: Child, target: str, within: float = 90) -> None:
+async def _start_coordinator(
+    process: Child,
+    target: str,
+    within: float = 90,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Start a coordinator and wait until its health says SERVING (which it does once
-    migrated and consuming; ChildExited if it exits first)."""
+    migrated and consuming; ChildExited if it exits first). Health needs no token, but
+    a coordinator serving TLS needs ``credentials``."""
     await process.start()
-    async with SagaClient(target) as client:
+    async with SagaClient(target, credentials=credentials) as client:
         try:
             await client.wait_until_serving(within, alive=process.check_alive)
         except TimeoutError:
@@ -454,10 +490,13 @@ async def start_system(
     prefix: str = "",
     coordinator_env: Mapping[str, str] | None = None,
     participant_envs: Sequence[Mapping[str, str]] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
 ) -> System:
     """The coordinator and the participants, on fresh databases (named with ``prefix``,
     as are the processes), with extra environment variables if given (the participants'
-    one mapping each, in :data:`SERVICES` order)."""
+    one mapping each, in :data:`SERVICES` order). ``credentials`` and ``token`` are what
+    the harness's clients need to reach a coordinator that serves TLS and checks tokens."""
     coordinator_url = await env.create_database(f"{prefix}coordinator")
     participants: dict[str, Child] = {}
     for n, service in enumerate(SERVICES):
@@ -483,9 +522,10 @@ async def start_system(
     )
     await asyncio.gather(*(p.start() for p in participants.values()))
     await asyncio.gather(
-        _start_coordinator(coordinator, target), _wait_consuming(env, participants)
+        _start_coordinator(coordinator, target, credentials=credentials),
+        _wait_consuming(env, participants),
     )
-    return System(coordinator_url, [coordinator], [target], participants)
+    return System(coordinator_url, [coordinator], [target], participants, credentials, token)
 
 
 async def measured_closed_loop(
@@ -774,52 +814,83 @@ async def _watchers_runs(
     return figures
 
 
+async def _variant_run(
+    env: Environment,
+    args: argparse.Namespace,
+    *,
+    prefix: str,
+    coordinator_env: Mapping[str, str] | None = None,
+    participant_envs: Sequence[Mapping[str, str]] = (),
+    ports: Sequence[int] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+    check: Callable[[System], Awaitable[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """One run of a variant phase (bench/variants.py): a fresh system (databases named
+    with ``prefix``), its warm-up and measured closed loop (:func:`_observed_loop`), then
+    ``check`` on the system still running (its figures join the run's), and the system
+    stopped and its databases dropped."""
+    system = await start_system(
+        env,
+        args,
+        prefix=prefix,
+        coordinator_env=coordinator_env,
+        participant_envs=participant_envs,
+        credentials=credentials,
+        token=token,
+    )
+    processes = [*system.coordinators, *system.participants.values()]
+    try:
+        figures = await _observed_loop(env, args, system, processes, list(ports))
+        if check is not None:
+            figures |= await check(system)
+        return figures
+    finally:
+        await env.stop_processes(processes)
+        for role in ("coordinator", *SERVICES):
+            with contextlib.suppress(psycopg.Error):
+                await env.drop_database(prefix + role)
+
+
+def _verdicts(phase: str, found: Mapping[str, Any]) -> None:
+    """A progress line per compared variant of a variant phase."""
+    for name in found["comparisons"]:
+        _progress(f"  {phase}: {variants.verdict_text(found, name)}")
+
+
 async def observability_phase(
     env: Environment, args: argparse.Namespace, results: dict[str, Any]
 ) -> None:
-    """The standard closed loop with metrics off, on (scraped) and tracing on; see
-    :mod:`bench.observability`."""
+    """The standard closed loop with metrics off, on (scraped) and tracing on, in
+    alternating rounds; see :mod:`bench.observability`."""
     observability.tracing_env(args.tracing_env)  # a bad --tracing-env fails before any run
 
-    async def variant(
+    async def run(
         name: str,
+        n: int,
         coordinator_env: Mapping[str, str],
         participant_envs: Sequence[Mapping[str, str]],
         ports: list[int],
     ) -> dict[str, Any]:
-        prefix = f"obs_{name}_"
-        system = await start_system(
+        return await _variant_run(
             env,
             args,
-            prefix=prefix,
+            prefix=f"obs_{name}_r{n}_",
             coordinator_env=coordinator_env,
             participant_envs=participant_envs,
+            ports=ports,
         )
-        processes = [*system.coordinators, *system.participants.values()]
-        try:
-            return await _observed_loop(env, args, system, processes, ports)
-        finally:
-            await env.stop_processes(processes)
-            for role in ("coordinator", *SERVICES):
-                with contextlib.suppress(psycopg.Error):
-                    await env.drop_database(prefix + role)
 
     found = await observability.measure(
-        variant,
+        run,
+        rounds=args.variant_rounds,
         free_port=free_port,
         tracing=args.tracing_env,
         services=len(SERVICES),
         progress=_progress,
     )
     results["observability"] = found
-    for name, ratio in found["ratios"].items():
-        budget = observability.BUDGETS[name]
-        verdict = "within budget" if found["within_budget"][name] else "OVER BUDGET"
-        _progress(
-            f"  {name}: {found['variants'][name]['sagas_per_s']} sagas/s against "
-            f"{found['variants']['off']['sagas_per_s']} off = {ratio} "
-            f"(may cost {100 * budget:.0f}%: {verdict})"
-        )
+    _verdicts("observability", found)
 
 
 async def _observed_loop(
@@ -831,20 +902,32 @@ async def _observed_loop(
 ) -> dict[str, Any]:
     """Warm-up, then the measured closed loop (scraping ``ports`` meanwhile): its
     figures, the CPU per saga of the system's processes, spans written to their logs."""
+
+    def load() -> Load:
+        return Load(
+            system.targets,
+            fail_rate=args.fail_rate,
+            credentials=system.credentials,
+            token=system.token,
+        )
+
     async with TerminalWatcher(system.coordinator_url, args.poll_interval) as watcher:
         if args.warmup:
-            async with Load(system.targets, fail_rate=args.fail_rate) as load:
+            async with load() as warming:
                 await closed_loop(
-                    load, watcher, sagas=args.warmup, concurrency=min(args.concurrency, args.warmup)
+                    warming,
+                    watcher,
+                    sagas=args.warmup,
+                    concurrency=min(args.concurrency, args.warmup),
                 )
             watcher.take_troubles()
         offsets = log_offsets(processes)
         meter = Meter({p.name: p.pid for p in processes})
         scraper = observability.Scraper(ports, args.scrape_interval)
         meter.start()
-        async with scraper, Load(system.targets, fail_rate=args.fail_rate) as load:
+        async with scraper, load() as measured:
             samples = await closed_loop(
-                load, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
+                measured, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
             )
         used = await meter.stop()
         env.check_alive(processes)
@@ -866,36 +949,89 @@ EVENTS_BUDGET = 0.15
 
 async def events_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """The standard closed loop (``--observability-sagas`` sagas) without and with one
-    domain event emitted per step (``bench.participant``'s ``EMIT_EVENTS_ENV``), in the
-    same run: the sagas/s ratio against the 15% budget. Nobody subscribes to the events,
-    so the broker drops them after the relay's confirmed publish (what every emitter pays)."""
-    variants: dict[str, Any] = {}
-    for name, emit in (("off", "0"), ("on", "1")):
-        prefix = f"events_{name}_"
-        system = await start_system(
-            env, args, prefix=prefix, participant_envs=[{EMIT_EVENTS_ENV: emit}] * len(SERVICES)
+    domain event emitted per step (``bench.participant``'s ``EMIT_EVENTS_ENV``), in
+    alternating rounds (bench/variants.py): the median paired sagas/s ratio against the
+    15% budget. Nobody subscribes to the events, so the broker drops them after the
+    relay's confirmed publish (what every emitter pays)."""
+
+    async def run(name: str, n: int) -> dict[str, Any]:
+        emit = {EMIT_EVENTS_ENV: "1" if name == "on" else "0"}
+        return await _variant_run(
+            env, args, prefix=f"events_{name}_r{n}_", participant_envs=[emit] * len(SERVICES)
         )
-        processes = [*system.coordinators, *system.participants.values()]
-        try:
-            variants[name] = await _observed_loop(env, args, system, processes, [])
-        finally:
-            await env.stop_processes(processes)
-            for role in ("coordinator", *SERVICES):
-                with contextlib.suppress(psycopg.Error):
-                    await env.drop_database(prefix + role)
-    ratio = _ratio(variants["on"]["sagas_per_s"], variants["off"]["sagas_per_s"])
-    within = ratio is not None and ratio >= 1 - EVENTS_BUDGET
-    results["events"] = {
-        "variants": variants,
-        "ratio": ratio,
-        "budget": EVENTS_BUDGET,
-        "within_budget": within,
-    }
-    _progress(
-        f"  events: {variants['on']['sagas_per_s']} sagas/s with one event per step against "
-        f"{variants['off']['sagas_per_s']} without = {ratio} (may cost "
-        f"{100 * EVENTS_BUDGET:.0f}%: {'within budget' if within else 'OVER BUDGET'})"
+
+    found = await variants.on_against_off(
+        run,
+        budget=EVENTS_BUDGET,
+        rounds=args.variant_rounds,
+        phase="events",
+        progress=_progress,
+        labels={"off": "no events", "on": "one event per step"},
     )
+    results["events"] = found
+    _verdicts("events", found)
+
+
+async def security_phase(
+    env: Environment, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """The standard closed loop with TLS, tokens and signing off and on, in alternating
+    rounds (bench/variants.py), against issue 17's 5% budget; every run checked to be
+    what its name says (see :mod:`bench.security`)."""
+    secured = await security.secure(env.workdir / "security", SERVICES)
+    credentials = secured.credentials()
+
+    async def run(name: str, n: int) -> dict[str, Any]:
+        on = name == "on"
+        prefix = f"sec_{name}_r{n}_"
+
+        async def check(system: System) -> dict[str, Any]:
+            return await security.check(
+                system.targets[0],
+                coordinator_url=system.coordinator_url,
+                participant_urls={s: env.db_url(prefix + s) for s in SERVICES},
+                credentials=system.credentials,
+                token=system.token,
+            )
+
+        before = await security.dead_letters(env.amqp_url)
+        figures = await _variant_run(
+            env,
+            args,
+            prefix=prefix,
+            coordinator_env=secured.coordinator_env() if on else security.OFF_COORDINATOR,
+            participant_envs=[
+                secured.participant_env(s) if on else security.OFF_PARTICIPANT for s in SERVICES
+            ],
+            credentials=credentials if on else None,
+            token=secured.token if on else None,
+            check=check,
+        )
+        # The dead-letter queue belongs to the vhost, which every phase shares: what this
+        # run added.
+        figures["dead_letters"] = await security.dead_letters(env.amqp_url) - before
+        return figures
+
+    found = await variants.on_against_off(
+        run,
+        budget=security.BUDGET,
+        rounds=args.variant_rounds,
+        phase="security",
+        progress=_progress,
+        labels=security.LABELS,
+    )
+    problems = {
+        name: [f"round {n}: {p}" for n, r in enumerate(rs, 1) for p in security.verified(name, r)]
+        for name, rs in found["runs"].items()
+    }
+    # Whether every run was what its name says: else the ratio may compare "off" with itself.
+    found["problems"] = {name: listed for name, listed in problems.items() if listed}
+    found["verified"] = not any(problems.values())
+    results["security"] = found
+    _verdicts("security", found)
+    for name, found_problems in problems.items():
+        for problem in found_problems:
+            _progress(f"  security: {name} NOT AS NAMED: {problem}")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -1275,7 +1411,7 @@ def ratios(results: dict[str, Any]) -> None:
 
 
 def targets(results: dict[str, Any]) -> None:
-    """Issue 6's targets, each met or not; "valid" is False when the run it comes from
+    """The issues' targets, each met or not; "valid" is False when the run it comes from
     was disturbed (the broker or the database went away under it)."""
     out: list[dict[str, Any]] = []
 
@@ -1339,18 +1475,36 @@ def targets(results: dict[str, Any]) -> None:
         )
     o = results.get("observability")
     if o:
-        for name, ratio in o["ratios"].items():
-            run = o["variants"][name]
+        for name, met in o["within_budget"].items():
             budget = observability.BUDGETS[name]
             add(
                 f"{name} on costs at most {100 * budget:.0f}% of sagas/s against metrics off",
-                f"{o['variants']['off']['sagas_per_s']} -> {run['sagas_per_s']}/s ({ratio})",
-                o["within_budget"][name],
-                {
-                    "disturbed": (run.get("disturbed") or [])
-                    + (o["variants"]["off"].get("disturbed") or [])
-                },
+                _variant_measured(o, name),
+                met,
+                _variant_disturbed(o, name),
             )
+    ev = results.get("events")
+    if ev and ev.get("ratio") is not None:
+        add(
+            f"one domain event per step costs <= {100 * EVENTS_BUDGET:.0f}% of sagas/s (issue 16)",
+            _variant_measured(ev, "on"),
+            ev["within_budget"],
+            _variant_disturbed(ev, "on"),
+        )
+    sec = results.get("security")
+    if sec and sec.get("ratio") is not None:
+        measured = _variant_measured(sec, "on")
+        if not sec["verified"]:
+            measured += "; NOT AS NAMED: " + "; ".join(
+                p for found in sec["problems"].values() for p in found
+            )
+        add(
+            f"TLS, tokens and signing on cost <= {100 * security.BUDGET:.0f}% of sagas/s"
+            " (issue 17)",
+            measured,
+            sec["within_budget"] and sec["verified"],
+            _variant_disturbed(sec, "on"),
+        )
     p = results.get("peers")
     if p and "dbos" in p:
         tp = p["sagaplane"]["throughput"]
@@ -1372,6 +1526,25 @@ def targets(results: dict[str, Any]) -> None:
     for target, measured, met, run in growth.targets(results):
         add(target, measured, met, run)
     results["targets"] = out
+
+
+def _variant_measured(found: Mapping[str, Any], name: str) -> str:
+    """A variant phase's figure in the Targets table: the judged median of paired ratios,
+    with the rounds, the medians of sagas/s and the CPU per saga's increase."""
+    c = found["comparisons"][name]
+    base = found["variants"][found["baseline"]]["sagas_per_s"]
+    cpu = c["cpu_increase_pct"]
+    return (
+        f"median paired ratio {c['paired_median']} over {found['rounds']} round(s) (medians"
+        f" {base} -> {found['variants'][name]['sagas_per_s']}/s); CPU per saga"
+        f" {'-' if cpu is None else f'{cpu:+.1f}%'}"
+    )
+
+
+def _variant_disturbed(found: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The disturbances of a variant's and the baseline's runs, for :func:`targets`."""
+    summaries = found["variants"]
+    return {"disturbed": summaries[name]["disturbed"] + summaries[found["baseline"]]["disturbed"]}
 
 
 async def _versions(args: argparse.Namespace) -> dict[str, str]:
@@ -1479,6 +1652,8 @@ async def run(args: argparse.Namespace) -> int:
                 await phase("observability", lambda: observability_phase(env, args, results))
             if "events" in args.phase_set:
                 await phase("events", lambda: events_phase(env, args, results))
+            if "security" in args.phase_set:
+                await phase("security", lambda: security_phase(env, args, results))
     finally:
         with contextlib.suppress(Exception):
             await asyncio.shield(env.close())

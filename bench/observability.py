@@ -1,9 +1,10 @@
 """What observability costs (``--phases observability``): the standard workload's closed
-loop run three ways in one benchmark run, each on a fresh system (a coordinator and the 3
-participants, fresh databases): metrics off; metrics on, every process's ``/metrics``
-scraped every ``--scrape-interval`` seconds; tracing on, spans exported to a file (the
-processes' logs). Each variant's sagas/s is compared with metrics off, against the
-budgets of issue 20: metrics at most 5%, tracing at most 20%.
+loop run three ways in one benchmark run, each run on a fresh system (a coordinator and
+the 3 participants, fresh databases): metrics off; metrics on, every process's
+``/metrics`` scraped every ``--scrape-interval`` seconds; tracing on, spans exported to a
+file (the processes' logs). The three run in ``--variant-rounds`` alternating rounds
+(:mod:`bench.variants`), and each variant's sagas/s is compared with metrics off's of the
+same round against the budgets of issue 20: metrics at most 5%, tracing at most 20%.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench import variants
 from bench.stats import summary_ms
 
 VARIANTS = ("off", "metrics", "tracing")
@@ -128,106 +130,98 @@ class Scraper:
 
 
 Run = Callable[
-    [str, Mapping[str, str], Sequence[Mapping[str, str]], list[int]], Awaitable[dict[str, Any]]
+    [str, int, Mapping[str, str], Sequence[Mapping[str, str]], list[int]],
+    Awaitable[dict[str, Any]],
 ]
-"""Runs one variant: (name, the coordinator's environment, each participant's in start
-order, the metrics ports to scrape) -> its closed loop's figures (with ``sagas_per_s``)."""
+"""Runs one variant on a fresh system: (name, round, the coordinator's environment, each
+participant's in start order, the metrics ports to scrape) -> its closed loop's figures
+(with ``sagas_per_s``, ``cpu_ms_per_saga``, ``spans`` and, when scraped, ``scraper``)."""
+
+LABELS = {
+    "off": "metrics off",
+    "metrics": "metrics on, scraped",
+    "tracing": "tracing on (spans to each process's log)",
+}
+
+
+def settings(
+    name: str, *, free_port: Callable[[], int], tracing: Sequence[str], services: int
+) -> tuple[dict[str, str], list[dict[str, str]], list[int]]:
+    """A variant's environments (the coordinator's, each participant's) and the metrics
+    ports to scrape; fresh ports at every call (every run is a fresh system)."""
+    if name == "metrics":
+        ports = [free_port() for _ in range(1 + services)]
+        coordinator = {**QUIET, "SAGAPLANE_METRICS_LISTEN": f"127.0.0.1:{ports[0]}"}
+        participants = [
+            {**QUIET, "SAGAPLANE_PARTICIPANT_METRICS_LISTEN": f"127.0.0.1:{p}"} for p in ports[1:]
+        ]
+        return coordinator, participants, ports
+    if name == "tracing":
+        env = {**QUIET, **tracing_env(tracing)}
+        return env, [env] * services, []
+    return dict(QUIET), [dict(QUIET)] * services, []
 
 
 async def measure(
     run: Run,
     *,
+    rounds: int,
     free_port: Callable[[], int],
     tracing: Sequence[str],
     services: int,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The three variants one after the other, and their ratios against metrics off."""
-    variants: dict[str, dict[str, Any]] = {}
-    progress("observability: metrics off")
-    variants["off"] = await run("off", QUIET, [QUIET] * services, [])
-
-    ports = [free_port() for _ in range(1 + services)]
-    coordinator = {**QUIET, "SAGAPLANE_METRICS_LISTEN": f"127.0.0.1:{ports[0]}"}
-    participants = [
-        {**QUIET, "SAGAPLANE_PARTICIPANT_METRICS_LISTEN": f"127.0.0.1:{p}"} for p in ports[1:]
-    ]
-    progress("observability: metrics on, scraped")
-    variants["metrics"] = await run("metrics", coordinator, participants, ports)
-
+    """The variants in ``rounds`` alternating rounds (:mod:`bench.variants`), compared
+    with metrics off against :data:`BUDGETS`; tracing is left out when the SDK is
+    missing, and not compared when a round's processes exported no span."""
+    names = ["off", "metrics"]
     skipped: str | None = None
     if tracing_available():
-        env = {**QUIET, **tracing_env(tracing)}
-        progress("observability: tracing on (spans to each process's log)")
-        variants["tracing"] = await run("tracing", env, [env] * services, [])
-        if not variants["tracing"].get("spans"):
-            # Nothing traced: the ratio would be metrics off's against itself.
-            skipped = TRACING_SILENT
-            progress(TRACING_SILENT)
+        names.append("tracing")
     else:
         skipped = TRACING_MISSING
         progress(TRACING_MISSING)
-    compared = {k: v for k, v in variants.items() if k != "tracing" or v.get("spans")}
-    return {"variants": variants, "skipped": skipped, **verdicts(compared)}
 
+    async def one(name: str, n: int) -> dict[str, Any]:
+        coordinator, participants, ports = settings(
+            name, free_port=free_port, tracing=tracing, services=services
+        )
+        return await run(name, n, coordinator, participants, ports)
 
-def verdicts(variants: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Each variant's sagas/s against metrics off: the cost, and whether it is within
-    its budget."""
-    base = variants.get("off", {}).get("sagas_per_s")
-    out: dict[str, Any] = {"ratios": {}, "within_budget": {}}
-    for name, budget in BUDGETS.items():
-        got = variants.get(name, {}).get("sagas_per_s")
-        if not base or got is None:
-            continue
-        ratio = round(got / base, 3)
-        out["ratios"][name] = ratio
-        out["within_budget"][name] = ratio >= 1 - budget
-    return out
+    runs = await variants.run_rounds(
+        names, one, rounds=rounds, phase="observability", progress=progress, labels=LABELS
+    )
+    left_out: list[str] = []
+    if "tracing" in runs and not all(r.get("spans") for r in runs["tracing"]):
+        # Nothing traced in some round: its ratio would be metrics off's against itself.
+        skipped = TRACING_SILENT
+        left_out.append("tracing")
+        progress(TRACING_SILENT)
+    found = variants.compare(runs, baseline="off", budgets=BUDGETS, left_out=left_out)
+    return {**found, "skipped": skipped}
 
 
 def render(o: Mapping[str, Any]) -> list[str]:
-    """The report's lines for the phase."""
-    variants = o["variants"]
-    lines = [
-        "",
-        "Observability's cost (closed loop, the same sagas and concurrency each; a fresh "
-        "system each)",
-    ]
-    header = f"  {'variant':<10} {'sagas/s':>9} {'vs off':>7} {'CPU ms/saga':>12}  notes"
-    lines += [header, "  " + "-" * (len(header) - 2)]
-    for name in VARIANTS:
-        v = variants.get(name)
-        if v is None:
-            continue
-        ratio = o["ratios"].get(name)
-        notes = []
-        if name in BUDGETS and ratio is not None:
-            budget = BUDGETS[name]
-            ok = o["within_budget"][name]
-            cost = 100 * (1 - ratio)
-            notes.append(
-                f"costs {cost:.1f}% (budget {100 * budget:.0f}%): "
-                + ("within" if ok else "OVER BUDGET")
-            )
-        scraper = v.get("scraper")
-        if scraper:
-            notes.append(
-                f"{scraper['scrapes']} scrapes of {scraper['targets']} targets every "
-                f"{scraper['interval_s']:g} s, p99 {scraper['scrape_ms']['p99']} ms, "
-                f"{scraper['failures']} failed"
-            )
-        if name == "tracing":
-            notes.append(f"{v.get('spans', 0)} spans exported")
-        if v.get("not_completed"):
-            notes.append(f"{v['not_completed']} not completed")
-        cpu = v.get("cpu_ms_per_saga")
-        lines.append(
-            f"  {name:<10} {v['sagas_per_s']:>9,.1f} "
-            f"{'' if ratio is None else f'{ratio:.3f}':>7} "
-            f"{'-' if cpu is None else f'{cpu:.2f}':>12}  {'; '.join(notes)}"
-        )
-        lines += [f"  !! {name} DISTURBED (not valid): {d}" for d in v.get("disturbed") or []]
+    """The report's lines for the phase: :func:`bench.variants.render` with the scrapes
+    and the spans of every round."""
+    notes: dict[str, list[str]] = {}
+    scraped = [r["scraper"] for r in o["runs"].get("metrics", []) if r.get("scraper")]
+    if scraped:
+        p99 = max((s["scrape_ms"]["p99"] or 0.0) for s in scraped)
+        notes["metrics"] = [
+            f"{sum(s['scrapes'] for s in scraped)} scrapes of {scraped[0]['targets']} targets"
+            f" every {scraped[0]['interval_s']:g} s over {len(scraped)} run(s), worst p99"
+            f" {p99} ms, {sum(s['failures'] for s in scraped)} failed"
+        ]
+    if "tracing" in o["runs"]:
+        spans = " ".join(str(r.get("spans", 0)) for r in o["runs"]["tracing"])
+        notes["tracing"] = [f"spans exported by round: {spans}"]
+    lines = variants.render(
+        o,
+        title="Observability's cost (closed loop, the same sagas and concurrency each;"
+        " CPU = coordinator + participants)",
+        notes=notes,
+    )
     if o.get("skipped"):
         lines.append(f"  {o['skipped']}")
     return lines

@@ -4,38 +4,11 @@ throughput."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import observability, peers
-
-
-def _f(value: Any, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> list[str]:
-    cells = [[str(h) for h in header]] + [[_f(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    out = []
-    for n, row in enumerate(cells):
-        out.append(
-            "  "
-            + "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-        if n == 0:
-            out.append("  " + "  ".join("-" * w for w in widths))
-    return out
+from bench import observability, peers, security, variants
+from bench.tables import fmt, table
 
 
 def _lat_row(label: str, s: dict[str, Any] | None) -> list[Any]:
@@ -69,7 +42,7 @@ def _breakdown(label: str, run: dict[str, Any]) -> list[str]:
     ]
     return [
         f"  where the time goes, {label} ({b['steps']} steps; per step, except 'start'):",
-        *_table(rows, ["leg (transaction starts, one DB clock)", "p50 ms", "p95 ms", "p99 ms"]),
+        *table(rows, ["leg (transaction starts, one DB clock)", "p50 ms", "p95 ms", "p99 ms"]),
     ]
 
 
@@ -86,31 +59,31 @@ def _peers(p: dict[str, Any] | None) -> list[str]:
         f"Beside a peer: DBOS Transact {dbos['version']} ({dbos['api']}), the same 3 steps of"
         f" one INSERT each, {dbos['context_bytes']:,} B context, on the same PostgreSQL",
     ]
-    lines += _table(
+    lines += table(
         [
             [
                 "closed loop, per s",
                 tp["sagas_per_s"],
                 closed["workflows_per_s"],
-                _f(p["throughput_ratio"], 3),
+                fmt(p["throughput_ratio"], 3),
                 f"in flight {tp['concurrency']} / {closed['concurrency']}",
             ],
             [
                 "  CPU ms each (system)",
                 tp.get("cpu_ms_per_saga"),
                 closed.get("cpu_ms_per_workflow"),
-                _f(p["cpu_ratio"], 3),
-                f"DBOS: its process {_f(closed.get('dbos_cpu_ms_per_workflow'), 2)} +"
-                f" PostgreSQL {_f(closed.get('postgres_cpu_ms_per_workflow'), 2)}",
+                fmt(p["cpu_ratio"], 3),
+                f"DBOS: its process {fmt(closed.get('dbos_cpu_ms_per_workflow'), 2)} +"
+                f" PostgreSQL {fmt(closed.get('postgres_cpu_ms_per_workflow'), 2)}",
             ],
             [
                 "latency p50 ms",
                 lat_ms.get("p50"),
                 single["p50"],
-                _f(p["p50_ratio"], 3),
+                fmt(p["p50_ratio"], 3),
                 f"Sagaplane at {lat['rate']:g} sagas/s offered, DBOS one at a time",
             ],
-            ["latency p99 ms", lat_ms.get("p99"), single["p99"], _f(p["p99_ratio"], 3), ""],
+            ["latency p99 ms", lat_ms.get("p99"), single["p99"], fmt(p["p99_ratio"], 3), ""],
             [
                 "  transactions each",
                 peers.commits((tp.get("steady") or {}).get("per_saga")),
@@ -141,7 +114,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
             "Steps per saga (open loop, the same steps/s offered each, below capacity; CPU of"
             " the system under test, the broker counted whole)",
         ]
-        lines += _table(
+        lines += table(
             [
                 [
                     r["steps"],
@@ -149,7 +122,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
                     r["terminal"],
                     r["cpu_ms_per_saga"],
                     r["cpu_ms_per_step"],
-                    _f(steps["cpu_per_step_ratio"].get(str(r["steps"])), 3),
+                    fmt(steps["cpu_per_step_ratio"].get(str(r["steps"])), 3),
                     r["start_to_terminal_ms"]["p50"],
                     r.get("p50_ms_per_step"),
                     r["start_to_terminal_ms"]["p99"],
@@ -174,14 +147,14 @@ def _growth(results: dict[str, Any]) -> list[str]:
             roles = r.get("cpu_ms_per_step_by_role") or {}
             lines.append(
                 f"  {r['steps']} steps, CPU ms per step by process: "
-                + ", ".join(f"{k} {_f(v, 2)}" for k, v in roles.items() if k != "harness")
+                + ", ".join(f"{k} {fmt(v, 2)}" for k, v in roles.items() if k != "harness")
             )
         for r in steps["runs"]:
             lines += _disturbed(f"{r['steps']}-step run", r)
     context = results.get("context")
     if context:
         lines += ["", "Context size (open loop, the standard saga, the same sagas/s each)"]
-        lines += _table(
+        lines += table(
             [
                 [
                     r["context_bytes"],
@@ -197,7 +170,7 @@ def _growth(results: dict[str, Any]) -> list[str]:
             ["context B", "sagas/s", "sagas", "CPU ms/saga", "p50 ms", "p99 ms", "not completed"],
         )
         lines.append(
-            f"  CPU per saga, largest / smallest context: {_f(context['cpu_per_saga_ratio'], 3)}"
+            f"  CPU per saga, largest / smallest context: {fmt(context['cpu_per_saga_ratio'], 3)}"
         )
         for r in context["runs"]:
             lines += _disturbed(f"{r['context_bytes']} B run", r)
@@ -207,30 +180,30 @@ def _growth(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Waiting sagas: {w['sagas']:,} in flight on a stopped participant ({w['stopped']}),"
-            f" started in {_f(w['start_s'], 1)} s, commands all published after"
-            f" {_f(w['relayed_s'], 1)} s",
-            f"  coordinator idle over {_f(idle['seconds'], 1)} s:"
-            f" {_f(idle['coordinator_cpu_s'], 3)} CPU s ="
-            f" {_f(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
-            f" {_f(idle['machine_busy_pct'])}% busy)",
+            f" started in {fmt(w['start_s'], 1)} s, commands all published after"
+            f" {fmt(w['relayed_s'], 1)} s",
+            f"  coordinator idle over {fmt(idle['seconds'], 1)} s:"
+            f" {fmt(idle['coordinator_cpu_s'], 3)} CPU s ="
+            f" {fmt(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
+            f" {fmt(idle['machine_busy_pct'])}% busy)",
         ]
         rows = []
         for key, name in (("start_saga_ms", "StartSaga"), ("get_saga_ms", "GetSaga")):
             a, b = w["calls_idle"][key], w["calls_waiting"][key]
             ratio = w[f"{key.removesuffix('_ms')}_p99_ratio"]
-            rows.append([name, a["p50"], a["p99"], b["p50"], b["p99"], _f(ratio, 3)])
-        lines += _table(
+            rows.append([name, a["p50"], a["p99"], b["p50"], b["p99"], fmt(ratio, 3)])
+        lines += table(
             rows,
             ["one call at a time", "idle p50", "idle p99", "waiting p50", "waiting p99", "p99 x"],
         )
         ref = w["reference"]
         lines.append(
             f"  drain once it starts again: {w['sagas']:,} sagas in"
-            f" {_f(w['drain']['seconds'], 1)} s"
-            f" = {_f(w['drain']['sagas_per_s'])}/s; the same system's closed loop"
-            f" {_f(ref['sagas_per_s'])}/s: x{_f(w['drain_vs_reference'], 3)}"
+            f" {fmt(w['drain']['seconds'], 1)} s"
+            f" = {fmt(w['drain']['sagas_per_s'])}/s; the same system's closed loop"
+            f" {fmt(ref['sagas_per_s'])}/s: x{fmt(w['drain_vs_reference'], 3)}"
             + (
-                f" (the throughput phase's: x{_f(w['drain_vs_throughput'], 3)})"
+                f" (the throughput phase's: x{fmt(w['drain_vs_throughput'], 3)})"
                 if w.get("drain_vs_throughput") is not None
                 else ""
             )
@@ -265,37 +238,37 @@ def render(results: dict[str, Any]) -> str:
         if pg:
             lines.append(
                 f"  pgbench, one coordinator transition per tx, {pg['clients']} clients, "
-                f"{pg['seconds']} s: {_f(pg['tps'])} tps (avg {_f(pg['latency_avg_ms'], 2)} ms; "
-                f"backends {_f(pg.get('backend_cpu_ms_per_tx'), 3)} ms CPU per tx)"
+                f"{pg['seconds']} s: {fmt(pg['tps'])} tps (avg {fmt(pg['latency_avg_ms'], 2)} ms; "
+                f"backends {fmt(pg.get('backend_cpu_ms_per_tx'), 3)} ms CPU per tx)"
             )
         br = base.get("broker")
         if br:
             lines.append(
                 f"  aio-pika publish w/ confirms + consume w/ ack, {br['size_bytes']} B "
-                f"persistent, quorum queue: {_f(br['messages_per_s'])} msg/s end to end "
-                f"(publish {_f(br['publish_per_s'])}/s, consume {_f(br['consume_per_s'])}/s; "
-                f"broker {_f(br.get('broker_cpu_ms_per_message'), 3)} ms CPU per message)"
+                f"persistent, quorum queue: {fmt(br['messages_per_s'])} msg/s end to end "
+                f"(publish {fmt(br['publish_per_s'])}/s, consume {fmt(br['consume_per_s'])}/s; "
+                f"broker {fmt(br.get('broker_cpu_ms_per_message'), 3)} ms CPU per message)"
             )
         if pg and pg.get("single_client_latency_ms") is not None:
             lines.append(
                 "  pgbench, the same transaction, 1 client: "
-                f"{_f(pg['single_client_latency_ms'], 2)} ms each (commit included)"
+                f"{fmt(pg['single_client_latency_ms'], 2)} ms each (commit included)"
             )
         hop = base.get("broker_hop")
         if hop:
             d, c = hop["delivered_ms"], hop["confirmed_ms"]
             lines.append(
                 f"  one message at a time, {hop['size_bytes']} B persistent, quorum queue: "
-                f"publish->delivered p50 {_f(d['p50'], 2)} ms (p99 {_f(d['p99'], 2)}), "
-                f"publish->confirmed p50 {_f(c['p50'], 2)} ms (p99 {_f(c['p99'], 2)})"
+                f"publish->delivered p50 {fmt(d['p50'], 2)} ms (p99 {fmt(d['p99'], 2)}), "
+                f"publish->confirmed p50 {fmt(c['p50'], 2)} ms (p99 {fmt(c['p99'], 2)})"
             )
         floor = base.get("latency_floor")
         if floor:
             lines.append(
                 f"  a 3-step saga's latency floor from these, with no Python at all: "
-                f"{floor['transactions']} transactions x {_f(floor['transaction_ms'], 2)} ms + "
-                f"{floor['hops']} broker hops x {_f(floor['hop_p50_ms'], 2)} ms = "
-                f"{_f(floor['floor_ms'], 1)} ms"
+                f"{floor['transactions']} transactions x {fmt(floor['transaction_ms'], 2)} ms + "
+                f"{floor['hops']} broker hops x {fmt(floor['hop_p50_ms'], 2)} ms = "
+                f"{fmt(floor['floor_ms'], 1)} ms"
             )
 
     runs = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
@@ -314,14 +287,14 @@ def render(results: dict[str, Any]) -> str:
                     r["errors"],
                 ]
             )
-        lines += _table(
+        lines += table(
             rows, ["run", "sagas", "in flight", "sagas/s", "steps/s", "not completed", "errors"]
         )
         for key, r in runs:
             lines += _disturbed(key, r)
         for key, r in runs:
             lines.append(f"  {key}:")
-            lines += _table(
+            lines += table(
                 [
                     _lat_row("start->terminal", r["start_to_terminal_ms"]),
                     _lat_row("  in coordinator (DB)", r["db_created_to_terminal_ms"]),
@@ -334,9 +307,9 @@ def render(results: dict[str, Any]) -> str:
             if "per_saga" in steady:
                 lines.append(
                     f"  {key}, steady state ({steady['sagas']} sagas between 20% and 80% done): "
-                    f"{_f(steady['sagas_per_s'])} sagas/s; per saga in each database:"
+                    f"{fmt(steady['sagas_per_s'])} sagas/s; per saga in each database:"
                 )
-                lines += _table(
+                lines += table(
                     [
                         [db.rsplit("_", 1)[-1], *(v[k] for k in _DB_KEYS)]
                         for db, v in steady["per_saga"].items()
@@ -350,12 +323,12 @@ def render(results: dict[str, Any]) -> str:
             ra = t["ratios"]
             lines += [
                 "  vs baselines (throughput run):",
-                f"    transitions/s {_f(ra['transitions_per_s'])} (StartSaga + replies applied;"
-                f" {_f(ra['history_rows_per_s'])} history rows/s) / pgbench tps = "
-                f"{_f(ra.get('transitions_vs_pgbench'), 3)}",
-                f"    messages/s {_f(ra['messages_per_s'])} (commands + replies, each published "
+                f"    transitions/s {fmt(ra['transitions_per_s'])} (StartSaga + replies applied;"
+                f" {fmt(ra['history_rows_per_s'])} history rows/s) / pgbench tps = "
+                f"{fmt(ra.get('transitions_vs_pgbench'), 3)}",
+                f"    messages/s {fmt(ra['messages_per_s'])} (commands + replies, each published "
                 f"with confirm and consumed with ack) / broker = "
-                f"{_f(ra.get('messages_vs_broker'), 3)}",
+                f"{fmt(ra.get('messages_vs_broker'), 3)}",
             ]
 
     lat = results.get("latency")
@@ -363,10 +336,10 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Latency (open loop, {lat['rate']} sagas/s for {lat['duration_s']} s, measured "
-            f"from the scheduled send time): achieved {_f(lat['sagas_per_s'])} sagas/s, "
+            f"from the scheduled send time): achieved {fmt(lat['sagas_per_s'])} sagas/s, "
             f"{lat['not_completed']} not completed",
         ]
-        lines += _table(
+        lines += table(
             [
                 _lat_row("start->terminal", lat["start_to_terminal_ms"]),
                 _lat_row("  in coordinator (DB)", lat["db_created_to_terminal_ms"]),
@@ -379,8 +352,8 @@ def render(results: dict[str, Any]) -> str:
         p50 = lat["start_to_terminal_ms"].get("p50")
         if floor and p50 is not None:
             lines.append(
-                f"  start->terminal p50 / the baselines' floor ({_f(floor['floor_ms'], 1)} ms) = "
-                f"{_f(p50 / floor['floor_ms'], 2)}"
+                f"  start->terminal p50 / the baselines' floor ({fmt(floor['floor_ms'], 1)} ms) = "
+                f"{fmt(p50 / floor['floor_ms'], 2)}"
             )
         lines += _disturbed("latency run", lat)
         lines += _breakdown("latency run", lat)
@@ -394,7 +367,7 @@ def render(results: dict[str, Any]) -> str:
             " each): one step then 3 independent ones (2 deep) against the same 4 steps in a "
             "line (4 deep)",
         ]
-        lines += _table(
+        lines += table(
             [
                 _lat_row("fan-out, 2 deep", graph["start_to_terminal_ms"]),
                 _lat_row("line, 4 deep", line["start_to_terminal_ms"]),
@@ -403,8 +376,8 @@ def render(results: dict[str, Any]) -> str:
         )
         ratio = fan["ratio"]
         lines.append(
-            f"  start->terminal fan-out / line: p50 {_f(ratio['p50'], 3)}, p99 "
-            f"{_f(ratio['p99'], 3)} (the depth alone would make it 0.5)"
+            f"  start->terminal fan-out / line: p50 {fmt(ratio['p50'], 3)}, p99 "
+            f"{fmt(ratio['p99'], 3)} (the depth alone would make it 0.5)"
         )
         lines += _disturbed("fan-out run", graph) + _disturbed("line run", line)
 
@@ -417,25 +390,25 @@ def render(results: dict[str, Any]) -> str:
             f"command is relayed): StartSaga with {starting['concurrency']} in flight against "
             f"StartSagas in chunks of {starting['chunk']}, one call at a time",
         ]
-        lines += _table(
+        lines += table(
             [
                 [
                     label,
                     run["calls"],
-                    _f(run["sagas_per_s"]),
-                    _f(run["answered_s"], 2),
-                    _f(run["relayed_s"], 2),
-                    _f(run["coordinator_cpu_ms_per_saga"], 3),
-                    _f(run["postgres_cpu_ms_per_saga"], 3),
+                    fmt(run["sagas_per_s"]),
+                    fmt(run["answered_s"], 2),
+                    fmt(run["relayed_s"], 2),
+                    fmt(run["coordinator_cpu_ms_per_saga"], 3),
+                    fmt(run["postgres_cpu_ms_per_saga"], 3),
                 ]
                 for label, run in (("StartSaga", single), ("StartSagas", batch))
             ],
             ["", "calls", "sagas/s", "answered s", "relayed s", "coord CPU ms", "PG CPU ms"],
         )
         lines.append(
-            f"  StartSagas / StartSaga: sagas/s {_f(ratio['sagas_per_s'], 2)}x, coordinator CPU "
-            f"per saga {_f(ratio['coordinator_cpu_ms_per_saga'], 3)}, PostgreSQL CPU per saga "
-            f"{_f(ratio['postgres_cpu_ms_per_saga'], 3)}"
+            f"  StartSagas / StartSaga: sagas/s {fmt(ratio['sagas_per_s'], 2)}x, coordinator CPU "
+            f"per saga {fmt(ratio['coordinator_cpu_ms_per_saga'], 3)}, PostgreSQL CPU per saga "
+            f"{fmt(ratio['postgres_cpu_ms_per_saga'], 3)}"
         )
         lines += _disturbed("starts run", starting)
 
@@ -448,14 +421,14 @@ def render(results: dict[str, Any]) -> str:
             f" per saga in flight ({streams['peak_concurrent']} open at most, {streams['streams']}"
             f" in all, {streams['messages']} messages), and without again",
         ]
-        lines += _table(
+        lines += table(
             [
                 [
                     "with watchers" if r["watchers"] else "no watchers",
-                    _f(r["sagas_per_s"]),
-                    _f(r["p50_ms"]),
-                    _f(r["coordinator_cpu_ms_per_saga"], 3),
-                    _f(r["coordinator_cpu_pct"]),
+                    fmt(r["sagas_per_s"]),
+                    fmt(r["p50_ms"]),
+                    fmt(r["coordinator_cpu_ms_per_saga"], 3),
+                    fmt(r["coordinator_cpu_pct"]),
                 ]
                 for r in watching["runs"]
             ],
@@ -464,7 +437,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"  watchers: coordinator CPU per saga {watching['coordinator_cpu_increase_pct']:+}%,"
             f" {watching['coordinator_cpu_extra_pct_of_core']:+}% of a core; sagas/s ratio"
-            f" {_f(watching['sagas_per_s_ratio'], 3)}; streams ended {streams['ended']},"
+            f" {fmt(watching['sagas_per_s_ratio'], 3)}; streams ended {streams['ended']},"
             f" errors {len(streams['errors'])}"
         )
         for i, r in enumerate(watching["runs"]):
@@ -473,7 +446,7 @@ def render(results: dict[str, Any]) -> str:
     sweep = results.get("sweep")
     if sweep:
         lines += ["", "Latency against offered load (open loop)"]
-        lines += _table(
+        lines += table(
             [
                 [
                     r["rate"],
@@ -495,8 +468,8 @@ def render(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"Resources during the throughput run ({res['sagas']} sagas, "
-            f"{_f(res['wall_s'])} s; machine {_f(res['machine_busy_pct'])}% busy, of which "
-            f"{_f(res.get('others_cpu_pct'))}% not by the processes below)",
+            f"{fmt(res['wall_s'])} s; machine {fmt(res['machine_busy_pct'])}% busy, of which "
+            f"{fmt(res.get('others_cpu_pct'))}% not by the processes below)",
         ]
         rows = [
             [
@@ -509,12 +482,12 @@ def render(results: dict[str, Any]) -> str:
             ]
             for name, p in res["processes"].items()
         ]
-        lines += _table(
+        lines += table(
             rows,
             ["process", "CPU s", "CPU s/1000 sagas", "CPU %", "main thread %", "peak RSS MiB"],
         )
         lines.append(
-            f"  system under test: {_f(res['total_cpu_ms_per_saga'], 2)} ms CPU per saga "
+            f"  system under test: {fmt(res['total_cpu_ms_per_saga'], 2)} ms CPU per saga "
             "(all of the above but the harness; the broker counted whole)"
         )
 
@@ -539,7 +512,7 @@ def render(results: dict[str, Any]) -> str:
                     s["grow"]["generate_s"],
                 ]
             )
-        lines += _table(
+        lines += table(
             rows,
             [
                 "stored sagas",
@@ -559,15 +532,31 @@ def render(results: dict[str, Any]) -> str:
         for st in stored:
             lines += _disturbed(f"reads at {st['stored']:,}", st)
 
-    if results.get("observability"):
+    # A run saved before the rounds (bench/variants.py) has one figure per variant and
+    # none of the rounds' keys: its JSON still holds them.
+    if "rounds" in results.get("observability", {}):
         lines += observability.render(results["observability"])
+    if "rounds" in results.get("events", {}):
+        lines += variants.render(
+            results["events"],
+            title="Domain events' cost (closed loop; off: none, on: one event per step; CPU ="
+            " coordinator + participants)",
+        )
+
+    if "rounds" in results.get("security", {}):
+        lines += variants.render(
+            results["security"],
+            title="TLS, tokens and signing's cost (closed loop; on: gRPC over TLS with a token,"
+            " every command and reply signed; CPU = coordinator + participants)",
+            notes=security.notes(results["security"]),
+        )
 
     lines += _peers(results.get("peers")) + _growth(results)
 
     targets = results.get("targets")
     if targets:
-        lines += ["", "Targets (issues 6, 20 and 21)"]
-        lines += _table(
+        lines += ["", "Targets (issues 6, 16, 17, 19, 20 and 21)"]
+        lines += table(
             [
                 [
                     t["target"],

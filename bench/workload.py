@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import psycopg
 
 from bench.infra import WATCHER_APPLICATION
@@ -315,6 +316,10 @@ class Load:
     context_bytes: int = CONTEXT_BYTES
     on_started: Callable[[str], None] | None = None
     """Called with each saga's id as its StartSaga returns (the watchers phase)."""
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials for a coordinator that serves TLS (the security phase)."""
+    token: str | None = None
+    """The bearer token sent with every call (None: ``SagaClient``'s default)."""
     _clients: list[SagaClient] = field(default_factory=list)
     _ok: StartSagaRequest = field(init=False)
     _fail: StartSagaRequest = field(init=False)
@@ -326,7 +331,10 @@ class Load:
         self._fail = start_request(fail=True, shape=self.shape, context_bytes=self.context_bytes)
 
     async def __aenter__(self) -> Load:
-        self._clients = [SagaClient(t, timeout=self.rpc_timeout) for t in self.targets]
+        self._clients = [
+            SagaClient(t, timeout=self.rpc_timeout, credentials=self.credentials, token=self.token)
+            for t in self.targets
+        ]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
