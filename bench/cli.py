@@ -844,12 +844,14 @@ async def _variant_run(
         figures = await _observed_loop(env, args, system, processes, list(ports))
         if check is not None:
             figures |= await check(system)
-        return figures
     finally:
         await env.stop_processes(processes)
         for role in ("coordinator", *SERVICES):
             with contextlib.suppress(psycopg.Error):
                 await env.drop_database(prefix + role)
+    # Stopped, so every span was flushed to the processes' files.
+    figures["spans"] += figures.pop("_span_files").lines_since()
+    return figures
 
 
 def _verdicts(phase: str, found: Mapping[str, Any]) -> None:
@@ -888,6 +890,7 @@ async def observability_phase(
         tracing=args.tracing_env,
         services=len(SERVICES),
         progress=_progress,
+        spans=env.workdir,
     )
     results["observability"] = found
     _verdicts("observability", found)
@@ -922,6 +925,7 @@ async def _observed_loop(
                 )
             watcher.take_troubles()
         offsets = log_offsets(processes)
+        span_files = observability.span_files(processes)
         meter = Meter({p.name: p.pid for p in processes})
         scraper = observability.Scraper(ports, args.scrape_interval)
         meter.start()
@@ -937,9 +941,12 @@ async def _observed_loop(
     figures["cpu_ms_per_saga"] = round(1000 * cpu / max(1, figures["terminal"]), 3)
     if ports:
         figures["scraper"] = scraper.figures()
+    # Spans of the measured loop printed by the processes (a console exporter); those
+    # exported to files are counted once the processes stopped (flushed): _variant_run.
     figures["spans"] = sum(
         line.count('"trace_id"') for p in processes for line in p.output_since(offsets[p.name])
     )
+    figures["_span_files"] = span_files
     return figures
 
 
