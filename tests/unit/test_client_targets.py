@@ -70,7 +70,7 @@ def test_unsupported_forms_are_refused_naming_the_target(given: str, says: str) 
 
 
 def test_the_client_refuses_an_unsupported_target_when_made() -> None:
-    with pytest.raises(ConfigurationError, match="a.internal"):
+    with pytest.raises(ConfigurationError, match=r"a\.internal"):
         SagaClient("a.internal:1,b.internal:2")
 
 
