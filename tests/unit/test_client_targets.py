@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from sagaplane import SagaClient
@@ -95,8 +96,6 @@ def test_tls_checks_one_name_for_every_replica() -> None:
 
 
 def test_a_tls_client_of_replicas_on_different_hosts_needs_their_name() -> None:
-    import grpc
-
     credentials = grpc.ssl_channel_credentials()
     with pytest.raises(ConfigurationError, match="server_name="):
         SagaClient("10.0.0.1:50051,10.0.0.2:50051", credentials=credentials)
