@@ -55,7 +55,9 @@ def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--coordinator",
         metavar="HOST:PORT",
         default=env.get("SAGAPLANE_COORDINATOR") or DEFAULT_COORDINATOR,
-        help="the coordinator's gRPC address [SAGAPLANE_COORDINATOR; default %(default)s]",
+        help="the coordinator's gRPC address; several replicas as IP:PORT,IP:PORT,... "
+        "(calls go to those that answer), or dns:///NAME:PORT for every address of a name "
+        "[SAGAPLANE_COORDINATOR; default %(default)s]",
     )
     group.add_argument(
         "--timeout",
@@ -97,6 +99,14 @@ def _client_options(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="PEM",
         default=env.get("SAGAPLANE_CLIENT_KEY") or None,
         help="the private key of --client-cert [SAGAPLANE_CLIENT_KEY]",
+    )
+    security.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=env.get("SAGAPLANE_TLS_SERVER_NAME") or None,
+        help="check the coordinators' certificates against this name rather than the "
+        "--coordinator host (needed for replicas listed by different IP addresses) "
+        "[SAGAPLANE_TLS_SERVER_NAME]",
     )
     return common
 

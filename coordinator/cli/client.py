@@ -27,6 +27,7 @@ from coordinator.cli.output import say
 from sagaplane import backoff, durations
 from sagaplane.client import Resolution, SagaClient, parse_start_request, tls_credentials
 from sagaplane.errors import (
+    ConfigurationError,
     CoordinatorError,
     CoordinatorUnavailable,
     IdempotencyConflict,
@@ -76,6 +77,7 @@ async def connect(args: argparse.Namespace, saga_id: str = "") -> AsyncIterator[
         args.timeout,
         credentials=_credentials(args),
         token=args.token or None,
+        server_name=args.tls_server_name,
         saga_id=saga_id,
     ) as client:
         yield client
@@ -88,14 +90,23 @@ async def connect_to(
     *,
     credentials: grpc.ChannelCredentials | None = None,
     token: str | None = None,
+    server_name: str | None = None,
     saga_id: str = "",
 ) -> AsyncIterator[SagaClient]:
-    """A :class:`SagaClient` to ``target`` whose calls each get ``deadline`` seconds (0:
-    none), with the coordinator's errors turned into :class:`CliError` (as
-    :func:`connect`, for a program that has no command line of its own)."""
-    client = SagaClient(
-        target, timeout=deadline if deadline > 0 else None, credentials=credentials, token=token
-    )
+    """A :class:`SagaClient` to ``target`` (one address or several replicas, see
+    :mod:`sagaplane.targets`) whose calls each get ``deadline`` seconds (0: none), with
+    the coordinator's errors turned into :class:`CliError` (as :func:`connect`, for a
+    program that has no command line of its own)."""
+    try:
+        client = SagaClient(
+            target,
+            timeout=deadline if deadline > 0 else None,
+            credentials=credentials,
+            token=token,
+            server_name=server_name,
+        )
+    except ConfigurationError as exc:
+        raise CliError(f"--coordinator (SAGAPLANE_COORDINATOR): {exc}", ExitCode.USAGE) from exc
     try:
         yield client
     except CoordinatorError as exc:
@@ -105,9 +116,9 @@ async def connect_to(
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS credentials from --tls, --tls-ca, --client-cert and --client-key (None:
-    plaintext)."""
-    if not (args.tls or args.tls_ca or args.client_cert or args.client_key):
+    """TLS credentials from --tls, --tls-ca, --client-cert, --client-key and
+    --tls-server-name (None: plaintext)."""
+    if not (args.tls or args.tls_ca or args.client_cert or args.client_key or args.tls_server_name):
         return None
     try:
         return tls_credentials(args.tls_ca, cert=args.client_cert, key=args.client_key)

@@ -441,6 +441,24 @@ async def test_get_an_unknown_saga_is_status_4_and_no_coordinator_is_status_3(
     assert "Traceback" not in unreachable.err
 
 
+async def test_several_replicas_in_one_target(coordinator: Coordinator, tmp_path: Path) -> None:
+    """A list of replicas: calls go to those that answer (here one of two); a list gRPC
+    cannot resolve is a usage error that names it."""
+    saga_id = await started_saga(address(coordinator), tmp_path)
+    replicas = f"{NOWHERE},{address(coordinator)}"
+    for _ in range(3):
+        assert (await sagaplane("get", saga_id, "--coordinator", replicas)).status == 0
+    assert (await sagaplane("get", saga_id, SAGAPLANE_COORDINATOR=replicas)).status == 0
+    names = "a.internal:50051,b.internal:50051"
+    refused = await sagaplane("get", saga_id, "--coordinator", names)
+    assert refused.status == 2
+    assert f"{names!r}: 'a.internal' is not an IP address" in refused.err
+    assert "Traceback" not in refused.err
+    nowhere = await sagaplane("get", saga_id, "--coordinator", f"{NOWHERE},127.0.0.1:2")
+    assert nowhere.status == 3
+    assert f"cannot reach the coordinator at {NOWHERE},127.0.0.1:2" in nowhere.err
+
+
 async def test_a_flag_wins_over_the_environment(coordinator: Coordinator, tmp_path: Path) -> None:
     target = address(coordinator)
     saga_id = await started_saga(target, tmp_path)

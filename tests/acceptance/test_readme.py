@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from coordinator.cli import build_parser
 from examples.shop.__main__ import build_parser as build_shop_parser
 from examples.shop.services import order_steps
 from examples.users.__main__ import build_parser as build_users_parser
+from helpers.coordinators import coordinator_settings
 from helpers.database import create_database, drop_database, server_url, unique_name
 from helpers.shop import Shop, shop, shop_databases
 from sagaplane import (
@@ -588,6 +590,54 @@ async def test_the_readme_event_consumer_runs_as_written(amqp_url: str, tmp_path
             assert await cur.fetchall() == [("mailer", "web")]
     finally:
         await drop_database(name)
+
+
+async def test_the_readme_replica_examples_run_as_written(
+    database_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    """The program and the commands of "Several coordinators behind one client", against
+    three coordinators on one database and vhost (on free ports: the README's three
+    addresses are replaced by theirs, and nothing else)."""
+    title = "Operations"
+    program = marked(title, "runs this against three replicas", "python")
+    cmds = commands(marked(title, "runs these against three replicas", "sh"))
+    written = [f"127.0.0.1:{port}" for port in (50051, 50052, 50053)]
+    async with AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(
+                Coordinator(coordinator_settings(database_url, amqp_url))
+            )
+            for _ in written
+        ]
+
+        def on_free_ports(text: str) -> str:
+            assert all(address in text for address in written), text
+            for address, replica in zip(written, replicas, strict=True):
+                text = text.replace(address, f"127.0.0.1:{replica.port}")
+            return text
+
+        (tmp_path / "replicas.py").write_text(on_free_ports(program), encoding="utf-8")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(tmp_path / "replicas.py"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=fresh_shell_env(),
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        saga_id, state = out.decode().split()
+        assert ULID.match(saga_id) and state == "started", out
+        env = {**fresh_shell_env(), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+        # One shell, as pasted: the export carries over to the command after it.
+        ran = await run_as_written(
+            [on_free_ports(c) if "SAGAPLANE_COORDINATOR" in c else c for c in cmds],
+            env,
+            tmp_path,
+            tmp_path,
+        )
+        assert all(r.status == 0 for r in ran), [r.err for r in ran]
+        assert [s["id"] for s in ran[-1].json()] == [saga_id]
 
 
 def test_the_readme_documents_every_flag_and_environment_variable() -> None:

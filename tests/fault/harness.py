@@ -108,11 +108,17 @@ class CoordinatorChild(Child):
     """``python -m coordinator`` on a fixed port (so clients find it after a restart)."""
 
     def __init__(
-        self, *, database_url: str, amqp_url: str, logs: Path, timer_interval: float
+        self,
+        *,
+        database_url: str,
+        amqp_url: str,
+        logs: Path,
+        timer_interval: float,
+        name: str = "coordinator",
     ) -> None:
         self.port = free_port()
         super().__init__(
-            "coordinator",
+            name,
             [sys.executable, "-m", "coordinator"],
             env=_child_env(
                 {
@@ -125,7 +131,7 @@ class CoordinatorChild(Child):
                 }
             ),
             cwd=ROOT,
-            log_path=logs / "coordinator.log",
+            log_path=logs / f"{name}.log",
         )
 
     @property
@@ -372,7 +378,8 @@ def _cell(value: object) -> str:
 
 
 class Rig:
-    """A coordinator process, participant processes, their databases; the client side."""
+    """Coordinator processes (one, or several replicas on the one database and vhost),
+    participant processes, their databases; the client side."""
 
     def __init__(
         self,
@@ -389,9 +396,12 @@ class Rig:
         self.amqp_url = amqp_url
         self.service_urls = service_urls
         self.logs = logs
+        self._timer_interval = timer_interval
         self.coordinator = CoordinatorChild(
             database_url=database_url, amqp_url=amqp_url, logs=logs, timer_interval=timer_interval
         )
+        self.coordinators = [self.coordinator]
+        """Every coordinator of the run (:meth:`start_replicas` adds to the first)."""
         self.participants: list[ParticipantChild] = []
         self.started: dict[str, Started] = {}
         self.retried_calls = 0
@@ -407,9 +417,29 @@ class Rig:
 
     async def start_coordinator(self) -> None:
         await self.coordinator.start()
+        self._connect()
+
+    async def start_replicas(self, count: int) -> None:
+        """``count`` coordinators on the one database and vhost (the first is
+        :attr:`coordinator`), and a client given every address (one SagaClient, whose
+        channel spreads the calls over the replicas that answer)."""
+        while len(self.coordinators) < count:
+            self.coordinators.append(
+                CoordinatorChild(
+                    database_url=self.database_url,
+                    amqp_url=self.amqp_url,
+                    logs=self.logs,
+                    timer_interval=self._timer_interval,
+                    name=f"coordinator-{len(self.coordinators) + 1}",
+                )
+            )
+        await asyncio.gather(*(c.start() for c in self.coordinators))
+        self._connect()
+
+    def _connect(self) -> None:
         if self._client is None:
             self._client = SagaClient(
-                self.coordinator.address,
+                ",".join(c.address for c in self.coordinators),
                 timeout=5.0,
                 wait_for_ready=True,
                 options=_CHANNEL_OPTIONS,
@@ -446,16 +476,19 @@ class Rig:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for child in [*self.participants, self.coordinator]:
+        for child in [*self.participants, *self.coordinators]:
             with contextlib.suppress(Exception):
                 await child.stop()
         if self._client is not None:
             await self._client.close()
 
-    def assert_alive(self) -> None:
-        """The processes the fault did not kill on purpose must have survived it."""
-        for child in [self.coordinator, *self.participants]:
-            assert child.alive, f"{child.name} died (see {child.log_path}):\n{child.tail()}"
+    def assert_alive(self, *, killed: Iterable[Child] = ()) -> None:
+        """The processes the fault did not kill on purpose (``killed``: those it killed
+        and left dead) must have survived it."""
+        gone = list(killed)
+        for child in [*self.coordinators, *self.participants]:
+            if child not in gone:
+                assert child.alive, f"{child.name} died (see {child.log_path}):\n{child.tail()}"
 
     # the client
 

@@ -98,6 +98,22 @@ async def test_tls_serves_a_client_that_trusts_the_ca_and_no_other(
     assert not await reachable(address, credentials=tls_credentials(certs.other_ca.pem))
 
 
+async def test_tls_to_a_list_of_replicas_still_checks_the_server_name(
+    tls_coordinator: Coordinator, certs: Certificates
+) -> None:
+    """A list target (here the one coordinator twice: the client cannot tell) is checked
+    against one name: the list's one host, or the server name given; never none."""
+    address = f"127.0.0.1:{tls_coordinator.port}"
+    replicas = f"{address},{address}"
+    trusted = tls_credentials(certs.ca.pem)
+    async with SagaClient(replicas, credentials=trusted) as client:
+        saga = await client.start_saga("order.place", STEPS)
+        assert (await client.get_saga(saga.id)).id == saga.id
+    # The certificate names localhost too; and a name it does not carry fails.
+    assert await reachable(replicas, credentials=trusted, server_name="localhost")
+    assert not await reachable(replicas, credentials=trusted, server_name="evil.example")
+
+
 async def test_mtls_requires_a_client_certificate_of_the_ca(
     mtls_coordinator: Coordinator, certs: Certificates
 ) -> None:
@@ -136,6 +152,16 @@ async def test_the_cli_over_tls_and_mtls(
         "get", saga_id, "--coordinator", address, "--tls-ca", str(certs.ca.pem)
     )
     assert refused.status == 3, refused.err
+    # Replicas by IP: the server name to check is the list's host, or --tls-server-name.
+    replicas = f"{address},{address}"
+    both = await sagaplane("get", saga_id, "--coordinator", replicas, *mtls)
+    assert both.status == 0, both.err
+    named = ["--tls-server-name", "localhost"]
+    assert (await sagaplane("get", saga_id, "--coordinator", replicas, *mtls, *named)).status == 0
+    wrong = await sagaplane(
+        "get", saga_id, "--coordinator", replicas, *mtls, SAGAPLANE_TLS_SERVER_NAME="evil.example"
+    )
+    assert wrong.status == 3, wrong.err
     half = await sagaplane("get", saga_id, "--coordinator", address, "--client-cert", "x.pem")
     assert half.status == 2
     assert "--client-cert and --client-key" in half.err

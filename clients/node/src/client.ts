@@ -2,6 +2,7 @@
 // the contract: every call is the RPC of the same name, and `raw` is the generated
 // client for the RPCs (and call styles) this file does not wrap.
 import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
 
 import * as grpc from "@grpc/grpc-js";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
@@ -62,9 +63,131 @@ export function tlsCredentials(files: TlsFiles = {}): grpc.ChannelCredentials {
   return grpc.credentials.createSsl(read(files.ca), read(files.key), read(files.cert));
 }
 
-/** Options of the client itself: grpc-js channel options, and a bearer token sent with
- * every call (default: $SAGAPLANE_TOKEN; unset: none). */
-export type ClientOptions = Partial<grpc.ClientOptions> & { token?: string };
+/** Options of the client itself: grpc-js channel options, a bearer token sent with
+ * every call (default: $SAGAPLANE_TOKEN; unset: none), and over TLS the name the
+ * coordinators' certificates are checked against when it is not the address's host
+ * (needed for replicas listed by different IP addresses). */
+export type ClientOptions = Partial<grpc.ClientOptions> & { token?: string; serverName?: string };
+
+/**
+ * The methods repeated on UNAVAILABLE (a replica died under the call), by gRPC's retry
+ * policy: the reads, and Compensate, which the coordinator answers again without a second
+ * effect. Not StartSaga or StartSagas (without an idempotency key a repeat could start a
+ * second saga; repeat a keyed start yourself), nor ResolveCompensation (a person's
+ * decision about the step stuck now). The same as the Python client's.
+ */
+export const RETRIED_METHODS: readonly string[] = ["GetSaga", "ListActive", "ListSagas", "WatchSaga", "Compensate"];
+
+/** The service config of every channel: round_robin over the addresses the target
+ * resolves to (only replicas whose connection is ready get calls), and the retry policy
+ * of RETRIED_METHODS (4 tries in all). */
+export const SERVICE_CONFIG = JSON.stringify({
+  loadBalancingConfig: [{ round_robin: {} }],
+  methodConfig: [
+    {
+      name: RETRIED_METHODS.map((method) => ({ service: "sagaplane.v1.SagaCoordinatorService", method })),
+      retryPolicy: {
+        maxAttempts: 4,
+        initialBackoff: "0.1s",
+        maxBackoff: "1s",
+        backoffMultiplier: 2,
+        retryableStatusCodes: ["UNAVAILABLE"],
+      },
+    },
+  ],
+});
+
+/** Where the client connects: grpc-js's target, and the host of each entry of a list. */
+export interface CoordinatorTarget {
+  target: string;
+  hosts: string[];
+}
+
+/**
+ * The target of `address`, in the forms of the Python client and the CLI: HOST:PORT (one
+ * address), several replicas as IP:PORT,IP:PORT,... (all IPv4, or all [IPv6]:PORT;
+ * grpc-js's ipv4:/ipv6: targets, whose prefix may be written), or a target URI
+ * (dns:///NAME:PORT for every address of a name, unix:PATH). Throws an Error naming the
+ * address for a list gRPC cannot resolve: host names (gRPC resolves one name per
+ * channel), IPv4 mixed with IPv6, an entry without its port.
+ */
+export function coordinatorTarget(address: string): CoordinatorTarget {
+  const text = address.trim();
+  const refuse = (why: string): never => {
+    throw new Error(`coordinator address ${JSON.stringify(address)}: ${why}`);
+  };
+  if (!text) refuse("empty: give HOST:PORT");
+  const lowered = text.toLowerCase();
+  if (["dns:", "unix:", "unix-abstract:"].some((scheme) => lowered.startsWith(scheme))) {
+    if (text.includes(",")) refuse("a dns: or unix: target names one host; list replicas by IP address");
+    return { target: text, hosts: [] };
+  }
+  let family = 0;
+  let body = text;
+  for (const version of [4, 6]) {
+    if (lowered.startsWith(`ipv${version}:`)) [family, body] = [version, text.slice(5)];
+  }
+  if (!family && !text.includes(",")) return { target: text, hosts: [] };
+  const entries = body.split(",").map((raw) => {
+    const entry = raw.trim();
+    const colon = entry.lastIndexOf(":");
+    const host = colon > 0 ? entry.slice(0, colon) : "";
+    const port = colon > 0 ? entry.slice(colon + 1) : "";
+    if (!host) refuse(`${JSON.stringify(entry)} has no port; each address of a list is IP:PORT ([IPV6]:PORT)`);
+    const bracketed = host.startsWith("[") && host.endsWith("]");
+    const version = isIP(bracketed ? host.slice(1, -1) : host);
+    if (!version) {
+      refuse(
+        `${JSON.stringify(host)} is not an IP address. gRPC resolves one host name per channel, not a list ` +
+          "of them: list the replicas by IP address, give one DNS name that resolves to all of them " +
+          "(dns:///coordinator.internal:50051), or put a load balancer in front",
+      );
+    }
+    if (version === 6 && !bracketed) refuse(`write the IPv6 address ${host} in brackets, [${host}]:PORT`);
+    if (!/^\d+$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+      refuse(`${JSON.stringify(port)} in ${JSON.stringify(entry)} is not a port (1-65535)`);
+    }
+    return { version, host, port: Number(port) };
+  });
+  const versions = new Set(entries.map((e) => e.version));
+  if (versions.size > 1) refuse("mixes IPv4 and IPv6 addresses; gRPC takes a list of one family");
+  const [version] = versions;
+  if (family && family !== version) refuse(`ipv${family}: lists IPv${family} addresses only`);
+  return {
+    target: `ipv${version}:` + entries.map((e) => `${e.host}:${e.port}`).join(","),
+    hosts: entries.map((e) => e.host),
+  };
+}
+
+/** The channel options for `address`: SERVICE_CONFIG (unless `given` brings its own), the
+ * name TLS checks (`serverName`; for a list of replicas, its host when all share one),
+ * then `given`. A TLS list of different hosts without `serverName` throws: grpc-js would
+ * check every replica's certificate against the first one's host. */
+function channelOptions(
+  address: CoordinatorTarget,
+  secure: boolean,
+  serverName: string | undefined,
+  given: Partial<grpc.ClientOptions>,
+): Partial<grpc.ClientOptions> {
+  const options: Partial<grpc.ClientOptions> = {};
+  if (!("grpc.service_config" in given) && !("grpc.lb_policy_name" in given)) {
+    options["grpc.service_config"] = SERVICE_CONFIG;
+  }
+  const hosts = new Set(address.hosts);
+  if (secure && !serverName && hosts.size > 1) {
+    throw new Error(
+      `coordinator address ${address.target}: over TLS, every replica's certificate is checked against ` +
+        "one name: give the name the replicas' certificates carry (options.serverName)",
+    );
+  }
+  // grpc-js checks a TLS certificate against the target's host (a list's first one) or
+  // against this override; grpc.default_authority only changes the :authority header.
+  if (serverName) {
+    options["grpc.ssl_target_name_override"] = serverName;
+    options["grpc.default_authority"] = serverName;
+  }
+  return { ...options, ...given };
+}
 
 type Unary<Req, Res> = (
   request: Req,
@@ -79,14 +202,22 @@ export class SagaplaneClient {
 
   private readonly token: string | undefined;
 
+  /**
+   * A client of the coordinator at `address` (see coordinatorTarget: one HOST:PORT, or
+   * several replicas as IP:PORT,IP:PORT,..., or dns:///NAME:PORT). Calls are spread over
+   * the replicas whose connection is ready, and RETRIED_METHODS are repeated on
+   * UNAVAILABLE; starts are not (repeat a start with an idempotency key yourself).
+   */
   constructor(
     address: string = DEFAULT_ADDRESS,
     credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
     options: ClientOptions = {},
   ) {
-    const { token, ...channelOptions } = options;
+    const { token, serverName, ...given } = options;
     this.token = token ?? (process.env.SAGAPLANE_TOKEN || undefined);
-    this.raw = new SagaCoordinatorServiceClient(address, credentials, channelOptions);
+    const target = coordinatorTarget(address);
+    const channel = channelOptions(target, credentials._isSecure(), serverName, given);
+    this.raw = new SagaCoordinatorServiceClient(target.target, credentials, channel);
   }
 
   /** StartSaga; resolves to the saga as recorded. Rejects with a grpc.ServiceError. */

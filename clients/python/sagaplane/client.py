@@ -26,10 +26,11 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sagaplane import defaults, jsonform, structs, tracing
+from sagaplane import backoff, defaults, jsonform, structs, targets, tracing
 from sagaplane.durations import to_duration
 from sagaplane.errors import (
     CoordinatorError,
+    CoordinatorUnavailable,
     FieldViolation,
     InvalidArgument,
     WaitTimeout,
@@ -133,7 +134,9 @@ class StartedSaga:
     saga: Saga
     """The saga, as recorded (for a replay: as it is now)."""
     replayed: bool
-    """True when the idempotency key had started this saga before: nothing new began."""
+    """True when the idempotency key had started this saga before: nothing new began.
+    (Also when a try of this same call started it and its answer was lost with the
+    coordinator that gave it: the repeat replays it.)"""
 
 
 @dataclass(frozen=True)
@@ -162,13 +165,31 @@ class StartedSagas(list[Saga]):
 class SagaClient:
     """A connection to the coordinator; use ``async with SagaClient(...) as client:``.
 
-    ``target`` is ``host:port`` (default: ``SAGAPLANE_COORDINATOR``, else
-    :data:`DEFAULT_TARGET`). Pass ``credentials`` for TLS (:func:`tls_credentials`)
-    and ``token`` (default: ``SAGAPLANE_TOKEN``) to send ``authorization: Bearer
-    <token>`` with every call. ``timeout`` is each call's
-    deadline in seconds (None: no deadline). With ``wait_for_ready``, a call made while
-    the coordinator is unreachable waits (within its deadline) for it to come back
-    instead of failing at once. ``options`` are grpc channel options.
+    ``target`` (default: ``SAGAPLANE_COORDINATOR``, else :data:`DEFAULT_TARGET`) is
+    ``host:port``, or several coordinator replicas as ``ip:port,ip:port,...`` (all IPv4,
+    or all IPv6 in brackets), or a gRPC target URI such as
+    ``dns:///coordinator.internal:50051`` (every address the name resolves to); a form
+    gRPC cannot resolve (a list of host names) raises
+    :class:`~sagaplane.errors.ConfigurationError` naming it. Calls are spread over every
+    replica whose connection is ready (gRPC's round_robin), so one that dies is left
+    out; see :mod:`sagaplane.targets`.
+
+    A call that fails with UNAVAILABLE (its replica died under it, say) is repeated, up
+    to :data:`~sagaplane.targets.RETRY_ATTEMPTS` tries in all, only when repeating it
+    cannot do anything twice: the reads (GetSaga, ListActive, ListSagas, the opening of
+    WatchSaga), Compensate, and a StartSaga or StartSagas whose every saga has an
+    idempotency key (repeating it replays the saga the first try may have started). A
+    start without a key is not repeated, since it could start a second saga; nor is
+    ResolveCompensation. gRPC itself repeats any call that never reached a coordinator.
+
+    Pass ``credentials`` for TLS (:func:`tls_credentials`); ``server_name`` is the name
+    the coordinators' certificates are checked against when it is not the target's host
+    (needed for a list of replicas with different hosts). ``token`` (default:
+    ``SAGAPLANE_TOKEN``) is sent as ``authorization: Bearer <token>`` with every call.
+    ``timeout`` is each call's deadline in seconds (None: no deadline). With
+    ``wait_for_ready``, a call made while no coordinator is reachable waits (within its
+    deadline) for one to come back instead of failing at once. ``options`` are grpc
+    channel options (a ``grpc.service_config`` of their own replaces the one above).
     """
 
     def __init__(
@@ -180,8 +201,12 @@ class SagaClient:
         timeout: float | None = 10.0,
         wait_for_ready: bool = False,
         options: Iterable[tuple[str, Any]] = (),
+        server_name: str | None = None,
     ) -> None:
         self.target = target or os.environ.get("SAGAPLANE_COORDINATOR") or DEFAULT_TARGET
+        """The target as given (what messages name)."""
+        # Parsed now, so that a form gRPC cannot resolve is refused where it was given.
+        self._target = targets.parse(self.target)
         self._credentials = credentials
         token = token or os.environ.get("SAGAPLANE_TOKEN")
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -191,7 +216,12 @@ class SagaClient:
         self._wait_for_ready = wait_for_ready
         # A saga of many steps with large outputs is more than gRPC's default 4 MiB
         # answer (100 outputs of 64 KiB are 6.25 MiB): read up to MAX_ANSWER_BYTES.
-        self._options = [("grpc.max_receive_message_length", MAX_ANSWER_BYTES), *options]
+        self._options = targets.channel_options(
+            self._target,
+            tls=credentials is not None,
+            server_name=server_name,
+            options=[("grpc.max_receive_message_length", MAX_ANSWER_BYTES), *options],
+        )
         self._channel: grpc.aio.Channel | None = None
         self._stub: coordinator_pb2_grpc.SagaCoordinatorServiceAsyncStub | None = None
         self._health: health_pb2_grpc.HealthStub | None = None
@@ -202,10 +232,10 @@ class SagaClient:
         # Created on first use, inside the running loop that grpc.aio binds the channel to.
         if self._channel is None:
             if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+                self._channel = grpc.aio.insecure_channel(self._target.uri, options=self._options)
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._options
+                    self._target.uri, self._credentials, options=self._options
                 )
         return self._channel
 
@@ -229,6 +259,29 @@ class SagaClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    async def _start_call(
+        self, call: Callable[..., Awaitable[_R]], request: object, *, keyed: bool
+    ) -> _R:
+        """A StartSaga or StartSagas call, repeated on UNAVAILABLE when ``keyed`` (every
+        saga has an idempotency key: a repeat replays what the lost try started).
+
+        gRPC's retry policy is chosen per method, not per request, so it cannot tell a
+        keyed start from one without a key: these repeats are this client's own, as many
+        as gRPC makes of the reads (:data:`~sagaplane.targets.RETRY_ATTEMPTS`).
+        """
+        failures = 0
+        while True:
+            try:
+                return await self._call(call, request)
+            except CoordinatorUnavailable as exc:
+                failures += 1
+                # DEADLINE_EXCEEDED maps to CoordinatorUnavailable too; a call that used
+                # its whole deadline is not repeated past it.
+                unavailable = exc.code is grpc.StatusCode.UNAVAILABLE
+                if not keyed or not unavailable or failures >= targets.RETRY_ATTEMPTS:
+                    raise
+            await asyncio.sleep(backoff.delay(failures, initial=0.05, maximum=1.0))
+
     # -- starting ---------------------------------------------------------------------
 
     async def start_saga(
@@ -247,7 +300,9 @@ class SagaClient:
 
         ``steps`` are :class:`StepSpec` or dicts with the same keys. With an
         ``idempotency_key``, repeating the same call returns the saga already started
-        (a different request with that key raises ``IdempotencyConflict``).
+        (a different request with that key raises ``IdempotencyConflict``), so the client
+        repeats it by itself when a coordinator is lost under it; without a key, a lost
+        answer raises CoordinatorUnavailable and the saga may or may not have started.
         ``retry_policy`` and ``compensation_retry_policy`` apply to every step that does
         not set its own; ``step_timeout`` limits each attempt of such a step;
         ``timeout`` limits the whole saga (it is compensated when it passes).
@@ -279,7 +334,8 @@ class SagaClient:
         idempotency key used before, nothing new is started (``replayed``)."""
         if not isinstance(request, coordinator_pb2.StartSagaRequest):
             request = parse_start_request(request)
-        response = await self._call(self._service().StartSaga, request)
+        keyed = bool(request.idempotency_key)
+        response = await self._start_call(self._service().StartSaga, request, keyed=keyed)
         return StartedSaga(saga=Saga.from_proto(response.saga), replayed=response.replayed)
 
     async def start_sagas(
@@ -308,7 +364,8 @@ class SagaClient:
                 violations.append(FieldViolation(f"sagas[{i}]", exc.message))
         if violations:
             raise InvalidArgument("; ".join(map(str, violations)), violations=tuple(violations))
-        response = await self._call(self._service().StartSagas, batch)
+        keyed = all(s.idempotency_key for s in batch.sagas)
+        response = await self._start_call(self._service().StartSagas, batch, keyed=keyed)
         return StartedSagas(
             (Saga.from_proto(s) for s in response.sagas), replayed=response.replayed
         )
