@@ -775,39 +775,40 @@ async def _system_runs(
 async def _watchers_runs(
     env: Environment, system: System, args: argparse.Namespace, watcher: TerminalWatcher
 ) -> dict[str, Any]:
-    """The closed loop without watchers, with one WatchSaga stream per saga in flight,
-    and without again (bench/watchers.py)."""
+    """The closed loop without watchers, then ``--variant-rounds`` times with one
+    WatchSaga stream per saga in flight and without again (bench/watchers.py)."""
     one = system.targets[:1]
-    off = []
-    _progress(f"watchers: {args.sagas} sagas without watchers")
-    off.append(
-        await measured_closed_loop(
+    runs: list[tuple[bool, tuple[dict[str, Any], dict[str, Any]]]] = []
+
+    async def without() -> None:
+        _progress(f"watchers: {args.sagas} sagas without watchers")
+        figures = await measured_closed_loop(
             env, system, args, watcher, targets=one, profile=False, label="no watchers"
         )
-    )
-    _progress(f"watchers: {args.sagas} sagas, a WatchSaga stream on each saga in flight")
+        runs.append((False, figures))
+
+    await without()
     async with watchers.Watchers(one[0]) as watched:
-        on = await measured_closed_loop(
-            env,
-            system,
-            args,
-            watcher,
-            targets=one,
-            profile=args.profile,
-            label=f"{args.concurrency} watchers",
-            on_started=watched.started,
-        )
-        await watched.drain()
-    _progress(f"watchers: {args.sagas} sagas without watchers, again")
-    off.append(
-        await measured_closed_loop(
-            env, system, args, watcher, targets=one, profile=False, label="no watchers"
-        )
-    )
-    figures = watchers.compare(off, on, watched, system.coordinators[0].name)
+        for n in range(args.variant_rounds):
+            _progress(f"watchers: {args.sagas} sagas, a WatchSaga stream on each saga in flight")
+            figures = await measured_closed_loop(
+                env,
+                system,
+                args,
+                watcher,
+                targets=one,
+                profile=args.profile and n == 0,
+                label=f"{args.concurrency} watchers",
+                on_started=watched.started,
+            )
+            await watched.drain()
+            runs.append((True, figures))
+            await without()
+    figures = watchers.compare(runs, watched, system.coordinators[0].name)
     _progress(
         f"  watchers: coordinator CPU per saga +{figures['coordinator_cpu_increase_pct']}%"
-        f" ({figures['coordinator_cpu_extra_pct_of_core']} % of a core more), sagas/s ratio"
+        f" ({figures['coordinator_cpu_extra_pct_of_core']} % of a core more,"
+        f" {figures['coordinator_cpu_ms_per_stream']} ms per stream), sagas/s ratio"
         f" {figures['sagas_per_s_ratio']}, {figures['watchers']['peak_concurrent']} streams"
         " open at most"
     )

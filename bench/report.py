@@ -417,9 +417,10 @@ def render(results: dict[str, Any]) -> str:
         streams = watching["watchers"]
         lines += [
             "",
-            f"WatchSaga streams (closed loop, 1 coordinator): without watchers, with one stream"
-            f" per saga in flight ({streams['peak_concurrent']} open at most, {streams['streams']}"
-            f" in all, {streams['messages']} messages), and without again",
+            f"WatchSaga streams (closed loop, 1 coordinator): without watchers, then with one"
+            f" stream per saga in flight ({streams['peak_concurrent']} open at most,"
+            f" {streams['streams']} in all, {streams['messages']} messages) and without again,"
+            " each with-run set against the runs on either side",
         ]
         lines += table(
             [
@@ -434,11 +435,18 @@ def render(results: dict[str, Any]) -> str:
             ],
             ["", "sagas/s", "p50 ms", "coord CPU ms/saga", "coord CPU %"],
         )
+        by_round = watching.get("coordinator_cpu_increase_pct_by_round")
         lines.append(
-            f"  watchers: coordinator CPU per saga {watching['coordinator_cpu_increase_pct']:+}%,"
-            f" {watching['coordinator_cpu_extra_pct_of_core']:+}% of a core; sagas/s ratio"
-            f" {fmt(watching['sagas_per_s_ratio'], 3)}; streams ended {streams['ended']},"
-            f" errors {len(streams['errors'])}"
+            f"  watchers: coordinator CPU per saga {watching['coordinator_cpu_increase_pct']:+}%"
+            + (f" (median; by round {', '.join(f'{x:+}%' for x in by_round)})" if by_round else "")
+            + f", {watching['coordinator_cpu_extra_pct_of_core']:+}% of a core"
+            + (
+                f", {watching['coordinator_cpu_ms_per_stream']} ms per stream"
+                if "coordinator_cpu_ms_per_stream" in watching
+                else ""
+            )
+            + f"; sagas/s ratio {fmt(watching['sagas_per_s_ratio'], 3)}; streams ended"
+            f" {streams['ended']}, errors {len(streams['errors'])}"
         )
         for i, r in enumerate(watching["runs"]):
             lines += _disturbed(f"watchers run {i + 1}", r)

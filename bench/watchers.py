@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,35 +94,56 @@ def coordinator_cpu_ms_per_saga(used: dict[str, Any], name: str) -> float:
 
 
 def compare(
-    off: list[tuple[dict[str, Any], dict[str, Any]]],
-    on: tuple[dict[str, Any], dict[str, Any]],
+    runs: list[tuple[bool, tuple[dict[str, Any], dict[str, Any]]]],
     watched: Watchers,
     coordinator: str,
 ) -> dict[str, Any]:
-    """The phase's figures: each run's throughput and coordinator CPU, and the cost."""
-    runs = [*off, on]
-    cpu = [coordinator_cpu_ms_per_saga(used, coordinator) for _, used in runs]
-    pct = [used["processes"][coordinator]["cpu_pct"] for _, used in runs]
-    base_cpu = sum(cpu[:-1]) / len(off)
-    base_pct = sum(pct[:-1]) / len(off)
+    """The phase's figures from its runs in order, each (with watchers?, (figures,
+    resources)), runs without and with watchers alternating and without first and last:
+    each run's throughput and coordinator CPU, and the cost. Each run with watchers is
+    set against the mean of the runs without on either side of it (drift over the phase
+    does not count as cost), and the median of those pairs is the cost."""
+    cpu = [coordinator_cpu_ms_per_saga(used, coordinator) for _, (_, used) in runs]
+    pct = [used["processes"][coordinator]["cpu_pct"] for _, (_, used) in runs]
+    rate = [figures["sagas_per_s"] for _, (figures, _) in runs]
+    increases, extras, ratios = [], [], []
+    for i, (with_watchers, _) in enumerate(runs):
+        if not with_watchers:
+            continue
+        around = [j for j in (i - 1, i + 1) if 0 <= j < len(runs) and not runs[j][0]]
+        base_cpu = sum(cpu[j] for j in around) / len(around)
+        base_pct = sum(pct[j] for j in around) / len(around)
+        base_rate = sum(rate[j] for j in around) / len(around)
+        increases.append(100 * (cpu[i] - base_cpu) / base_cpu)
+        extras.append(pct[i] - base_pct)
+        ratios.append(rate[i] / base_rate if base_rate else 0.0)
     return {
         "runs": [
             {
-                "watchers": i == len(runs) - 1,
+                "watchers": with_watchers,
                 "sagas_per_s": figures["sagas_per_s"],
                 "p50_ms": figures["start_to_terminal_ms"]["p50"],
                 "coordinator_cpu_ms_per_saga": cpu[i],
                 "coordinator_cpu_pct": pct[i],
                 "disturbed": figures["disturbed"],
             }
-            for i, (figures, _) in enumerate(runs)
+            for i, (with_watchers, (figures, _)) in enumerate(runs)
         ],
         "watchers": watched.figures(),
         # Relative: how much more CPU a saga costs the coordinator with watchers.
-        "coordinator_cpu_increase_pct": round(100 * (cpu[-1] - base_cpu) / base_cpu, 1),
+        "coordinator_cpu_increase_pct": round(statistics.median(increases), 1),
+        "coordinator_cpu_increase_pct_by_round": [round(x, 1) for x in increases],
         # Absolute: the extra share of a core the coordinator used.
-        "coordinator_cpu_extra_pct_of_core": round(pct[-1] - base_pct, 1),
-        "sagas_per_s_ratio": round(
-            on[0]["sagas_per_s"] / (sum(f["sagas_per_s"] for f, _ in off) / len(off)), 3
+        "coordinator_cpu_extra_pct_of_core": round(statistics.median(extras), 1),
+        "coordinator_cpu_extra_pct_of_core_by_round": [round(x, 1) for x in extras],
+        # Absolute, per saga: the coordinator's extra CPU that one saga's stream costs.
+        "coordinator_cpu_ms_per_stream": round(
+            statistics.median(
+                cpu[i] - sum(cpu[j] for j in (i - 1, i + 1)) / 2
+                for i, (w, _) in enumerate(runs)
+                if w
+            ),
+            3,
         ),
+        "sagas_per_s_ratio": round(statistics.median(ratios), 3),
     }

@@ -198,9 +198,10 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         with self._listener.watch(saga_id) as changes:
             first = True
             while True:
-                # A transition this coordinator committed comes with the wake-up; any
-                # other is read (store/notifications.py).
-                handed = None if first else changes.take(after)
+                # A saga this coordinator just started is remembered (store/recent.py),
+                # a transition it committed comes with the wake-up (notifications.py);
+                # anything else is read.
+                handed = self._recalled(saga_id, after) if first else changes.take(after)
                 if handed is not None:
                     saga, entries = handed
                 else:
@@ -215,6 +216,16 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
                 if saga.state in FINAL_STATES:
                     return
                 await changes.wait()
+
+    def _recalled(
+        self, saga_id: str, after: int
+    ) -> tuple[engine.Saga, list[engine.HistoryEntry]] | None:
+        """The saga as its start here left it, with its entries after ``after``; None
+        when it is not remembered (or no longer current)."""
+        found = self._listener.recent.recall(saga_id)
+        if found is None:
+            return None
+        return found.saga, [e for e in found.entries if e.position > after]
 
     async def ResolveCompensation(
         self, request: coordinator_pb2.ResolveCompensationRequest, context: Context

@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from coordinator.engine.model import HistoryEntry, Saga
+from coordinator.store.recent import RecentStarts
 from sagaplane import backoff
 from sagaplane.runtime import log_crash
 
@@ -167,6 +168,8 @@ class Listener:
         """The background task, once started."""
         self.connected = asyncio.Event()
         """Set while LISTEN is in effect (tests wait for it)."""
+        self.recent = RecentStarts()
+        """Sagas this process just started, for their first watchers (store/recent.py)."""
 
     async def start(self) -> None:
         """Start listening in the background; returns once the first LISTEN is in
@@ -191,6 +194,7 @@ class Listener:
         """Wake-ups for ``saga_id`` while the block runs. Enter it before the first
         read: a commit after that read then always wakes the watcher."""
         changes = Changes(saga_id)
+        self.recent.watched()
         self._watchers.setdefault(saga_id, set()).add(changes)
         try:
             yield changes
@@ -252,10 +256,13 @@ class Listener:
                         log.info("history listener: listening again")
                     failures = 0
                     self.connected.set()
-                    # Whatever was committed while nobody listened: everyone re-reads.
+                    # Whatever was committed while nobody listened: everyone re-reads,
+                    # and nothing remembered can be trusted.
+                    self.recent.listening(True)
                     self._wake_all()
                     async for notification in conn.notifies():
                         saga_id, upto = _payload(notification.payload)
+                        self.recent.noted(saga_id, upto)
                         for changes in self._watchers.get(saga_id, ()):
                             changes.wake(upto)
             except psycopg.Error as exc:
@@ -266,6 +273,7 @@ class Listener:
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
+                self.recent.listening(False)
 
 
 def _payload(payload: str) -> tuple[str, int | None]:

@@ -715,14 +715,26 @@ class SagaStore:
         ]
         statements += last
         listener = self.listener
-        watched = [] if new or listener is None else [s for s in latest if listener.watched(s)]
-        if watched:
-            # Last before the COMMIT: its rows are the batch's last result.
-            statements.append((q("select_written_history"), {"ids": watched}))
-        statements.append(("COMMIT", None))
-        if not watched or listener is None:
+        if listener is None:
+            statements.append(("COMMIT", None))
             await batch.run(cur, statements)
             return
+        # Whose written entries this process keeps (their positions are read last before
+        # the COMMIT, under the sagas' row locks): a new saga's, remembered for its first
+        # watchers while WatchSaga is in use (store/recent.py); a changed saga's, handed
+        # to its watchers (store/notifications.py).
+        remembered = list(latest) if new and listener.recent.remembering() else []
+        watched = [] if new else [s for s in latest if listener.watched(s)]
+        if not new:
+            listener.recent.forget(latest)
+        kept = remembered or watched
+        if kept:
+            statements.append((q("select_written_history"), {"ids": kept}))
+        statements.append(("COMMIT", None))
+        if not kept:
+            await batch.run(cur, statements)
+            return
+        since = listener.recent.since()
         with listener.expecting(watched):
             results = await batch.run(cur, statements)
             written: dict[str, list[DictRow]] = {}
@@ -730,7 +742,10 @@ class SagaStore:
                 written.setdefault(row["saga_id"], []).append(row)
             for saga_id, rows in written.items():
                 entries = [_history_from_row(r) for r in rows]
-                listener.committed(saga_id, rows[0]["prior"], latest[saga_id], entries)
+                if remembered:
+                    listener.recent.remember(latest[saga_id], entries, since)
+                else:
+                    listener.committed(saga_id, rows[0]["prior"], latest[saga_id], entries)
 
     def _outbound(self, command: Command, trace: Mapping[str, str] | None) -> OutboundMessage:
         """The outbox row of ``command``; in a traced saga, its AMQP headers carry the

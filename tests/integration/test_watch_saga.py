@@ -308,6 +308,70 @@ async def test_transitions_its_own_coordinator_commits_are_not_read_back(
     assert later[-1].saga == stored
 
 
+async def test_a_saga_just_started_here_is_watched_without_reading_it_back(
+    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While WatchSaga is in use, a saga this coordinator starts is remembered for its
+    first watchers (store/recent.py): a stream opened right after StartSaga reads
+    nothing, and says exactly what the database holds."""
+    store = store_of(coordinator)
+    # WatchSaga in use: starts are remembered from now on.
+    warm = stub.WatchSaga(api.WatchSagaRequest(id=(await stub.StartSaga(request())).saga.id))
+    await next_message(warm)
+    warm.cancel()
+    reads = 0
+    changes = store.changes
+
+    async def counted(saga_id: str, *, after: int) -> object:
+        nonlocal reads
+        reads += 1
+        return await changes(saga_id, after=after)
+
+    monkeypatch.setattr(store, "changes", counted)
+    saga_id = (await stub.StartSaga(request())).saga.id
+    stream = stub.WatchSaga(api.WatchSagaRequest(id=saga_id))
+    first = await next_message(stream)
+    assert reads == 0
+    stored = (await stub.GetSaga(api.GetSagaRequest(id=saga_id, include_history=True))).saga
+    assert [(h.position, h.event, h.at) for h in first.history] == [
+        (h.position, h.event, h.at) for h in stored.history
+    ]
+    del stored.history[:]
+    assert first.saga == stored
+    for _ in STEPS:
+        await succeed(store, saga_id)
+    later = await rest(stream)
+    assert reads == 0
+    received = [h for m in [first, *later] for h in m.history]
+    assert [(h.position, h.event, h.step_name) for h in received] == await events(stub, saga_id)
+    # From a position: only what comes after it.
+    again = stub.WatchSaga(api.WatchSagaRequest(id=saga_id, after_position=received[-2].position))
+    assert [h.position for h in (await next_message(again)).history] == [received[-1].position]
+
+
+async def test_a_remembered_start_that_a_replica_moved_on_is_read_again(
+    stub: Stub, coordinator: Coordinator, second: Coordinator
+) -> None:
+    """A replica's commit after the start (notified to this coordinator's listener)
+    makes the start's memory stale: the first message is read from the database."""
+    warm = stub.WatchSaga(api.WatchSagaRequest(id=(await stub.StartSaga(request())).saga.id))
+    await next_message(warm)
+    warm.cancel()
+    saga_id = (await stub.StartSaga(request())).saga.id
+    listener = coordinator.listener
+    assert listener is not None and listener.recent.recall(saga_id) is not None
+    await succeed(store_of(second), saga_id)
+    async with asyncio.timeout(WAIT):
+        while listener.recent.recall(saga_id) is not None:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # until the notification is in
+    stream = stub.WatchSaga(api.WatchSagaRequest(id=saga_id))
+    first = await next_message(stream)
+    assert [(h.position, h.event, h.step_name) for h in first.history] == await events(
+        stub, saga_id
+    )
+    stream.cancel()
+
+
 def rss_mib(pid: int) -> float:
     """A process's resident set size, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
