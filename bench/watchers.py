@@ -125,9 +125,16 @@ def compare(
                 "p50_ms": figures["start_to_terminal_ms"]["p50"],
                 "coordinator_cpu_ms_per_saga": cpu[i],
                 "coordinator_cpu_pct": pct[i],
+                # Where the coordinator's CPU went: its threads (main: the event loop).
+                "coordinator_threads_ms_per_saga": {
+                    thread: round(1000 * seconds / max(1, used["sagas"]), 3)
+                    for thread, seconds in used["processes"][coordinator]
+                    .get("threads_cpu_s", {})
+                    .items()
+                },
                 "disturbed": figures["disturbed"],
             }
-            for i, (with_watchers, (figures, _)) in enumerate(runs)
+            for i, (with_watchers, (figures, used)) in enumerate(runs)
         ],
         "watchers": watched.figures(),
         # Relative: how much more CPU a saga costs the coordinator with watchers.
