@@ -127,28 +127,43 @@ def saga_to_proto(saga: Saga, history: Sequence[HistoryEntry] = ()) -> saga_pb2.
 
 
 class SagaViews:
-    """Successive API views of one saga (WatchSaga's messages), converting only what
-    changed since the previous view: a saga's context never changes, and a transition
-    changes a step or two. Converting the whole saga again for every message was most of
-    what a watcher cost beyond gRPC itself (``python -m bench --phases watchers``)."""
+    """Successive API views of one saga (WatchSaga's messages), changing in the previous
+    view only what changed: a saga's context never changes, and a transition changes a
+    step or two. Converting the whole saga again for every message was most of what a
+    watcher cost beyond gRPC itself (``python -m bench --phases watchers``)."""
 
     def __init__(self) -> None:
+        self._wire: saga_pb2.Saga | None = None
         self._context: JsonObject | None = None
-        self._context_view: struct_pb2.Struct | None = None
-        self._steps: dict[int, tuple[Step, saga_pb2.Step]] = {}
+        self._steps: list[Step] = []
 
     def view(self, saga: Saga) -> saga_pb2.Saga:
-        """The API view of ``saga`` (without history), as :func:`saga_to_proto` gives."""
-        if self._context_view is None or not _same(saga.context, self._context):
-            self._context, self._context_view = saga.context, structs.to_struct(saga.context)
-        steps = []
-        for step in saga.steps:
-            known = self._steps.get(step.position)
-            if known is None or not _same(step, known[0]):
-                known = (step, step_to_proto(step, saga.steps))
-                self._steps[step.position] = known
-            steps.append(known[1])
-        return _saga(saga, steps, self._context_view)
+        """The API view of ``saga`` (without history), as :func:`saga_to_proto` gives.
+
+        It is this object's own message, changed in place by the next call: copy it (as
+        putting it in another message does) to keep it."""
+        wire = self._wire
+        if (
+            wire is None
+            or wire.id != saga.id
+            or len(self._steps) != len(saga.steps)
+            or not _same(saga.context, self._context)
+        ):
+            self._wire = saga_to_proto(saga)
+            self._context, self._steps = saga.context, list(saga.steps)
+            return self._wire
+        for i, step in enumerate(saga.steps):
+            if not _same(step, self._steps[i]):
+                wire.steps[i].CopyFrom(step_to_proto(step, saga.steps))
+                self._steps[i] = step
+        wire.state = _SAGA_STATES[saga.state]
+        for name in ("updated_at", "completed_at", "deadline_at"):
+            value = _timestamp(getattr(saga, name))
+            if value is None:
+                wire.ClearField(name)
+            else:
+                getattr(wire, name).CopyFrom(value)
+        return wire
 
 
 def _same(a: object, b: object) -> bool:

@@ -13,14 +13,16 @@ from hypothesis import strategies as st
 
 from coordinator.api import convert
 from coordinator.engine import apply
+from sagaplane.v1 import saga_pb2
 
 
 def test_every_view_equals_a_whole_conversion_as_the_saga_moves() -> None:
     tokens = Tokens()
     t = start_saga(specs(True, True, True), tokens=tokens, context={"order": 7, "big": "x" * 500})
     views = convert.SagaViews()
-    saga, seen = t.saga, []
-    assert views.view(saga) == convert.saga_to_proto(saga)
+    saga, seen = t.saga, [saga_pb2.Saga()]
+    seen[0].CopyFrom(views.view(saga))
+    assert seen[0] == convert.saga_to_proto(saga)
     outputs = [{"id": 1}, {"ok": True}, None]
     for n, output in enumerate(outputs):
         [command] = t.commands
@@ -34,7 +36,8 @@ def test_every_view_equals_a_whole_conversion_as_the_saga_moves() -> None:
         saga = t.saga
         view = views.view(saga)
         assert view == convert.saga_to_proto(saga)
-        seen.append(view)
+        seen.append(saga_pb2.Saga())
+        seen[-1].CopyFrom(view)
         if not t.commands:
             break
     # The failure compensates: the steps' statuses moved, and each view showed it.
