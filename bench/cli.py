@@ -67,6 +67,9 @@ from sagaplane.runtime import EVENT_LOOPS
 from sagaplane.testing import Child, free_port, rabbitmqctl, wait_for_consumers
 from sagaplane.topology import participant_queue
 
+BROKER = "rabbitmq (whole broker)"
+"""The broker's name among a run's metered processes."""
+
 PHASES = (
     "baselines",
     "throughput",
@@ -546,7 +549,7 @@ async def measured_closed_loop(
     pids["harness (load + poll)"] = os.getpid()
     broker = broker_pid()
     if broker is not None:
-        pids["rabbitmq (whole broker)"] = broker
+        pids[BROKER] = broker
     meter = Meter(pids)
     watched = [*system.coordinators, *system.participants.values()]
     offsets = log_offsets(watched)
@@ -927,19 +930,34 @@ async def _observed_loop(
             watcher.take_troubles()
         offsets = log_offsets(processes)
         span_files = observability.span_files(processes)
-        meter = Meter({p.name: p.pid for p in processes})
+        pids = {p.name: p.pid for p in processes}
+        broker = broker_pid()
+        if broker is not None:
+            pids[BROKER] = broker
+        meter = Meter(pids)
+        backends = BackendMeter(args.database_url, list(env.databases))
         scraper = observability.Scraper(ports, args.scrape_interval)
+        await backends.start()
         meter.start()
         async with scraper, load() as measured:
             samples = await closed_loop(
                 measured, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
             )
         used = await meter.stop()
+        try:
+            backend_cpu = await backends.stop()
+        except psycopg.Error:
+            backend_cpu = {}
         env.check_alive(processes)
         figures = analyse(samples)
         figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
-    cpu = sum(p["cpu_s"] for p in used["processes"].values())
-    figures["cpu_ms_per_saga"] = round(1000 * cpu / max(1, figures["terminal"]), 3)
+    done = max(1, figures["terminal"])
+    cpu = sum(p["cpu_s"] for name, p in used["processes"].items() if name != BROKER)
+    figures["cpu_ms_per_saga"] = round(1000 * cpu / done, 3)
+    # PostgreSQL's and RabbitMQ's own CPU per saga, for the same work in every variant
+    # (bench/variants.py: what the machine's speed did to this run).
+    services = sum(backend_cpu.values()) + used["processes"].get(BROKER, {}).get("cpu_s", 0.0)
+    figures["services_cpu_ms_per_saga"] = round(1000 * services / done, 3) if services else None
     if ports:
         figures["scraper"] = scraper.figures()
     # Spans of the measured loop printed by the processes (a console exporter); those
@@ -1150,7 +1168,7 @@ async def _metered_open_loop(
     pids = {p.name: p.pid for p in processes}
     broker = broker_pid()
     if broker is not None:
-        pids["rabbitmq (whole broker)"] = broker
+        pids[BROKER] = broker
     meter = Meter(pids)
     backends = BackendMeter(args.database_url, list(env.databases))
     offsets = log_offsets(processes)

@@ -138,3 +138,22 @@ async def test_on_against_off_keeps_the_keys_of_the_phases_from_before_the_round
     assert found["ratio"] == 0.884
     assert found["budget"] == 0.15
     assert found["within_budget"] is True
+
+
+def test_the_cpu_against_the_services_own_cancels_a_slower_machine() -> None:
+    # Round 2 ran on a machine 20% slower: every process's CPU per saga is up 20%, ours
+    # and PostgreSQL's and RabbitMQ's alike. Against theirs, the variant costs 5% in both.
+    off = [_run(100.0, 10.0) | {"services_cpu_ms_per_saga": 5.0}]
+    off.append(_run(90.0, 12.0) | {"services_cpu_ms_per_saga": 6.0})
+    on = [_run(95.0, 12.6) | {"services_cpu_ms_per_saga": 6.0}]  # a slow round for "on"
+    on.append(_run(95.0, 10.5) | {"services_cpu_ms_per_saga": 5.0})
+    found = variants.compare({"off": off, "on": on}, baseline="off", budgets={"on": 0.05})
+    c = found["comparisons"]["on"]
+    assert c["paired_cpu_against_services"] == [1.05, 1.05]
+    assert c["cpu_against_services_increase_pct"] == 5.0
+    assert "against PostgreSQL's and RabbitMQ's own" in variants.verdict_text(found, "on")
+    # Runs from before the figure was recorded: nothing said about it.
+    old = variants.compare(
+        {"off": [_run(100.0, 10.0)], "on": [_run(99.0, 10.1)]}, baseline="off", budgets={}
+    )
+    assert old["comparisons"]["on"]["cpu_against_services_increase_pct"] is None
