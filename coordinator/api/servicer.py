@@ -223,7 +223,9 @@ class SagaCoordinatorServicer(coordinator_pb2_grpc.SagaCoordinatorServiceService
         """The saga as its start here left it, with its entries after ``after``; None
         when it is not remembered (or no longer current)."""
         found = self._listener.recent.recall(saga_id)
-        if found is None:
+        if found is None or after > found.position:
+            # A watcher resuming from further on (it read another replica's stream) has
+            # seen more than the start: what it lacks is read.
             return None
         return found.saga, [e for e in found.entries if e.position > after]
 

@@ -14,7 +14,7 @@ A transition this process committed need not be read back: the store hands it to
 position the saga's history had before them (all read inside the transaction, under
 the saga's row lock, so nothing can come between). A watcher whose last position is
 that prior position takes it as is; any other watcher reads from the database as
-before. Migration 0009 puts the newest position of each commit in its notification
+before. Migration 0013 puts the newest position of each commit in its notification
 (``saga_id:position``), so a watcher that has that position already is not woken by
 the notification of a commit it was handed. The database read is two thirds of what a
 watcher costs the coordinator (``python -m bench --phases watchers --profile``).
@@ -77,6 +77,10 @@ class Changes:
         :meth:`wait` returns, unless the watcher has sent ``upto`` already by then."""
         if upto is None:
             self._unknown = True
+            # Notifications may have been lost (a reconnection): whatever was handed over
+            # since cannot show what another replica committed meanwhile, so the next
+            # take() sends the watcher to the database.
+            self._broken = True
         else:
             self._upto = max(self._upto, upto)
             if self._expecting:
@@ -277,7 +281,7 @@ class Listener:
 
 
 def _payload(payload: str) -> tuple[str, int | None]:
-    """``saga_id:position`` (migration 0009), or a bare saga id (0008, a replica not
+    """``saga_id:position`` (migration 0013), or a bare saga id (0008, a replica not
     upgraded yet): the saga and the newest position of the commit, if given."""
     saga_id, _, position = payload.partition(":")
     return saga_id, int(position) if position.isdigit() else None

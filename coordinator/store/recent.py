@@ -84,8 +84,11 @@ class RecentStarts:
     def watched(self) -> None:
         """A WatchSaga stream opened: remember starts (for a while)."""
         now = self._clock()
-        if not self.remembering() and self._listening:
-            self._kept_since = now
+        if not self.remembering():
+            # Starts taken while nobody watched could not be checked: none is kept.
+            self._remembered.clear()
+            self._notified.clear()
+            self._kept_since = now if self._listening else float("inf")
         self._last_watch = now
 
     def remembering(self) -> bool:
@@ -131,9 +134,9 @@ class RecentStarts:
         if found is not None and (upto is None or upto > found.position):
             del self._remembered[saga_id]
         if not self.remembering():
-            if self._notified:
-                self._notified.clear()
-                self._kept_since = float("inf")
+            # Not kept: no start that began committing before now can be checked.
+            self._notified.clear()
+            self._kept_since = float("inf")
             return
         now = self._clock()
         before = self._notified.get(saga_id)

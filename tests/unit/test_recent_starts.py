@@ -151,3 +151,17 @@ def test_notifications_are_kept_only_for_the_horizon() -> None:
     since = recent.since()
     recent.remember(saga(), entries(8), since)  # 12 was notified before it began
     assert recent.recall("01SAGA") is not None
+
+
+def test_a_start_committing_as_the_watching_lapses_is_not_remembered() -> None:
+    recent, clock = listening()
+    since = recent.since()  # a start decides to remember, its COMMIT in flight
+    clock.now += WATCHED_RECENTLY + 0.001  # nobody watched for a while: not kept
+    recent.noted("01SAGA", 12)  # a later commit of it: not recorded
+    recent.remember(saga(), entries(8), since)
+    assert recent.recall("01SAGA") is None
+    recent.watched()  # watching again: only starts from now on
+    recent.remember(saga(), entries(8), since)
+    assert recent.recall("01SAGA") is None
+    recent.remember(saga("02SAGA"), entries(20), recent.since())
+    assert recent.recall("02SAGA") is not None

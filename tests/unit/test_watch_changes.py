@@ -163,3 +163,16 @@ def test_payloads_old_and_new() -> None:
     assert _payload("01SAGA:42") == ("01SAGA", 42)
     assert _payload("01SAGA") == ("01SAGA", None)
     assert _payload("01SAGA:x") == ("01SAGA", None)
+
+
+async def test_a_reconnection_sends_the_watcher_to_the_database_despite_a_hand_over() -> None:
+    # The listener lost its connection: another replica's commit may have gone unnotified,
+    # so a chain handed over meanwhile must not stand in for a read.
+    changes = Changes("01SAGA")
+    changes.push(8, saga(), entries(9))
+    changes.wake(None)
+    await asyncio.wait_for(changes.wait(), 1)
+    assert changes.take(8) is None
+    changes.push(9, saga(), entries(10))  # after the read: handed over as usual
+    taken = changes.take(9)
+    assert taken is not None and [e.position for e in taken[1]] == [10]

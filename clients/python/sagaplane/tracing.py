@@ -44,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
@@ -268,25 +269,27 @@ def derived_span_id(trace_id: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big") or 1
 
 
+_TRACEPARENT = re.compile(
+    r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+)
+"""What the W3C tracecontext propagator accepts (its own pattern, lowercase hex only)."""
+
+
 def _parse(traceparent: str) -> tuple[str, str, str] | None:
-    """(trace id, span id, flags) of a version-00 traceparent; None if malformed."""
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+    """(trace id, span id, flags) of a traceparent, or None if W3C's tracecontext
+    propagator would not take it: malformed, version ff, extra fields on version 00,
+    all-zero ids, or longer than 512 characters."""
+    if len(traceparent) > 512:
         return None
-    _, trace_id, span_id, flags = parts[:4]
-    try:
-        if (
-            len(trace_id) != 32
-            or len(span_id) != 16
-            or len(flags) != 2
-            or int(trace_id, 16) == 0
-            or int(span_id, 16) == 0
-        ):
-            return None
-        int(flags, 16)
-    except ValueError:
+    found = _TRACEPARENT.match(traceparent)
+    if found is None:
         return None
-    return trace_id.lower(), span_id.lower(), flags.lower()
+    version, trace_id, span_id, flags, rest = found.groups()
+    if version == "ff" or (version == "00" and rest) or set(trace_id) == {"0"}:
+        return None
+    if set(span_id) == {"0"}:
+        return None
+    return trace_id, span_id, flags
 
 
 _KINDS: Final = ("internal", "server", "client", "producer", "consumer")
