@@ -10,7 +10,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -531,6 +531,27 @@ async def start_system(
     return System(coordinator_url, [coordinator], [target], participants, credentials, token)
 
 
+def system_meters(
+    env: Environment, args: argparse.Namespace, processes: Iterable[Child], **more: int
+) -> tuple[Meter, BackendMeter]:
+    """The meters of a system under test: ``processes`` (and ``more``, name -> pid) with
+    the broker counted whole, and the PostgreSQL backends of the run's databases."""
+    pids = {p.name: p.pid for p in processes} | more
+    broker = broker_pid()
+    if broker is not None:
+        pids[BROKER] = broker
+    return Meter(pids), BackendMeter(args.database_url, list(env.databases))
+
+
+async def backends_cpu(backends: BackendMeter) -> dict[str, float]:
+    """The backends' CPU seconds per database since :meth:`BackendMeter.start`; none
+    when the database went away (the run is flagged as disturbed anyway)."""
+    try:
+        return await backends.stop()
+    except psycopg.Error:
+        return {}
+
+
 async def measured_closed_loop(
     env: Environment,
     system: System,
@@ -544,16 +565,9 @@ async def measured_closed_loop(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One closed-loop run with its resources; returns (figures, resources).
     ``on_started`` is called with each saga's id as it starts."""
-    pids = {p.name: p.pid for p in system.coordinators}
-    pids |= {p.name: p.pid for p in system.participants.values()}
-    pids["harness (load + poll)"] = os.getpid()
-    broker = broker_pid()
-    if broker is not None:
-        pids[BROKER] = broker
-    meter = Meter(pids)
     watched = [*system.coordinators, *system.participants.values()]
+    meter, backends = system_meters(env, args, watched, **{"harness (load + poll)": os.getpid()})
     offsets = log_offsets(watched)
-    backends = BackendMeter(args.database_url, list(env.databases))
     recorders: list[Recorder] = []
     if profile:
         stem = env.workdir / "profile"
@@ -589,10 +603,7 @@ async def measured_closed_loop(
     except psycopg.Error as exc:
         steady = {"error": str(exc)}
     used = await meter.stop()
-    try:
-        backend_cpu = await backends.stop()
-    except psycopg.Error:
-        backend_cpu = {}  # the database went away: the run is flagged as disturbed anyway
+    backend_cpu = await backends_cpu(backends)
     for database, cpu in backend_cpu.items():
         name = f"postgres: {database.removeprefix(env.prefix + '_')}"
         used["processes"][name] = {"cpu_s": cpu, "peak_rss_mb": None}
@@ -930,12 +941,7 @@ async def _observed_loop(
             watcher.take_troubles()
         offsets = log_offsets(processes)
         span_files = observability.span_files(processes)
-        pids = {p.name: p.pid for p in processes}
-        broker = broker_pid()
-        if broker is not None:
-            pids[BROKER] = broker
-        meter = Meter(pids)
-        backends = BackendMeter(args.database_url, list(env.databases))
+        meter, backends = system_meters(env, args, processes)
         scraper = observability.Scraper(ports, args.scrape_interval)
         await backends.start()
         meter.start()
@@ -944,10 +950,7 @@ async def _observed_loop(
                 measured, watcher, sagas=args.observability_sagas, concurrency=args.concurrency
             )
         used = await meter.stop()
-        try:
-            backend_cpu = await backends.stop()
-        except psycopg.Error:
-            backend_cpu = {}
+        backend_cpu = await backends_cpu(backends)
         env.check_alive(processes)
         figures = analyse(samples)
         figures["disturbed"] = disturbances(processes, offsets) + watcher.take_troubles()
@@ -1165,12 +1168,7 @@ async def _metered_open_loop(
     """An open loop below capacity with the CPU of the whole system under test (its
     processes, their PostgreSQL backends, the broker counted whole) per saga and per step."""
     processes = [*system.coordinators, *system.participants.values()]
-    pids = {p.name: p.pid for p in processes}
-    broker = broker_pid()
-    if broker is not None:
-        pids[BROKER] = broker
-    meter = Meter(pids)
-    backends = BackendMeter(args.database_url, list(env.databases))
+    meter, backends = system_meters(env, args, processes)
     offsets = log_offsets(processes)
     await backends.start()
     meter.start()
@@ -1182,10 +1180,7 @@ async def _metered_open_loop(
             load, watcher, rate=rate, duration=duration, drain_timeout=max(60, args.drain_timeout)
         )
     used = await meter.stop()
-    try:
-        backend_cpu = await backends.stop()
-    except psycopg.Error:
-        backend_cpu = {}
+    backend_cpu = await backends_cpu(backends)
     ids = [s.saga_id for s in samples if s.saga_id]
     executed = (await database_counts(system.coordinator_url, ids))["steps_executed"]
     env.check_alive(processes)
