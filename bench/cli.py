@@ -818,15 +818,15 @@ async def _watchers_runs(
             await watched.drain()
             runs.append((True, figures))
             await without()
-    figures = watchers.compare(runs, watched, system.coordinators[0].name)
+    found = watchers.compare(runs, watched, system.coordinators[0].name)
     _progress(
-        f"  watchers: coordinator CPU per saga +{figures['coordinator_cpu_increase_pct']}%"
-        f" ({figures['coordinator_cpu_extra_pct_of_core']} % of a core more,"
-        f" {figures['coordinator_cpu_ms_per_stream']} ms per stream), sagas/s ratio"
-        f" {figures['sagas_per_s_ratio']}, {figures['watchers']['peak_concurrent']} streams"
+        f"  watchers: coordinator CPU per saga +{found['coordinator_cpu_increase_pct']}%"
+        f" ({found['coordinator_cpu_extra_pct_of_core']} % of a core more,"
+        f" {found['coordinator_cpu_ms_per_stream']} ms per stream), sagas/s ratio"
+        f" {found['sagas_per_s_ratio']}, {found['watchers']['peak_concurrent']} streams"
         " open at most"
     )
-    return figures
+    return found
 
 
 async def _variant_run(

@@ -90,7 +90,8 @@ class Watchers:
 def coordinator_cpu_ms_per_saga(used: dict[str, Any], name: str) -> float:
     """The coordinator process's CPU per saga of one measured run (its own process; its
     PostgreSQL backends are reported apart)."""
-    return round(1000 * used["processes"][name]["cpu_s"] / max(1, used["sagas"]), 3)
+    sagas = max(1, int(used["sagas"]))
+    return round(1000 * float(used["processes"][name]["cpu_s"]) / sagas, 3)
 
 
 def compare(
