@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -40,6 +40,20 @@ async def events(stub: Stub, saga_id: str) -> list[tuple[int, str, str]]:
 def store_of(coordinator: Coordinator) -> SagaStore:
     assert coordinator.store is not None
     return coordinator.store
+
+
+def count_reads(store: SagaStore, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts the store's WatchSaga reads (SagaStore.changes) from now on."""
+    reads = 0
+    changes = store.changes
+
+    async def counted(saga_id: str, *, after: int) -> object:
+        nonlocal reads
+        reads += 1
+        return await changes(saga_id, after=after)
+
+    monkeypatch.setattr(store, "changes", counted)
+    return lambda: reads
 
 
 @pytest.fixture
@@ -279,15 +293,7 @@ async def test_transitions_its_own_coordinator_commits_are_not_read_back(
     entries it wrote: one read for the saga as it was, none after; what the stream says
     is what the database holds."""
     store = store_of(coordinator)
-    reads = 0
-    changes = store.changes
-
-    async def counted(saga_id: str, *, after: int) -> object:
-        nonlocal reads
-        reads += 1
-        return await changes(saga_id, after=after)
-
-    monkeypatch.setattr(store, "changes", counted)
+    reads = count_reads(store, monkeypatch)
     saga_id = (await stub.StartSaga(request())).saga.id
     stream = stub.WatchSaga(api.WatchSagaRequest(id=saga_id))
     received = list((await next_message(stream)).history)
@@ -296,7 +302,7 @@ async def test_transitions_its_own_coordinator_commits_are_not_read_back(
     later = await rest(stream)
     received += [h for m in later for h in m.history]
     assert later[-1].saga.state == model.SAGA_STATE_COMPLETED
-    assert reads == 1
+    assert reads() == 1
     assert [(h.position, h.event, h.step_name) for h in received] == await events(stub, saga_id)
     assert [h.at for h in received] == [
         h.at
@@ -319,19 +325,11 @@ async def test_a_saga_just_started_here_is_watched_without_reading_it_back(
     warm = stub.WatchSaga(api.WatchSagaRequest(id=(await stub.StartSaga(request())).saga.id))
     await next_message(warm)
     warm.cancel()
-    reads = 0
-    changes = store.changes
-
-    async def counted(saga_id: str, *, after: int) -> object:
-        nonlocal reads
-        reads += 1
-        return await changes(saga_id, after=after)
-
-    monkeypatch.setattr(store, "changes", counted)
+    reads = count_reads(store, monkeypatch)
     saga_id = (await stub.StartSaga(request())).saga.id
     stream = stub.WatchSaga(api.WatchSagaRequest(id=saga_id))
     first = await next_message(stream)
-    assert reads == 0
+    assert reads() == 0
     stored = (await stub.GetSaga(api.GetSagaRequest(id=saga_id, include_history=True))).saga
     assert [(h.position, h.event, h.at) for h in first.history] == [
         (h.position, h.event, h.at) for h in stored.history
@@ -341,7 +339,7 @@ async def test_a_saga_just_started_here_is_watched_without_reading_it_back(
     for _ in STEPS:
         await succeed(store, saga_id)
     later = await rest(stream)
-    assert reads == 0
+    assert reads() == 0
     received = [h for m in [first, *later] for h in m.history]
     assert [(h.position, h.event, h.step_name) for h in received] == await events(stub, saga_id)
     # From a position: only what comes after it.
