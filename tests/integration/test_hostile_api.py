@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.app import Coordinator
+from helpers.coordinators import coordinator_settings
 from helpers.transitions import STEPS, request, succeed
 from sagaplane import structs
 from sagaplane.v1 import coordinator_pb2 as api
@@ -191,6 +192,16 @@ page_tokens = st.one_of(
 )
 
 # -- the check -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def coordinator(database_url: str, amqp_url: str) -> AsyncIterator[Coordinator]:
+    """A coordinator whose timers never fire during a test: a saga an earlier example
+    started with a short step timeout would otherwise time out in the middle of a later
+    call, and its rows would be taken for rows a refused request wrote."""
+    settings = coordinator_settings(database_url, amqp_url, timer_interval=3600.0)
+    async with Coordinator(settings) as running:
+        yield running
 
 
 @pytest.fixture
