@@ -31,7 +31,7 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -419,10 +419,13 @@ class Rig:
         await self.coordinator.start()
         self._connect()
 
-    async def start_replicas(self, count: int) -> None:
+    async def start_replicas(
+        self, count: int, env: Mapping[str, dict[str, str]] | None = None
+    ) -> None:
         """``count`` coordinators on the one database and vhost (the first is
         :attr:`coordinator`), and a client given every address (one SagaClient, whose
-        channel spreads the calls over the replicas that answer)."""
+        channel spreads the calls over the replicas that answer). ``env`` adds to a
+        replica's environment, by its name (``coordinator``, ``coordinator-2``, ...)."""
         while len(self.coordinators) < count:
             self.coordinators.append(
                 CoordinatorChild(
@@ -433,7 +436,7 @@ class Rig:
                     name=f"coordinator-{len(self.coordinators) + 1}",
                 )
             )
-        await asyncio.gather(*(c.start() for c in self.coordinators))
+        await asyncio.gather(*(c.start((env or {}).get(c.name)) for c in self.coordinators))
         self._connect()
 
     def _connect(self) -> None:

@@ -1,10 +1,13 @@
-"""A TCP proxy that a test cuts and restores: a broker outage seen by one client only.
+"""A TCP proxy that a test cuts, holds and restores: a broker outage seen by one client
+only.
 
 The real RabbitMQ and PostgreSQL serve other work on the development machines and must
 never be stopped. A client connected through :class:`TcpProxy` sees its server go away
 (:meth:`TcpProxy.cut`: every connection dropped, new ones refused) and come back
-(:meth:`TcpProxy.restore`: accepted again, on the same port), while everyone else's
-connections to the server are untouched.
+(:meth:`TcpProxy.restore`: accepted again, on the same port), or stop answering
+(:meth:`TcpProxy.hold`: connections stay open and nothing passes either way, as in a
+network partition that drops packets, until :meth:`TcpProxy.release`), while everyone
+else's connections to the server are untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class TcpProxy:
         self._port = 0
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def port(self) -> int:
@@ -64,6 +69,15 @@ class TcpProxy:
     async def restore(self) -> None:
         """Accept connections again, as a server back from an outage."""
         await self.start()
+
+    def hold(self) -> None:
+        """Stop passing bytes, either way, on every connection (open ones stay open): a
+        server that no longer answers, and a client it no longer hears."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """Pass bytes again, starting with what was held."""
+        self._flowing.set()
 
     async def cut(self) -> None:
         """Refuse new connections and drop every open one, as a server that went away."""
@@ -101,10 +115,10 @@ class TcpProxy:
             for writer in (client_w, server_w):
                 writer.transport.abort()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(_CHUNK):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
