@@ -1361,7 +1361,15 @@ async def waiting_phase(
     """Sagas in flight waiting on a stopped participant (:mod:`bench.growth`), on a
     system of its own."""
     prefix = "wait_"
-    system = await start_system(env, args, prefix=prefix)
+    # Metrics on, for the timer loop's rounds (sagaplane_timer_round_seconds); on for
+    # the reference closed loop too, so that the drain's ratio compares like with like.
+    metrics_port = free_port()
+    system = await start_system(
+        env,
+        args,
+        prefix=prefix,
+        coordinator_env={"SAGAPLANE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"},
+    )
     processes = [*system.coordinators, *system.participants.values()]
     offsets = log_offsets(processes)
     try:
@@ -1386,6 +1394,7 @@ async def waiting_phase(
             calls=args.waiting_calls,
             restart=lambda: _restart_participant(env, stopped),
             progress=_progress,
+            metrics_port=metrics_port,
         )
         env.check_alive(processes)
         figures["disturbed"] = disturbances(processes, offsets)

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from bench.infra import Meter
+from bench.observability import histogram
 from bench.starts import all_relayed
 from bench.stats import summary_ms
 from bench.workload import start_request
@@ -40,6 +41,9 @@ CALLS_BUDGET = 1.5
 """Issue 21: StartSaga and GetSaga p99 while the sagas wait, against an idle coordinator."""
 DRAIN_TARGET = 0.8
 """Issue 21: the backlog drains at least at this fraction of the throughput figure."""
+
+TIMER_ROUNDS = "sagaplane_timer_round_seconds"
+"""The coordinator's histogram of its timer loop's rounds (read in the waiting phase)."""
 
 STOPPED = "orders"
 """The participant stopped in the waiting phase: the first step's, so every saga waits
@@ -195,6 +199,29 @@ def targets(results: Mapping[str, Any]) -> list[tuple[str, str, bool, dict[str, 
 # -- the waiting phase's measurement -------------------------------------------------------
 
 
+async def _idle(coordinator: Child, seconds: float, metrics_port: int) -> dict[str, Any]:
+    """The coordinator left alone for ``seconds``: its CPU, and its timer loop's rounds
+    (how many, and their mean time: the query for due timers over every saga waiting)."""
+    meter = Meter({"coordinator": coordinator.pid})
+    count0, sum0 = await histogram(metrics_port, TIMER_ROUNDS)
+    meter.start()
+    await asyncio.sleep(seconds)
+    used = await meter.stop()
+    count1, sum1 = await histogram(metrics_port, TIMER_ROUNDS)
+    cpu = used["processes"]["coordinator"]
+    rounds = count1 - count0
+    return {
+        "seconds": round(used["wall_s"], 3),
+        "coordinator_cpu_s": cpu["cpu_s"],
+        "coordinator_cpu_pct_of_core": round(100 * cpu["cpu_s"] / used["wall_s"], 2),
+        "coordinator_threads_cpu_s": cpu["threads_cpu_s"],
+        "coordinator_peak_rss_mb": cpu["peak_rss_mb"],
+        "machine_busy_pct": used["machine_busy_pct"],
+        "timer_rounds": int(rounds),
+        "timer_round_ms_mean": round(1000 * (sum1 - sum0) / rounds, 3) if rounds else None,
+    }
+
+
 async def _calls(
     client: SagaClient, request: Any, calls: int, rng: random.Random, ids: list[str]
 ) -> dict[str, Any]:
@@ -246,12 +273,16 @@ async def waiting(
     calls: int,
     restart: Callable[[], Awaitable[None]],
     progress: Callable[[str], None],
+    metrics_port: int,
     chunk: int = 500,
 ) -> dict[str, Any]:
-    """Stop ``stopped``; time the calls on the idle coordinator; start ``sagas`` sagas
-    (StartSagas, ``chunk`` at a time) that all wait on it; once their commands are
-    published, the coordinator's CPU over ``idle_seconds``, then the calls again; then
-    ``restart`` the participant and time the drain until every saga has ended."""
+    """Stop ``stopped``; time the calls on the idle coordinator, and its CPU and timer
+    loop over ``idle_seconds`` with nothing waiting; start ``sagas`` sagas (StartSagas,
+    ``chunk`` at a time) that all wait on it; once their commands are published, the
+    coordinator's CPU and timer loop over ``idle_seconds`` again, then the calls again;
+    then ``restart`` the participant and time the drain until every saga has ended.
+    The timer loop's rounds are read from the coordinator's ``/metrics`` on
+    ``metrics_port`` (``sagaplane_timer_round_seconds``)."""
     # A step timeout longer than the phase: no timer fires on the waiting sagas.
     request = start_request()
     request.step_timeout.FromSeconds(3600)
@@ -263,6 +294,8 @@ async def waiting(
             f"waiting: {stopped.name} stopped; {calls} StartSaga + GetSaga on an idle coordinator"
         )
         calls_idle = await _calls(client, request, calls, rng, ids)
+        progress(f"waiting: nothing waiting; the coordinator idle for {idle_seconds:g} s")
+        empty = await _idle(coordinator, idle_seconds, metrics_port)
         progress(f"waiting: starting {sagas:,} sagas that wait on {stopped.name}")
         t0 = time.monotonic()
         for first in range(0, sagas, chunk):
@@ -274,11 +307,7 @@ async def waiting(
         progress(
             f"waiting: {len(ids):,} sagas waiting; the coordinator idle for {idle_seconds:g} s"
         )
-        meter = Meter({"coordinator": coordinator.pid})
-        meter.start()
-        await asyncio.sleep(idle_seconds)
-        used = await meter.stop()
-        cpu = used["processes"]["coordinator"]
+        idle = await _idle(coordinator, idle_seconds, metrics_port)
         progress(f"waiting: {calls} StartSaga + GetSaga with them waiting")
         calls_waiting = await _calls(client, request, calls, rng, ids)
     waited = len(ids)
@@ -292,14 +321,9 @@ async def waiting(
         "stopped": stopped.name,
         "start_s": round(started_s, 3),
         "relayed_s": round(relayed_s, 3),
-        "idle": {
-            "seconds": round(used["wall_s"], 3),
-            "coordinator_cpu_s": cpu["cpu_s"],
-            "coordinator_cpu_pct_of_core": round(100 * cpu["cpu_s"] / used["wall_s"], 2),
-            "coordinator_threads_cpu_s": cpu["threads_cpu_s"],
-            "coordinator_peak_rss_mb": cpu["peak_rss_mb"],
-            "machine_busy_pct": used["machine_busy_pct"],
-        },
+        "empty": empty,
+        "idle": idle,
+        "timer_round_ratio": ratio(idle["timer_round_ms_mean"], empty["timer_round_ms_mean"]),
         "calls_idle": calls_idle,
         "calls_waiting": calls_waiting,
         "drain": {"seconds": round(drain_s, 3), "sagas_per_s": round(waited / drain_s, 1)},

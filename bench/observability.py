@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench import variants
 from bench.stats import summary_ms
 
@@ -109,6 +111,33 @@ def tracing_env(extra: Sequence[str]) -> dict[str, str]:
     return env
 
 
+async def get_metrics(port: int) -> bytes:
+    """The whole HTTP response (status line, headers, body) of ``GET /metrics`` on
+    ``127.0.0.1:port``; OSError, or TimeoutError after 10 s, when it cannot be had."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+    return response
+
+
+async def histogram(port: int, name: str) -> tuple[float, float]:
+    """``(count, sum)`` of the unlabelled histogram ``name`` at ``/metrics`` of ``port``
+    (0, 0 when the process does not export it)."""
+    response = await get_metrics(port)
+    _, _, body = response.partition(b"\r\n\r\n")
+    count = total = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == f"{name}_count":
+                count = sample.value
+            elif sample.name == f"{name}_sum":
+                total = sample.value
+    return count, total
+
+
 @dataclass
 class Scraper:
     """GETs ``/metrics`` of every port every ``interval`` seconds, as Prometheus would
@@ -140,12 +169,7 @@ class Scraper:
     async def _scrape(self, port: int) -> None:
         t0 = time.monotonic()
         try:
-            async with asyncio.timeout(10):
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-                await writer.drain()
-                response = await reader.read()
-                writer.close()
+            response = await get_metrics(port)
         except (OSError, TimeoutError) as exc:
             self.failures.append(f"port {port}: {type(exc).__name__}: {exc}")
             return

@@ -176,17 +176,28 @@ def _growth(results: dict[str, Any]) -> list[str]:
             lines += _disturbed(f"{r['context_bytes']} B run", r)
     w = results.get("waiting")
     if w:
-        idle = w["idle"]
         lines += [
             "",
             f"Waiting sagas: {w['sagas']:,} in flight on a stopped participant ({w['stopped']}),"
             f" started in {fmt(w['start_s'], 1)} s, commands all published after"
             f" {fmt(w['relayed_s'], 1)} s",
-            f"  coordinator idle over {fmt(idle['seconds'], 1)} s:"
-            f" {fmt(idle['coordinator_cpu_s'], 3)} CPU s ="
-            f" {fmt(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
-            f" {fmt(idle['machine_busy_pct'])}% busy)",
         ]
+        for label, idle in (("nothing waiting", w.get("empty")), ("sagas waiting", w["idle"])):
+            if not idle:
+                continue
+            lines.append(
+                f"  coordinator idle, {label}, over {fmt(idle['seconds'], 1)} s:"
+                f" {fmt(idle['coordinator_cpu_s'], 3)} CPU s ="
+                f" {fmt(idle['coordinator_cpu_pct_of_core'], 2)}% of a core (machine"
+                f" {fmt(idle['machine_busy_pct'])}% busy); timer loop"
+                f" {idle.get('timer_rounds', '-')} rounds of"
+                f" {fmt(idle.get('timer_round_ms_mean'), 2)} ms on average"
+            )
+        if w.get("timer_round_ratio") is not None:
+            lines.append(
+                "  timer loop round, sagas waiting / nothing waiting:"
+                f" x{fmt(w['timer_round_ratio'], 3)}"
+            )
         rows = []
         for key, name in (("start_saga_ms", "StartSaga"), ("get_saga_ms", "GetSaga")):
             a, b = w["calls_idle"][key], w["calls_waiting"][key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -100,7 +101,7 @@ async def measure(
         await _batched(client, saga, 20, 20)
         await all_relayed(database_url)
         runs: dict[str, Any] = {}
-        ways = {
+        ways: dict[str, Callable[[], Awaitable[object]]] = {
             "single": lambda: _single(client, saga, sagas, concurrency),
             "batch": lambda: _batched(client, saga, sagas, chunk),
         }

@@ -147,7 +147,11 @@ class Coordinator:
         self._dead_letters = DeadLetters(self._amqp, queue=topology.REPLIES_QUEUE)
         self._replies = ReplyConsumer(self.store, replies, self._dead_letters, signing_keys=ring)
         await self._replies.start()
-        self._timers = TimerLoop(self.store, interval=self.settings.timer_interval)
+        self._timers = TimerLoop(
+            self.store,
+            interval=self.settings.timer_interval,
+            on_round=metrics.timer_rounds.observe if metrics is not None else None,
+        )
         await self._timers.start()
         self._retention = Pruner(self.store, self._pool, self.settings.retention).loop()
         await self._retention.start()

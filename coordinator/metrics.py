@@ -52,6 +52,10 @@ ATTEMPT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 """Replies per transaction of the reply consumer (bounded by ``--prefetch``)."""
 
+TIMER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+"""Seconds of one round of the timer loop (the query for due timers, firing them, the
+commit): a millisecond or so when nothing is due, more with a backlog."""
+
 _RETRY_EVENTS = {"step_attempt_failed": "execute", "compensation_attempt_failed": "compensate"}
 
 
@@ -114,6 +118,13 @@ class CoordinatorMetrics:
             "sagaplane_reply_batch_size",
             "Replies applied together in one transaction.",
             buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.timer_rounds = Histogram(
+            "sagaplane_timer_round_seconds",
+            "Time of one round of the timer loop: finding due timeouts, retries and "
+            "deadlines, firing them and committing.",
+            buckets=TIMER_BUCKETS,
             registry=registry,
         )
         self.grpc = Counter(
