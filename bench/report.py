@@ -282,7 +282,7 @@ def render(results: dict[str, Any]) -> str:
                 f"{fmt(floor['floor_ms'], 1)} ms"
             )
 
-    runs = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
+    runs = [(k, results[k]) for k in ("throughput",) if k in results]
     if runs:
         lines += ["", "Throughput (closed loop)"]
         rows = []
@@ -570,6 +570,14 @@ def render(results: dict[str, Any]) -> str:
             notes=security.notes(results["security"]),
         )
 
+    # Before the rounds, "scaling" was one run on the throughput phase's system.
+    if "rounds" in results.get("scaling", {}):
+        lines += variants.render(
+            results["scaling"],
+            title="Replicas (closed loop; off: 1 coordinator, on: 2 on the same database, the"
+            " load spread over both; CPU = coordinators + participants)",
+        )
+
     lines += _peers(results.get("peers")) + _growth(results)
 
     targets = results.get("targets")
@@ -609,7 +617,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     # In offered-load order: past saturation the achieved rate stops growing (or drops)
     # while latency explodes, which is what the curve is for.
     open_runs.sort(key=lambda r: r["rate"])
-    closed = [(k, results[k]) for k in ("throughput", "scaling") if k in results]
+    closed = [(k, results[k]) for k in ("throughput",) if k in results]
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     styles = {"p50": "o-", "p95": "s-", "p99": "^-"}
     for pct, style in styles.items():
@@ -630,7 +638,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
             fontsize=7,
             color="dimgrey",
         )
-    markers = {"throughput": "*", "scaling": "P"}
+    markers = {"throughput": "*"}
     for key, r in closed:
         for pct in ("p50", "p99"):
             ax.plot(
