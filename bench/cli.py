@@ -50,6 +50,7 @@ from bench.infra import (
 )
 from bench.participant import EMIT_EVENTS_ENV
 from bench.profile import Recorder, render, summarize
+from bench.stats import ratio
 from bench.workload import (
     CONTEXT_BYTES,
     Load,
@@ -745,7 +746,7 @@ async def _system_runs(
             results["fanout"] = {
                 **runs,
                 "ratio": {
-                    q: _ratio(
+                    q: ratio(
                         runs["fanout"]["start_to_terminal_ms"].get(q),
                         runs["line4"]["start_to_terminal_ms"].get(q),
                     )
@@ -1090,10 +1091,6 @@ async def scaling_phase(
     _verdicts("scaling", found)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
-
-
 async def starts_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
     url = await env.create_database("starts")
     coordinator, target = _coordinator(env, args, url, 8)
@@ -1119,12 +1116,12 @@ async def starts_phase(env: Environment, args: argparse.Namespace, results: dict
         env.check_alive([coordinator])
         figures["disturbed"] = disturbances([coordinator], offsets)
         results["starts"] = figures
-        single, batch, ratio = figures["single"], figures["batch"], figures["ratio"]
+        single, batch, ratios_ = figures["single"], figures["batch"], figures["ratio"]
         _progress(
             f"  StartSaga {single['sagas_per_s']} sagas/s, "
             f"{single['coordinator_cpu_ms_per_saga']} ms CPU per saga; StartSagas "
             f"{batch['sagas_per_s']} sagas/s, {batch['coordinator_cpu_ms_per_saga']} ms; "
-            f"CPU ratio {ratio['coordinator_cpu_ms_per_saga']}"
+            f"CPU ratio {ratios_['coordinator_cpu_ms_per_saga']}"
         )
     finally:
         await env.stop_processes([coordinator])
@@ -1499,11 +1496,11 @@ def targets(results: dict[str, Any]) -> None:
         )
     starting = results.get("starts")
     if starting:
-        ratio = starting["ratio"]["coordinator_cpu_ms_per_saga"]
+        cpu_ratio = starting["ratio"]["coordinator_cpu_ms_per_saga"]
         add(
             "StartSagas: coordinator CPU per saga well under half of StartSaga's (< 0.5)",
-            f"ratio {ratio}",
-            ratio is not None and ratio < 0.5,
+            f"ratio {cpu_ratio}",
+            cpu_ratio is not None and cpu_ratio < 0.5,
             starting,
         )
     st = results.get("stored", [])

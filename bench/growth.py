@@ -26,7 +26,7 @@ import psycopg
 from bench.infra import Meter
 from bench.observability import histogram
 from bench.starts import all_relayed
-from bench.stats import summary_ms
+from bench.stats import ratio, summary_ms
 from bench.workload import start_request
 from sagaplane import SagaClient
 from sagaplane.testing import Child
@@ -80,11 +80,6 @@ def per_work(cpu_s: Mapping[str, float], *, steps_executed: int, steps: int) -> 
         "cpu_ms_per_saga": round(per_step * steps, 3),
         "cpu_ms_per_step": round(per_step, 3),
     }
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b rounded, or None if either is missing (or b is 0)."""
-    return round(a / b, 3) if a is not None and b else None
 
 
 def steps_ratios(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

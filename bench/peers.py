@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bench.stats import ratio
+
 DIFFERENCES = (
     "DBOS runs the workflow in ONE process, in the caller's thread, with no broker: its"
     " 3 transactions (each recording its output in the app database) and its own"
@@ -25,11 +27,6 @@ DIFFERENCES = (
 
 TARGET_THROUGHPUT_RATIO = 4.0
 """Issue 21: Sagaplane's sagas/s at least this many times DBOS's closed-loop workflows/s."""
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b rounded, or None if either is missing (or b is 0)."""
-    return round(a / b, 3) if a is not None and b else None
 
 
 def compare(sagaplane: dict[str, Any], dbos: dict[str, Any]) -> dict[str, Any]:

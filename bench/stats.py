@@ -6,6 +6,14 @@ import math
 from collections.abc import Sequence
 
 
+def ratio(a: float | None, b: float | None, digits: int | None = 3) -> float | None:
+    """``a / b`` rounded to ``digits`` (None: as is), or None when either is missing or
+    ``b`` is 0."""
+    if a is None or not b:
+        return None
+    return a / b if digits is None else round(a / b, digits)
+
+
 def percentile(values: Sequence[float], p: float) -> float | None:
     """The ``p``-th percentile (0..100), interpolated linearly; None for no values."""
     if not values:

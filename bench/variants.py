@@ -28,6 +28,7 @@ import statistics
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from bench import stats
 from bench.tables import fmt, table
 
 Figures = Mapping[str, Any]
@@ -53,8 +54,9 @@ def median(values: Iterable[float | None]) -> float | None:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    """``a / b``, or None when either is missing or ``b`` is 0."""
-    return a / b if a is not None and b else None
+    """``a / b`` unrounded (medians are taken of these), or None when either is missing
+    or ``b`` is 0."""
+    return stats.ratio(a, b, digits=None)
 
 
 def _round(value: float | None, digits: int) -> float | None:
