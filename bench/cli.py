@@ -869,6 +869,31 @@ async def _variant_run(
     return figures
 
 
+async def _on_against_off(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    phase: str,
+    run: variants.Run,
+    *,
+    budget: float,
+    labels: Mapping[str, str],
+) -> dict[str, Any]:
+    """A phase of two variants, ``off`` and ``on``, in ``--variant-rounds`` alternating
+    rounds (:func:`bench.variants.on_against_off`): its result in ``results[phase]``
+    (returned, for the phase to add to), and its verdict printed."""
+    found = await variants.on_against_off(
+        run,
+        budget=budget,
+        rounds=args.variant_rounds,
+        phase=phase,
+        progress=_progress,
+        labels=labels,
+    )
+    results[phase] = found
+    _verdicts(phase, found)
+    return found
+
+
 def _verdicts(phase: str, found: Mapping[str, Any]) -> None:
     """A progress line per compared variant of a variant phase."""
     for name in found["comparisons"]:
@@ -989,16 +1014,14 @@ async def events_phase(env: Environment, args: argparse.Namespace, results: dict
             env, args, prefix=f"events_{name}_r{n}_", participant_envs=[emit] * len(SERVICES)
         )
 
-    found = await variants.on_against_off(
+    await _on_against_off(
+        args,
+        results,
+        "events",
         run,
         budget=EVENTS_BUDGET,
-        rounds=args.variant_rounds,
-        phase="events",
-        progress=_progress,
         labels={"off": "no events", "on": "one event per step"},
     )
-    results["events"] = found
-    _verdicts("events", found)
 
 
 async def security_phase(
@@ -1041,13 +1064,8 @@ async def security_phase(
         figures["dead_letters"] = await security.dead_letters(env.amqp_url) - before
         return figures
 
-    found = await variants.on_against_off(
-        run,
-        budget=security.BUDGET,
-        rounds=args.variant_rounds,
-        phase="security",
-        progress=_progress,
-        labels=security.LABELS,
+    found = await _on_against_off(
+        args, results, "security", run, budget=security.BUDGET, labels=security.LABELS
     )
     problems = {
         name: [f"round {n}: {p}" for n, r in enumerate(rs, 1) for p in security.verified(name, r)]
@@ -1056,8 +1074,6 @@ async def security_phase(
     # Whether every run was what its name says: else the ratio may compare "off" with itself.
     found["problems"] = {name: listed for name, listed in problems.items() if listed}
     found["verified"] = not any(problems.values())
-    results["security"] = found
-    _verdicts("security", found)
     for name, found_problems in problems.items():
         for problem in found_problems:
             _progress(f"  security: {name} NOT AS NAMED: {problem}")
@@ -1079,16 +1095,14 @@ async def scaling_phase(
             env, args, prefix=f"scale_{name}_r{n}_", coordinators=2 if name == "on" else 1
         )
 
-    found = await variants.on_against_off(
+    await _on_against_off(
+        args,
+        results,
+        "scaling",
         run,
         budget=REPLICAS_BUDGET,
-        rounds=args.variant_rounds,
-        phase="scaling",
-        progress=_progress,
         labels={"off": "1 coordinator", "on": "2 coordinators"},
     )
-    results["scaling"] = found
-    _verdicts("scaling", found)
 
 
 async def starts_phase(env: Environment, args: argparse.Namespace, results: dict[str, Any]) -> None:
