@@ -112,8 +112,10 @@ async def _replica_sigkilled_holding_rows(rig: Rig, proxy: TcpProxy, victim_name
         held = await _rows_held_by(rig.database_url, VICTIM_SESSIONS)
         # Killed just after it committed a start: that saga's steps are all ahead.
         await next_start(victim)
-        await victim.kill()
+        # Taken before the signal: a row it held can only be claimed by another relay
+        # once its transaction is gone, so by a transaction begun after this instant.
         killed_at = datetime.now(UTC)
+        await victim.kill()
         # The broker notices the dead connection (as its heartbeat check would, later)
         # and gives the replies that replica had taken to the others.
         await proxy.cut()
@@ -181,7 +183,7 @@ def _named(database_url: str, application_name: str) -> str:
 # Unsent rows whose lock is held by a transaction of the named sessions: a row a relay
 # claimed (FOR UPDATE) has that transaction's id as its xmax while the lock lasts.
 HELD = """
-SELECT o.id FROM sagaplane_outbox o
+SELECT o.id, o.xmax::text FROM sagaplane_outbox o
 JOIN pg_stat_activity a ON a.backend_xid = o.xmax
 WHERE o.sent_at IS NULL AND a.application_name = %s AND a.datname = current_database()
 ORDER BY o.id
@@ -189,17 +191,26 @@ ORDER BY o.id
 
 
 async def _rows_held_by(
-    database_url: str, application_name: str, within: float = 15.0
+    database_url: str, application_name: str, within: float = 15.0, steady: float = 0.3
 ) -> list[int]:
     """The outbox rows that the sessions named ``application_name`` hold locked, once
-    there are some (a relay claims a batch at its next wake-up)."""
+    there are some (a relay claims a batch at its next wake-up): those held by the same
+    transaction ``steady`` seconds apart, so that a short transaction that happened to
+    lock a row (a timer proving a delivery) is not taken for the stuck relay's."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+
+        async def locked() -> set[tuple[int, str]]:
+            cur = await conn.execute(HELD, (application_name,))
+            return {(int(row_id), xid) for row_id, xid in await cur.fetchall()}
+
         async with asyncio.timeout(within):
             while True:
-                cur = await conn.execute(HELD, (application_name,))
-                rows = [int(r[0]) for r in await cur.fetchall()]
-                if rows:
-                    return rows
+                first = await locked()
+                if first:
+                    await asyncio.sleep(steady)
+                    held = first & await locked()
+                    if held:
+                        return sorted(row_id for row_id, _ in held)
                 await asyncio.sleep(0.02)
 
 
