@@ -287,11 +287,12 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_the_server_keeps_servin
 
 
 async def test_transitions_its_own_coordinator_commits_are_not_read_back(
-    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, delivered: None
 ) -> None:
     """The coordinator that commits a transition hands it to its watchers with the
     entries it wrote: one read for the saga as it was, none after; what the stream says
-    is what the database holds."""
+    is what the database holds. (Its commands are delivered: a command the broker
+    returned would show in GetSaga as a delivery problem, which no transition streams.)"""
     store = store_of(coordinator)
     reads = count_reads(store, monkeypatch)
     saga_id = (await stub.StartSaga(request())).saga.id
@@ -315,11 +316,13 @@ async def test_transitions_its_own_coordinator_commits_are_not_read_back(
 
 
 async def test_a_saga_just_started_here_is_watched_without_reading_it_back(
-    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    stub: Stub, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch, delivered: None
 ) -> None:
     """While WatchSaga is in use, a saga this coordinator starts is remembered for its
     first watchers (store/recent.py): a stream opened right after StartSaga reads
-    nothing, and says exactly what the database holds."""
+    nothing, and says exactly what the database holds. (Its commands are delivered: a
+    command the broker returned would show in GetSaga as a delivery problem, which the
+    remembered start cannot know of.)"""
     store = store_of(coordinator)
     # WatchSaga in use: starts are remembered from now on.
     warm = stub.WatchSaga(api.WatchSagaRequest(id=(await stub.StartSaga(request())).saga.id))
