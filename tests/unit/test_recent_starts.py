@@ -3,12 +3,8 @@ it can be proven current, forgotten as soon as anything says the saga moved on."
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from coordinator.engine.model import HistoryEntry, Saga, SagaState
 from coordinator.store.recent import HORIZON, LIMIT, WATCHED_RECENTLY, RecentStarts
-
-NOW = datetime(2026, 12, 7, tzinfo=UTC)
+from helpers.watched import entries, saga
 
 
 class Clock:
@@ -17,27 +13,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def saga(saga_id: str = "01SAGA") -> Saga:
-    return Saga(
-        id=saga_id, name="order.place", state=SagaState.STARTED, context={}, steps=(),
-        created_at=NOW, updated_at=NOW,
-    )  # fmt: skip
-
-
-def entries(*positions: int) -> list[HistoryEntry]:
-    return [
-        HistoryEntry(
-            from_state=None,
-            to_state=SagaState.STARTED,
-            step_name=None,
-            event="saga_started",
-            at=NOW,
-            position=p,
-        )
-        for p in positions
-    ]
 
 
 def listening() -> tuple[RecentStarts, Clock]:

@@ -5,38 +5,15 @@ watcher is; anything else sends it back to the database."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
-from coordinator.engine.model import HistoryEntry, Saga, SagaState
+from coordinator.engine.model import SagaState
 from coordinator.store.notifications import PUSHED_LIMIT, Changes, _payload
-
-NOW = datetime(2026, 12, 1, tzinfo=UTC)
-
-
-def saga(state: SagaState = SagaState.STARTED) -> Saga:
-    return Saga(
-        id="01SAGA", name="order.place", state=state, context={}, steps=(),
-        created_at=NOW, updated_at=NOW,
-    )  # fmt: skip
-
-
-def entries(*positions: int) -> list[HistoryEntry]:
-    return [
-        HistoryEntry(
-            from_state=SagaState.STARTED,
-            to_state=SagaState.STARTED,
-            step_name="a",
-            event="step_completed",
-            at=NOW,
-            position=p,
-        )
-        for p in positions
-    ]
+from helpers.watched import entries, saga
 
 
 def test_a_contiguous_chain_is_taken_whole() -> None:
     changes = Changes("01SAGA")
-    first, last = saga(), saga(SagaState.COMPLETED)
+    first, last = saga(), saga(state=SagaState.COMPLETED)
     changes.push(8, first, entries(9, 10))
     changes.push(10, last, entries(14))
     taken = changes.take(8)
@@ -59,7 +36,7 @@ def test_a_first_read_that_holds_part_of_the_chain_takes_the_rest() -> None:
     # The watcher's first read ran while commits 9 and 10 were being handed over and
     # already saw 9: it lacks only 10, and needs no second read.
     changes = Changes("01SAGA")
-    last = saga(SagaState.COMPLETED)
+    last = saga(state=SagaState.COMPLETED)
     changes.push(8, saga(), entries(9))
     changes.push(9, last, entries(10))
     taken = changes.take(9)
